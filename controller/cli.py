@@ -1,0 +1,209 @@
+"""The ``edgepart`` command line: plan, simulate and compare placements of a scenario.
+
+Exit codes: 0 done, 1 runtime failure, 2 bad input (the message names the cause).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from controller.placement import ALGORITHMS, NoFeasiblePlacement, make_algorithm
+from emulator.backends.sim import SimResult, first_decision, simulate
+from emulator.scenario import Scenario, ScenarioError, load_scenario
+from llm.blocks import block_table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Head-level partitioning of decoder LLMs across edge devices.",
+)
+# wide enough for the comparison table when piped (make demo, CI logs)
+out = Console(width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True)
+
+ScenarioArg = Annotated[Path, typer.Argument(help="Scenario file (YAML, version 1).")]
+AlgorithmOpt = Annotated[
+    str, typer.Option("--algorithm", "-a", help=f"One of: {', '.join(ALGORITHMS)}.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _scenario(path: Path) -> Scenario:
+    try:
+        return load_scenario(path)
+    except ScenarioError as exc:
+        raise _fail(str(exc), 2) from None
+
+
+def _algorithm(name: str):
+    try:
+        return make_algorithm(name)
+    except KeyError as exc:
+        raise _fail(str(exc.args[0]), 2) from None
+
+
+@app.command()
+def plan(scenario: ScenarioArg, algorithm: AlgorithmOpt = "myopic", json_: JsonOpt = False) -> None:
+    """One placement decision from the scenario's initial state."""
+    sc = _scenario(scenario)
+    algo = _algorithm(algorithm)
+    started = time.perf_counter()
+    try:
+        placement, objective = first_decision(sc, algo)
+    except NoFeasiblePlacement as exc:
+        if json_:
+            print(
+                json.dumps(
+                    {
+                        "algorithm": algorithm,
+                        "objective_s": None,
+                        "feasible": False,
+                        "placement": {},
+                        "solve_s": time.perf_counter() - started,
+                    }
+                )
+            )
+        raise _fail(str(exc), 1) from None
+    solve_s = time.perf_counter() - started
+    table = block_table(sc.model_spec())
+    names = sc.device_names
+    mapping = {name: names[d] for name, d in zip(table.names, placement.assignment, strict=True)}
+    mapping = {"embed": sc.source_name, "head": sc.source_name, **mapping}
+    if json_:
+        print(
+            json.dumps(
+                {
+                    "algorithm": algorithm,
+                    "objective_s": objective,
+                    "feasible": True,
+                    "placement": mapping,
+                    "solve_s": solve_s,
+                }
+            )
+        )
+        return
+    counts: dict[str, int] = {}
+    for device in mapping.values():
+        counts[device] = counts.get(device, 0) + 1
+    out.print(
+        f"[bold]{algorithm}[/] on {sc.name}: interval objective {objective * 1e3:.2f} ms "
+        f"over {sc.replan_every} tokens, solved in {solve_s * 1e3:.0f} ms"
+    )
+    grid = Table("layer", *names, title="blocks per device (g = KV group, p = proj, f = FFN)")
+    for layer in range(table.spec.layers):
+        cells = {n: "" for n in names}
+        for g in range(table.groups):
+            cells[mapping[f"L{layer}.g{g}"]] += "g"
+        cells[mapping[f"L{layer}.proj"]] += "p"
+        cells[mapping[f"L{layer}.ffn"]] += "f"
+        grid.add_row(str(layer), *(cells[n] for n in names))
+    out.print(grid)
+
+
+def _run(sc: Scenario, name: str, show_progress: bool) -> SimResult:
+    algo = _algorithm(name)
+    if not show_progress:
+        return simulate(sc, algo)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(f"{name:>20}", total=sc.generate_tokens)
+        return simulate(sc, algo, progress=lambda done, _total: bar.update(task, completed=done))
+
+
+@app.command("simulate")
+def simulate_command(
+    scenario: ScenarioArg, algorithm: AlgorithmOpt = "myopic", json_: JsonOpt = False
+) -> None:
+    """The whole generation on the sim backend (cost model, virtual clock, traces)."""
+    sc = _scenario(scenario)
+    result = _run(sc, algorithm, show_progress=err.is_terminal)
+    if result.failure:
+        raise _fail(f"{algorithm}: {result.failure}", 1)
+    if json_:
+        print(json.dumps(result.to_json()))
+        return
+    out.print(_table(sc, [result]))
+
+
+def _table(sc: Scenario, results: list[SimResult]) -> Table:
+    best = min((r.total_s for r in results if not r.failure), default=float("nan"))
+    table = Table(
+        title=f"{sc.name}: {sc.generate_tokens} tokens, {len(sc.devices)} devices, "
+        f"{sc.model_spec().name}, sim backend"
+    )
+    for col in (
+        "algorithm",
+        "total s",
+        "ms/token",
+        "vs best",
+        "migrated blocks",
+        "migration s",
+        "re-plans",
+        "over memory",
+    ):
+        table.add_column(col, justify="left" if col == "algorithm" else "right")
+    for r in results:
+        if r.failure:
+            table.add_row(r.algorithm, "failed", r.failure, *[""] * 5)
+            continue
+        tokens = max(1, len(r.per_token_s))
+        table.add_row(
+            r.algorithm,
+            f"{r.total_s:.3f}",
+            f"{1e3 * sum(r.per_token_s) / tokens:.2f}",
+            f"{r.total_s / best:.2f}x",
+            str(r.migrations),
+            f"{r.migration_s:.3f}",
+            str(r.replans),
+            str(r.infeasible_tokens),
+        )
+    return table
+
+
+@app.command()
+def compare(
+    scenario: ScenarioArg,
+    algorithms: Annotated[
+        str, typer.Option(help="Comma-separated algorithms to compare.")
+    ] = "myopic,static-heads,edgeshard,memory-proportional,galaxy",
+    json_: JsonOpt = False,
+) -> None:
+    """Simulate several algorithms on one scenario and print one table."""
+    sc = _scenario(scenario)
+    names = [a.strip() for a in algorithms.split(",") if a.strip()]
+    for name in names:
+        _algorithm(name)
+    results = [_run(sc, name, show_progress=err.is_terminal) for name in names]
+    if json_:
+        print(json.dumps([r.to_json() | {"failure": r.failure} for r in results]))
+        return
+    out.print(_table(sc, results))
+
+
+def main() -> None:  # pragma: no cover - console entry
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

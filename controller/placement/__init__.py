@@ -1,0 +1,42 @@
+"""Placement algorithms, one module each, all behind ``place(view, model, current)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from controller.placement.base import NoFeasiblePlacement, Placement, PlacementAlgorithm
+from controller.placement.edgeshard import EdgeShardPlanner
+from controller.placement.galaxy import GalaxyPlanner
+from controller.placement.memory_proportional import MemoryProportionalPlanner
+from controller.placement.myopic import MyopicPlanner
+from controller.placement.optimal import OptimalPlanner
+from controller.placement.static_heads import StaticHeadsPlanner
+
+ALGORITHMS: dict[str, Callable[[], PlacementAlgorithm]] = {
+    "myopic": MyopicPlanner,
+    "optimal": OptimalPlanner,
+    "static-heads": StaticHeadsPlanner,
+    "edgeshard": EdgeShardPlanner,
+    "memory-proportional": MemoryProportionalPlanner,
+    "galaxy": GalaxyPlanner,
+}
+
+LAYER_METHODS = ("edgeshard", "memory-proportional")
+
+
+def make_algorithm(name: str) -> PlacementAlgorithm:
+    """A fresh instance of the named algorithm; raises KeyError naming the known ones."""
+    try:
+        return ALGORITHMS[name]()
+    except KeyError:
+        raise KeyError(f"unknown algorithm {name!r}; known: {', '.join(ALGORITHMS)}") from None
+
+
+__all__ = [
+    "ALGORITHMS",
+    "LAYER_METHODS",
+    "NoFeasiblePlacement",
+    "Placement",
+    "PlacementAlgorithm",
+    "make_algorithm",
+]

@@ -1,0 +1,94 @@
+"""The resource view a planner decides on: devices, links and the planning window.
+
+Built from telemetry by the controller (or from a scenario's state by the simulator);
+planners read it and never touch the world themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+
+WeightsFrom = Literal["disk", "peer"]
+
+
+@dataclass(frozen=True)
+class PlanningWindow:
+    """Where generation stands when a decision is taken.
+
+    ``context_tokens`` positions are cached now; the placement serves the next
+    ``interval_tokens`` tokens (until the next re-plan); generation ends at
+    ``final_context`` cached positions.
+    """
+
+    context_tokens: int
+    interval_tokens: int
+    final_context: int
+
+    def __post_init__(self) -> None:
+        if self.interval_tokens < 1:
+            raise ValueError("interval_tokens must be at least 1")
+        if self.final_context < self.context_tokens:
+            raise ValueError("final_context must not be below context_tokens")
+
+    @property
+    def mean_context(self) -> float:
+        """Mean context length of the tokens in the interval (positions)."""
+        return self.context_tokens + (self.interval_tokens + 1) / 2
+
+    @property
+    def interval_end_context(self) -> int:
+        """Context length at the last token before the next re-plan (positions)."""
+        return min(self.context_tokens + self.interval_tokens, self.final_context)
+
+
+@dataclass(frozen=True)
+class ResourceView:
+    """Available resources per device and per link, as the planner sees them.
+
+    compute_gflops: available GFLOP/s per device (after background load);
+    memory_bytes: memory available to edgepart per device (bytes);
+    bandwidth_mbit, latency_s: per ordered device pair (Mbit/s, s), diagonal unused.
+    """
+
+    devices: tuple[str, ...]
+    compute_gflops: np.ndarray
+    memory_bytes: np.ndarray
+    bandwidth_mbit: np.ndarray
+    latency_s: np.ndarray
+    source: int
+    window: PlanningWindow
+    weights_from: WeightsFrom = "disk"
+    alive: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        d = len(self.devices)
+        if self.alive is None:
+            object.__setattr__(self, "alive", np.ones(d, dtype=bool))
+        for name, shape in (
+            ("compute_gflops", (d,)),
+            ("memory_bytes", (d,)),
+            ("bandwidth_mbit", (d, d)),
+            ("latency_s", (d, d)),
+            ("alive", (d,)),
+        ):
+            if np.shape(getattr(self, name)) != shape:
+                raise ValueError(f"{name} has shape {np.shape(getattr(self, name))}, want {shape}")
+        if not 0 <= self.source < d:
+            raise ValueError(f"source index {self.source} out of range for {d} devices")
+
+    @property
+    def size(self) -> int:
+        """Number of devices."""
+        return len(self.devices)
+
+    @property
+    def usable(self) -> np.ndarray:
+        """Devices a block may be placed on: alive, with compute and memory left."""
+        return self.alive & (self.compute_gflops > 0) & (self.memory_bytes > 0)
+
+    def at(self, window: PlanningWindow) -> ResourceView:
+        """The same resources seen at another planning window."""
+        return replace(self, window=window)

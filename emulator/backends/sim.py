@@ -1,0 +1,187 @@
+"""The ``sim`` backend: replays a scenario token by token on a virtual clock with the cost model.
+
+Per generated token it applies the traces that are due, re-plans every
+``replan_every`` tokens (and whenever the placement stops fitting or a device
+holding blocks dies), charges migrations and recovery, and records the token's
+latency and every device's memory. Prefill is not part of the per-token series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from controller import cost
+from controller.placement import NoFeasiblePlacement, Placement, PlacementAlgorithm
+from controller.view import PlanningWindow
+from emulator.scenario import Scenario
+from emulator.world import WorldState
+from llm.blocks import BlockTable, block_table
+
+
+@dataclass
+class Decision:
+    """One planner run during a simulation."""
+
+    token: int  # index of the generated token it precedes
+    context: int  # cached positions when it was taken
+    forced: bool  # triggered by a failure or a memory shortfall, not the schedule
+    objective_s: float  # interval objective of the chosen placement
+    moved_blocks: int
+    migration_s: float  # migration delay plus recovery of lost state, s
+    per_token_s: float  # predicted delay of the next token, s
+
+
+@dataclass
+class SimResult:
+    """What a simulated generation measured."""
+
+    algorithm: str
+    per_token_s: list[float]
+    migration_s: float
+    migrations: int
+    peak_memory_bytes: dict[str, float]
+    replans: int
+    decisions: list[Decision] = field(default_factory=list)
+    infeasible_tokens: int = 0  # tokens run with some device over its memory
+    failed_decisions: int = 0  # planner runs that found no placement fitting memory
+    failure: str | None = None  # why generation stopped early, if it did
+    placements: list[np.ndarray] = field(default_factory=list, repr=False)
+
+    @property
+    def total_s(self) -> float:
+        """Decode time plus migration stalls (s)."""
+        return float(sum(self.per_token_s) + self.migration_s)
+
+    def to_json(self) -> dict:
+        """The CLI's ``simulate --json`` object (DESIGN's keys, exactly)."""
+        return {
+            "algorithm": self.algorithm,
+            "backend": "sim",
+            "per_token_s": [float(t) for t in self.per_token_s],
+            "total_s": self.total_s,
+            "migrations": self.migrations,
+            "migration_s": float(self.migration_s),
+            "peak_memory_bytes": {k: float(v) for k, v in self.peak_memory_bytes.items()},
+            "replans": self.replans,
+        }
+
+
+def recovery_s(
+    table: BlockTable, state_view, lost: np.ndarray, placement: np.ndarray, n: int
+) -> float:
+    """Time (s) to rebuild lost blocks' state: their FLOPs over the n cached positions, batched."""
+    if not lost.any():
+        return 0.0
+    flops = table.flops(n / 2) * n
+    speed = state_view.compute_gflops[placement[lost]] * cost.GFLOP
+    per_device = np.bincount(
+        placement[lost], weights=flops[lost] / speed, minlength=state_view.size
+    )
+    return float(per_device.max())
+
+
+def simulate(
+    scenario: Scenario,
+    algorithm: PlacementAlgorithm,
+    progress: Callable[[int, int], None] | None = None,
+) -> SimResult:
+    """Run the scenario's generation under an algorithm on the virtual clock."""
+    table = block_table(scenario.model_spec())
+    state = WorldState.from_scenario(scenario)
+    every = scenario.replan_every
+    final = scenario.final_context
+    pending = sorted(
+        scenario.traces, key=lambda t: (t.at_token is None, t.at_token or 0, t.at_s or 0)
+    )
+    n = scenario.prompt_tokens
+    clock = 0.0
+
+    def window() -> PlanningWindow:
+        return PlanningWindow(n, every, final)
+
+    result = SimResult(algorithm.name, [], 0.0, 0, {name: 0.0 for name in state.names}, 0)
+    try:
+        placement = algorithm.place(state.view(scenario, window()), table, None)
+    except NoFeasiblePlacement as exc:
+        result.failed_decisions += 1
+        result.failure = f"initial placement: {exc}"
+        return result
+    result.placements.append(placement.assignment)
+    for i in range(scenario.generate_tokens):
+        due = [
+            t
+            for t in pending
+            if (t.at_token is not None and t.at_token <= i)
+            or (t.at_s is not None and t.at_s <= clock)
+        ]
+        for trace in due:
+            state.apply(trace)
+            pending.remove(trace)
+        view = state.view(scenario, window())
+        x = placement.assignment
+        lost = ~view.alive[x]
+        fits_now = bool(cost.fits(table, view, x, n + 1))
+        scheduled = i > 0 and i % every == 0 and algorithm.replans
+        if scheduled or lost.any() or not fits_now:
+            forced = lost.any() or not fits_now
+            current = None if (forced and not algorithm.replans) else placement
+            try:
+                new = algorithm.place(view, table, current)
+            except NoFeasiblePlacement as exc:
+                result.failed_decisions += 1
+                if lost.any():
+                    result.failure = f"token {i}: {exc}"
+                    break
+                new = placement  # keep the old placement; tokens over memory are counted
+            else:
+                cur = np.where(lost, -1, x)
+                stall = float(cost.migration_s(table, view, cur, new.assignment, n))
+                stall += recovery_s(table, view, lost, new.assignment, n)
+                moved = int((new.assignment != x).sum())
+                result.decisions.append(
+                    Decision(
+                        token=i,
+                        context=n,
+                        forced=forced,
+                        objective_s=float(
+                            cost.interval_objective_s(table, view, new.assignment, cur)
+                        ),
+                        moved_blocks=moved,
+                        migration_s=stall,
+                        per_token_s=float(cost.per_token_s(table, view, new.assignment, n + 1)),
+                    )
+                )
+                result.replans += 1
+                result.migrations += moved
+                result.migration_s += stall
+                clock += stall
+                placement = new
+                result.placements.append(new.assignment)
+        n += 1
+        x = placement.assignment
+        if not cost.fits(table, view, x, n):
+            result.infeasible_tokens += 1
+        dt = float(cost.per_token_s(table, view, x, n))
+        result.per_token_s.append(dt)
+        clock += dt
+        memory = cost.memory_use(table, view, x, n)
+        for name, used in zip(state.names, memory, strict=True):
+            result.peak_memory_bytes[name] = max(result.peak_memory_bytes[name], float(used))
+        if progress is not None:
+            progress(i + 1, scenario.generate_tokens)
+    return result
+
+
+def first_decision(scenario: Scenario, algorithm: PlacementAlgorithm) -> tuple[Placement, float]:
+    """The algorithm's placement from the scenario's initial state and its objective (s)."""
+    table = block_table(scenario.model_spec())
+    state = WorldState.from_scenario(scenario)
+    view = state.view(
+        scenario,
+        PlanningWindow(scenario.prompt_tokens, scenario.replan_every, scenario.final_context),
+    )
+    placement = algorithm.place(view, table, None)
+    return placement, float(cost.interval_objective_s(table, view, placement.assignment, None))

@@ -1,0 +1,87 @@
+"""The emulated world's resource state: devices, links, and the traces that change them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from controller.view import PlanningWindow, ResourceView
+from emulator.scenario import FailTrace, LinkTrace, LoadTrace, MemoryTrace, Scenario, Trace
+
+MIB = 2**20
+
+
+@dataclass
+class WorldState:
+    """Mutable resource state of a scenario's devices and links at one instant."""
+
+    names: tuple[str, ...]
+    nominal_gflops: np.ndarray  # GFLOP/s without background load
+    background_load: np.ndarray  # fraction of compute taken by others
+    memory_bytes: np.ndarray  # memory available to edgepart
+    bandwidth_mbit: np.ndarray  # (D, D) Mbit/s
+    latency_s: np.ndarray  # (D, D) s
+    alive: np.ndarray
+
+    @classmethod
+    def from_scenario(cls, scenario: Scenario) -> WorldState:
+        """The state a scenario starts in."""
+        names = scenario.device_names
+        count = len(names)
+        bandwidth = np.zeros((count, count))
+        latency = np.zeros((count, count))
+        for i, a in enumerate(names):
+            for j, b in enumerate(names):
+                if i != j:
+                    bw, lat_ms = scenario.link(a, b)
+                    bandwidth[i, j] = bw
+                    latency[i, j] = lat_ms / 1000.0
+        return cls(
+            names=names,
+            nominal_gflops=np.array([d.compute_gflops for d in scenario.devices], dtype=float),
+            background_load=np.zeros(count),
+            memory_bytes=np.array([d.memory_mib * MIB for d in scenario.devices], dtype=float),
+            bandwidth_mbit=bandwidth,
+            latency_s=latency,
+            alive=np.ones(count, dtype=bool),
+        )
+
+    def index(self, name: str) -> int:
+        """Index of a device name."""
+        return self.names.index(name)
+
+    def apply(self, trace: Trace) -> None:
+        """Change the state as a trace says."""
+        if isinstance(trace, LoadTrace):
+            self.background_load[self.index(trace.device)] = trace.background_load
+        elif isinstance(trace, MemoryTrace):
+            self.memory_bytes[self.index(trace.device)] = trace.memory_mib * MIB
+        elif isinstance(trace, LinkTrace):
+            i, j = (self.index(n) for n in trace.link)
+            self.bandwidth_mbit[i, j] = self.bandwidth_mbit[j, i] = trace.bandwidth_mbit
+            if trace.latency_ms is not None:
+                self.latency_s[i, j] = self.latency_s[j, i] = trace.latency_ms / 1000.0
+        elif isinstance(trace, FailTrace):
+            self.alive[self.index(trace.device)] = False
+        else:  # pragma: no cover - the scenario schema admits no other kind
+            raise TypeError(f"unknown trace {trace!r}")
+
+    @property
+    def available_gflops(self) -> np.ndarray:
+        """GFLOP/s left to edgepart after background load (0 on dead devices)."""
+        return np.where(self.alive, self.nominal_gflops * (1.0 - self.background_load), 0.0)
+
+    def view(self, scenario: Scenario, window: PlanningWindow) -> ResourceView:
+        """What a planner sees of this state (a snapshot: later changes do not leak into it)."""
+        return ResourceView(
+            devices=self.names,
+            compute_gflops=self.available_gflops.copy(),
+            memory_bytes=np.where(self.alive, self.memory_bytes, 0.0),
+            bandwidth_mbit=self.bandwidth_mbit.copy(),
+            latency_s=self.latency_s.copy(),
+            source=scenario.source_index,
+            window=window,
+            weights_from=scenario.weights_from,
+            alive=self.alive.copy(),
+        )
