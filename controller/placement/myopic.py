@@ -46,6 +46,9 @@ class MyopicPlanner:
     #: blocks x devices up to which the (quadratic) greedy construction also seeds the search
     construct_budget: int = 4000
     max_kicks: int = 40
+    #: on large instances, repair the memory-blind optimum only if at most this fraction
+    #: of the model's bytes overflows (a bigger repair costs more than it tends to gain)
+    repair_limit: float = 0.25
     seed: int = 0
     last_objective_s: float = field(default=float("nan"), init=False)
 
@@ -108,18 +111,30 @@ class MyopicPlanner:
     def _seeds(
         self, view: ResourceView, model: BlockTable, cur: np.ndarray | None
     ) -> Iterable[np.ndarray]:
+        small = model.size * view.size <= self.construct_budget
         if cur is not None and (cur >= 0).all():
             yield cur.copy()
-        chain = chain_optimum(model, view, cur)
-        repaired = repair_memory(model, view, chain, cur)
-        if repaired is not None:
-            yield repaired
+        free = group_gather_s(
+            model,
+            view,
+            view.window.mean_context,
+            np.arange(view.size),
+            np.full(view.size, model.groups),
+        )
+        chain = chain_optimum(model, view, cur, free)
+        greedy = greedy_chain(model, view, cur, free[0].min(axis=1))
+        if greedy is not None:
+            yield greedy
+        if small or _overflow_fraction(model, view, chain) <= self.repair_limit:
+            repaired = repair_memory(model, view, chain, cur)
+            if repaired is not None:
+                yield repaired
         if cur is not None and not (cur >= 0).all():
             patched = np.where(cur >= 0, cur, chain)
             repaired = repair_memory(model, view, patched, cur)
             if repaired is not None:
                 yield repaired
-        if model.size * view.size <= self.construct_budget:
+        if small:
             fixed = sequential_fix(model, view, chain, cur)
             if fixed is not None:
                 yield fixed
@@ -128,6 +143,13 @@ class MyopicPlanner:
 
             for placement in layer_split_candidates(view, model):
                 yield placement.assignment.copy()
+
+
+def _overflow_fraction(table: BlockTable, view: ResourceView, x: np.ndarray) -> float:
+    """Bytes over the devices' memory as a fraction of all block bytes."""
+    n = view.window.interval_end_context
+    over = cost.memory_use(table, view, x, n) - view.memory_bytes
+    return float(np.clip(over, 0, None).sum() / table.memory_bytes(n).sum())
 
 
 def _alive_current(view: ResourceView, current: np.ndarray) -> np.ndarray:
@@ -142,55 +164,115 @@ def _alive_current(view: ResourceView, current: np.ndarray) -> np.ndarray:
 
 
 def group_gather_s(
-    table: BlockTable, view: ResourceView, n: float, usable: np.ndarray
+    table: BlockTable,
+    view: ResourceView,
+    n: float,
+    inputs: np.ndarray,
+    caps: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Best gather time (s) of one layer's KV groups for every (input, projection) device pair.
+    """Best gather time (s) of one layer's KV groups per (input device, projection device).
 
-    Returns (gather (D, D), counts (D, D, D)): counts[a, p, d] groups on d achieve it.
+    A device d may take at most caps[d] groups. Returns (gather (A, D), counts (A, D, D)):
+    counts[i, p, d] groups on device d achieve gather[i, p] for input inputs[i]; inf
+    where the caps leave no room for all groups.
     """
     d_count = view.size
     g = table.groups
     speed = view.compute_gflops * cost.GFLOP
     gid = table.group_ids(0)[0]
-    hid = hidden_bytes(table.spec)
-    devices = np.arange(d_count)
+    links = cost.LinkTables.of(view, hidden_bytes(table.spec))
     with np.errstate(divide="ignore", invalid="ignore"):
         g_s = table.flops(n)[gid] / speed  # (D,)
-        hop_in = cost.transfer_s(view, devices[:, None], devices[None, :], hid)  # (a, d)
-        out_lat = np.where(devices[:, None] == devices[None, :], 0.0, view.latency_s)  # (d, p)
-        out_per_group = np.where(
-            devices[:, None] == devices[None, :],
-            0.0,
-            table.output_bytes[gid] * cost.BITS_PER_BYTE / (view.bandwidth_mbit * cost.MBIT),
-        )  # (d, p)
         k = np.arange(1, g + 1)
-        # finish[a, p, d, k-1]: finish time on d if it runs k groups
-        fixed = hop_in[:, None, :] + out_lat.T[None, :, :]  # (a, p, d)
-        slope = g_s[None, :] + out_per_group.T  # (p, d)
+        # finish[i, p, d, k-1]: when device d is done if it runs k groups
+        fixed = links.hidden_hop_s[inputs][:, None, :] + links.latency_s.T[None, :, :]
+        slope = g_s[None, :] + table.output_bytes[gid] * links.s_per_byte.T  # (p, d)
         finish = fixed[..., None] + slope[None, :, :, None] * k
-    finish = np.where(usable[None, None, :, None], finish, np.inf)
-    finish = np.nan_to_num(finish, nan=np.inf)
-    flat = finish.reshape(d_count, d_count, d_count * g)
+    allowed = (k[None, :] <= caps[:, None]) & view.usable[:, None]  # (d, k)
+    finish = np.where(allowed[None, None], np.nan_to_num(finish, nan=np.inf), np.inf)
+    flat = finish.reshape(len(inputs), d_count, d_count * g)
     kth = np.partition(flat, g - 1, axis=-1)[..., g - 1]  # the G-th smallest finish
     counts = (finish <= kth[..., None, None]).sum(axis=-1)
-    # ties can over-count: trim the extra from the devices with the latest finish
+    # ties can count more than G groups; dropping any of them keeps the maximum at kth
     excess = counts.sum(axis=-1) - g
-    if (excess > 0).any():
-        for a, p in zip(*np.nonzero(excess > 0), strict=True):
-            order = np.argsort(-counts[a, p])
-            for d in order:
-                if excess[a, p] == 0:
-                    break
-                take = min(counts[a, p, d], excess[a, p])
-                counts[a, p, d] -= take
-                excess[a, p] -= take
-    residual = cost.transfer_s(view, devices[:, None], devices[None, :], hid)
-    gather = np.maximum(kth, residual)
+    for i, p in zip(*np.nonzero(excess > 0), strict=True):
+        for d in np.argsort(-counts[i, p]):
+            take = min(counts[i, p, d], excess[i, p])
+            counts[i, p, d] -= take
+            excess[i, p] -= take
+            if excess[i, p] == 0:
+                break
+    gather = np.maximum(kth, links.hidden_hop_s[inputs])
     return gather, counts
 
 
+def greedy_chain(
+    table: BlockTable,
+    view: ResourceView,
+    current: np.ndarray | None = None,
+    next_start: np.ndarray | None = None,
+) -> np.ndarray | None:
+    """Resource-aware greedy along the layers: each layer gets its best spread within the room left.
+
+    Layer by layer, from the device its input comes from: the KV groups' min-max spread
+    under each device's remaining memory, then the projection and FFN devices that
+    finish the layer first (the FFN also weighed by how cheaply the next layer can
+    start from it). None when memory runs out.
+    """
+    w = view.window
+    n = w.mean_context
+    mem = table.memory_bytes(w.interval_end_context)
+    g_mem, p_mem, f_mem = mem[table.group_ids(0)[0]], mem[table.proj_id(0)], mem[table.ffn_id(0)]
+    room = view.memory_bytes.astype(np.float64).copy()
+    room[view.source] -= table.source_weight_bytes
+    room[~view.usable] = 0.0
+    speed = view.compute_gflops * cost.GFLOP
+    links = cost.LinkTables.of(view, hidden_bytes(table.spec))
+    usable = view.usable
+    with np.errstate(divide="ignore", invalid="ignore"):
+        proj_s = np.where(usable, table.flops_fixed[table.proj_id(0)] / speed, np.inf)
+        ffn_s = np.where(usable, table.flops_fixed[table.ffn_id(0)] / speed, np.inf)
+    all_devices = np.arange(view.size)
+    if next_start is None:  # how cheaply a layer can start from each input, memory aside
+        full = np.full(view.size, table.groups)
+        next_start = group_gather_s(table, view, n, all_devices, full)[0].min(axis=1)
+    x = np.empty(table.size, dtype=np.int64)
+    a = view.source
+    for ell in range(table.spec.layers):
+        caps = np.floor(np.maximum(room, 0.0) / g_mem).astype(np.int64)
+        gather, counts = group_gather_s(table, view, n, np.array([a]), caps)
+        gather, counts = gather[0], counts[0]  # (p,), (p, d)
+        left = room[None, :] - counts * g_mem  # (p, d) room after the groups
+        p_ok = left[all_devices, all_devices] >= p_mem  # (p,)
+        left_p = left - np.where(np.eye(view.size, dtype=bool), p_mem, 0.0)
+        f_ok = left_p >= f_mem  # (p, f)
+        finish = (
+            gather[:, None]
+            + proj_s[:, None]
+            + links.hidden_hop_s
+            + ffn_s[None, :]
+            + (next_start[None, :] if ell < table.spec.layers - 1 else 0.0)
+        )
+        finish = np.where(p_ok[:, None] & f_ok & np.isfinite(gather)[:, None], finish, np.inf)
+        p, f = np.unravel_index(int(np.argmin(finish)), finish.shape)
+        if not np.isfinite(finish[p, f]):
+            return None
+        gids = table.group_ids(ell)
+        x[gids] = _groups_from_counts(counts[p], gids, current)
+        x[table.proj_id(ell)] = p
+        x[table.ffn_id(ell)] = f
+        room -= np.bincount(x[gids], minlength=view.size) * g_mem
+        room[p] -= p_mem
+        room[f] -= f_mem
+        a = int(f)
+    return x
+
+
 def chain_optimum(
-    table: BlockTable, view: ResourceView, current: np.ndarray | None = None
+    table: BlockTable,
+    view: ResourceView,
+    current: np.ndarray | None = None,
+    free_gather: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Assignment minimising the per-token delay at the window's mean context, memory ignored."""
     n = view.window.mean_context
@@ -199,7 +281,10 @@ def chain_optimum(
     hid = hidden_bytes(table.spec)
     d_count = view.size
     devices = np.arange(d_count)
-    gather, counts = group_gather_s(table, view, n, usable)
+    devices_all = np.arange(view.size)
+    if free_gather is None:
+        free_gather = group_gather_s(table, view, n, devices_all, np.full(view.size, table.groups))
+    gather, counts = free_gather
     with np.errstate(divide="ignore", invalid="ignore"):
         proj_s = np.where(usable, table.flops_fixed[table.proj_id(0)] / speed, np.inf)
         ffn_s = np.where(usable, table.flops_fixed[table.ffn_id(0)] / speed, np.inf)
@@ -558,6 +643,62 @@ class _Search:
         delta += self._single_mig_delta(b)
         return np.where(ok, delta, np.inf)
 
+    def layer_moves_latency(self, layers: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Decode-delay change (s, interval) of moving the given slots of each layer to each device.
+
+        (len(layers), D); inf where memory or a dead device forbids it. Migration is left
+        out: this screens candidates, which ``score`` then prices exactly.
+        """
+        t = self.table
+        d_count = self.view.size
+        targets = np.arange(d_count)
+        per = self.x.reshape(t.spec.layers, t.per_layer)
+        cfg = np.repeat(per[layers][:, None, :], d_count, axis=1)  # (R, D, per_layer)
+        cfg[:, :, slots] = targets[None, :, None]
+        prev = np.where(layers > 0, per[np.maximum(layers - 1, 0), t.groups + 1], self.view.source)
+        prev = np.repeat(prev[:, None], d_count, axis=1)
+        new = cost.layer_delays(
+            t,
+            self.view,
+            self.n,
+            prev[..., None],
+            cfg[:, :, None, : t.groups],
+            cfg[:, :, None, t.groups],
+            cfg[:, :, None, t.groups + 1],
+            self.links,
+        )[..., 0]
+        delta = new - self.layer_s[layers][:, None]
+        if t.groups + 1 in slots:  # the FFN moves: the next layer's input moves with it
+            inner = np.nonzero(layers < self.last_layer)[0]
+            if inner.size:
+                nxt = per[layers[inner] + 1]
+                shape = (inner.size, d_count)
+                new_next = cost.layer_delays(
+                    t,
+                    self.view,
+                    self.n,
+                    np.broadcast_to(targets, shape)[..., None],
+                    np.broadcast_to(nxt[:, None, None, : t.groups], (*shape, 1, t.groups)),
+                    np.broadcast_to(nxt[:, None, None, t.groups], (*shape, 1)),
+                    np.broadcast_to(nxt[:, None, None, t.groups + 1], (*shape, 1)),
+                    self.links,
+                )[..., 0]
+                delta[inner] += new_next - self.layer_s[layers[inner] + 1][:, None]
+            last = np.nonzero(layers == self.last_layer)[0]
+            if last.size:
+                delta[last] += (cost.source_overhead_s(t, self.view, targets) - self.tail_s)[None]
+        blocks = layers[:, None] * t.per_layer + slots[None, :]  # (R, S)
+        moving_mem = self.block_mem[blocks]
+        # bytes each target would gain: the moved blocks not already on it
+        gain = moving_mem.sum(axis=1)[:, None] - np.stack(
+            [
+                np.bincount(self.x[row], weights=moving_mem[i], minlength=d_count)
+                for i, row in enumerate(blocks)
+            ]
+        )
+        ok = (self.used[None, :] + gain <= self.cap[None, :] + 1e-6) & self.usable[None, :]
+        return np.where(ok, self.k * delta, np.inf)
+
     def _single_mig_delta(self, b: np.ndarray) -> np.ndarray:
         """Migration-delay change (s) of moving each block alone to each device: (R, D)."""
         d_count = self.view.size
@@ -704,11 +845,15 @@ class _Search:
                 self.apply(np.array([b]), np.array([d]))
                 changed[ell] = True
             if not changed.any():
-                # compound moves only where single moves are stuck: they cost a layer each
-                for ell in layers:
-                    spine = np.array([t.proj_id(ell), t.ffn_id(ell)])
-                    whole = np.arange(ell * t.per_layer, (ell + 1) * t.per_layer)
-                    for group in (spine, whole):
+                # compound moves only where single moves are stuck; screened for all layers
+                # at once on latency and memory, then scored exactly one by one
+                for slots in (np.array([t.groups, t.groups + 1]), np.arange(t.per_layer)):
+                    screen = self.layer_moves_latency(layers, slots)
+                    for i in np.argsort(screen.min(axis=1)):
+                        if not screen[i].min() < -_EPS * max(1.0, self.objective()):
+                            break
+                        ell = int(layers[i])
+                        group = ell * t.per_layer + slots
                         delta = self.score(group, np.repeat(all_targets, len(group), axis=1))
                         d = int(np.argmin(delta))
                         if delta[d] < -_EPS * max(1.0, self.objective()):
@@ -727,7 +872,7 @@ class _Search:
             full_check_done = False
             dirty = changed | np.roll(changed, 1) | np.roll(changed, -1)
 
-    def _device_pass(self, limit: int = 400) -> np.ndarray:
+    def _device_pass(self, limit: int = 60) -> np.ndarray:
         """Move everything a device holds to another device, or exchange two devices' contents.
 
         Such moves shift whole shards at once, where single-layer steps would each pay a
@@ -738,7 +883,8 @@ class _Search:
         usable = np.nonzero(self.usable)[0]
         # the fastest devices first, so that a capped candidate list keeps the likeliest
         usable = usable[np.argsort(-self.view.compute_gflops[usable], kind="stable")]
-        pairs = [(a, b) for a in held for b in usable if a != b][:limit]
+        per_source = max(2, limit // max(1, held.size))
+        pairs = [(a, b) for a in held for b in usable[: per_source + 1] if a != b][:limit]
         if not pairs:
             return changed
         candidates = np.empty((2 * len(pairs), self.x.size), dtype=np.int64)
