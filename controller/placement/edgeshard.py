@@ -132,21 +132,24 @@ def _greedy(c: _Costs, layers: int) -> tuple[list[Shard], float]:
     used = np.zeros((layers + 1, m, m), dtype=bool)  # used[i, j]: devices on that best path
     prev_dev = np.full((layers + 1, m), -1, dtype=np.int64)
     prev_end = np.zeros((layers + 1, m), dtype=np.int64)
+    cols = np.arange(m)
     for i in range(1, layers + 1):
-        for j in range(m):
-            first = c.hop_from_source[j] + c.shard[j, 0, i]
-            # Predecessors (s, k) with 1 <= s < i; a path that used j already is barred
-            # (which also bars k == j, since every path uses its own last device).
-            via = dp[1:i] + c.hop[:, j][None, :] + c.shard[j, 1:i, i][:, None]
-            via = np.where(used[1:i, :, j], np.inf, via)
-            if via.size and via.min() < first:
-                s, k = np.unravel_index(int(np.argmin(via)), via.shape)
-                dp[i, j] = via[s, k]
-                prev_end[i, j], prev_dev[i, j] = s + 1, k
-                used[i, j] = used[s + 1, k]
-            else:
-                dp[i, j] = first
-            used[i, j, j] = True
+        first = c.hop_from_source + c.shard[:, 0, i]  # (j,)
+        dp[i] = first
+        if i > 1:
+            # via[s, k, j]: the shard s+1..i on j after the best path ending at s+1 on k;
+            # a path that used j already is barred (so is k == j: a path uses its last device)
+            via = dp[1:i, :, None] + c.hop[None, :, :] + c.shard[:, 1:i, i].T[:, None, :]
+            via = np.where(used[1:i], np.inf, via)
+            flat = via.reshape(-1, m)
+            arg = flat.argmin(axis=0)
+            better = flat[arg, cols] < first
+            s_idx, k_idx = np.unravel_index(arg, via.shape[:2])
+            dp[i] = np.where(better, flat[arg, cols], first)
+            prev_end[i] = np.where(better, s_idx + 1, 0)
+            prev_dev[i] = np.where(better, k_idx, -1)
+            used[i] = np.where(better[:, None], used[s_idx + 1, k_idx], False)
+        used[i, cols, cols] = True
     finish = dp[layers] + c.hop_to_source
     j = int(np.argmin(finish))
     best = float(finish[j])
