@@ -32,7 +32,7 @@ def random_view(
     table,
     devices: int,
     tight: float | None = None,
-    window=PlanningWindow(64, 8, 200),
+    window: PlanningWindow = PlanningWindow(64, 8, 200),  # noqa: B008 - frozen value
     weights_from="disk",
 ) -> ResourceView:
     bw = rng.uniform(50, 2000, (devices, devices))
@@ -106,7 +106,7 @@ def test_group_gather_is_the_min_max_spread(seed):
     caps = rng.integers(0, 4, 3)
     caps[0] = 4  # always room for all groups somewhere
     inputs = np.arange(3)
-    gather, counts = group_gather_s(table, view, 30.0, inputs, caps)
+    _, counts = group_gather_s(table, view, 30.0, inputs, caps)
     # brute force: every assignment of the 4 groups within the caps, projection on p
     for a in inputs:
         for p in range(3):
