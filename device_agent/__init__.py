@@ -1,0 +1,1 @@
+"""The process on each device: block host, data plane, telemetry (issue 4)."""
