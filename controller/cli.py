@@ -38,7 +38,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print("[bold red]error:[/]", end=" ")
+    err.print(message, markup=False, highlight=False)
     return typer.Exit(code)
 
 

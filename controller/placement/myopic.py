@@ -54,6 +54,11 @@ class MyopicPlanner:
 
     def place(self, view: ResourceView, model: BlockTable, current: Placement | None) -> Placement:
         """Best placement found for the view's planning window (raises NoFeasiblePlacement)."""
+        if not view.usable[view.source]:
+            raise NoFeasiblePlacement(
+                f"source device {view.devices[view.source]} is down or has no resources left: "
+                "embedding, LM head and sampling cannot run"
+            )
         cur = None if current is None else _alive_current(view, current.assignment)
         starts = [_Search(model, view, seed, cur) for seed in self._seeds(view, model, cur)]
         starts = sorted((s for s in starts if s.feasible()), key=_Search.objective)

@@ -51,6 +51,23 @@ from llm.blocks import BlockTable, hidden_bytes
 INF = highspy.kHighsInf
 
 
+def _quiet_highs():
+    """A HiGHS instance that prints nothing on stdout.
+
+    highspy's public ``Highs`` logs its banner while it is constructed, before any
+    option can be set (HiGHS issues #1702, #1932), which breaks ``--json`` output; the
+    core class it wraps does not.
+    """
+    try:
+        from highspy._core import _Highs
+    except ImportError:  # a highspy without the private core: accept the banner
+        h = highspy.Highs()
+    else:
+        h = _Highs()
+    h.setOptionValue("output_flag", False)
+    return h
+
+
 @dataclass(frozen=True)
 class MilpResult:
     """Outcome of one exact solve: the placement, its cost-model objective and solver facts."""
@@ -406,8 +423,7 @@ def solve(
         room,
     )
 
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
+    h = _quiet_highs()
     h.setOptionValue("time_limit", float(time_limit_s))
     h.setOptionValue("mip_rel_gap", float(mip_gap))
     # Exactness: objective in tau units is O(interval_tokens); keep absolute slack negligible.

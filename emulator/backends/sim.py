@@ -103,6 +103,9 @@ def simulate(
         return PlanningWindow(n, every, final)
 
     result = SimResult(algorithm.name, [], 0.0, 0, {name: 0.0 for name in state.names}, 0)
+    for trace in [t for t in pending if t.at_token == 0 or t.at_s == 0]:
+        state.apply(trace)  # the world as it is when generation starts
+        pending.remove(trace)
     try:
         placement = algorithm.place(state.view(scenario, window()), table, None)
     except NoFeasiblePlacement as exc:
