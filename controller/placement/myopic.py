@@ -139,7 +139,7 @@ class MyopicPlanner:
             repaired = repair_memory(model, view, patched, cur)
             if repaired is not None:
                 yield repaired
-        if small:
+        if model.size * view.size <= self.construct_budget // 4:  # quadratic: tiny cases only
             fixed = sequential_fix(model, view, chain, cur)
             if fixed is not None:
                 yield fixed
