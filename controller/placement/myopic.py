@@ -9,14 +9,18 @@ under the devices' memory until then — made stronger:
    a dynamic programme over layers with the FFN device as state gives the
    unconstrained latency optimum; for fixed input and projection devices the
    best spread of a layer's KV groups is a min-max allocation solved exactly by
-   taking the G smallest per-device marginal finish times. Memory is then
-   repaired greedily. Further seeds: the current placement (no migration) and
-   the layer splits (EdgeShard, memory-proportional), so the result is never
-   worse than any of them.
+   taking the G smallest per-device finish times. That optimum, repaired for
+   memory, is one seed; a resource-aware greedy that walks the layers with the
+   memory left on each device is another (the paper's greedy, made exact per
+   layer); the current placement (no migration) and the layer splits
+   (EdgeShard, memory-proportional) are the rest, so the result is never worse
+   than any of them.
 2. Local search on the exact objective of ``controller.cost``: single-block
-   moves, moves of a layer's projection+FFN pair, of whole layers, and swaps
-   between devices when memory is tight. Every candidate is scored
-   incrementally (only the layers it touches), vectorised over target devices.
+   moves, moves of a layer's projection+FFN pair and of whole layers, moving or
+   exchanging everything two devices hold, and swaps when memory is tight.
+   Candidates are scored incrementally (only the layers they touch) and
+   vectorised over blocks and target devices. Small instances add random kicks
+   (iterated local search) with a fixed seed, so decisions are deterministic.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 
 from controller import cost
 from controller.placement.base import NoFeasiblePlacement, Placement
+from controller.placement.layers import layer_split_candidates
 from controller.view import ResourceView
 from llm.blocks import BlockKind, BlockTable, hidden_bytes
 
@@ -144,8 +149,6 @@ class MyopicPlanner:
             if fixed is not None:
                 yield fixed
         if self.layer_seeds:
-            from controller.placement.layers import layer_split_candidates
-
             for placement in layer_split_candidates(view, model):
                 yield placement.assignment.copy()
 
@@ -174,28 +177,35 @@ def group_gather_s(
     n: float,
     inputs: np.ndarray,
     caps: np.ndarray,
+    projections: np.ndarray | None = None,
+    links: cost.LinkTables | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best gather time (s) of one layer's KV groups per (input device, projection device).
 
-    A device d may take at most caps[d] groups. Returns (gather (A, D), counts (A, D, D)):
-    counts[i, p, d] groups on device d achieve gather[i, p] for input inputs[i]; inf
-    where the caps leave no room for all groups.
+    A device d may take at most caps[d] groups. Returns (gather (A, P), counts (A, P, D)):
+    counts[i, j, d] groups on device d achieve gather[i, j] for input inputs[i] and
+    projection device projections[j] (default: every device); inf where the caps leave
+    no room for all groups.
     """
     d_count = view.size
     g = table.groups
     speed = view.compute_gflops * cost.GFLOP
     gid = table.group_ids(0)[0]
-    links = cost.LinkTables.of(view, hidden_bytes(table.spec))
+    if links is None:
+        links = cost.LinkTables.of(view, hidden_bytes(table.spec))
+    if projections is None:
+        projections = np.arange(d_count)
     with np.errstate(divide="ignore", invalid="ignore"):
         g_s = table.flops(n)[gid] / speed  # (D,)
         k = np.arange(1, g + 1)
-        # finish[i, p, d, k-1]: when device d is done if it runs k groups
-        fixed = links.hidden_hop_s[inputs][:, None, :] + links.latency_s.T[None, :, :]
-        slope = g_s[None, :] + table.output_bytes[gid] * links.s_per_byte.T  # (p, d)
+        # finish[i, j, d, k-1]: when device d is done if it runs k groups
+        to_proj = links.latency_s.T[projections]  # (P, d)
+        fixed = links.hidden_hop_s[inputs][:, None, :] + to_proj[None, :, :]
+        slope = g_s[None, :] + table.output_bytes[gid] * links.s_per_byte.T[projections]
         finish = fixed[..., None] + slope[None, :, :, None] * k
     allowed = (k[None, :] <= caps[:, None]) & view.usable[:, None]  # (d, k)
     finish = np.where(allowed[None, None], np.nan_to_num(finish, nan=np.inf), np.inf)
-    flat = finish.reshape(len(inputs), d_count, d_count * g)
+    flat = finish.reshape(len(inputs), len(projections), d_count * g)
     kth = np.partition(flat, g - 1, axis=-1)[..., g - 1]  # the G-th smallest finish
     counts = (finish <= kth[..., None, None]).sum(axis=-1)
     # ties can count more than G groups; dropping any of them keeps the maximum at kth
@@ -207,7 +217,7 @@ def group_gather_s(
             excess[i, p] -= take
             if excess[i, p] == 0:
                 break
-    gather = np.maximum(kth, links.hidden_hop_s[inputs])
+    gather = np.maximum(kth, links.hidden_hop_s[np.ix_(inputs, projections)])
     return gather, counts
 
 
@@ -245,7 +255,7 @@ def greedy_chain(
     a = view.source
     for ell in range(table.spec.layers):
         caps = np.floor(np.maximum(room, 0.0) / g_mem).astype(np.int64)
-        gather, counts = group_gather_s(table, view, n, np.array([a]), caps)
+        gather, counts = group_gather_s(table, view, n, np.array([a]), caps, links=links)
         gather, counts = gather[0], counts[0]  # (p,), (p, d)
         left = room[None, :] - counts * g_mem  # (p, d) room after the groups
         p_ok = left[all_devices, all_devices] >= p_mem  # (p,)
@@ -865,6 +875,8 @@ class _Search:
                             self.apply(group, np.full(len(group), d))
                             changed[ell] = True
             if not changed.any():
+                changed |= self._rebalance_pass(layers)
+            if not changed.any():
                 changed |= self._device_pass()
             if not changed.any() and swap_budget > 0:
                 changed |= self._swap_pass(swap_budget)
@@ -876,6 +888,50 @@ class _Search:
                 continue
             full_check_done = False
             dirty = changed | np.roll(changed, 1) | np.roll(changed, -1)
+
+    def _rebalance_pass(self, layers: np.ndarray) -> np.ndarray:
+        """Re-spread each layer's KV groups exactly (min-max in memory) per projection device.
+
+        For a fixed layer input and projection device the best spread of the groups is
+        exact (``group_gather_s``); trying it for each projection device moves a
+        layer's heads as a whole, which single moves cannot (each alone adds a hop).
+        """
+        t = self.table
+        changed = np.zeros(t.spec.layers, dtype=bool)
+        for ell in layers:
+            gids = t.group_ids(int(ell))
+            pid = t.proj_id(int(ell))
+            blocks = np.r_[gids, pid]
+            prev = self.x[t.ffn_id(int(ell) - 1)] if ell > 0 else self.view.source
+            # memory as if this layer's groups and projection were lifted off their devices
+            room = self.cap - self.used
+            room += np.bincount(
+                self.x[blocks], weights=self.block_mem[blocks], minlength=self.view.size
+            )
+            g_mem = self.block_mem[gids[0]]
+            caps = np.floor(np.maximum(room, 0.0) / g_mem).astype(np.int64)
+            # projection devices worth trying: where it is, the layer input and the
+            # fastest devices with room for it
+            speed = self.view.compute_gflops * self.usable * (room >= self.block_mem[pid])
+            tries = np.unique(np.r_[self.x[pid], prev, np.argsort(-speed)[:4]])
+            _, counts = group_gather_s(
+                t, self.view, self.n, np.array([prev]), caps, tries, self.links
+            )
+            keep = counts[0].sum(axis=1) == gids.size
+            tries, counts = tries[keep], counts[0, keep]
+            if tries.size == 0:
+                continue
+            rows = np.empty((tries.size, blocks.size), dtype=np.int64)
+            for i, p in enumerate(tries):
+                # keep groups where they are when the spread allows, to move as few as possible
+                rows[i, :-1] = _groups_from_counts(counts[i], gids, self.x)
+                rows[i, -1] = p
+            delta = self.score(blocks, rows)
+            i = int(np.argmin(delta))
+            if delta[i] < -_EPS * max(1.0, self.objective()):
+                self.apply(blocks, rows[i])
+                changed[ell] = True
+        return changed
 
     def _device_pass(self, limit: int = 60) -> np.ndarray:
         """Move everything a device holds to another device, or exchange two devices' contents.
