@@ -48,8 +48,11 @@ class MyopicPlanner:
     max_rounds: int = 12
     layer_seeds: bool = True
     swaps: bool = True
-    #: blocks x devices up to which the (quadratic) greedy construction also seeds the search
-    construct_budget: int = 4000
+    #: blocks x devices up to which an instance counts as small: every seed is searched
+    small_size: int = 4000
+    #: blocks x devices up to which the planner also spends on a quadratic greedy
+    #: construction, random kicks and many swaps (tiny instances, where they pay off)
+    tiny_size: int = 400
     max_kicks: int = 40
     #: on large instances, repair the memory-blind optimum only if at most this fraction
     #: of the model's bytes overflows (a bigger repair costs more than it tends to gain)
@@ -67,7 +70,7 @@ class MyopicPlanner:
         cur = None if current is None else _alive_current(view, current.assignment)
         starts = [_Search(model, view, seed, cur) for seed in self._seeds(view, model, cur)]
         starts = sorted((s for s in starts if s.feasible()), key=_Search.objective)
-        small = model.size * view.size <= self.construct_budget
+        small = model.size * view.size <= self.small_size
         best: _Search | None = None
         for search in starts:
             # on large instances a seed that starts behind the best result so far is skipped:
@@ -91,13 +94,15 @@ class MyopicPlanner:
         """How many swaps one local search may score: generous on small instances only."""
         if not self.swaps:
             return 0
-        return max(50, 20 * self.construct_budget // max(1, model.size * view.size))
+        size = model.size * view.size
+        return max(50, 200 * self.tiny_size // size) if size <= self.tiny_size else 16
 
     def _kick(
         self, best: _Search, model: BlockTable, view: ResourceView, cur: np.ndarray | None
     ) -> _Search:
         """Iterated local search on small instances: random kicks, keep what improves."""
-        kicks = min(self.max_kicks, self.construct_budget // max(1, model.size * view.size))
+        size = model.size * view.size
+        kicks = min(self.max_kicks, 10 * self.tiny_size // size) if size <= self.tiny_size else 0
         rng = np.random.default_rng(self.seed)
         usable = np.nonzero(view.usable)[0]
         for _ in range(kicks):
@@ -121,7 +126,7 @@ class MyopicPlanner:
     def _seeds(
         self, view: ResourceView, model: BlockTable, cur: np.ndarray | None
     ) -> Iterable[np.ndarray]:
-        small = model.size * view.size <= self.construct_budget
+        small = model.size * view.size <= self.small_size
         if cur is not None and (cur >= 0).all():
             yield cur.copy()
         free = group_gather_s(
@@ -144,7 +149,7 @@ class MyopicPlanner:
             repaired = repair_memory(model, view, patched, cur)
             if repaired is not None:
                 yield repaired
-        if model.size * view.size <= self.construct_budget // 4:  # quadratic: tiny cases only
+        if model.size * view.size <= self.tiny_size:
             fixed = sequential_fix(model, view, chain, cur)
             if fixed is not None:
                 yield fixed
