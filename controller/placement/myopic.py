@@ -603,6 +603,51 @@ class _Search:
                 reps.append(int(b))
         return reps
 
+    def _retarget_s(self, layers: np.ndarray, slot_mask: np.ndarray) -> np.ndarray:
+        """Per-token delay change (s) of moving the masked slots of each layer to each device.
+
+        layers (R,), slot_mask (R, per_layer) -> (R, D). Covers the layer itself, and where
+        its FFN moves, the next layer's input (or the hop back to the LM head).
+        """
+        t = self.table
+        d_count = self.view.size
+        targets = np.arange(d_count)
+        per = self.x.reshape(t.spec.layers, t.per_layer)
+        cfg = np.where(slot_mask[:, None, :], targets[None, :, None], per[layers][:, None, :])
+        prev = np.where(layers > 0, per[np.maximum(layers - 1, 0), t.groups + 1], self.view.source)
+        prev = np.repeat(prev[:, None], d_count, axis=1)
+        new = cost.layer_delays(
+            t,
+            self.view,
+            self.n,
+            prev[..., None],
+            cfg[:, :, None, : t.groups],
+            cfg[:, :, None, t.groups],
+            cfg[:, :, None, t.groups + 1],
+            self.links,
+        )[..., 0]
+        delta = new - self.layer_s[layers][:, None]
+        ffn_moves = slot_mask[:, t.groups + 1]
+        inner = np.nonzero(ffn_moves & (layers < self.last_layer))[0]
+        if inner.size:
+            nxt = per[layers[inner] + 1]
+            shape = (inner.size, d_count)
+            new_next = cost.layer_delays(
+                t,
+                self.view,
+                self.n,
+                np.broadcast_to(targets, shape)[..., None],
+                np.broadcast_to(nxt[:, None, None, : t.groups], (*shape, 1, t.groups)),
+                np.broadcast_to(nxt[:, None, None, t.groups], (*shape, 1)),
+                np.broadcast_to(nxt[:, None, None, t.groups + 1], (*shape, 1)),
+                self.links,
+            )[..., 0]
+            delta[inner] += new_next - self.layer_s[layers[inner] + 1][:, None]
+        last = np.nonzero(ffn_moves & (layers == self.last_layer))[0]
+        if last.size:
+            delta[last] += (cost.source_overhead_s(t, self.view, targets) - self.tail_s)[None, :]
+        return delta
+
     def single_moves(self, blocks: np.ndarray) -> np.ndarray:
         """Objective change (s) of moving each block alone to each device: (len(blocks), D).
 
@@ -618,48 +663,10 @@ class _Search:
         mem = self.block_mem[b]
         ok = self.used[None, :] + mem[:, None] <= self.cap[None, :] + 1e-6
         ok &= self.usable[None, :] & (targets[None, :] != here[:, None])
-        # the block's own layer, with the block on each target
         layer = self.block_layer[b]
-        per = self.x.reshape(t.spec.layers, t.per_layer)[layer]  # (R, per_layer)
-        cfg = np.repeat(per[:, None, :], d_count, axis=1)  # (R, D, per_layer)
-        slot = b - layer * t.per_layer
-        cfg[np.arange(r), :, slot] = targets[None, :]
-        prev = np.where(
-            layer > 0, self.x[t.ffn_id(0) + (layer - 1) * t.per_layer], self.view.source
-        )
-        prev = np.repeat(prev[:, None], d_count, axis=1)
-        new = cost.layer_delays(
-            t,
-            self.view,
-            self.n,
-            prev[..., None],
-            cfg[:, :, None, : t.groups],
-            cfg[:, :, None, t.groups],
-            cfg[:, :, None, t.groups + 1],
-            self.links,
-        )[..., 0]
-        delta = self.k * (new - self.layer_s[layer][:, None])
-        # an FFN also feeds the next layer (or the LM head after the last layer)
-        is_ffn = self.kind[b] == BlockKind.FFN
-        inner = np.nonzero(is_ffn & (layer < self.last_layer))[0]
-        if inner.size:
-            nxt = self.x.reshape(t.spec.layers, t.per_layer)[layer[inner] + 1]
-            shape = (inner.size, d_count)
-            new_next = cost.layer_delays(
-                t,
-                self.view,
-                self.n,
-                np.broadcast_to(targets, shape)[..., None],
-                np.broadcast_to(nxt[:, None, None, : t.groups], (*shape, 1, t.groups)),
-                np.broadcast_to(nxt[:, None, None, t.groups], (*shape, 1)),
-                np.broadcast_to(nxt[:, None, None, t.groups + 1], (*shape, 1)),
-                self.links,
-            )[..., 0]
-            delta[inner] += self.k * (new_next - self.layer_s[layer[inner] + 1][:, None])
-        last = np.nonzero(is_ffn & (layer == self.last_layer))[0]
-        if last.size:
-            tail = cost.source_overhead_s(t, self.view, targets)
-            delta[last] += self.k * (tail - self.tail_s)[None, :]
+        slot_mask = np.zeros((r, t.per_layer), dtype=bool)
+        slot_mask[np.arange(r), b - layer * t.per_layer] = True
+        delta = self.k * self._retarget_s(layer, slot_mask)
         delta += self._single_mig_delta(b)
         return np.where(ok, delta, np.inf)
 
@@ -671,42 +678,9 @@ class _Search:
         """
         t = self.table
         d_count = self.view.size
-        targets = np.arange(d_count)
-        per = self.x.reshape(t.spec.layers, t.per_layer)
-        cfg = np.repeat(per[layers][:, None, :], d_count, axis=1)  # (R, D, per_layer)
-        cfg[:, :, slots] = targets[None, :, None]
-        prev = np.where(layers > 0, per[np.maximum(layers - 1, 0), t.groups + 1], self.view.source)
-        prev = np.repeat(prev[:, None], d_count, axis=1)
-        new = cost.layer_delays(
-            t,
-            self.view,
-            self.n,
-            prev[..., None],
-            cfg[:, :, None, : t.groups],
-            cfg[:, :, None, t.groups],
-            cfg[:, :, None, t.groups + 1],
-            self.links,
-        )[..., 0]
-        delta = new - self.layer_s[layers][:, None]
-        if t.groups + 1 in slots:  # the FFN moves: the next layer's input moves with it
-            inner = np.nonzero(layers < self.last_layer)[0]
-            if inner.size:
-                nxt = per[layers[inner] + 1]
-                shape = (inner.size, d_count)
-                new_next = cost.layer_delays(
-                    t,
-                    self.view,
-                    self.n,
-                    np.broadcast_to(targets, shape)[..., None],
-                    np.broadcast_to(nxt[:, None, None, : t.groups], (*shape, 1, t.groups)),
-                    np.broadcast_to(nxt[:, None, None, t.groups], (*shape, 1)),
-                    np.broadcast_to(nxt[:, None, None, t.groups + 1], (*shape, 1)),
-                    self.links,
-                )[..., 0]
-                delta[inner] += new_next - self.layer_s[layers[inner] + 1][:, None]
-            last = np.nonzero(layers == self.last_layer)[0]
-            if last.size:
-                delta[last] += (cost.source_overhead_s(t, self.view, targets) - self.tail_s)[None]
+        slot_mask = np.zeros((layers.size, t.per_layer), dtype=bool)
+        slot_mask[:, slots] = True
+        delta = self._retarget_s(layers, slot_mask)
         blocks = layers[:, None] * t.per_layer + slots[None, :]  # (R, S)
         moving_mem = self.block_mem[blocks]
         # bytes each target would gain: the moved blocks not already on it
