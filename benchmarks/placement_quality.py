@@ -53,7 +53,7 @@ from controller.placement.base import Placement
 from controller.placement.myopic import MyopicPlanner
 from controller.placement.optimal import OptimalPlanner, solve
 from controller.view import PlanningWindow
-from emulator.backends.sim import SimResult, simulate
+from emulator.backends.sim import SimResult, apply_due_traces, initial_state, simulate
 from emulator.generators import Link, Topology, random_scenario
 from emulator.scenario import MIB, Scenario, parse_scenario
 from emulator.world import WorldState
@@ -227,16 +227,15 @@ class RecordingOptimal(OptimalPlanner):
 def view_at(scenario: Scenario, token: int, context: int, initial: bool):
     """The view the sim backend showed the planner at a decision (its trace rule replayed).
 
-    The initial placement is taken before any trace; the decision before generated token
-    ``token`` sees every trace with at_token <= token.
+    The initial placement sees the traces at token 0; the decision before generated token
+    ``token`` sees every trace with at_token <= token (the generated scenarios have no
+    time-triggered traces, so the virtual clock does not matter here).
     """
-    state = WorldState.from_scenario(scenario)
+    if any(t.at_s is not None for t in scenario.traces):
+        raise ValueError("time-triggered traces (at_s) are not replayed here")
+    state, pending = initial_state(scenario)
     if not initial:
-        for trace in sorted(scenario.traces, key=lambda t: t.at_token or 0):
-            if trace.at_token is None:
-                raise ValueError("time-triggered traces (at_s) are not replayed here")
-            if trace.at_token <= token:
-                state.apply(trace)
+        apply_due_traces(state, pending, token, 0.0)
     window = PlanningWindow(context, scenario.replan_every, scenario.final_context)
     return state.view(scenario, window)
 

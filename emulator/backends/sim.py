@@ -15,8 +15,8 @@ import numpy as np
 
 from controller import cost
 from controller.placement import NoFeasiblePlacement, Placement, PlacementAlgorithm
-from controller.view import PlanningWindow
-from emulator.scenario import Scenario
+from controller.view import PlanningWindow, ResourceView
+from emulator.scenario import Scenario, Trace
 from emulator.world import WorldState
 from llm.blocks import BlockTable, block_table
 
@@ -70,17 +70,36 @@ class SimResult:
 
 
 def recovery_s(
-    table: BlockTable, state_view, lost: np.ndarray, placement: np.ndarray, n: int
+    table: BlockTable, view: ResourceView, lost: np.ndarray, placement: np.ndarray, n: int
 ) -> float:
     """Time (s) to rebuild lost blocks' state: their FLOPs over the n cached positions, batched."""
     if not lost.any():
         return 0.0
     flops = table.flops(n / 2) * n
-    speed = state_view.compute_gflops[placement[lost]] * cost.GFLOP
-    per_device = np.bincount(
-        placement[lost], weights=flops[lost] / speed, minlength=state_view.size
-    )
+    speed = view.compute_gflops[placement[lost]] * cost.GFLOP
+    per_device = np.bincount(placement[lost], weights=flops[lost] / speed, minlength=view.size)
     return float(per_device.max())
+
+
+def apply_due_traces(state: WorldState, pending: list[Trace], token: int, clock_s: float) -> None:
+    """Apply (and drop from ``pending``) the traces due before generated token ``token``."""
+    due = [
+        t
+        for t in pending
+        if (t.at_token is not None and t.at_token <= token)
+        or (t.at_s is not None and t.at_s <= clock_s)
+    ]
+    for trace in due:
+        state.apply(trace)
+        pending.remove(trace)
+
+
+def initial_state(scenario: Scenario) -> tuple[WorldState, list[Trace]]:
+    """The world when generation starts (traces at token 0 applied) and the traces still due."""
+    state = WorldState.from_scenario(scenario)
+    pending = list(scenario.traces)
+    apply_due_traces(state, pending, 0, 0.0)
+    return state, pending
 
 
 def simulate(
@@ -90,12 +109,9 @@ def simulate(
 ) -> SimResult:
     """Run the scenario's generation under an algorithm on the virtual clock."""
     table = block_table(scenario.model_spec())
-    state = WorldState.from_scenario(scenario)
+    state, pending = initial_state(scenario)
     every = scenario.replan_every
     final = scenario.final_context
-    pending = sorted(
-        scenario.traces, key=lambda t: (t.at_token is None, t.at_token or 0, t.at_s or 0)
-    )
     n = scenario.prompt_tokens
     clock = 0.0
 
@@ -103,9 +119,6 @@ def simulate(
         return PlanningWindow(n, every, final)
 
     result = SimResult(algorithm.name, [], 0.0, 0, {name: 0.0 for name in state.names}, 0)
-    for trace in [t for t in pending if t.at_token == 0 or t.at_s == 0]:
-        state.apply(trace)  # the world as it is when generation starts
-        pending.remove(trace)
     try:
         placement = algorithm.place(state.view(scenario, window()), table, None)
     except NoFeasiblePlacement as exc:
@@ -114,15 +127,7 @@ def simulate(
         return result
     result.placements.append(placement.assignment)
     for i in range(scenario.generate_tokens):
-        due = [
-            t
-            for t in pending
-            if (t.at_token is not None and t.at_token <= i)
-            or (t.at_s is not None and t.at_s <= clock)
-        ]
-        for trace in due:
-            state.apply(trace)
-            pending.remove(trace)
+        apply_due_traces(state, pending, i, clock)
         view = state.view(scenario, window())
         x = placement.assignment
         lost = ~view.alive[x]
@@ -181,7 +186,7 @@ def simulate(
 def first_decision(scenario: Scenario, algorithm: PlacementAlgorithm) -> tuple[Placement, float]:
     """The algorithm's placement from the scenario's initial state and its objective (s)."""
     table = block_table(scenario.model_spec())
-    state = WorldState.from_scenario(scenario)
+    state, _ = initial_state(scenario)
     view = state.view(
         scenario,
         PlanningWindow(scenario.prompt_tokens, scenario.replan_every, scenario.final_context),
