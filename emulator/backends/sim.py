@@ -134,7 +134,7 @@ def simulate(
         fits_now = bool(cost.fits(table, view, x, n + 1))
         scheduled = i > 0 and i % every == 0 and algorithm.replans
         if scheduled or lost.any() or not fits_now:
-            forced = lost.any() or not fits_now
+            forced = bool(lost.any() or not fits_now)
             current = None if (forced and not algorithm.replans) else placement
             try:
                 new = algorithm.place(view, table, current)
