@@ -100,26 +100,40 @@ class MyopicPlanner:
     def _kick(
         self, best: _Search, model: BlockTable, view: ResourceView, cur: np.ndarray | None
     ) -> _Search:
-        """Iterated local search on small instances: random kicks, keep what improves."""
+        """Iterated local search on tiny instances, keeping what improves.
+
+        Turns alternate between a kick (a few random moves and swaps of the best
+        placement so far) and a restart (the greedy construction from a random
+        tentative placement), each followed by the local search; the random stream
+        is seeded, so a decision is reproducible.
+        """
         size = model.size * view.size
-        kicks = min(self.max_kicks, 10 * self.tiny_size // size) if size <= self.tiny_size else 0
+        turns = min(self.max_kicks, 10 * self.tiny_size // size) if size <= self.tiny_size else 0
         rng = np.random.default_rng(self.seed)
         usable = np.nonzero(view.usable)[0]
-        for _ in range(kicks):
-            trial = _Search(model, view, best.x, cur)
-            for _ in range(int(rng.integers(2, 5))):
-                b = int(rng.integers(model.size))
-                if rng.random() < 0.5:
-                    targets = np.array([int(rng.choice(usable))])
-                    blocks = np.array([b])
-                else:
-                    other = int(rng.integers(model.size))
-                    blocks = np.array([b, other])
-                    targets = trial.x[[other, b]]
-                if np.isfinite(trial.score(blocks, targets[None, :])[0]):
-                    trial.apply(blocks, targets)
+        for turn in range(turns):
+            if turn % 2:
+                start = sequential_fix(model, view, rng.choice(usable, model.size), cur)
+                if start is None:
+                    continue
+                trial = _Search(model, view, start, cur)
+            else:
+                trial = _Search(model, view, best.x, cur)
+                for _ in range(int(rng.integers(2, 5))):
+                    b = int(rng.integers(model.size))
+                    if rng.random() < 0.5:
+                        targets = np.array([int(rng.choice(usable))])
+                        blocks = np.array([b])
+                    else:
+                        other = int(rng.integers(model.size))
+                        blocks = np.array([b, other])
+                        targets = trial.x[[other, b]]
+                    if np.isfinite(trial.score(blocks, targets[None, :])[0]):
+                        trial.apply(blocks, targets)
+            if not trial.feasible():
+                continue
             trial.improve(self.max_rounds, self._swap_budget(model, view))
-            if trial.feasible() and trial.objective() < best.objective() - _EPS:
+            if trial.objective() < best.objective() - _EPS:
                 best = trial
         return best
 
