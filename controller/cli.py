@@ -19,7 +19,6 @@ from rich.table import Table
 from controller.placement import ALGORITHMS, NoFeasiblePlacement, make_algorithm
 from emulator.backends.sim import SimResult, first_decision, simulate
 from emulator.scenario import Scenario, ScenarioError, load_scenario
-from llm.blocks import block_table
 
 app = typer.Typer(
     add_completion=False,
@@ -64,53 +63,40 @@ def plan(scenario: ScenarioArg, algorithm: AlgorithmOpt = "myopic", json_: JsonO
     algo = _algorithm(algorithm)
     started = time.perf_counter()
     try:
-        placement, objective = first_decision(sc, algo)
+        decision, failure = first_decision(sc, algo), None
     except NoFeasiblePlacement as exc:
-        if json_:
-            print(
-                json.dumps(
-                    {
-                        "algorithm": algorithm,
-                        "objective_s": None,
-                        "feasible": False,
-                        "placement": {},
-                        "solve_s": time.perf_counter() - started,
-                    }
-                )
-            )
-        raise _fail(str(exc), 1) from None
+        decision, failure = None, str(exc)
     solve_s = time.perf_counter() - started
-    table = block_table(sc.model_spec())
-    names = sc.device_names
-    mapping = {name: names[d] for name, d in zip(table.names, placement.assignment, strict=True)}
-    mapping = {"embed": sc.source_name, "head": sc.source_name, **mapping}
     if json_:
         print(
             json.dumps(
                 {
                     "algorithm": algorithm,
-                    "objective_s": objective,
-                    "feasible": True,
-                    "placement": mapping,
+                    "objective_s": decision.objective_s if decision else None,
+                    "feasible": decision is not None,
+                    "placement": decision.mapping if decision else {},
                     "solve_s": solve_s,
                 }
             )
         )
+    if failure is not None:
+        raise _fail(failure, 1)
+    if json_:
         return
-    counts: dict[str, int] = {}
-    for device in mapping.values():
-        counts[device] = counts.get(device, 0) + 1
     out.print(
-        f"[bold]{algorithm}[/] on {sc.name}: interval objective {objective * 1e3:.2f} ms "
-        f"over {sc.replan_every} tokens, solved in {solve_s * 1e3:.0f} ms"
+        f"[bold]{algorithm}[/] on {sc.name}: interval objective "
+        f"{decision.objective_s * 1e3:.2f} ms over {sc.replan_every} tokens, "
+        f"solved in {solve_s * 1e3:.0f} ms"
     )
+    names = sc.device_names
     grid = Table("layer", *names, title="blocks per device (g = KV group, p = proj, f = FFN)")
-    for layer in range(table.spec.layers):
-        cells = {n: "" for n in names}
-        for g in range(table.groups):
-            cells[mapping[f"L{layer}.g{g}"]] += "g"
-        cells[mapping[f"L{layer}.proj"]] += "p"
-        cells[mapping[f"L{layer}.ffn"]] += "f"
+    spec = sc.model_spec()
+    for layer in range(spec.layers):
+        cells = dict.fromkeys(names, "")
+        for g in range(spec.kv_heads):
+            cells[decision.mapping[f"L{layer}.g{g}"]] += "g"
+        cells[decision.mapping[f"L{layer}.proj"]] += "p"
+        cells[decision.mapping[f"L{layer}.ffn"]] += "f"
         grid.add_row(str(layer), *(cells[n] for n in names))
     out.print(grid)
 

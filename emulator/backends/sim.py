@@ -183,8 +183,17 @@ def simulate(
     return result
 
 
-def first_decision(scenario: Scenario, algorithm: PlacementAlgorithm) -> tuple[Placement, float]:
-    """The algorithm's placement from the scenario's initial state and its objective (s)."""
+@dataclass(frozen=True)
+class FirstDecision:
+    """An algorithm's placement from a scenario's initial state."""
+
+    placement: Placement
+    objective_s: float  # interval objective (migration + decode until the next re-plan)
+    mapping: dict[str, str]  # block name -> device name, pinned source blocks included
+
+
+def first_decision(scenario: Scenario, algorithm: PlacementAlgorithm) -> FirstDecision:
+    """The algorithm's placement from the scenario's initial state (raises NoFeasiblePlacement)."""
     table = block_table(scenario.model_spec())
     state, _ = initial_state(scenario)
     view = state.view(
@@ -192,4 +201,5 @@ def first_decision(scenario: Scenario, algorithm: PlacementAlgorithm) -> tuple[P
         PlanningWindow(scenario.prompt_tokens, scenario.replan_every, scenario.final_context),
     )
     placement = algorithm.place(view, table, None)
-    return placement, float(cost.interval_objective_s(table, view, placement.assignment, None))
+    objective = float(cost.interval_objective_s(table, view, placement.assignment, None))
+    return FirstDecision(placement, objective, placement.to_dict(table, view))

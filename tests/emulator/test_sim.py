@@ -89,7 +89,7 @@ def test_total_includes_migration_stalls(scenario_data):
 def test_per_token_latency_follows_the_cost_model(scenario_data):
     sc = parse_scenario(scenario_data(), "t")
     result = simulate(sc, make_algorithm("edgeshard"))
-    placement, _ = first_decision(sc, make_algorithm("edgeshard"))
+    placement = first_decision(sc, make_algorithm("edgeshard")).placement
     table = block_table(sc.model_spec())
     view = WorldState.from_scenario(sc).view(sc, PlanningWindow(8, 8, 28))
     expected = [cost.per_token_s(table, view, placement.assignment, 8 + i + 1) for i in range(20)]
