@@ -81,6 +81,21 @@ def recovery_s(
     return float(per_device.max())
 
 
+#: relative change of a device's available compute or a link's bandwidth, since the last
+#: decision, that makes a re-planning algorithm re-plan before its next scheduled turn
+REPLAN_ON_CHANGE = 0.2
+
+
+def resources_changed(before: ResourceView, now: ResourceView, threshold: float) -> bool:
+    """Whether a device's GFLOP/s or a link's Mbit/s moved by at least threshold (relative)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        compute = np.abs(now.compute_gflops - before.compute_gflops) / before.compute_gflops
+        links = np.abs(now.bandwidth_mbit - before.bandwidth_mbit) / before.bandwidth_mbit
+    return bool(
+        (np.nan_to_num(compute) >= threshold).any() or (np.nan_to_num(links) >= threshold).any()
+    )
+
+
 def apply_due_traces(state: WorldState, pending: list[Trace], token: int, clock_s: float) -> None:
     """Apply (and drop from ``pending``) the traces due before generated token ``token``."""
     due = [
@@ -126,14 +141,18 @@ def simulate(
         result.failure = f"initial placement: {exc}"
         return result
     result.placements.append(placement.assignment)
+    decided_on = state.view(scenario, window())
     for i in range(scenario.generate_tokens):
         apply_due_traces(state, pending, i, clock)
         view = state.view(scenario, window())
         x = placement.assignment
         lost = ~view.alive[x]
         fits_now = bool(cost.fits(table, view, x, n + 1))
-        scheduled = i > 0 and i % every == 0 and algorithm.replans
+        scheduled = algorithm.replans and (
+            (i > 0 and i % every == 0) or resources_changed(decided_on, view, REPLAN_ON_CHANGE)
+        )
         if scheduled or lost.any() or not fits_now:
+            decided_on = view
             forced = bool(lost.any() or not fits_now)
             current = None if (forced and not algorithm.replans) else placement
             try:

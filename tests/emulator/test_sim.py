@@ -56,6 +56,23 @@ def test_myopic_replans_on_schedule(scenario_data, generate, replans):
     assert [d.context for d in result.decisions] == [8 + t for t in range(8, generate, 8)]
 
 
+@pytest.mark.parametrize(
+    ("trace", "early"),
+    [
+        ({"at_token": 5, "device": "a", "background_load": 0.5}, True),  # 50 % less compute
+        ({"at_token": 5, "device": "a", "background_load": 0.1}, False),  # 10 %: below 20 %
+        ({"at_token": 5, "link": ["s", "a"], "bandwidth_mbit": 40}, True),
+        ({"at_token": 5, "link": ["s", "a"], "bandwidth_mbit": 90}, False),
+    ],
+)
+def test_a_large_resource_change_brings_the_next_replan_forward(scenario_data, trace, early):
+    myopic = run(scenario_data(traces=[trace]), "myopic")
+    assert [d.token for d in myopic.decisions] == ([5, 8, 16] if early else [8, 16])
+    assert not any(d.forced for d in myopic.decisions)
+    # static algorithms do not re-plan for it
+    assert run(scenario_data(traces=[trace]), "edgeshard").replans == 0
+
+
 @pytest.mark.parametrize("algorithm", STATIC)
 def test_static_algorithms_never_replan_without_traces(scenario_data, algorithm):
     result = run(scenario_data(generate_tokens=33), algorithm)
