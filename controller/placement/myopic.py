@@ -102,18 +102,19 @@ class MyopicPlanner:
     ) -> _Search:
         """Iterated local search on tiny instances, keeping what improves.
 
-        Turns alternate between a kick (a few random moves and swaps of the best
-        placement so far) and a restart (the greedy construction from a random
-        tentative placement), each followed by the local search; the random stream
-        is seeded, so a decision is reproducible.
+        First kicks (a few random moves and swaps of the best placement so far), then
+        half as many restarts (the greedy construction from a random tentative
+        placement), each followed by the local search; the random streams are seeded,
+        so a decision is reproducible.
         """
         size = model.size * view.size
-        turns = min(self.max_kicks, 10 * self.tiny_size // size) if size <= self.tiny_size else 0
+        kicks = min(self.max_kicks, 10 * self.tiny_size // size) if size <= self.tiny_size else 0
         rng = np.random.default_rng(self.seed)
+        restarts = np.random.default_rng(self.seed + 1)
         usable = np.nonzero(view.usable)[0]
-        for turn in range(turns):
-            if turn % 2:
-                start = sequential_fix(model, view, rng.choice(usable, model.size), cur)
+        for turn in range(kicks + kicks // 2):
+            if turn >= kicks:
+                start = sequential_fix(model, view, restarts.choice(usable, model.size), cur)
                 if start is None:
                     continue
                 trial = _Search(model, view, start, cur)
