@@ -47,23 +47,29 @@ def lm_head_flops(spec: ModelSpec) -> int:
     return 2 * spec.d_model * spec.vocab
 
 
+def _norm_elements(spec: ModelSpec) -> int:
+    """Elements of one norm: a scale, plus a bias for LayerNorm."""
+    return spec.d_model * (2 if spec.norm == "layer" else 1)
+
+
 def group_weight_bytes(spec: ModelSpec) -> int:
     """Bytes of a KV group's Wq/Wk/Wv slices (+ biases) and its copy of the attention norm."""
     q, h, d, b = spec.queries_per_group, spec.head_dim, spec.d_model, spec.bytes_per_element
     bias = (q + 2) * h if spec.qkv_bias else 0
-    return ((q + 2) * h * d + bias + d) * b
+    return ((q + 2) * h * d + bias + _norm_elements(spec)) * b
 
 
 def proj_weight_bytes(spec: ModelSpec) -> int:
-    """Bytes of Wo."""
-    return spec.heads * spec.head_dim * spec.d_model * spec.bytes_per_element
+    """Bytes of Wo (and its bias with GPT-2's LayerNorm architecture)."""
+    bias = spec.d_model if spec.norm == "layer" else 0
+    return (spec.heads * spec.head_dim * spec.d_model + bias) * spec.bytes_per_element
 
 
 def ffn_weight_bytes(spec: ModelSpec) -> int:
     """Bytes of the MLP matrices and the post-attention norm."""
     d, f = spec.d_model, spec.d_ff
     mats = 3 * d * f if spec.ffn == "swiglu" else 2 * d * f + f + d  # GELU MLPs carry biases
-    return (mats + d) * spec.bytes_per_element
+    return (mats + _norm_elements(spec)) * spec.bytes_per_element
 
 
 def kv_bytes_per_token(spec: ModelSpec) -> int:
@@ -72,9 +78,11 @@ def kv_bytes_per_token(spec: ModelSpec) -> int:
 
 
 def source_weight_bytes(spec: ModelSpec) -> int:
-    """Bytes pinned on the source: embedding, final norm and (untied) LM head."""
+    """Bytes pinned on the source: embeddings (token, learned positions), final norm, LM head."""
     d, v = spec.d_model, spec.vocab
-    return (v * d + d + (0 if spec.tied_embeddings else v * d)) * spec.bytes_per_element
+    head = 0 if spec.tied_embeddings else v * d
+    positions = spec.learned_positions * d
+    return (v * d + positions + _norm_elements(spec) + head) * spec.bytes_per_element
 
 
 def hidden_bytes(spec: ModelSpec) -> int:

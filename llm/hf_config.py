@@ -61,6 +61,10 @@ def spec_from_hf_config(config: dict[str, Any], name: str | None = None) -> Mode
         tied_embeddings=tied,
         ffn="gelu" if gpt2 else "swiglu",
         qkv_bias=qkv_bias,
+        norm="layer" if gpt2 else "rms",
+        learned_positions=int(get("n_positions", "max_position_embeddings", default=1024))
+        if gpt2
+        else 0,
         extra={"model_type": model_type or "unknown", "format": "hf"},
     )
 

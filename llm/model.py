@@ -7,6 +7,7 @@ from typing import Literal
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 FfnKind = Literal["swiglu", "gelu"]
+NormKind = Literal["rms", "layer"]
 
 BYTES_PER_ELEMENT: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -48,6 +49,10 @@ class ModelSpec:
     tied_embeddings: bool = False
     ffn: FfnKind = "swiglu"
     qkv_bias: bool = False
+    #: "layer" is GPT-2's LayerNorm, which also brings biases on every norm and on Wo
+    norm: NormKind = "rms"
+    #: learned position embeddings on the source (GPT-2); 0 for rotary positions
+    learned_positions: int = 0
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

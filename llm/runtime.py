@@ -1,0 +1,294 @@
+"""Block-wise execution of a model over a placement, in one process: the reference runtime.
+
+Each device is a BlockHost with its own blocks and caches. PartitionedModel walks the
+layers in order (embedding -> per layer: every KV group, projection, FFN -> head),
+handing tensors from one host to another as copies, as a wire would, and counting the
+bytes that cross between devices. A model with every block on one host is the monolithic
+reference path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from llm.arch import Architecture
+from llm.blocks import PINNED_BLOCKS, block_table
+from llm.state import block_state, dump_state, load_state
+from llm.tensors import TensorSource
+from llm.torch_blocks import (
+    AnyBlock,
+    EmbedBlock,
+    FFNBlock,
+    HeadBlock,
+    KVGroupBlock,
+    ProjBlock,
+    RopeTable,
+    build_block,
+    parse_block_name,
+)
+
+SOURCE_DEVICE = "source"
+
+
+class BlockHost:
+    """One device's blocks (weights and KV caches), keyed by block name."""
+
+    def __init__(
+        self,
+        name: str,
+        source: TensorSource,
+        arch: Architecture,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.name = name
+        self.source = source
+        self.arch = arch
+        self.dtype = dtype
+        self.blocks: dict[str, AnyBlock] = {}
+        self.rope = RopeTable(arch, dtype) if arch.positions == "rope" else None
+
+    def load(self, block_name: str) -> AnyBlock:
+        """Build a block from the source (only its slices); returns it."""
+        if block_name in self.blocks:
+            raise ValueError(f"{self.name} already holds {block_name}")
+        tied = None
+        embed = self.blocks.get("embed")
+        if block_name == "head" and isinstance(embed, EmbedBlock):
+            tied = embed.wte
+        block = build_block(
+            self.source, self.arch, block_name, self.dtype, rope=self.rope, tied_embedding=tied
+        )
+        self.blocks[block_name] = block
+        return block
+
+    def adopt(self, block: AnyBlock) -> None:
+        """Take a block built elsewhere (e.g. restored from a migration state)."""
+        if block.name in self.blocks:
+            raise ValueError(f"{self.name} already holds {block.name}")
+        if isinstance(block, KVGroupBlock) and self.rope is not None:
+            block.rope = self.rope
+        self.blocks[block.name] = block
+
+    def drop(self, block_name: str) -> AnyBlock:
+        """Remove a block (and its cache); returns it."""
+        try:
+            return self.blocks.pop(block_name)
+        except KeyError:
+            raise KeyError(f"{self.name} holds no block {block_name!r}") from None
+
+    def __getitem__(self, block_name: str) -> AnyBlock:
+        try:
+            return self.blocks[block_name]
+        except KeyError:
+            raise KeyError(f"{self.name} holds no block {block_name!r}") from None
+
+    def weight_bytes(self) -> int:
+        """Bytes of all weights held."""
+        return sum(b.weight_bytes() for b in self.blocks.values())
+
+    def cache_bytes(self) -> int:
+        """Bytes of all KV caches held (used positions)."""
+        return sum(b.cache_bytes() for b in self.blocks.values() if isinstance(b, KVGroupBlock))
+
+
+@dataclass
+class Traffic:
+    """Bytes and hand-offs that crossed between devices, per (from, to) pair."""
+
+    bytes: dict[tuple[str, str], int] = field(default_factory=dict)
+    messages: dict[tuple[str, str], int] = field(default_factory=dict)
+    migration_bytes: int = 0
+
+    def add(self, src: str, dst: str, nbytes: int) -> None:
+        """Record one hand-off."""
+        key = (src, dst)
+        self.bytes[key] = self.bytes.get(key, 0) + nbytes
+        self.messages[key] = self.messages.get(key, 0) + 1
+
+    @property
+    def total_bytes(self) -> int:
+        """All activation bytes that crossed devices."""
+        return sum(self.bytes.values())
+
+
+class PartitionedModel:
+    """A model whose blocks live on several BlockHosts, executed layer by layer."""
+
+    def __init__(
+        self,
+        source: TensorSource,
+        arch: Architecture,
+        placement: Mapping[str, str],
+        dtype: torch.dtype = torch.float32,
+        source_device: str = SOURCE_DEVICE,
+    ) -> None:
+        self.source = source
+        self.arch = arch
+        self.dtype = dtype
+        self.table = block_table(arch.spec)
+        known = set(self.table.names) | set(PINNED_BLOCKS)
+        unknown = sorted(set(placement) - known)
+        if unknown:
+            raise ValueError(f"placement names unknown blocks: {', '.join(unknown)}")
+        missing = [n for n in self.table.names if n not in placement]
+        if missing:
+            raise ValueError(
+                f"placement misses {len(missing)} blocks, e.g. {', '.join(missing[:4])}"
+            )
+        self.placement: dict[str, str] = dict(placement)
+        for pinned in PINNED_BLOCKS:
+            self.placement.setdefault(pinned, source_device)
+        self.hosts: dict[str, BlockHost] = {}
+        # Embedding first, so a tied head on the same host can share its matrix.
+        for name in (*PINNED_BLOCKS, *self.table.names):
+            self._host(self.placement[name]).load(name)
+        self.length = 0  # positions processed so far
+        self.traffic = Traffic()
+
+    def _host(self, device: str) -> BlockHost:
+        host = self.hosts.get(device)
+        if host is None:
+            host = self.hosts[device] = BlockHost(device, self.source, self.arch, self.dtype)
+        return host
+
+    def block(self, name: str) -> AnyBlock:
+        """The live block of that name, wherever it is."""
+        return self.hosts[self.placement[name]][name]
+
+    def _send(self, t: torch.Tensor, src: str, dst: str) -> torch.Tensor:
+        """Hand a tensor from one device to another: a copy, as the wire would make."""
+        if src == dst:
+            return t
+        self.traffic.add(src, dst, t.numel() * t.element_size())
+        return t.clone()
+
+    # -- execution --
+    @torch.no_grad()
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Run T new tokens through every block; logits (vocab,) of the last one."""
+        if token_ids.dim() != 1 or token_ids.numel() == 0:
+            raise ValueError("token_ids must be a non-empty 1-D tensor")
+        spec, place = self.arch.spec, self.placement
+        at = place["embed"]
+        embed = self.block("embed")
+        assert isinstance(embed, EmbedBlock)
+        hidden = embed(token_ids, self.length)
+        for layer in range(spec.layers):
+            proj_name = f"L{layer}.proj"
+            proj_dev = place[proj_name]
+            outs: list[torch.Tensor] = []
+            # Groups are independent given the hidden state: in parallel on a real testbed.
+            for g in range(spec.kv_heads):
+                name = f"L{layer}.g{g}"
+                dev = place[name]
+                group = self.hosts[dev][name]
+                assert isinstance(group, KVGroupBlock)
+                out = group(self._send(hidden, at, dev))
+                outs.append(self._send(out, dev, proj_dev))
+            proj = self.hosts[proj_dev][proj_name]
+            assert isinstance(proj, ProjBlock)
+            hidden = proj(torch.cat(outs, dim=-1), self._send(hidden, at, proj_dev))
+            ffn_name = f"L{layer}.ffn"
+            ffn_dev = place[ffn_name]
+            ffn = self.hosts[ffn_dev][ffn_name]
+            assert isinstance(ffn, FFNBlock)
+            hidden = ffn(self._send(hidden, proj_dev, ffn_dev))
+            at = ffn_dev
+        head = self.block("head")
+        assert isinstance(head, HeadBlock)
+        logits = head(self._send(hidden, at, place["head"]))
+        self.length += token_ids.numel()
+        return logits
+
+    def prefill(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """Process the prompt at once (every block sees all T tokens); last position's logits."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        return self.forward(ids)
+
+    def decode(self, token_id: int) -> torch.Tensor:
+        """Process one token at the next position; its logits (vocab,)."""
+        return self.forward(torch.tensor([int(token_id)], dtype=torch.long))
+
+    def reset(self) -> None:
+        """Forget every cached position (weights stay)."""
+        for host in self.hosts.values():
+            for b in host.blocks.values():
+                if isinstance(b, KVGroupBlock):
+                    b.reset()
+        self.length = 0
+
+    def greedy(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        eos_token_id: int | None = None,
+        on_token: Callable[[int, PartitionedModel], None] | None = None,
+    ) -> list[int]:
+        """Greedy continuation (argmax, first index on ties) of a prompt; the new tokens only.
+
+        ``on_token(i, model)`` runs after the i-th new token is chosen (1-based) and before it
+        is fed back: the place to migrate blocks mid-generation.
+        """
+        if max_new_tokens <= 0:
+            return []
+        self.reset()
+        logits = self.prefill(prompt_ids)
+        out: list[int] = []
+        while True:
+            token = int(torch.argmax(logits))
+            out.append(token)
+            if on_token is not None:
+                on_token(len(out), self)
+            if len(out) >= max_new_tokens or token == eos_token_id:
+                return out
+            logits = self.decode(token)
+
+    # -- migration --
+    def migrate(self, block_name: str, to_device: str, with_weights: bool = False) -> int:
+        """Move a block to another device mid-generation; returns the bytes sent.
+
+        A KV-group block's cache travels as llm.state bytes; its weights are reloaded from the
+        source on the new host, or travel in the same bytes when ``with_weights``. Projection
+        and FFN blocks carry no state and are rebuilt from the source.
+        """
+        kind = parse_block_name(block_name).kind
+        if kind in PINNED_BLOCKS:
+            raise ValueError(f"{block_name} is pinned to the source device")
+        src = self.placement.get(block_name)
+        if src is None:
+            raise KeyError(f"no block named {block_name!r}")
+        if src == to_device:
+            return 0
+        old = self.hosts[src][block_name]
+        target = self._host(to_device)
+        sent = 0
+        if isinstance(old, KVGroupBlock):
+            data = dump_state(block_state(old, self.arch.spec.name, with_weights=with_weights))
+            sent = len(data)
+            state = load_state(data, expect_model=self.arch.spec.name)
+            if with_weights:
+                block = KVGroupBlock(
+                    None, self.arch, block_name, self.dtype, rope=target.rope, weights=state.weights
+                )
+                target.adopt(block)
+            else:
+                block = target.load(block_name)
+                assert isinstance(block, KVGroupBlock)
+            block.set_cache(state.keys, state.values)
+        else:
+            target.load(block_name)
+        self.hosts[src].drop(block_name)
+        self.placement[block_name] = to_device
+        self.traffic.migration_bytes += sent
+        return sent
+
+
+def monolithic(
+    source: TensorSource, arch: Architecture, dtype: torch.dtype = torch.float32
+) -> PartitionedModel:
+    """Every block on one host: the reference path."""
+    table = block_table(arch.spec)
+    return PartitionedModel(source, arch, dict.fromkeys(table.names, SOURCE_DEVICE), dtype)
