@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from controller.placement import ALGORITHMS, NoFeasiblePlacement, make_algorithm
-from emulator.backends.sim import SimResult, first_decision, simulate
+from emulator.backends.sim import SimResult, first_decision, place_model, simulate
 from emulator.scenario import Scenario, ScenarioError, load_scenario
 
 app = typer.Typer(
@@ -99,6 +99,62 @@ def plan(scenario: ScenarioArg, algorithm: AlgorithmOpt = "myopic", json_: JsonO
         cells[decision.mapping[f"L{layer}.ffn"]] += "f"
         grid.add_row(str(layer), *(cells[n] for n in names))
     out.print(grid)
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Option(help="Preset (smollm2-135m), .gguf file or HF directory.")],
+    prompt: Annotated[str, typer.Option(help="The prompt text.")],
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = 32,
+    scenario: Annotated[
+        Path | None,
+        typer.Option(help="Place the blocks on this scenario's devices (in-process execution)."),
+    ] = None,
+    algorithm: AlgorithmOpt = "myopic",
+    chat: Annotated[bool, typer.Option(help="Apply the model's chat template.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Greedy text generation, whole or partitioned over a scenario's devices."""
+    from llm.loader import open_model  # torch is imported only for this command
+    from llm.runtime import PartitionedModel, monolithic
+
+    sc = _scenario(scenario) if scenario is not None else None
+    algo = _algorithm(algorithm) if sc is not None else None
+    try:
+        opened = open_model(model)
+    except (FileNotFoundError, ValueError, KeyError, ImportError) as exc:
+        raise _fail(str(exc.args[0]) if exc.args else str(exc), 2) from None
+    tok = opened.tokenizer
+    ids = tok.encode_chat([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt)
+    if sc is None:
+        runner = monolithic(opened.source, opened.arch)
+    else:
+        try:
+            mapping = place_model(sc, algo, opened.arch.spec, len(ids), max_new_tokens)
+        except NoFeasiblePlacement as exc:
+            raise _fail(str(exc), 1) from None
+        runner = PartitionedModel(opened.source, opened.arch, mapping, source_device=sc.source_name)
+    with Progress(
+        TextColumn("generating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=json_ or not err.is_terminal,
+    ) as bar:
+        task = bar.add_task("", total=max_new_tokens)
+        tokens = runner.greedy(
+            ids,
+            max_new_tokens,
+            eos_token_id=tok.eos_id,
+            on_token=lambda done, _model: bar.update(task, completed=done),
+        )
+    text = tok.decode(tokens, skip_special_tokens=True)
+    if json_:
+        print(json.dumps({"output_token_ids": tokens, "text": text}))
+    else:
+        out.print(text, markup=False, highlight=False)
 
 
 def _run(sc: Scenario, name: str, show_progress: bool) -> SimResult:

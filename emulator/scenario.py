@@ -40,13 +40,14 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from llm.blocks import block_table
+from llm.gguf_meta import GGUF_MISSING as GGUF_MISSING  # re-exported: callers and tests use it
+from llm.gguf_meta import spec_from_gguf
 from llm.hf_config import load_hf_config
-from llm.model import PRESETS, Dtype, ModelSpec, canonical_dtype, preset
+from llm.model import PRESETS, ModelSpec, canonical_dtype, preset
 
 MIB = 2**20
 SCENARIO_VERSION = 1
 DEVICE_NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
-GGUF_MISSING = "reading GGUF metadata needs the gguf package (pip install gguf)"
 
 
 class ScenarioError(ValueError):
@@ -572,69 +573,6 @@ def _memory_problems(s: Scenario, spec: ModelSpec, source: int) -> list[tuple[st
              f"{s.devices[source].memory_mib:g} MiB")
         )
     return problems
-
-
-# ---------------------------------------------------------------- GGUF metadata
-
-_GGUF_FILE_TYPES: dict[int, Dtype] = {0: "float32", 1: "float16", 32: "bfloat16"}
-_GELU_ARCHS = frozenset({"gpt2", "gptj", "gptneox", "starcoder", "bloom", "falcon", "phi2"})
-
-
-def spec_from_gguf(path: str | Path, dtype: str | None = None) -> ModelSpec:
-    """Shapes from a GGUF file's metadata; raises ImportError without the gguf package.
-
-    Quantized files are costed as float16 unless dtype says otherwise.
-    """
-    try:
-        import gguf  # optional: only GGUF scenarios need it
-    except ImportError:
-        raise ImportError(GGUF_MISSING) from None
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no such file: {p}")
-    reader = gguf.GGUFReader(str(p))
-    fields = reader.fields
-
-    def value(key: str, default: Any = None) -> Any:
-        field = fields.get(key)
-        if field is None:
-            if default is None:
-                raise ValueError(f"GGUF metadata of {p.name} has no {key}")
-            return default
-        part = field.parts[field.data[0]]
-        if field.types and field.types[0] == gguf.GGUFValueType.STRING:
-            return bytes(part).decode("utf-8")
-        return part.tolist()[0]
-
-    arch = str(value("general.architecture"))
-    heads = int(value(f"{arch}.attention.head_count"))
-    d_model = int(value(f"{arch}.embedding_length"))
-    tokens = fields.get("tokenizer.ggml.tokens")
-    vocab = len(tokens.data) if tokens is not None else int(value(f"{arch}.vocab_size"))
-    tensor_names = {t.name for t in reader.tensors}
-    key_length = int(value(f"{arch}.attention.key_length", 0))
-    if tensor_names:
-        tied = "output.weight" not in tensor_names
-        qkv_bias = bool({"blk.0.attn_q.bias", "blk.0.attn_qkv.bias"} & tensor_names)
-        gated = "blk.0.ffn_gate.weight" in tensor_names
-    else:  # metadata-only file: fall back on what the architecture usually is
-        tied, qkv_bias, gated = False, arch in {"qwen2", "gpt2"}, arch not in _GELU_ARCHS
-    file_dtype = _GGUF_FILE_TYPES.get(int(value("general.file_type", 1)), "float16")
-    return ModelSpec(
-        name=str(value("general.name", p.stem)),
-        layers=int(value(f"{arch}.block_count")),
-        d_model=d_model,
-        heads=heads,
-        kv_heads=int(value(f"{arch}.attention.head_count_kv", heads)),
-        d_ff=int(value(f"{arch}.feed_forward_length")),
-        vocab=vocab,
-        dtype=canonical_dtype(dtype) if dtype else file_dtype,
-        head_dim=0 if key_length * heads == d_model else key_length,
-        tied_embeddings=tied,
-        ffn="swiglu" if gated else "gelu",
-        qkv_bias=qkv_bias,
-        extra={"architecture": arch, "format": "gguf"},
-    )
 
 
 # ---------------------------------------------------------------- loading

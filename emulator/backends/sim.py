@@ -19,6 +19,7 @@ from controller.view import PlanningWindow, ResourceView
 from emulator.scenario import Scenario, Trace
 from emulator.world import WorldState
 from llm.blocks import BlockTable, block_table
+from llm.model import ModelSpec
 
 
 @dataclass
@@ -222,3 +223,21 @@ def first_decision(scenario: Scenario, algorithm: PlacementAlgorithm) -> FirstDe
     placement = algorithm.place(view, table, None)
     objective = float(cost.interval_objective_s(table, view, placement.assignment, None))
     return FirstDecision(placement, objective, placement.to_dict(table, view))
+
+
+def place_model(
+    scenario: Scenario,
+    algorithm: PlacementAlgorithm,
+    spec: ModelSpec,
+    prompt_tokens: int,
+    new_tokens: int,
+) -> dict[str, str]:
+    """Block name -> device name for running ``spec`` on the scenario's devices as they start.
+
+    The model may differ from the scenario's own (``generate`` runs the model it is given).
+    """
+    table = block_table(spec)
+    state, _ = initial_state(scenario)
+    window = PlanningWindow(prompt_tokens, scenario.replan_every, prompt_tokens + new_tokens)
+    view = state.view(scenario, window)
+    return algorithm.place(view, table, None).to_dict(table, view)

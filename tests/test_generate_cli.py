@@ -1,0 +1,68 @@
+"""`edgepart generate` on the real SmolLM2 GGUF: whole, partitioned, and against transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from typer.testing import CliRunner
+
+from controller.cli import app
+from llm.files import preset_file
+
+SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
+PROMPT = "The capital of France is"
+NEW_TOKENS = 12
+
+
+def generate(*args: str):
+    return CliRunner().invoke(
+        app, ["generate", "--model", "smollm2-135m", "--prompt", PROMPT, *args]
+    )
+
+
+@pytest.fixture(scope="module")
+def reference_ids() -> list[int]:
+    """transformers' own greedy continuation of the prompt from the same GGUF file."""
+    path = preset_file("smollm2-135m")
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    return out[0, ids.shape[1] :].tolist()
+
+
+def test_whole_model_matches_transformers(reference_ids):
+    result = generate("--max-new-tokens", str(NEW_TOKENS), "--json")
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert set(out) == {"output_token_ids", "text"}
+    assert out["output_token_ids"] == reference_ids
+    assert "Paris" in out["text"]
+
+
+def test_partitioned_over_a_scenario_gives_the_same_tokens(reference_ids):
+    result = generate(
+        "--max-new-tokens", str(NEW_TOKENS), "--scenario", str(SCENARIOS / "demo.yaml"), "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["output_token_ids"] == reference_ids
+
+
+def test_text_output_without_json():
+    result = generate("--max-new-tokens", "4")
+    assert result.exit_code == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_unknown_model_is_bad_input(tmp_path):
+    result = CliRunner().invoke(
+        app, ["generate", "--model", str(tmp_path / "nope.gguf"), "--prompt", "x"]
+    )
+    assert result.exit_code == 2
+    assert "nope.gguf" in result.stderr
