@@ -350,7 +350,11 @@ class KVGroupBlock(Block):
         if t > 1:
             # Query i sits at position start+i and may see keys 0..start+i.
             mask = torch.ones(t, n, dtype=torch.bool).tril(diagonal=start)
-        out = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=self.scale)
+        # 4-D (batch, heads, T, h) as transformers calls it: the 3-D form of this kernel
+        # was seen to stall on its second thread whenever another process held a core
+        out = F.scaled_dot_product_attention(
+            qs[None], keys[None], values[None], attn_mask=mask, scale=self.scale
+        )[0]
         self.flops += 4 * q * t * n * h  # q·k scores and weights·v, as two (T x n x h) products
         return out.transpose(0, 1).reshape(t, q * h)
 

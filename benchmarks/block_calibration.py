@@ -1,0 +1,353 @@
+"""Block calibration: effective GFLOP/s of each block type on this CPU, in decode mode.
+
+SmolLM2-135M (the ``smollm2-135m`` preset GGUF, float32) is loaded whole on one host
+(``llm.runtime.monolithic``). For each block type one token (T=1) is run through the
+blocks the way a decode step runs them, and the block's FLOPs (the llm.blocks formulas,
+checked against the blocks' own ``flops`` counters) are divided by its time:
+
+- KV group at context n (32, 128, 512, 1024; --quick: 32, 128): every group's cache is
+  filled with n-1 random positions, the token attends over n; the cache is rolled back
+  after each call so every repetition sees the same n;
+- output projection, FFN and LM head (no context dependence).
+
+One timed pass runs every block of the type in model order (all 90 KV groups, all 30
+projections, ...), so weights stream from memory as in a real decode step rather than
+sitting in cache as they would if one block were repeated; a block's time is the pass time
+divided by the blocks in it. Passes are repeated --reps times after --warmup passes and
+the median is kept (time.perf_counter; the machine load is not controlled, other
+processes may share the CPU; the 1-minute load average is recorded). Threads: torch's
+default unless --threads is given.
+
+The cost model's prediction for a whole token at context n is then the sum over blocks
+of FLOPs / (type's GFLOP/s); it is compared with the measured time of a monolithic
+decode step at the same n (median over --reps steps, caches rolled back after each).
+The embedding lookup and the orchestration between blocks carry no FLOPs, so they are
+what the prediction leaves out.
+
+Run: ``.venv/bin/python benchmarks/block_calibration.py [--quick] [--reps R] [--warmup W]
+[--contexts N ...] [--threads T] [--out DIR]``.
+Writes DIR/block_calibration.json; its top-level ``cpu``, ``threads`` and ``gflops``
+({"group": {"<n>": x, ...}, "proj": x, "ffn": x, "head": x}) are what a cost model loads.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import (
+    console,
+    environment,
+    make_parser,
+    num,
+    parse,
+    print_table,
+    stats,
+    write_json,
+)
+from llm.blocks import ffn_flops, group_flops, lm_head_flops, proj_flops
+from llm.loader import open_model
+from llm.runtime import PartitionedModel, monolithic
+from llm.torch_blocks import EmbedBlock, FFNBlock, HeadBlock, KVGroupBlock, ProjBlock
+
+NAME = "block_calibration"
+MODEL = "smollm2-135m"
+CONTEXTS = (32, 128, 512, 1024)
+CONTEXTS_QUICK = (32, 128)
+REPS, REPS_QUICK = 30, 5
+WARMUP, WARMUP_QUICK = 3, 1
+FOCUS_CONTEXT = 128
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def time_passes(run_pass: Callable[[], None], warmup: int, reps: int) -> list[float]:
+    """Wall times (s) of reps calls of run_pass after warmup untimed ones."""
+    for _ in range(warmup):
+        run_pass()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run_pass()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def fill_caches(model: PartitionedModel, groups: Sequence[KVGroupBlock], n: int, seed: int):
+    """Every group holds n-1 random cached positions; the next token is position n-1."""
+    g = torch.Generator().manual_seed(seed)
+    h = groups[0].head_dim
+    for block in groups:
+        block.set_cache(
+            torch.randn(n - 1, h, generator=g, dtype=block.dtype),
+            torch.randn(n - 1, h, generator=g, dtype=block.dtype),
+        )
+    model.length = n - 1
+
+
+def calibrate(model: PartitionedModel, contexts: Sequence[int], warmup: int, reps: int):
+    """Per-type block times (s, per block), FLOPs (formula and counter) and whole-token times."""
+    spec = model.arch.spec
+    host = next(iter(model.hosts.values()))
+    blocks = host.blocks
+    groups = [b for b in blocks.values() if isinstance(b, KVGroupBlock)]
+    projs = [b for b in blocks.values() if isinstance(b, ProjBlock)]
+    ffns = [b for b in blocks.values() if isinstance(b, FFNBlock)]
+    head = next(b for b in blocks.values() if isinstance(b, HeadBlock))
+    embed = next(b for b in blocks.values() if isinstance(b, EmbedBlock))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, spec.d_model, generator=gen)
+    heads_in = torch.randn(1, spec.heads * spec.head_dim, generator=gen)
+    token = torch.tensor([1], dtype=torch.long)
+
+    def counted(block, call) -> int:
+        before = block.flops
+        call()
+        return block.flops - before
+
+    results: dict[str, Any] = {"group": {}, "whole_token": {}}
+    with torch.no_grad():
+        for n in contexts:
+            fill_caches(model, groups, n, seed=n)
+
+            def group_pass() -> None:
+                for b in groups:
+                    b(x)
+                    b.length -= 1  # roll back: the next call sees the same n
+
+            passes = time_passes(group_pass, warmup, reps)
+            counter = counted(groups[0], lambda: groups[0](x))
+            groups[0].length -= 1
+            results["group"][n] = {
+                "blocks_per_pass": len(groups),
+                "pass_s": stats(passes),
+                "block_s": float(np.median(passes)) / len(groups),
+                "flops": int(group_flops(spec, n)),
+                "flops_counter": counter,
+            }
+
+            def token_step() -> None:
+                model.decode(1)
+                for b in groups:
+                    b.length -= 1
+                model.length -= 1
+
+            steps = time_passes(token_step, warmup, reps)
+            results["whole_token"][n] = {
+                "step_s": stats(steps),
+                "median_s": float(np.median(steps)),
+            }
+            console.print(
+                f"  n={n}: KV group {1e6 * results['group'][n]['block_s']:.1f} us/block, "
+                f"whole token {1000 * float(np.median(steps)):.1f} ms"
+            )
+
+        def simple(kind: str, items: list, call: Callable[[Any], Any], flops: int) -> None:
+            def run_pass() -> None:
+                for b in items:
+                    call(b)
+
+            passes = time_passes(run_pass, warmup, reps)
+            results[kind] = {
+                "blocks_per_pass": len(items),
+                "pass_s": stats(passes),
+                "block_s": float(np.median(passes)) / len(items),
+                "flops": flops,
+                "flops_counter": counted(items[0], lambda: call(items[0])),
+            }
+            console.print(f"  {kind}: {1e6 * results[kind]['block_s']:.1f} us/block")
+
+        simple("proj", projs, lambda b: b(heads_in, x), proj_flops(spec))
+        simple("ffn", ffns, lambda b: b(x), ffn_flops(spec))
+        # One head only; a pass of several calls so the timer's resolution does not matter.
+        simple("head", [head] * 4, lambda b: b(x), lm_head_flops(spec))
+        results["head"]["blocks_per_pass"] = 1
+        results["head"]["note"] = "one LM head, called 4 times per pass"
+        passes = time_passes(lambda: embed(token, 0), warmup, reps)
+        results["embed"] = {"block_s": float(np.median(passes)), "flops": 0}
+    return results, {"group": len(groups), "proj": len(projs), "ffn": len(ffns), "head": 1}
+
+
+def gflops_of(entry: dict[str, Any]) -> float:
+    """Effective GFLOP/s of a block type: formula FLOPs / median time per block."""
+    return entry["flops"] / entry["block_s"] / 1e9
+
+
+def predict_token_s(spec, counts: dict[str, int], gflops: dict[str, Any], n: int) -> float:
+    """The cost model's time for one token at context n: sum of FLOPs / GFLOP/s per block."""
+    return (
+        counts["group"] * group_flops(spec, n) / (gflops["group"][str(n)] * 1e9)
+        + counts["proj"] * proj_flops(spec) / (gflops["proj"] * 1e9)
+        + counts["ffn"] * ffn_flops(spec) / (gflops["ffn"] * 1e9)
+        + lm_head_flops(spec) / (gflops["head"] * 1e9)
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns what it writes to DIR/block_calibration.json."""
+    parser = make_parser(__doc__.splitlines()[0], default_seeds=1, quick_seeds=1)
+    parser.add_argument(
+        "--reps", type=int, default=None,
+        help=f"timed passes per point ({REPS}; quick {REPS_QUICK})",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None,
+        help=f"untimed passes before each point ({WARMUP}; quick {WARMUP_QUICK})",
+    )
+    parser.add_argument(
+        "--contexts", type=int, nargs="+", default=None,
+        help=f"KV-group context lengths ({' '.join(map(str, CONTEXTS))}; quick "
+        f"{' '.join(map(str, CONTEXTS_QUICK))})",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch threads (default: torch.get_num_threads())",
+    )
+    args = parse(parser, argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    reps = args.reps or (REPS_QUICK if args.quick else REPS)
+    warmup = args.warmup if args.warmup is not None else (WARMUP_QUICK if args.quick else WARMUP)
+    contexts = tuple(sorted(set(args.contexts or (CONTEXTS_QUICK if args.quick else CONTEXTS))))
+    if min(contexts) < 1:
+        parser.error("--contexts must be at least 1")
+    threads = torch.get_num_threads()
+    cpu = cpu_name()
+    load_start = os.getloadavg()
+
+    console.rule(f"loading {MODEL}")
+    om = open_model(MODEL)
+    model = monolithic(om.source, om.arch)
+    spec = om.arch.spec
+    console.print(f"  {om.file.path.name} on {cpu}, {threads} torch threads")
+    console.rule(f"decode-mode block times: {warmup} warm-up + {reps} timed passes each")
+    results, counts = calibrate(model, contexts, warmup, reps)
+
+    gflops: dict[str, Any] = {
+        "group": {str(n): gflops_of(results["group"][n]) for n in contexts},
+        "proj": gflops_of(results["proj"]),
+        "ffn": gflops_of(results["ffn"]),
+        "head": gflops_of(results["head"]),
+    }
+    # Per-call time of a KV group against n: mostly fixed, a cost model can interpolate with it.
+    ns = np.array(contexts, dtype=float)
+    ts = np.array([results["group"][n]["block_s"] for n in contexts])
+    per_context, fixed = np.polyfit(ns, ts, 1) if len(ns) > 1 else (0.0, float(ts[0]))
+    group_fit = {"fixed_s": float(fixed), "per_context_s": float(per_context)}
+    counters_agree = all(
+        e["flops"] == e["flops_counter"]
+        for e in (*results["group"].values(), results["proj"], results["ffn"], results["head"])
+    )
+
+    rows = [
+        (f"KV group, n={n}", e["flops"], f"{1e6 * e['block_s']:.1f} us",
+         num(gflops["group"][str(n)], ".2f"))
+        for n, e in results["group"].items()
+    ]
+    for kind, label in (("proj", "projection"), ("ffn", "FFN"), ("head", "LM head")):
+        e = results[kind]
+        rows.append((label, e["flops"], f"{1e6 * e['block_s']:.1f} us", num(gflops[kind], ".2f")))
+    rows.append(("embedding (no FLOPs)", 0, f"{1e6 * results['embed']['block_s']:.1f} us", "-"))
+    print_table(
+        f"{MODEL} decode-mode blocks on {cpu}, {threads} threads (median of {reps})",
+        ["block", "FLOPs", "time / block", "GFLOP/s"],
+        rows,
+        caption="block FLOPs from llm.blocks; counters "
+        + ("agree" if counters_agree else "DISAGREE")
+        + f"; machine load not controlled (1-min load average {load_start[0]:.2f} at the "
+        f"start, {os.getloadavg()[0]:.2f} now)",
+    )
+
+    console.print(
+        f"KV group time ~ {1e6 * fixed:.1f} us + {1e9 * per_context:.1f} ns x n "
+        "(least squares over the contexts)"
+    )
+    prediction = {}
+    for n in contexts:
+        predicted = predict_token_s(spec, counts, gflops, n)
+        measured = results["whole_token"][n]["median_s"]
+        prediction[str(n)] = {
+            "predicted_s": predicted,
+            "measured_s": measured,
+            "predicted_over_measured": predicted / measured,
+        }
+    print_table(
+        "cost model vs measured monolithic decode step",
+        ["context n", "predicted", "measured", "predicted / measured"],
+        [
+            (f"{n}{' *' if int(n) == FOCUS_CONTEXT else ''}",
+             f"{1000 * p['predicted_s']:.2f} ms", f"{1000 * p['measured_s']:.2f} ms",
+             num(p["predicted_over_measured"], ".3f"))
+            for n, p in prediction.items()
+        ],
+        caption="predicted = sum over blocks of FLOPs / GFLOP/s of the block's type; the "
+        "embedding and hand-offs are not in it",
+    )
+    if str(FOCUS_CONTEXT) in prediction:
+        p = prediction[str(FOCUS_CONTEXT)]
+        console.print(
+            f"n={FOCUS_CONTEXT}: cost model {1000 * p['predicted_s']:.2f} ms vs measured "
+            f"{1000 * p['measured_s']:.2f} ms per token ({p['predicted_over_measured']:.3f}x)"
+        )
+
+    data = {
+        "benchmark": NAME,
+        "quick": args.quick,
+        "cpu": cpu,
+        "threads": threads,
+        "gflops": gflops,
+        "model": MODEL,
+        "dtype": "float32",
+        "environment": environment(),
+        "load_average_1min": {"start": load_start[0], "end": os.getloadavg()[0]},
+        "setup": {
+            "contexts": list(contexts),
+            "reps": reps,
+            "warmup": warmup,
+            "block_counts": counts,
+            "timing": (
+                "perf_counter around a pass over every block of the type (T=1), per-block time "
+                "= median pass / blocks per pass; KV caches rolled back after each call; "
+                "machine load not controlled"
+            ),
+        },
+        "blocks": {
+            "group": {str(n): e for n, e in results["group"].items()},
+            "proj": results["proj"],
+            "ffn": results["ffn"],
+            "head": results["head"],
+            "embed": results["embed"],
+        },
+        "group_time_fit": group_fit,
+        "flops_counters_agree": counters_agree,
+        "whole_token": {str(n): e for n, e in results["whole_token"].items()},
+        "prediction": prediction,
+    }
+    write_json(args.out, NAME, data)
+    return data
+
+
+if __name__ == "__main__":
+    main()
