@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 
+from llm.gguf_meta import spec_from_metadata
 from llm.hf_config import spec_from_hf_config
 from llm.model import ModelSpec
 
@@ -174,7 +175,9 @@ class Architecture:
             return value
 
         if spec is None:
-            spec = _spec_from_gguf(meta, arch, get, tied_embeddings)
+            spec = replace(
+                spec_from_metadata(dict(meta), dtype="float32"), tied_embeddings=tied_embeddings
+            )
         if arch in GPT2_LIKE:
             return cls(
                 spec=spec,
@@ -245,31 +248,3 @@ def _llama3_scale(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
     smoothed = (1 - smooth) * inv_llama / s.factor + smooth * inv_llama
     is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
     return torch.where(is_medium, smoothed, inv_llama)
-
-
-def _spec_from_gguf(
-    meta: Mapping[str, Any], arch: str, get: Any, tied_embeddings: bool
-) -> ModelSpec:
-    """A ModelSpec from GGUF metadata (vocab from the token list when the size key is absent)."""
-    d_model = int(get("embedding_length"))
-    heads = int(get("attention.head_count"))
-    vocab = meta.get(f"{arch}.vocab_size")
-    if vocab is None:
-        tokens = meta.get("tokenizer.ggml.tokens")
-        if tokens is None:
-            raise ValueError("GGUF metadata has neither a vocab size nor a token list")
-        vocab = len(tokens)
-    return ModelSpec(
-        name=str(meta.get("general.name") or arch),
-        layers=int(get("block_count")),
-        d_model=d_model,
-        heads=heads,
-        kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or heads),
-        d_ff=int(get("feed_forward_length", 4 * d_model)),
-        vocab=int(vocab),
-        head_dim=int(meta.get(f"{arch}.attention.key_length") or 0),
-        tied_embeddings=tied_embeddings,
-        ffn="gelu" if arch in GPT2_LIKE else "swiglu",
-        qkv_bias=arch in ("qwen2", "gpt2"),
-        extra={"model_type": arch, "format": "gguf"},
-    )

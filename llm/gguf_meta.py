@@ -85,46 +85,75 @@ def read_metadata(reader: gguf.GGUFReader, arrays: bool = False) -> dict[str, An
     return meta
 
 
+def spec_from_metadata(
+    meta: dict[str, Any],
+    tensor_names: frozenset[str] = frozenset(),
+    name: str = "gguf-model",
+    dtype: str | None = None,
+    vocab: int | None = None,
+) -> ModelSpec:
+    """Shapes from GGUF key/value metadata (plain values) and, where known, its tensor names.
+
+    ``vocab`` defaults to ``<arch>.vocab_size`` or the length of ``tokenizer.ggml.tokens``;
+    quantised files are costed as float16 unless ``dtype`` says otherwise. Without tensor
+    names, tied embeddings, QKV biases and the FFN kind follow the architecture's usual.
+    """
+    arch = str(meta.get("general.architecture", "")).lower()
+
+    def value(key: str, default: Any = _NO_DEFAULT) -> Any:
+        got = meta.get(key, None if default is _NO_DEFAULT else default)
+        if got is None:
+            raise ValueError(f"GGUF metadata of {name} has no {key}")
+        return got
+
+    heads = int(value(f"{arch}.attention.head_count"))
+    d_model = int(value(f"{arch}.embedding_length"))
+    if vocab is None:
+        tokens = meta.get("tokenizer.ggml.tokens")
+        vocab = len(tokens) if tokens is not None else int(value(f"{arch}.vocab_size"))
+    key_length = int(value(f"{arch}.attention.key_length", 0))
+    gelu = arch in _GELU_ARCHS
+    if tensor_names:
+        tied = "output.weight" not in tensor_names
+        qkv_bias = bool({"blk.0.attn_q.bias", "blk.0.attn_qkv.bias"} & tensor_names)
+        gelu = "blk.0.ffn_gate.weight" not in tensor_names
+    else:  # metadata only: what the architecture usually is
+        tied, qkv_bias = False, arch in {"qwen2", "gpt2"}
+    file_dtype = _GGUF_FILE_TYPES.get(int(value("general.file_type", 1)), "float16")
+    return ModelSpec(
+        name=str(value("general.name", name)),
+        layers=int(value(f"{arch}.block_count")),
+        d_model=d_model,
+        heads=heads,
+        kv_heads=int(value(f"{arch}.attention.head_count_kv", heads)),
+        d_ff=int(value(f"{arch}.feed_forward_length")),
+        vocab=int(vocab),
+        dtype=canonical_dtype(dtype) if dtype else file_dtype,
+        head_dim=0 if key_length * heads == d_model else key_length,
+        tied_embeddings=tied,
+        ffn="gelu" if gelu else "swiglu",
+        qkv_bias=qkv_bias,
+        norm="layer" if arch == "gpt2" else "rms",
+        learned_positions=int(value(f"{arch}.context_length")) if arch == "gpt2" else 0,
+        extra={"architecture": arch, "format": "gguf"},
+    )
+
+
+def spec_from_reader(reader: gguf.GGUFReader, name: str, dtype: str | None = None) -> ModelSpec:
+    """Shapes from an open GGUF reader (see spec_from_metadata)."""
+    return spec_from_metadata(
+        read_metadata(reader),
+        frozenset(t.name for t in reader.tensors),
+        name=name,
+        dtype=dtype,
+        vocab=array_length(reader, "tokenizer.ggml.tokens"),
+    )
+
+
 def spec_from_gguf(path: str | Path, dtype: str | None = None) -> ModelSpec:
     """Shapes from a GGUF file's metadata; raises ImportError without the gguf package.
 
     Quantized files are costed as float16 unless dtype says otherwise.
     """
     p = Path(path)
-    reader = open_gguf(p)
-
-    def value(key: str, default: Any = None) -> Any:
-        got = field_value(reader, key, default)
-        if got is None:
-            raise ValueError(f"GGUF metadata of {p.name} has no {key}")
-        return got
-
-    arch = str(value("general.architecture"))
-    heads = int(value(f"{arch}.attention.head_count"))
-    d_model = int(value(f"{arch}.embedding_length"))
-    tokens = array_length(reader, "tokenizer.ggml.tokens")
-    vocab = tokens if tokens is not None else int(value(f"{arch}.vocab_size"))
-    tensor_names = {t.name for t in reader.tensors}
-    key_length = int(value(f"{arch}.attention.key_length", 0))
-    if tensor_names:
-        tied = "output.weight" not in tensor_names
-        qkv_bias = bool({"blk.0.attn_q.bias", "blk.0.attn_qkv.bias"} & tensor_names)
-        gated = "blk.0.ffn_gate.weight" in tensor_names
-    else:  # metadata-only file: fall back on what the architecture usually is
-        tied, qkv_bias, gated = False, arch in {"qwen2", "gpt2"}, arch not in _GELU_ARCHS
-    file_dtype = _GGUF_FILE_TYPES.get(int(value("general.file_type", 1)), "float16")
-    return ModelSpec(
-        name=str(value("general.name", p.stem)),
-        layers=int(value(f"{arch}.block_count")),
-        d_model=d_model,
-        heads=heads,
-        kv_heads=int(value(f"{arch}.attention.head_count_kv", heads)),
-        d_ff=int(value(f"{arch}.feed_forward_length")),
-        vocab=vocab,
-        dtype=canonical_dtype(dtype) if dtype else file_dtype,
-        head_dim=0 if key_length * heads == d_model else key_length,
-        tied_embeddings=tied,
-        ffn="swiglu" if gated else "gelu",
-        qkv_bias=qkv_bias,
-        extra={"architecture": arch, "format": "gguf"},
-    )
+    return spec_from_reader(open_gguf(p), p.stem, dtype)

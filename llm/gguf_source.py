@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from llm.arch import Architecture
-from llm.gguf_meta import field_value, import_gguf, open_gguf, read_metadata
+from llm.gguf_meta import field_value, import_gguf, open_gguf, read_metadata, spec_from_reader
 
 # Per-layer GGUF tensor stems (blk.N.<stem>.weight|bias) -> Hugging Face module paths.
 _LLAMA_LAYER = {
@@ -101,8 +101,9 @@ class GGUFSource:
             layer_map, global_map = _GPT2_LAYER, _GPT2_GLOBAL
         else:
             known = ", ".join(sorted(LLAMA_LIKE_ARCHS | GPT2_ARCHS))
-            raise ValueError(f"{self.path.name}: GGUF architecture {arch!r} is not supported; "
-                             f"known: {known}")
+            raise ValueError(
+                f"{self.path.name}: GGUF architecture {arch!r} is not supported; known: {known}"
+            )
         heads = int(field_value(self._reader, f"{arch}.attention.head_count"))
         kv_heads = int(field_value(self._reader, f"{arch}.attention.head_count_kv", heads))
         permuted = arch in _PERMUTED_ARCHS
@@ -297,11 +298,11 @@ def _unpermute_rows(hf_rows: np.ndarray, n_rows: int, heads: int) -> np.ndarray:
 def open_gguf_model(path: str | Path) -> tuple[GGUFSource, Architecture]:
     """The tensor source and architecture of a GGUF file (like open_hf_model for directories)."""
     source = GGUFSource(path)
-    meta = source.metadata
-    if f"{source.architecture}.vocab_size" not in meta:  # the vocabulary size is the token count
-        meta["tokenizer.ggml.tokens"] = field_value(source.reader, "tokenizer.ggml.tokens", [])
+    # computed in float32 whatever the file's storage type
+    spec = spec_from_reader(source.reader, Path(path).stem, dtype="float32")
     arch = Architecture.from_gguf_metadata(
-        meta,
+        source.metadata,
+        spec=spec,
         rope_freq_factors=source.rope_freq_factors(),
         tied_embeddings=source.tied,
     )
