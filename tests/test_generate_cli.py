@@ -25,16 +25,26 @@ def generate(*args: str):
 
 
 @pytest.fixture(scope="module")
-def reference_ids() -> list[int]:
-    """transformers' own greedy continuation of the prompt from the same GGUF file."""
+def reference():
+    """transformers' tokenizer and model on the same GGUF file."""
     path = preset_file("smollm2-135m")
     tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
     )
-    ids = tok(PROMPT, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    return tok, model
+
+
+def greedy(model, ids: torch.Tensor, new_tokens: int) -> list[int]:
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
     return out[0, ids.shape[1] :].tolist()
+
+
+@pytest.fixture(scope="module")
+def reference_ids(reference) -> list[int]:
+    """transformers' own greedy continuation of the raw prompt."""
+    tok, model = reference
+    return greedy(model, tok(PROMPT, return_tensors="pt").input_ids, NEW_TOKENS)
 
 
 def test_whole_model_matches_transformers(reference_ids):
@@ -52,6 +62,17 @@ def test_partitioned_over_a_scenario_gives_the_same_tokens(reference_ids):
     )
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["output_token_ids"] == reference_ids
+
+
+def test_chat_applies_the_models_template(reference):
+    tok, model = reference
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt"
+    )
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    result = generate("--chat", "--max-new-tokens", "8", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["output_token_ids"] == greedy(model, ids, 8)
 
 
 def test_text_output_without_json():
