@@ -1,0 +1,234 @@
+"""The MQTT control-plane contract: topics and versioned, validated JSON messages.
+
+Topics live under ``edgepart/<testbed>/``:
+
+- ``devices/<name>/telemetry`` agent -> all, periodic: what the device has and uses;
+- ``devices/<name>/status``    retained; the agent's MQTT last will sets it offline;
+- ``devices/<name>/cmd``       controller -> agent: load, drop, migrate, shape, ...;
+- ``devices/<name>/reply``     agent -> controller: the outcome of one command;
+- ``placement``                retained: the epoch and routing table every agent follows.
+
+Every message carries ``v`` (the protocol version). Anything malformed is turned
+into a ``Malformed`` value with the reason, for the receiver to count and log; it is
+never an exception in the receiving loop.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION = 1
+ROOT = "edgepart"
+#: payloads above this are refused unread: the broker is shared, the agents are small
+MAX_PAYLOAD_BYTES = 1 << 20
+
+_NAME = r"[A-Za-z0-9_-]+"
+DeviceName = Annotated[str, Field(pattern=f"^{_NAME}$", max_length=64)]
+BlockName = Annotated[str, Field(pattern=r"^(embed|head|L\d+\.(g\d+|proj|ffn))$")]
+NonNegative = Annotated[float, Field(ge=0)]
+Endpoint = Annotated[str, Field(pattern=r"^[^\s:]+:\d{1,5}$")]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = PROTOCOL_VERSION
+
+
+# -- agent -> all ------------------------------------------------------------------------
+
+
+class Telemetry(_Message):
+    """What a device has and uses, published every telemetry period."""
+
+    name: DeviceName
+    ts: NonNegative  # agent's wall clock, s
+    cpu_used: Annotated[float, Field(ge=0, le=1)]  # fraction of its CPU share in use
+    available_gflops: NonNegative  # compute left to edgepart after background load, GFLOP/s
+    memory_used_bytes: NonNegative
+    memory_budget_bytes: NonNegative
+    kv_bytes: NonNegative
+    blocks: tuple[BlockName, ...] = ()
+    peer_throughput_mbit: dict[DeviceName, NonNegative] = {}  # measured, to each peer
+
+
+class Status(_Message):
+    """Retained liveness of an agent (its last will publishes ``offline``)."""
+
+    name: DeviceName
+    state: Literal["online", "offline", "failed"]
+    listen: Endpoint | None = None  # where its data plane accepts connections
+    ts: NonNegative = 0.0
+
+
+# -- controller -> agent -----------------------------------------------------------------
+
+
+class _Command(_Message):
+    id: Annotated[str, Field(min_length=1, max_length=64)]  # echoed in the reply
+
+
+class Load(_Command):
+    """Load blocks (weights from the device's own checkpoint or from a peer)."""
+
+    op: Literal["load"]
+    blocks: tuple[BlockName, ...]
+    weights_from: Literal["disk", "peer"] = "disk"
+    peer: DeviceName | None = None
+
+
+class Drop(_Command):
+    """Free blocks (after an epoch switch made them unused)."""
+
+    op: Literal["drop"]
+    blocks: tuple[BlockName, ...]
+
+
+class Migrate(_Command):
+    """Stream a block's state to another agent, which replies once it holds it."""
+
+    op: Literal["migrate"]
+    block: BlockName
+    to: DeviceName
+    epoch: Annotated[int, Field(ge=0)]  # the epoch the move prepares
+    with_weights: bool = False
+
+
+class Shape(_Command):
+    """Shape this device's sending to one peer."""
+
+    op: Literal["shape"]
+    peer: DeviceName
+    bandwidth_mbit: Annotated[float, Field(gt=0)]
+    latency_ms: NonNegative = 0.0
+
+
+class InjectLoad(_Command):
+    """Run background CPU burners taking this fraction of the device's share."""
+
+    op: Literal["inject_load"]
+    fraction: Annotated[float, Field(ge=0, lt=1)]
+
+
+class SetBudget(_Command):
+    """Change the memory the device offers to edgepart."""
+
+    op: Literal["set_budget"]
+    memory_bytes: Annotated[int, Field(gt=0)]
+
+
+Command = Annotated[
+    Load | Drop | Migrate | Shape | InjectLoad | SetBudget, Field(discriminator="op")
+]
+
+
+class Reply(_Message):
+    """The outcome of one command (``ok`` false carries the reason, e.g. over budget)."""
+
+    id: Annotated[str, Field(min_length=1, max_length=64)]
+    name: DeviceName
+    ok: bool
+    error: str | None = None
+    bytes_moved: NonNegative = 0.0
+    seconds: NonNegative = 0.0
+
+
+class PlacementEpoch(_Message):
+    """The routing table every agent follows from ``epoch`` on (retained)."""
+
+    epoch: Annotated[int, Field(ge=0)]
+    placement: dict[BlockName, DeviceName]
+    endpoints: dict[DeviceName, Endpoint] = {}
+
+
+# -- topics ------------------------------------------------------------------------------
+
+TopicKind = Literal["telemetry", "status", "cmd", "reply", "placement"]
+_TOPIC = re.compile(
+    rf"^{ROOT}/(?P<testbed>{_NAME})/(?:devices/(?P<device>{_NAME})/"
+    r"(?P<kind>telemetry|status|cmd|reply)|(?P<placement>placement))$"
+)
+
+
+def device_topic(testbed: str, device: str, kind: TopicKind) -> str:
+    """The topic of one device's telemetry, status, cmd or reply."""
+    return f"{ROOT}/{testbed}/devices/{device}/{kind}"
+
+
+def placement_topic(testbed: str) -> str:
+    """The retained placement topic of a testbed."""
+    return f"{ROOT}/{testbed}/placement"
+
+
+def subscription(testbed: str, kind: TopicKind, device: str = "+") -> str:
+    """A subscription filter: one kind of topic, for one device or all (+)."""
+    return placement_topic(testbed) if kind == "placement" else device_topic(testbed, device, kind)
+
+
+@dataclass(frozen=True)
+class Topic:
+    """A parsed topic name."""
+
+    testbed: str
+    kind: TopicKind
+    device: str | None
+
+
+def parse_topic(topic: str) -> Topic | None:
+    """The parts of an edgepart topic, or None for anything else."""
+    m = _TOPIC.match(topic)
+    if m is None:
+        return None
+    if m["placement"]:
+        return Topic(m["testbed"], "placement", None)
+    return Topic(m["testbed"], m["kind"], m["device"])  # type: ignore[arg-type]
+
+
+# -- encoding ----------------------------------------------------------------------------
+
+Message = Telemetry | Status | Load | Drop | Migrate | Shape | InjectLoad | SetBudget | Reply
+_ADAPTERS: dict[TopicKind, TypeAdapter] = {
+    "telemetry": TypeAdapter(Telemetry),
+    "status": TypeAdapter(Status),
+    "cmd": TypeAdapter(Command),
+    "reply": TypeAdapter(Reply),
+    "placement": TypeAdapter(PlacementEpoch),
+}
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A payload that was not a valid message, and why (for counting and logging)."""
+
+    kind: TopicKind
+    reason: str
+
+
+def encode(message: BaseModel) -> bytes:
+    """The JSON payload of a message."""
+    return message.model_dump_json().encode("utf-8")
+
+
+def decode(kind: TopicKind, payload: bytes) -> BaseModel | Malformed:
+    """The message a payload on a topic of that kind holds, or Malformed with the reason."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return Malformed(kind, f"payload of {len(payload)} bytes is over {MAX_PAYLOAD_BYTES}")
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return Malformed(kind, f"not JSON: {exc}")
+    if not isinstance(data, dict):
+        return Malformed(kind, "not a JSON object")
+    if data.get("v") != PROTOCOL_VERSION:
+        return Malformed(kind, f"protocol version {data.get('v')!r}, want {PROTOCOL_VERSION}")
+    try:
+        return _ADAPTERS[kind].validate_python(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "message"
+        return Malformed(kind, f"{where}: {first['msg']}")
