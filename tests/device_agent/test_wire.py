@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import struct
 from collections.abc import Awaitable, Callable
 
@@ -193,9 +192,13 @@ def test_unsupported_tensor_dtype_raises() -> None:
 @given(st.binary(max_size=64))
 def test_garbage_never_crashes_the_decoder(garbage: bytes) -> None:
     # only FrameError may escape: anything else would take the agent down
-    for parse in (decode_frame, payload_to_tensor):
-        with contextlib.suppress(FrameError):
-            parse(garbage)
+    for parse, result_type in ((decode_frame, Frame), (payload_to_tensor, torch.Tensor)):
+        try:
+            result = parse(garbage)
+        except FrameError as exc:
+            assert str(exc)  # a reason to log
+        else:
+            assert isinstance(result, result_type)
 
 
 # --- asyncio streams ---------------------------------------------------------------------
