@@ -102,17 +102,9 @@ class Architecture:
             act = str(cfg.get("activation_function", "gelu_new"))
             if act != "gelu_new":
                 raise ValueError(f"GPT-2 activation {act!r} is not supported (only gelu_new)")
-            return cls(
-                spec=spec,
-                family="gpt2",
-                norm="layer",
+            return cls._gpt2(
+                spec,
                 norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
-                positions="learned",
-                act="gelu_new",
-                qkv_bias=True,
-                o_bias=True,
-                mlp_bias=True,
-                tie_word_embeddings=spec.tied_embeddings,
                 max_positions=int(cfg.get("n_positions") or cfg.get("n_ctx") or 1024),
                 attn_scale_by_layer=bool(cfg.get("scale_attn_by_inverse_layer_idx", False)),
             )
@@ -151,6 +143,30 @@ class Architecture:
         )
 
     @classmethod
+    def _gpt2(
+        cls,
+        spec: ModelSpec,
+        norm_eps: float,
+        max_positions: int,
+        attn_scale_by_layer: bool = False,
+    ) -> Architecture:
+        """GPT-2: LayerNorm, learned positions, gelu_new, biases on every projection."""
+        return cls(
+            spec=spec,
+            family="gpt2",
+            norm="layer",
+            norm_eps=norm_eps,
+            positions="learned",
+            act="gelu_new",
+            qkv_bias=True,
+            o_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=spec.tied_embeddings,
+            max_positions=max_positions,
+            attn_scale_by_layer=attn_scale_by_layer,
+        )
+
+    @classmethod
     def from_gguf_metadata(
         cls,
         meta: Mapping[str, Any],
@@ -179,17 +195,9 @@ class Architecture:
                 spec_from_metadata(dict(meta), dtype="float32"), tied_embeddings=tied_embeddings
             )
         if arch in GPT2_LIKE:
-            return cls(
-                spec=spec,
-                family="gpt2",
-                norm="layer",
+            return cls._gpt2(
+                spec,
                 norm_eps=float(get("attention.layer_norm_epsilon", 1e-5)),
-                positions="learned",
-                act="gelu_new",
-                qkv_bias=True,
-                o_bias=True,
-                mlp_bias=True,
-                tie_word_embeddings=spec.tied_embeddings,
                 max_positions=int(get("context_length")),
             )
         # llama.cpp stores Llama 3 scaling as the rope_freqs tensor, not as metadata.
