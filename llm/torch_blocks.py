@@ -54,6 +54,14 @@ def parse_block_name(name: str) -> BlockName:
     return BlockName("proj" if m.group(3) else "ffn", layer)
 
 
+def _parse_as(name: str, kind: str, what: str) -> BlockName:
+    """Parse a block name that must be of one kind; ValueError naming what was expected."""
+    parsed = parse_block_name(name)
+    if parsed.kind != kind:
+        raise ValueError(f"{name} is not {what}")
+    return parsed
+
+
 # --- tensor names (Hugging Face layout) -------------------------------------------------
 
 
@@ -223,9 +231,7 @@ class KVGroupBlock(Block):
         weights: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__(name, arch, dtype)
-        parsed = parse_block_name(name)
-        if parsed.kind != "group":
-            raise ValueError(f"{name} is not a KV-group block")
+        parsed = _parse_as(name, "group", "a KV-group block")
         spec = arch.spec
         if not 0 <= parsed.layer < spec.layers or not 0 <= parsed.group < spec.kv_heads:
             raise ValueError(f"{name} does not exist in {spec.name}")
@@ -374,9 +380,7 @@ class ProjBlock(Block):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(name, arch, dtype)
-        parsed = parse_block_name(name)
-        if parsed.kind != "proj":
-            raise ValueError(f"{name} is not a projection block")
+        parsed = _parse_as(name, "proj", "a projection block")
         load = _Loader(source, dtype)
         p = _layer_prefix(arch, parsed.layer)
         if arch.family == "gpt2":
@@ -410,9 +414,7 @@ class FFNBlock(Block):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(name, arch, dtype)
-        parsed = parse_block_name(name)
-        if parsed.kind != "ffn":
-            raise ValueError(f"{name} is not an FFN block")
+        parsed = _parse_as(name, "ffn", "an FFN block")
         load = _Loader(source, dtype)
         p = _layer_prefix(arch, parsed.layer)
         if arch.family == "gpt2":
