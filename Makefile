@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/edgepart compare scenarios/demo.yaml
+	$(BIN)/edgepart emulate scenarios/demo.yaml --backend local \
+		--algorithm myopic,edgeshard,static-heads --plots out/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

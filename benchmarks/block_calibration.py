@@ -1,9 +1,10 @@
 """Block calibration: effective GFLOP/s of each block type on this CPU, in decode mode.
 
 SmolLM2-135M (the ``smollm2-135m`` preset GGUF, float32) is loaded whole on one host
-(``llm.runtime.monolithic``). For each block type one token (T=1) is run through the
-blocks the way a decode step runs them, and the block's FLOPs (the llm.blocks formulas,
-checked against the blocks' own ``flops`` counters) are divided by its time:
+(``llm.runtime.monolithic``) and timed by ``llm.calibration.measure_gflops``, the
+measurement ``llm.host_profile`` caches. For each block type one token (T=1) is run
+through the blocks the way a decode step runs them, and the block's FLOPs (the llm.blocks
+formulas, checked against the blocks' own ``flops`` counters) are divided by its time:
 
 - KV group at context n (32, 128, 512, 1024; --quick: 32, 128): every group's cache is
   filled with n-1 random positions, the token attends over n; the cache is rolled back
@@ -39,9 +40,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import os
-import platform
-import time
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -58,9 +56,10 @@ from benchmarks.common import (
     write_json,
 )
 from llm.blocks import ffn_flops, group_flops, lm_head_flops, proj_flops
+from llm.calibration import gflops_only, measure_gflops
+from llm.host_profile import cpu_name
 from llm.loader import open_model
-from llm.runtime import PartitionedModel, monolithic
-from llm.torch_blocks import EmbedBlock, FFNBlock, HeadBlock, KVGroupBlock, ProjBlock
+from llm.runtime import monolithic
 
 NAME = "block_calibration"
 MODEL = "smollm2-135m"
@@ -71,128 +70,9 @@ WARMUP, WARMUP_QUICK = 3, 1
 FOCUS_CONTEXT = 128
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (platform.processor() elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def time_passes(run_pass: Callable[[], None], warmup: int, reps: int) -> list[float]:
-    """Wall times (s) of reps calls of run_pass after warmup untimed ones."""
-    for _ in range(warmup):
-        run_pass()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run_pass()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def fill_caches(model: PartitionedModel, groups: Sequence[KVGroupBlock], n: int, seed: int):
-    """Every group holds n-1 random cached positions; the next token is position n-1."""
-    g = torch.Generator().manual_seed(seed)
-    h = groups[0].head_dim
-    for block in groups:
-        block.set_cache(
-            torch.randn(n - 1, h, generator=g, dtype=block.dtype),
-            torch.randn(n - 1, h, generator=g, dtype=block.dtype),
-        )
-    model.length = n - 1
-
-
-def calibrate(model: PartitionedModel, contexts: Sequence[int], warmup: int, reps: int):
-    """Per-type block times (s, per block), FLOPs (formula and counter) and whole-token times."""
-    spec = model.arch.spec
-    host = next(iter(model.hosts.values()))
-    blocks = host.blocks
-    groups = [b for b in blocks.values() if isinstance(b, KVGroupBlock)]
-    projs = [b for b in blocks.values() if isinstance(b, ProjBlock)]
-    ffns = [b for b in blocks.values() if isinstance(b, FFNBlock)]
-    head = next(b for b in blocks.values() if isinstance(b, HeadBlock))
-    embed = next(b for b in blocks.values() if isinstance(b, EmbedBlock))
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, spec.d_model, generator=gen)
-    heads_in = torch.randn(1, spec.heads * spec.head_dim, generator=gen)
-    token = torch.tensor([1], dtype=torch.long)
-
-    def counted(block, call) -> int:
-        before = block.flops
-        call()
-        return block.flops - before
-
-    results: dict[str, Any] = {"group": {}, "whole_token": {}}
-    with torch.no_grad():
-        for n in contexts:
-            fill_caches(model, groups, n, seed=n)
-
-            def group_pass() -> None:
-                for b in groups:
-                    b(x)
-                    b.length -= 1  # roll back: the next call sees the same n
-
-            passes = time_passes(group_pass, warmup, reps)
-            counter = counted(groups[0], lambda: groups[0](x))
-            groups[0].length -= 1
-            results["group"][n] = {
-                "blocks_per_pass": len(groups),
-                "pass_s": stats(passes),
-                "block_s": float(np.median(passes)) / len(groups),
-                "flops": int(group_flops(spec, n)),
-                "flops_counter": counter,
-            }
-
-            def token_step() -> None:
-                model.decode(1)
-                for b in groups:
-                    b.length -= 1
-                model.length -= 1
-
-            steps = time_passes(token_step, warmup, reps)
-            results["whole_token"][n] = {
-                "step_s": stats(steps),
-                "median_s": float(np.median(steps)),
-            }
-            console.print(
-                f"  n={n}: KV group {1e6 * results['group'][n]['block_s']:.1f} us/block, "
-                f"whole token {1000 * float(np.median(steps)):.1f} ms"
-            )
-
-        def simple(kind: str, items: list, call: Callable[[Any], Any], flops: int) -> None:
-            def run_pass() -> None:
-                for b in items:
-                    call(b)
-
-            passes = time_passes(run_pass, warmup, reps)
-            results[kind] = {
-                "blocks_per_pass": len(items),
-                "pass_s": stats(passes),
-                "block_s": float(np.median(passes)) / len(items),
-                "flops": flops,
-                "flops_counter": counted(items[0], lambda: call(items[0])),
-            }
-            console.print(f"  {kind}: {1e6 * results[kind]['block_s']:.1f} us/block")
-
-        simple("proj", projs, lambda b: b(heads_in, x), proj_flops(spec))
-        simple("ffn", ffns, lambda b: b(x), ffn_flops(spec))
-        # One head only; a pass of several calls so the timer's resolution does not matter.
-        simple("head", [head] * 4, lambda b: b(x), lm_head_flops(spec))
-        results["head"]["blocks_per_pass"] = 1
-        results["head"]["note"] = "one LM head, called 4 times per pass"
-        passes = time_passes(lambda: embed(token, 0), warmup, reps)
-        results["embed"] = {"block_s": float(np.median(passes)), "flops": 0}
-    return results, {"group": len(groups), "proj": len(projs), "ffn": len(ffns), "head": 1}
-
-
-def gflops_of(entry: dict[str, Any]) -> float:
-    """Effective GFLOP/s of a block type: formula FLOPs / median time per block."""
-    return entry["flops"] / entry["block_s"] / 1e9
+def summarised(entry: dict[str, Any]) -> dict[str, Any]:
+    """A block entry of measure_gflops with its pass times (s) replaced by their stats."""
+    return {**entry, "pass_s": stats(entry["pass_s"])} if "pass_s" in entry else entry
 
 
 def predict_token_s(spec, counts: dict[str, int], gflops: dict[str, Any], n: int) -> float:
@@ -243,33 +123,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     spec = om.arch.spec
     console.print(f"  {om.file.path.name} on {cpu}, {threads} torch threads")
     console.rule(f"decode-mode block times: {warmup} warm-up + {reps} timed passes each")
-    results, counts = calibrate(model, contexts, warmup, reps)
-
-    gflops: dict[str, Any] = {
-        "group": {str(n): gflops_of(results["group"][n]) for n in contexts},
-        "proj": gflops_of(results["proj"]),
-        "ffn": gflops_of(results["ffn"]),
-        "head": gflops_of(results["head"]),
+    measured = measure_gflops(
+        model, contexts, warmup, reps, whole_token=True, progress=lambda m: console.print(f"  {m}")
+    )
+    gflops = gflops_only(measured)
+    counts = measured["block_counts"]
+    # The JSON keeps summaries of the raw pass and step times, not the times themselves.
+    raw = measured["blocks"]
+    blocks = {
+        "group": {n: summarised(e) for n, e in raw["group"].items()},
+        **{kind: summarised(e) for kind, e in raw.items() if kind != "group"},
     }
+    whole_token = {
+        n: {"step_s": stats(e["step_s"]), "median_s": e["median_s"]}
+        for n, e in measured["whole_token"].items()
+    }
+
     # Per-call time of a KV group against n: mostly fixed, a cost model can interpolate with it.
     ns = np.array(contexts, dtype=float)
-    ts = np.array([results["group"][n]["block_s"] for n in contexts])
+    ts = np.array([blocks["group"][str(n)]["block_s"] for n in contexts])
     per_context, fixed = np.polyfit(ns, ts, 1) if len(ns) > 1 else (0.0, float(ts[0]))
     group_fit = {"fixed_s": float(fixed), "per_context_s": float(per_context)}
     counters_agree = all(
         e["flops"] == e["flops_counter"]
-        for e in (*results["group"].values(), results["proj"], results["ffn"], results["head"])
+        for e in (*blocks["group"].values(), blocks["proj"], blocks["ffn"], blocks["head"])
     )
 
     rows = [
         (f"KV group, n={n}", e["flops"], f"{1e6 * e['block_s']:.1f} us",
          num(gflops["group"][str(n)], ".2f"))
-        for n, e in results["group"].items()
+        for n, e in blocks["group"].items()
     ]
     for kind, label in (("proj", "projection"), ("ffn", "FFN"), ("head", "LM head")):
-        e = results[kind]
+        e = blocks[kind]
         rows.append((label, e["flops"], f"{1e6 * e['block_s']:.1f} us", num(gflops[kind], ".2f")))
-    rows.append(("embedding (no FLOPs)", 0, f"{1e6 * results['embed']['block_s']:.1f} us", "-"))
+    rows.append(("embedding (no FLOPs)", 0, f"{1e6 * blocks['embed']['block_s']:.1f} us", "-"))
     print_table(
         f"{MODEL} decode-mode blocks on {cpu}, {threads} threads (median of {reps})",
         ["block", "FLOPs", "time / block", "GFLOP/s"],
@@ -287,11 +175,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prediction = {}
     for n in contexts:
         predicted = predict_token_s(spec, counts, gflops, n)
-        measured = results["whole_token"][n]["median_s"]
+        step_s = whole_token[str(n)]["median_s"]
         prediction[str(n)] = {
             "predicted_s": predicted,
-            "measured_s": measured,
-            "predicted_over_measured": predicted / measured,
+            "measured_s": step_s,
+            "predicted_over_measured": predicted / step_s,
         }
     print_table(
         "cost model vs measured monolithic decode step",
@@ -333,16 +221,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "machine load not controlled"
             ),
         },
-        "blocks": {
-            "group": {str(n): e for n, e in results["group"].items()},
-            "proj": results["proj"],
-            "ffn": results["ffn"],
-            "head": results["head"],
-            "embed": results["embed"],
-        },
+        "blocks": blocks,
         "group_time_fit": group_fit,
         "flops_counters_agree": counters_agree,
-        "whole_token": {str(n): e for n, e in results["whole_token"].items()},
+        "whole_token": whole_token,
         "prediction": prediction,
     }
     write_json(args.out, NAME, data)

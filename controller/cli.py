@@ -243,6 +243,205 @@ def compare(
     out.print(_table(sc, results))
 
 
+Backend = Annotated[str, typer.Option(help="sim (cost model) or local (agent processes).")]
+TelemetryOpt = Annotated[
+    str,
+    typer.Option(
+        help="measured (the agents' telemetry) or configured (the scenario's values, traces "
+        "included)."
+    ),
+]
+
+
+def _algorithms(text: str) -> list[str]:
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    if not names:
+        raise _fail("--algorithm names no algorithm", 2)
+    for name in names:
+        _algorithm(name)
+    return names
+
+
+@app.command()
+def emulate(
+    scenario: ScenarioArg,
+    backend: Backend = "local",
+    algorithm: Annotated[
+        str, typer.Option("--algorithm", "-a", help="One algorithm, or several comma-separated.")
+    ] = "myopic",
+    broker: Annotated[
+        str | None, typer.Option(help="MQTT broker host:port (default: an embedded one).")
+    ] = None,
+    telemetry: TelemetryOpt = "measured",
+    plots: Annotated[
+        Path | None, typer.Option(help="Write per-token latency PNGs and JSON to this folder.")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve the controller's Prometheus /metrics here.")
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """The generation with real agents, real compute and shaped links (or on the sim)."""
+    sc = _scenario(scenario)
+    names = _algorithms(algorithm)
+    if telemetry not in ("measured", "configured"):
+        raise _fail(f"--telemetry {telemetry!r}: use measured or configured", 2)
+    if backend == "sim":
+        results = [_run(sc, n, show_progress=err.is_terminal and not json_) for n in names]
+        if json_:
+            objs = [r.to_json() for r in results]
+            print(json.dumps(objs[0] if len(objs) == 1 else objs))
+        else:
+            out.print(_table(sc, results))
+        return
+    if backend == "docker":
+        raise _fail("the docker backend is not available yet; use --backend local or sim", 2)
+    if backend != "local":
+        raise _fail(f"--backend {backend!r}: use sim, local or docker", 2)
+    runs = [_emulate_local(sc, n, broker, telemetry, metrics_port, json_) for n in names]
+    if json_:
+        objs = [r.to_json() for r in runs]
+        print(json.dumps(objs[0] if len(objs) == 1 else objs))
+    else:
+        from emulator.report import comparison_table
+
+        for run in runs:
+            out.print(f"[bold]{run.result.algorithm}[/]: ", end="")
+            out.print(run.text, markup=False, highlight=False)
+        out.print(comparison_table(sc, runs))
+    if plots is not None:
+        from emulator.report import save_json, save_plots
+
+        written = [*save_plots(sc, runs, plots), save_json(runs, plots / "runs.json")]
+        err.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _emulate_local(sc: Scenario, name: str, broker, telemetry, metrics_port, quiet: bool):
+    from controller.orchestrator import ControllerError
+    from emulator.backends.local import LocalBackendError, run_local
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+        disable=quiet,
+    ) as bar:
+        task = bar.add_task(f"{name:>20}", total=sc.generate_tokens, info="starting")
+        started = time.monotonic()
+
+        def progress(done: int, result) -> None:
+            took = sum(result.per_token_s)
+            rate = len(result.per_token_s) / took if took > 0 else 0.0
+            info = f"{rate:5.1f} tok/s, {result.migrations} migrated, {result.replans} re-plans"
+            bar.update(task, completed=done, info=info)
+
+        def status(message: str) -> None:
+            bar.update(task, info=message)
+
+        try:
+            run = run_local(
+                sc,
+                name,
+                broker=broker,
+                telemetry=telemetry,
+                progress=progress,
+                status=status,
+                metrics_port=metrics_port,
+            )
+        except LocalBackendError as exc:
+            raise _fail(str(exc), 2) from None
+        except (ControllerError, RuntimeError, OSError) as exc:
+            raise _fail(f"{name}: {exc}", 1) from None
+        bar.update(task, info=f"done in {time.monotonic() - started:.0f} s")
+    return run
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def agent(ctx: typer.Context) -> None:
+    """One device agent (options: edgepart agent --help)."""
+    from device_agent.__main__ import main as agent_main
+
+    raise typer.Exit(agent_main(list(ctx.args)))
+
+
+@app.command("controller")
+def controller_command(
+    scenario: Annotated[Path, typer.Option(help="Scenario: devices, links, model and job.")],
+    broker: Annotated[str, typer.Option(help="MQTT broker host:port.")],
+    algorithm: AlgorithmOpt = "myopic",
+    testbed: Annotated[str, typer.Option(help="Topic namespace the agents use.")] = "default",
+    telemetry: TelemetryOpt = "measured",
+    calibrate: Annotated[
+        bool, typer.Option(help="Plan with this host's measured block speeds.")
+    ] = True,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """The controller of a running testbed: plans, migrates and decodes over MQTT."""
+    import asyncio
+
+    from controller.orchestrator import Controller, ControllerError
+    from emulator.backends.local import (
+        LocalBackendError,
+        controller_config,
+        model_ref,
+        prompt_ids,
+    )
+    from emulator.world import WorldState
+    from llm.blocks import block_table
+    from llm.calibration import calibrated_table
+    from llm.host_profile import host_profile
+    from llm.loader import open_model
+
+    sc = _scenario(scenario)
+    _algorithm(algorithm)
+    try:
+        ref = model_ref(sc)
+    except LocalBackendError as exc:
+        raise _fail(str(exc), 2) from None
+    opened = open_model(ref)
+    table = block_table(opened.arch.spec)
+    if calibrate:
+        table = calibrated_table(table, host_profile(ref, threads=1))
+    config = controller_config(
+        sc, table, prompt_ids(sc, opened.tokenizer), broker, testbed, algorithm, telemetry,
+        metrics_port,
+    )  # fmt: skip
+    static = WorldState.from_scenario(sc)
+    ctl = Controller(config, configured_view=lambda window: static.view(sc, window))
+    try:
+        result = asyncio.run(ctl.run())
+    except ControllerError as exc:
+        raise _fail(str(exc), 1) from None
+    text = opened.tokenizer.decode(result.output_token_ids, skip_special_tokens=True)
+    if json_:
+        print(
+            json.dumps(
+                {
+                    "algorithm": algorithm,
+                    "per_token_s": result.per_token_s,
+                    "predicted_per_token_s": result.predicted_per_token_s,
+                    "output_token_ids": result.output_token_ids,
+                    "text": text,
+                    "migrations": result.migrations,
+                    "migration_s": result.migration_s,
+                    "replans": result.replans,
+                    "peak_memory_bytes": result.peak_memory_bytes,
+                    "total_s": result.total_s,
+                }
+            )
+        )
+    else:
+        out.print(text, markup=False, highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console entry
     """Console entry point."""
     app()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -27,10 +28,15 @@ ROOT = "edgepart"
 #: payloads above this are refused unread: the broker is shared, the agents are small
 MAX_PAYLOAD_BYTES = 1 << 20
 
+#: MQTT client sockets send at once: a control message per token must not wait ~40 ms for
+#: Nagle's algorithm to meet the broker's delayed ACK
+SOCKET_OPTIONS = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+
 _NAME = r"[A-Za-z0-9_-]+"
 DeviceName = Annotated[str, Field(pattern=f"^{_NAME}$", max_length=64)]
 BlockName = Annotated[str, Field(pattern=r"^(embed|head|L\d+\.(g\d+|proj|ffn))$")]
 NonNegative = Annotated[float, Field(ge=0)]
+TokenId = Annotated[int, Field(ge=0)]
 Endpoint = Annotated[str, Field(pattern=r"^[^\s:]+:\d{1,5}$")]
 
 
@@ -55,6 +61,9 @@ class Telemetry(_Message):
     kv_bytes: NonNegative
     blocks: tuple[BlockName, ...] = ()
     peer_throughput_mbit: dict[DeviceName, NonNegative] = {}  # measured, to each peer
+    compute_measured: bool = False  # available_gflops measured on recent blocks, not nominal
+    dropped_messages: Annotated[int, Field(ge=0)] = 0  # malformed MQTT payloads so far
+    dropped_frames: Annotated[int, Field(ge=0)] = 0  # malformed data-plane input so far
 
 
 class Status(_Message):
@@ -122,8 +131,28 @@ class SetBudget(_Command):
     memory_bytes: Annotated[int, Field(gt=0)]
 
 
+class Reset(_Command):
+    """Forget every cached position (before the history is run again after a loss)."""
+
+    op: Literal["reset"]
+
+
+class Decode(_Command):
+    """Run tokens through the model from the embedding (the source device's command).
+
+    ``position`` is the number of positions cached before these tokens; every agent keys
+    the step's data-plane frames by it. The reply carries the greedy next token.
+    """
+
+    op: Literal["decode"]
+    epoch: Annotated[int, Field(ge=0)]
+    position: Annotated[int, Field(ge=0)]
+    tokens: Annotated[tuple[TokenId, ...], Field(min_length=1, max_length=1 << 15)]
+
+
 Command = Annotated[
-    Load | Drop | Migrate | Shape | InjectLoad | SetBudget, Field(discriminator="op")
+    Load | Drop | Migrate | Shape | InjectLoad | SetBudget | Reset | Decode,
+    Field(discriminator="op"),
 ]
 
 
@@ -136,6 +165,7 @@ class Reply(_Message):
     error: str | None = None
     bytes_moved: NonNegative = 0.0
     seconds: NonNegative = 0.0
+    token_id: Annotated[int, Field(ge=0)] | None = None  # a decode's greedy next token
 
 
 class PlacementEpoch(_Message):
@@ -191,7 +221,19 @@ def parse_topic(topic: str) -> Topic | None:
 
 # -- encoding ----------------------------------------------------------------------------
 
-Message = Telemetry | Status | Load | Drop | Migrate | Shape | InjectLoad | SetBudget | Reply
+Message = (
+    Telemetry
+    | Status
+    | Load
+    | Drop
+    | Migrate
+    | Shape
+    | InjectLoad
+    | SetBudget
+    | Reset
+    | Decode
+    | Reply
+)
 _ADAPTERS: dict[TopicKind, TypeAdapter] = {
     "telemetry": TypeAdapter(Telemetry),
     "status": TypeAdapter(Status),

@@ -3,22 +3,41 @@
 A KV-group block of a small model spends most of its decode step in per-call
 overhead, not arithmetic (on this repository's CI CPU ~110 us + 35 ns per cached
 position for SmolLM2, against ~8 GFLOP/s on the large matmuls), so FLOPs / device
-speed underestimates it several times. ``block_calibration.py`` measures each block
-type on a reference CPU; ``calibrated_table`` replaces every block's FLOPs by its
-reference-equivalent FLOPs (measured time x the reference's speed on the FFN), so the
-planners and the cost model, unchanged, predict measured times on a device of
-``compute_gflops`` = that reference speed, and proportionally on others.
+speed underestimates it several times. ``measure_gflops`` times each block type on
+this CPU (``benchmarks/block_calibration.py`` and ``llm.host_profile`` run it);
+``calibrated_table`` replaces every block's FLOPs by its reference-equivalent FLOPs
+(measured time x the reference's speed on the FFN), so the planners and the cost model,
+unchanged, predict measured times on a device of ``compute_gflops`` = that reference
+speed, and proportionally on others.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
-from llm.blocks import BlockKind, BlockTable
+from llm.blocks import (
+    BlockKind,
+    BlockTable,
+    ffn_flops,
+    group_flops,
+    lm_head_flops,
+    proj_flops,
+)
+from llm.runtime import PartitionedModel
+from llm.torch_blocks import EmbedBlock, FFNBlock, HeadBlock, KVGroupBlock, ProjBlock
+
+# The block types a profile needs, as keys of measure_gflops' result.
+BLOCK_TYPES = ("group", "proj", "ffn", "head")
+# LM-head calls per timed pass: one call is a few ms, several keep the timer's share small.
+HEAD_CALLS_PER_PASS = 4
 
 
 @dataclass(frozen=True)
@@ -79,3 +98,160 @@ def calibrated_table(table: BlockTable, profile: ComputeProfile) -> BlockTable:
         flops_per_context=per_context.astype(np.float64),
         source_flops=round(profile.head_s * ref),
     )
+
+
+def gflops_only(measured: dict[str, Any]) -> dict[str, Any]:
+    """The per-type GFLOP/s of a measure_gflops result, without its details."""
+    return {k: measured[k] for k in BLOCK_TYPES}
+
+
+def _time_passes(run_pass: Callable[[], None], warmup: int, reps: int) -> list[float]:
+    """Wall times (s) of reps calls of run_pass after warmup untimed ones."""
+    for _ in range(warmup):
+        run_pass()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run_pass()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _fill_caches(
+    model: PartitionedModel, groups: Sequence[KVGroupBlock], n: int, seed: int
+) -> None:
+    """Every group holds n-1 random cached positions; the next token is position n-1."""
+    g = torch.Generator().manual_seed(seed)
+    h = groups[0].head_dim
+    for block in groups:
+        block.set_cache(
+            torch.randn(n - 1, h, generator=g, dtype=block.dtype),
+            torch.randn(n - 1, h, generator=g, dtype=block.dtype),
+        )
+    model.length = n - 1
+
+
+def _counted(block: Any, call: Callable[[], Any]) -> int:
+    """FLOPs a block's own counter adds during one call."""
+    before = block.flops
+    call()
+    return block.flops - before
+
+
+def measure_gflops(
+    model: PartitionedModel,
+    contexts: Sequence[int],
+    warmup: int,
+    reps: int,
+    *,
+    whole_token: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Effective GFLOP/s of each block type of a monolithic model on this CPU, decode mode (T=1).
+
+    Returns {"group": {"<n>": GFLOP/s}, "proj", "ffn", "head": GFLOP/s} (what
+    ``ComputeProfile.from_measurements`` reads) plus "blocks" (per type: pass times in s,
+    per-block median time in s, formula and counter FLOPs; "embed" too), "block_counts" and,
+    with ``whole_token``, "whole_token" ({"<n>": decode step times in s and their median}).
+    One timed pass runs every block of the type in model order, so weights stream from
+    memory as in a real decode step; a block's time is the median pass / blocks per pass.
+    KV caches hold n-1 random positions and are rolled back after each call, so every
+    repetition sees context n; the model is reset afterwards. Threads: torch's current.
+    """
+    if len(model.hosts) != 1:
+        raise ValueError("measure_gflops needs a monolithic model (every block on one host)")
+    ns = sorted({int(n) for n in contexts})
+    if not ns or ns[0] < 1:
+        raise ValueError(f"contexts must be non-empty and at least 1, got {list(contexts)}")
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"need reps >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
+    say = progress or (lambda _msg: None)
+    spec = model.arch.spec
+    blocks = next(iter(model.hosts.values())).blocks
+    groups = [b for b in blocks.values() if isinstance(b, KVGroupBlock)]
+    projs = [b for b in blocks.values() if isinstance(b, ProjBlock)]
+    ffns = [b for b in blocks.values() if isinstance(b, FFNBlock)]
+    head = next(b for b in blocks.values() if isinstance(b, HeadBlock))
+    embed = next(b for b in blocks.values() if isinstance(b, EmbedBlock))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, spec.d_model, generator=gen, dtype=model.dtype)
+    heads_in = torch.randn(1, spec.heads * spec.head_dim, generator=gen, dtype=model.dtype)
+    token = torch.tensor([1], dtype=torch.long)
+
+    detail: dict[str, Any] = {"group": {}}
+    steps_by_n: dict[str, Any] = {}
+    try:
+        with torch.no_grad():
+            for n in ns:
+                _fill_caches(model, groups, n, seed=n)
+
+                def group_pass() -> None:
+                    for b in groups:
+                        b(x)
+                        b.length -= 1  # roll back: the next call sees the same n
+
+                passes = _time_passes(group_pass, warmup, reps)
+                counter = _counted(groups[0], lambda: groups[0](x))
+                groups[0].length -= 1
+                entry = {
+                    "blocks_per_pass": len(groups),
+                    "pass_s": passes,
+                    "block_s": float(np.median(passes)) / len(groups),
+                    "flops": int(group_flops(spec, n)),
+                    "flops_counter": counter,
+                }
+                detail["group"][str(n)] = entry
+                line = f"n={n}: KV group {1e6 * entry['block_s']:.1f} us/block"
+                if whole_token:
+
+                    def token_step() -> None:
+                        model.decode(1)
+                        for b in groups:
+                            b.length -= 1
+                        model.length -= 1
+
+                    steps = _time_passes(token_step, warmup, reps)
+                    median = float(np.median(steps))
+                    steps_by_n[str(n)] = {"step_s": steps, "median_s": median}
+                    line += f", whole token {1000 * median:.1f} ms"
+                say(line)
+
+            def simple(kind: str, items: list, call: Callable[[Any], Any], flops: int) -> None:
+                def run_pass() -> None:
+                    for b in items:
+                        call(b)
+
+                passes = _time_passes(run_pass, warmup, reps)
+                detail[kind] = {
+                    "blocks_per_pass": len(items),
+                    "pass_s": passes,
+                    "block_s": float(np.median(passes)) / len(items),
+                    "flops": flops,
+                    "flops_counter": _counted(items[0], lambda: call(items[0])),
+                }
+                say(f"{kind}: {1e6 * detail[kind]['block_s']:.1f} us/block")
+
+            simple("proj", projs, lambda b: b(heads_in, x), proj_flops(spec))
+            simple("ffn", ffns, lambda b: b(x), ffn_flops(spec))
+            simple("head", [head] * HEAD_CALLS_PER_PASS, lambda b: b(x), lm_head_flops(spec))
+            detail["head"]["blocks_per_pass"] = 1
+            detail["head"]["note"] = f"one LM head, called {HEAD_CALLS_PER_PASS} times per pass"
+            passes = _time_passes(lambda: embed(token, 0), warmup, reps)
+            detail["embed"] = {"block_s": float(np.median(passes)), "flops": 0}
+    finally:
+        model.reset()
+
+    def speed(entry: dict[str, Any]) -> float:
+        return entry["flops"] / entry["block_s"] / 1e9
+
+    out: dict[str, Any] = {
+        "group": {n: speed(e) for n, e in detail["group"].items()},
+        "proj": speed(detail["proj"]),
+        "ffn": speed(detail["ffn"]),
+        "head": speed(detail["head"]),
+        "blocks": detail,
+        "block_counts": {"group": len(groups), "proj": len(projs), "ffn": len(ffns), "head": 1},
+    }
+    if whole_token:
+        out["whole_token"] = steps_by_n
+    return out

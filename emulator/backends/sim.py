@@ -15,6 +15,7 @@ import numpy as np
 
 from controller import cost
 from controller.placement import NoFeasiblePlacement, Placement, PlacementAlgorithm
+from controller.replan import scheduled
 from controller.view import PlanningWindow, ResourceView
 from emulator.scenario import Scenario, Trace
 from emulator.world import WorldState
@@ -82,21 +83,6 @@ def recovery_s(
     return float(per_device.max())
 
 
-#: relative change of a device's available compute or a link's bandwidth, since the last
-#: decision, that makes a re-planning algorithm re-plan before its next scheduled turn
-REPLAN_ON_CHANGE = 0.2
-
-
-def resources_changed(before: ResourceView, now: ResourceView, threshold: float) -> bool:
-    """Whether a device's GFLOP/s or a link's Mbit/s moved by at least threshold (relative)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        compute = np.abs(now.compute_gflops - before.compute_gflops) / before.compute_gflops
-        links = np.abs(now.bandwidth_mbit - before.bandwidth_mbit) / before.bandwidth_mbit
-    return bool(
-        (np.nan_to_num(compute) >= threshold).any() or (np.nan_to_num(links) >= threshold).any()
-    )
-
-
 def apply_due_traces(state: WorldState, pending: list[Trace], token: int, clock_s: float) -> None:
     """Apply (and drop from ``pending``) the traces due before generated token ``token``."""
     due = [
@@ -149,10 +135,8 @@ def simulate(
         x = placement.assignment
         lost = ~view.alive[x]
         fits_now = bool(cost.fits(table, view, x, n + 1))
-        scheduled = algorithm.replans and (
-            (i > 0 and i % every == 0) or resources_changed(decided_on, view, REPLAN_ON_CHANGE)
-        )
-        if scheduled or lost.any() or not fits_now:
+        due = scheduled(i, every, algorithm.replans, decided_on, view)
+        if due or lost.any() or not fits_now:
             decided_on = view
             forced = bool(lost.any() or not fits_now)
             current = None if (forced and not algorithm.replans) else placement

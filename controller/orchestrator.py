@@ -1,0 +1,567 @@
+"""The live controller: plans from telemetry, moves blocks between agents, drives decoding.
+
+It never carries activations: it publishes placement epochs (who holds what, where each
+agent listens), tells agents to load, migrate and drop blocks, and asks the source agent
+to run each token. A new epoch is published only after every move of the plan has been
+acknowledged by its target, so no token runs on a half-moved placement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import aiomqtt
+import numpy as np
+
+from controller import cost
+from controller.placement import NoFeasiblePlacement, Placement, make_algorithm
+from controller.replan import scheduled
+from controller.view import PlanningWindow, ResourceView
+from device_agent import protocol as proto
+from llm.blocks import PINNED_BLOCKS, BlockTable
+
+log = logging.getLogger("edgepart.controller")
+# aiomqtt warns whenever more than a few publishes wait, which a wave of migrations does
+logging.getLogger("mqtt").setLevel(logging.ERROR)
+
+TelemetryMode = Literal["measured", "configured"]
+JOIN_TIMEOUT_S = 120.0  # for every agent to come online, s
+LOAD_TIMEOUT_S = 300.0  # for initial loads, s
+STEP_TIMEOUT_S = 120.0  # for one token, s
+MIGRATE_TIMEOUT_S = 300.0  # for one plan's moves, s
+TELEMETRY_STALE_S = 1.5  # a device silent this long is not planned on
+#: a measured speed replaces the one planned with only when it differs by this much
+#: (relative): measurements jitter with the host's load, and each flip would re-plan
+MEASURED_DEADBAND = 0.15
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """What the controller runs: the devices as configured, the model's table, the job."""
+
+    testbed: str
+    broker: str  # host:port
+    algorithm: str
+    devices: tuple[str, ...]
+    source: str
+    nominal_gflops: np.ndarray  # (D,) GFLOP/s
+    memory_bytes: np.ndarray  # (D,) bytes
+    bandwidth_mbit: np.ndarray  # (D, D) configured links, Mbit/s
+    latency_s: np.ndarray  # (D, D) s
+    table: BlockTable  # block costs the planner and predictions use (calibrated)
+    prompt_ids: tuple[int, ...]
+    generate_tokens: int
+    replan_every: int = 8
+    weights_from: Literal["disk", "peer"] = "disk"
+    telemetry: TelemetryMode = "measured"
+    eos_token_id: int | None = None
+    metrics_port: int | None = None
+
+
+@dataclass
+class TokenRecord:
+    """One generated token: its id, measured and predicted latency (s), context after it."""
+
+    token_id: int
+    measured_s: float
+    predicted_s: float
+    context: int
+    epoch: int
+
+
+@dataclass
+class RunResult:
+    """What a live generation measured (DESIGN's emulate keys via ``to_json``)."""
+
+    algorithm: str
+    output_token_ids: list[int] = field(default_factory=list)
+    tokens: list[TokenRecord] = field(default_factory=list)
+    prefill_s: float = 0.0
+    migrations: int = 0
+    migration_s: float = 0.0
+    migration_bytes: float = 0.0
+    replans: int = 0
+    replan_s: list[float] = field(default_factory=list)
+    failed_replans: int = 0
+    peak_memory_bytes: dict[str, float] = field(default_factory=dict)
+    recoveries: int = 0
+    recovery_s: float = 0.0
+    wall_s: float = 0.0
+    failure: str | None = None
+
+    @property
+    def per_token_s(self) -> list[float]:
+        """Measured decode latency per token after the first (s)."""
+        return [t.measured_s for t in self.tokens]
+
+    @property
+    def predicted_per_token_s(self) -> list[float]:
+        """The cost model's prediction for the same tokens, placements and state (s)."""
+        return [t.predicted_s for t in self.tokens]
+
+    @property
+    def total_s(self) -> float:
+        """Decode time plus migration stalls (s), as the simulator counts it."""
+        return float(sum(self.per_token_s) + self.migration_s)
+
+
+@dataclass
+class _Device:
+    telemetry: proto.Telemetry | None = None
+    telemetry_at: float = 0.0
+    status: proto.Status | None = None
+
+
+class ControllerError(RuntimeError):
+    """The live run cannot go on (an agent refused, failed or vanished)."""
+
+
+BeforeToken = Callable[[int], Awaitable[None]]
+ConfiguredView = Callable[[PlanningWindow], ResourceView]
+Progress = Callable[[int, "RunResult"], None]
+
+
+class Controller:
+    """Plans, migrates and decodes one generation over live agents."""
+
+    def __init__(
+        self,
+        config: ControllerConfig,
+        before_token: BeforeToken | None = None,
+        configured_view: ConfiguredView | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        if config.telemetry == "configured" and configured_view is None:
+            raise ValueError("configured telemetry needs the world's view (configured_view)")
+        self.config = config
+        self.algorithm = make_algorithm(config.algorithm)
+        self.before_token = before_token
+        self.configured_view = configured_view
+        self.progress = progress
+        self.devices = {name: _Device() for name in config.devices}
+        self.index = {name: i for i, name in enumerate(config.devices)}
+        self.pending: dict[str, asyncio.Future] = {}
+        self.ids = (f"c{i}" for i in itertools.count())
+        self.epoch = -1
+        self.placement: Placement | None = None
+        self.result = RunResult(config.algorithm)
+        self.joined = asyncio.Event()
+        self.client: aiomqtt.Client | None = None
+        self.dropped_messages = 0
+        self.measured_gflops: dict[str, float] = {}  # device -> speed planned with, GFLOP/s
+        self.metrics = None
+        #: awaited once every agent is online, before the first plan (the world's setup)
+        self.on_joined: Callable[[], Awaitable[None]] | None = None
+
+    # -- MQTT --------------------------------------------------------------------------
+    async def run(self) -> RunResult:
+        """Connect, wait for the agents, then generate; returns the measurements."""
+        host, _, port = self.config.broker.rpartition(":")
+        if self.config.metrics_port is not None:
+            from controller.metrics import ControllerMetrics
+
+            self.metrics = ControllerMetrics()
+            self.metrics.serve(self.config.metrics_port)
+        start = time.monotonic()
+        async with aiomqtt.Client(
+            host,
+            int(port),
+            identifier=f"edgepart-{self.config.testbed}-controller",
+            timeout=10,
+            socket_options=proto.SOCKET_OPTIONS,
+        ) as client:
+            self.client = client
+            tb = self.config.testbed
+            for kind in ("status", "telemetry", "reply"):
+                await client.subscribe(proto.subscription(tb, kind), qos=1)
+            reader = asyncio.create_task(self._read(client))
+            try:
+                await self._generate()
+            finally:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+        self.result.wall_s = time.monotonic() - start
+        return self.result
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            topic = proto.parse_topic(message.topic.value)
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            if topic is None or topic.device not in self.devices:
+                continue
+            decoded = proto.decode(topic.kind, payload)
+            if isinstance(decoded, proto.Malformed):
+                if self.dropped_messages == 0:
+                    log.warning("dropped a malformed %s message: %s", topic.kind, decoded.reason)
+                self.dropped_messages += 1
+                continue
+            device = self.devices[topic.device]
+            if isinstance(decoded, proto.Telemetry):
+                device.telemetry, device.telemetry_at = decoded, time.monotonic()
+                peak = self.result.peak_memory_bytes
+                peak[topic.device] = max(peak.get(topic.device, 0.0), decoded.memory_used_bytes)
+                if self.metrics is not None:
+                    self.metrics.telemetry(decoded)
+            elif isinstance(decoded, proto.Status):
+                device.status = decoded
+            elif isinstance(decoded, proto.Reply):
+                fut = self.pending.get(decoded.id)
+                if fut is not None and not fut.done():
+                    fut.set_result(decoded)
+            if self._all_joined():
+                self.joined.set()
+
+    def _all_joined(self) -> bool:
+        return all(
+            d.status is not None and d.status.state == "online" and d.telemetry is not None
+            for d in self.devices.values()
+        )
+
+    async def command(self, device: str, command, timeout_s: float) -> proto.Reply:
+        """Send one command to an agent and wait for its reply (raises ControllerError)."""
+        assert self.client is not None
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[command.id] = fut
+        topic = proto.device_topic(self.config.testbed, device, "cmd")
+        try:
+            await self.client.publish(topic, proto.encode(command), qos=1)
+            reply = await asyncio.wait_for(fut, timeout_s)
+        except TimeoutError:
+            raise ControllerError(
+                f"{device} did not answer {command.op} in {timeout_s} s"
+            ) from None
+        finally:
+            self.pending.pop(command.id, None)
+        return reply
+
+    def _id(self) -> str:
+        return next(self.ids)
+
+    # -- resource view -----------------------------------------------------------------
+    def view(self, window: PlanningWindow) -> ResourceView:
+        """The resources as the controller knows them now."""
+        if self.config.telemetry == "configured":
+            assert self.configured_view is not None
+            return self.configured_view(window)
+        cfg = self.config
+        now = time.monotonic()
+        count = len(cfg.devices)
+        compute = cfg.nominal_gflops.astype(float).copy()
+        memory = cfg.memory_bytes.astype(float).copy()
+        bandwidth = cfg.bandwidth_mbit.astype(float).copy()
+        alive = np.ones(count, dtype=bool)
+        for i, name in enumerate(cfg.devices):
+            dev = self.devices[name]
+            t = dev.telemetry
+            online = dev.status is not None and dev.status.state == "online"
+            if t is None or not online or now - dev.telemetry_at > TELEMETRY_STALE_S:
+                alive[i] = False
+                continue
+            if t.available_gflops > 0:
+                seen = self.measured_gflops.get(name)
+                if seen is None or abs(t.available_gflops / seen - 1.0) >= MEASURED_DEADBAND:
+                    self.measured_gflops[name] = seen = t.available_gflops
+                compute[i] = seen
+            memory[i] = t.memory_budget_bytes
+            for peer, rate in t.peer_throughput_mbit.items():
+                if peer in self.index and rate > 0:
+                    bandwidth[i, self.index[peer]] = rate
+        return ResourceView(
+            devices=cfg.devices,
+            compute_gflops=np.where(alive, compute, 0.0),
+            memory_bytes=np.where(alive, memory, 0.0),
+            bandwidth_mbit=bandwidth,
+            latency_s=cfg.latency_s.astype(float).copy(),
+            source=self.index[cfg.source],
+            window=window,
+            weights_from=cfg.weights_from,
+            alive=alive,
+        )
+
+    def _window(self, context: int) -> PlanningWindow:
+        cfg = self.config
+        final = len(cfg.prompt_ids) + cfg.generate_tokens
+        return PlanningWindow(context, cfg.replan_every, max(final, context))
+
+    # -- generation --------------------------------------------------------------------
+    async def _generate(self) -> None:
+        cfg = self.config
+        try:
+            await asyncio.wait_for(self.joined.wait(), JOIN_TIMEOUT_S)
+        except TimeoutError:
+            missing = [n for n, d in self.devices.items() if d.telemetry is None]
+            raise ControllerError(
+                f"agents not online after {JOIN_TIMEOUT_S:.0f} s: {', '.join(missing)}"
+            ) from None
+        if self.on_joined is not None:
+            await self.on_joined()
+        prompt = list(cfg.prompt_ids)
+        context = len(prompt)
+        view = self.view(self._window(context))
+        placement = await self._plan(view, None)
+        await self._start_epoch(placement)
+        start = time.monotonic()
+        first = await self._decode(0, prompt)
+        self.result.prefill_s = time.monotonic() - start
+        out = self.result.output_token_ids
+        out.append(first)
+        self._progress()
+        decided_on = view
+        for i in range(1, cfg.generate_tokens):
+            if out[-1] == cfg.eos_token_id:
+                break
+            if self.before_token is not None:
+                await self.before_token(i)
+            view = self.view(self._window(context))
+            x = self.placement.assignment  # type: ignore[union-attr]
+            lost = ~view.alive[x]
+            if not view.alive[view.source]:
+                raise ControllerError(f"token {i}: the source device {cfg.source} is gone")
+            if lost.any():
+                start = time.monotonic()
+                token = await self._recover(view, lost, prompt + out, context)
+                self.result.recoveries += 1
+                self.result.recovery_s += time.monotonic() - start
+                decided_on = view
+                context += 1
+                out.append(token)
+                self._progress()
+                continue
+            fits_now = bool(cost.fits(cfg.table, view, x, context + 1))
+            due = scheduled(i, cfg.replan_every, self.algorithm.replans, decided_on, view)
+            if due or not fits_now:
+                decided_on = view
+                forced = not fits_now
+                try:
+                    new = await self._plan(
+                        view, None if forced and not self.algorithm.replans else self.placement
+                    )
+                except NoFeasiblePlacement as exc:
+                    self.result.failed_replans += 1
+                    log.warning("token %d: no feasible placement (%s); keeping the current", i, exc)
+                else:
+                    if new != self.placement:
+                        await self._switch(new, view, context)
+            predicted = float(
+                cost.per_token_s(cfg.table, view, self.placement.assignment, context + 1)
+            )
+            start = time.monotonic()
+            token = await self._decode(context, [out[-1]])
+            measured = time.monotonic() - start
+            context += 1
+            out.append(token)
+            self.result.tokens.append(TokenRecord(token, measured, predicted, context, self.epoch))
+            if self.metrics is not None:
+                self.metrics.token(measured, predicted)
+            self._progress()
+
+    def _progress(self) -> None:
+        if self.progress is not None:
+            self.progress(len(self.result.output_token_ids), self.result)
+
+    async def _plan(self, view: ResourceView, current: Placement | None) -> Placement:
+        start = time.monotonic()
+        placement = await asyncio.to_thread(self.algorithm.place, view, self.config.table, current)
+        took = time.monotonic() - start
+        self.result.replans += 1
+        self.result.replan_s.append(took)
+        if self.metrics is not None:
+            self.metrics.replan(took)
+        return placement
+
+    def _mapping(self, placement: Placement) -> dict[str, str]:
+        names = self.config.table.names
+        mapping = {b: self.config.source for b in PINNED_BLOCKS}
+        mapping.update(
+            (n, self.config.devices[d]) for n, d in zip(names, placement.assignment, strict=True)
+        )
+        return mapping
+
+    def _endpoints(self) -> dict[str, str]:
+        return {
+            n: d.status.listen
+            for n, d in self.devices.items()
+            if d.status is not None and d.status.listen is not None
+        }
+
+    async def _publish_epoch(self, placement: Placement) -> None:
+        assert self.client is not None
+        self.epoch += 1
+        msg = proto.PlacementEpoch(
+            epoch=self.epoch, placement=self._mapping(placement), endpoints=self._endpoints()
+        )
+        topic = proto.placement_topic(self.config.testbed)
+        await self.client.publish(topic, proto.encode(msg), qos=1, retain=True)
+        self.placement = placement
+
+    async def _start_epoch(self, placement: Placement) -> None:
+        """Publish epoch 0 and have every device load its blocks."""
+        await self._publish_epoch(placement)
+        by_device: dict[str, list[str]] = {}
+        for block, device in self._mapping(placement).items():
+            by_device.setdefault(device, []).append(block)
+
+        async def load(device: str, blocks: list[str]) -> None:
+            cmd = proto.Load(id=self._id(), op="load", blocks=tuple(blocks))
+            reply = await self.command(device, cmd, LOAD_TIMEOUT_S)
+            if not reply.ok:
+                raise ControllerError(f"{device} refused to load: {reply.error}")
+
+        async with asyncio.TaskGroup() as tg:
+            for device, blocks in by_device.items():
+                tg.create_task(load(device, blocks))
+
+    async def _switch(self, new: Placement, view: ResourceView, context: int) -> None:
+        """Move the blocks that change device, in waves that fit, one acked epoch per wave.
+
+        Every wave's targets have room for what they receive while still holding what they
+        give away (the old copies go at the wave's epoch switch), so a plan that only works
+        once some blocks have left a device moves those first. Each intermediate epoch is a
+        complete placement; a refused move ends the switch on the last complete one.
+        """
+        assert self.placement is not None
+        current = self.placement.assignment.copy()
+        remaining = set(np.flatnonzero(new.assignment != current).tolist())
+        start = time.monotonic()
+        moved = 0
+        moved_bytes = 0.0
+        while remaining:
+            wave = self._wave(sorted(remaining), current, new.assignment, view, context)
+            done, failed = await self._move(wave, current, new.assignment)
+            moved += len(done)
+            moved_bytes += sum(r.bytes_moved for _, r in done)
+            if failed:
+                await self._roll_back(done, new.assignment)
+                self.result.failed_replans += 1
+                log.warning("re-plan stopped, %d moves refused: %s", len(failed), failed[0])
+                break
+            current[wave] = new.assignment[wave]
+            remaining -= set(wave)
+            await self._publish_epoch(Placement(current.copy()))
+        took = time.monotonic() - start
+        self.result.migrations += moved
+        self.result.migration_s += took
+        self.result.migration_bytes += moved_bytes
+        if self.metrics is not None:
+            self.metrics.migration(moved, moved_bytes, took)
+
+    def _wave(
+        self,
+        blocks: list[int],
+        current: np.ndarray,
+        target: np.ndarray,
+        view: ResourceView,
+        context: int,
+    ) -> list[int]:
+        """The moves whose targets hold them on top of what they hold now (all if none does)."""
+        table = self.config.table
+        used = cost.memory_use(table, view, current, context).astype(float)
+        need = table.memory_bytes(context)
+        wave = []
+        for b in blocks:
+            t = target[b]
+            if used[t] + need[b] <= view.memory_bytes[t]:
+                used[t] += need[b]
+                wave.append(b)
+        return wave or blocks  # a full cycle of swaps: let the agents judge
+
+    async def _move(
+        self, wave: list[int], current: np.ndarray, target: np.ndarray
+    ) -> tuple[list[tuple[int, proto.Reply]], list[str]]:
+        """Migrate a wave's blocks in parallel; (acknowledged moves, refusals)."""
+        cfg = self.config
+        names = cfg.table.names
+        done: list[tuple[int, proto.Reply]] = []
+        failed: list[str] = []
+
+        async def move(b: int) -> None:
+            cmd = proto.Migrate(
+                id=self._id(),
+                op="migrate",
+                block=names[b],
+                to=cfg.devices[target[b]],
+                epoch=self.epoch + 1,
+                with_weights=cfg.weights_from == "peer",
+            )
+            reply = await self.command(cfg.devices[current[b]], cmd, MIGRATE_TIMEOUT_S)
+            if reply.ok:
+                done.append((b, reply))
+            else:
+                failed.append(f"{names[b]}: {reply.error}")
+
+        async with asyncio.TaskGroup() as tg:
+            for b in wave:
+                tg.create_task(move(b))
+        return done, failed
+
+    async def _roll_back(self, done: list[tuple[int, proto.Reply]], target: np.ndarray) -> None:
+        """Targets drop the copies they received in a wave that is not switched to."""
+        by_target: dict[str, list[str]] = {}
+        for b, _ in done:
+            by_target.setdefault(self.config.devices[target[b]], []).append(
+                self.config.table.names[b]
+            )
+        for device, blocks in by_target.items():
+            cmd = proto.Drop(id=self._id(), op="drop", blocks=tuple(blocks))
+            await self.command(device, cmd, STEP_TIMEOUT_S)
+
+    async def _recover(
+        self, view: ResourceView, lost: np.ndarray, history: list[int], context: int
+    ) -> int:
+        """Re-place after devices died, then rebuild every cache by re-running the history.
+
+        The lost blocks load from disk on their new devices; surviving blocks move as in
+        any re-plan; all caches are reset and the prompt plus the tokens generated so far
+        run again as one prefill, which yields the next token.
+        """
+        cfg = self.config
+        assert self.placement is not None
+        dead = sorted({cfg.devices[d] for d in self.placement.assignment[lost]})
+        log.warning("devices lost: %s; re-placing their blocks", ", ".join(dead))
+        try:
+            new = await self._plan(view, self.placement)
+        except NoFeasiblePlacement as exc:
+            raise ControllerError(f"the surviving devices cannot hold the model: {exc}") from None
+        current = self.placement.assignment.copy()
+        names = cfg.table.names
+        by_device: dict[str, list[str]] = {}
+        for b in np.flatnonzero(lost):
+            by_device.setdefault(cfg.devices[new.assignment[b]], []).append(names[b])
+        async with asyncio.TaskGroup() as tg:
+            for device, blocks in by_device.items():
+                cmd = proto.Load(id=self._id(), op="load", blocks=tuple(blocks))
+                tg.create_task(self._expect_ok(device, cmd, LOAD_TIMEOUT_S))
+        current[lost] = new.assignment[lost]
+        self.placement = Placement(current)
+        if not np.array_equal(current, new.assignment):
+            await self._switch(new, view, context)
+        else:
+            await self._publish_epoch(self.placement)
+        alive = [n for n in cfg.devices if n not in dead]
+        async with asyncio.TaskGroup() as tg:
+            for device in alive:
+                tg.create_task(
+                    self._expect_ok(device, proto.Reset(id=self._id(), op="reset"), STEP_TIMEOUT_S)
+                )
+        return await self._decode(0, history)
+
+    async def _expect_ok(self, device: str, command, timeout_s: float) -> proto.Reply:
+        reply = await self.command(device, command, timeout_s)
+        if not reply.ok:
+            raise ControllerError(f"{device} refused {command.op}: {reply.error}")
+        return reply
+
+    async def _decode(self, position: int, tokens: list[int]) -> int:
+        cmd = proto.Decode(
+            id=self._id(), op="decode", epoch=self.epoch, position=position, tokens=tuple(tokens)
+        )
+        reply = await self.command(self.config.source, cmd, STEP_TIMEOUT_S)
+        if not reply.ok or reply.token_id is None:
+            raise ControllerError(f"decode at position {position} failed: {reply.error}")
+        return reply.token_id

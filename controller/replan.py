@@ -1,0 +1,30 @@
+"""When a planner runs again: the shared policy of the simulator and the live controller."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from controller.view import ResourceView
+
+#: relative change of a device's available compute or a link's bandwidth, since the last
+#: decision, that makes a re-planning algorithm re-plan before its next scheduled turn
+REPLAN_ON_CHANGE = 0.2
+
+
+def resources_changed(before: ResourceView, now: ResourceView, threshold: float) -> bool:
+    """Whether a device's GFLOP/s or a link's Mbit/s moved by at least threshold (relative)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        compute = np.abs(now.compute_gflops - before.compute_gflops) / before.compute_gflops
+        links = np.abs(now.bandwidth_mbit - before.bandwidth_mbit) / before.bandwidth_mbit
+    return bool(
+        (np.nan_to_num(compute) >= threshold).any() or (np.nan_to_num(links) >= threshold).any()
+    )
+
+
+def scheduled(
+    token: int, every: int, replans: bool, before: ResourceView, now: ResourceView
+) -> bool:
+    """Whether a re-planning algorithm's turn has come before generated token ``token``."""
+    return replans and (
+        (token > 0 and token % every == 0) or resources_changed(before, now, REPLAN_ON_CHANGE)
+    )

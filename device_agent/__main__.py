@@ -1,0 +1,70 @@
+"""``python -m device_agent``: run one device agent (the same as ``edgepart agent``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from device_agent.agent import AgentConfig, run_agent
+
+MIB = 2**20
+
+
+def parser() -> argparse.ArgumentParser:
+    """The agent's command-line options."""
+    p = argparse.ArgumentParser(prog="edgepart agent", description=__doc__)
+    p.add_argument("--name", required=True, help="device name (as in the scenario)")
+    p.add_argument("--broker", required=True, help="MQTT broker host:port")
+    p.add_argument("--listen", default="127.0.0.1:0", help="data plane host:port (0: any)")
+    p.add_argument("--advertise", help="host:port peers should connect to (default: bound)")
+    p.add_argument("--testbed", default="default", help="topic namespace of the testbed")
+    p.add_argument("--model", default="smollm2-135m", help="preset, .gguf file or HF directory")
+    p.add_argument("--memory-mib", type=float, default=1024, help="memory budget (MiB)")
+    p.add_argument("--cpu-share", type=float, help="cores this device is worth (paces compute)")
+    p.add_argument("--gflops", type=float, help="nominal speed (GFLOP/s) reported before measuring")
+    p.add_argument("--profile", type=Path, help="host calibration JSON (block speeds)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    p.add_argument("--exit-with-parent", action="store_true", help="exit when the parent dies")
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> AgentConfig:
+    """Parse the command line into an AgentConfig (exits 2 on bad input)."""
+    args = parser().parse_args(argv)
+    profile = None
+    if args.profile is not None:
+        from llm.blocks import block_table
+        from llm.calibration import ComputeProfile
+        from llm.loader import open_model
+
+        try:
+            table = block_table(open_model(args.model).arch.spec)
+            profile = ComputeProfile.load(args.profile, table)
+        except (OSError, ValueError, KeyError) as exc:
+            parser().error(f"--profile {args.profile}: {exc}")
+    if args.cpu_share is not None and args.cpu_share <= 0:
+        parser().error("--cpu-share must be > 0 cores")
+    return AgentConfig(
+        name=args.name,
+        broker=args.broker,
+        listen=args.listen,
+        advertise=args.advertise,
+        model=args.model,
+        testbed=args.testbed,
+        memory_bytes=int(args.memory_mib * MIB),
+        cpu_share=args.cpu_share,
+        nominal_gflops=args.gflops,
+        profile=profile,
+        metrics_port=args.metrics_port,
+        exit_with_parent=args.exit_with_parent,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the agent; the process exit code."""
+    return run_agent(config_from_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

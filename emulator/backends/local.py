@@ -1,0 +1,473 @@
+"""The ``local`` backend: real agents as processes on this machine, one per device.
+
+It starts an MQTT broker (embedded amqtt, or uses the one given), one ``device_agent``
+process per scenario device, and the controller in this process; it owns the world:
+device speed becomes a CPU share of this host (from the calibrated host profile),
+enforced by a cgroup when running as root and by time dilation in the agent always;
+links are shaped in each agent's sender; the scenario's traces are applied when
+generation reaches them (CPU burners, memory budgets, link rates, ``kill -9``).
+Everything started is torn down on exit, error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from controller.orchestrator import Controller, ControllerConfig, RunResult, TelemetryMode
+from controller.view import PlanningWindow, ResourceView
+from device_agent import protocol as proto
+from emulator.backends.sim import apply_due_traces, initial_state
+from emulator.scenario import (
+    FailTrace,
+    GgufModel,
+    HfModel,
+    LinkTrace,
+    LoadTrace,
+    MemoryTrace,
+    PresetModel,
+    Scenario,
+    Trace,
+)
+from emulator.world import MIB, WorldState
+
+log = logging.getLogger("edgepart.local")
+
+#: CPU kept free for the broker, the controller and the agents' own event loops (cores)
+RESERVED_CORES = 0.25
+#: memory a cgroup allows beyond the block budget: the agent's runtime (Python, torch)
+RUNTIME_SLACK_BYTES = 64 * MIB
+AGENT_STOP_S = 5.0
+DEFAULT_PROMPT = (
+    "Edge devices in a home network can share the work of running a language model. "
+    "Each device holds a few attention heads with their key and value caches, and the "
+    "devices exchange hidden states over the local network for every generated token. "
+    "When a device becomes busy or a link slows down, the planner moves heads elsewhere."
+)
+
+
+class LocalBackendError(RuntimeError):
+    """The scenario cannot run on this machine as given (bad input: exit 2)."""
+
+
+def model_ref(scenario: Scenario) -> str:
+    """What ``llm.loader.open_model`` opens for the scenario's model."""
+    m = scenario.model
+    if isinstance(m, PresetModel):
+        return m.preset
+    if isinstance(m, GgufModel):
+        return str(m.gguf)
+    if isinstance(m, HfModel):
+        return str(m.hf)
+    raise LocalBackendError(
+        "model: the local backend runs real weights; give a preset, a gguf file or an hf "
+        "folder instead of explicit shapes"
+    )
+
+
+def prompt_ids(scenario: Scenario, tokenizer) -> list[int]:
+    """The prompt's token ids: the scenario's text, or the default text cut to prompt_tokens."""
+    if scenario.prompt is not None:
+        return tokenizer.encode(scenario.prompt)
+    ids: list[int] = []
+    while len(ids) < scenario.prompt_tokens:
+        ids += tokenizer.encode(DEFAULT_PROMPT)
+    return ids[: scenario.prompt_tokens]
+
+
+def cpu_shares(scenario: Scenario, reference_gflops: float, cores: float) -> dict[str, float]:
+    """Each device's CPU share (cores) on this host; refuses scenarios the host cannot hold."""
+    shares = {d.name: d.compute_gflops / reference_gflops for d in scenario.devices}
+    usable = cores - RESERVED_CORES
+    total = sum(shares.values())
+    if total > usable:
+        detail = ", ".join(f"{n} {s:.2f}" for n, s in shares.items())
+        raise LocalBackendError(
+            f"devices: the scenario needs {total:.2f} cores of this host ({detail}; this CPU "
+            f"runs {reference_gflops:.2f} GFLOP/s per core) but {usable:.2f} of its "
+            f"{cores:.2f} are free for devices; lower compute_gflops or use the docker "
+            "backend on more hosts"
+        )
+    return shares
+
+
+@dataclass
+class AgentProcess:
+    """One started agent: its process, log file and (as root) cgroup."""
+
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    cgroup: object | None = None
+
+    def alive(self) -> bool:
+        """Whether the process still runs."""
+        return self.process.poll() is None
+
+
+@dataclass
+class LocalRun:
+    """The result of a local emulation: the controller's measurements plus the setup."""
+
+    result: RunResult
+    text: str
+    shares: dict[str, float]
+    isolation: str  # "cgroup" or "time dilation"
+    telemetry: TelemetryMode
+    broker: str
+    dropped_messages: int = 0
+    logs: dict[str, str] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)  # the agent processes (all reaped)
+
+    def to_json(self) -> dict:
+        """The CLI's ``emulate --json`` object (DESIGN's keys)."""
+        r = self.result
+        return {
+            "algorithm": r.algorithm,
+            "backend": "local",
+            "per_token_s": r.per_token_s,
+            "predicted_per_token_s": r.predicted_per_token_s,
+            "total_s": r.total_s,
+            "migrations": r.migrations,
+            "migration_s": r.migration_s,
+            "migration_bytes": r.migration_bytes,
+            "peak_memory_bytes": r.peak_memory_bytes,
+            "replans": r.replans,
+            "failed_replans": r.failed_replans,
+            "prefill_s": r.prefill_s,
+            "recoveries": r.recoveries,
+            "recovery_s": r.recovery_s,
+            "output_token_ids": r.output_token_ids,
+            "text": self.text,
+            "telemetry": self.telemetry,
+            "isolation": self.isolation,
+            "cpu_share": self.shares,
+            "wall_s": r.wall_s,
+        }
+
+
+class World:
+    """The emulated world during a run: the scenario's state plus the processes it acts on."""
+
+    def __init__(
+        self, scenario: Scenario, agents: dict[str, AgentProcess], shares: dict[str, float]
+    ):
+        self.scenario = scenario
+        self.agents = agents
+        self.shares = shares
+        self.state, self.pending = initial_state(scenario)
+        self.applied: list[Trace] = list(t for t in scenario.traces if t not in self.pending)
+        self.controller: Controller | None = None
+        self.started = time.monotonic()
+
+    def view(self, window: PlanningWindow) -> ResourceView:
+        """The configured resources now (for ``--telemetry configured``)."""
+        return self.state.view(self.scenario, window)
+
+    async def setup(self) -> None:
+        """Shape every link as configured and apply the traces due at token 0."""
+        await self._shape_all()
+        for trace in self.applied:
+            await self._enact(trace)
+
+    async def before_token(self, token: int) -> None:
+        """Apply the traces due before generated token ``token``."""
+        if token == 0:
+            return
+        before = list(self.pending)
+        apply_due_traces(self.state, self.pending, token, time.monotonic() - self.started)
+        for trace in before:
+            if trace not in self.pending:
+                await self._enact(trace)
+
+    async def _command(self, device: str, command) -> None:
+        assert self.controller is not None
+        reply = await self.controller.command(device, command, 30.0)
+        if not reply.ok:
+            raise RuntimeError(f"{device} refused {command.op}: {reply.error}")
+
+    def _id(self) -> str:
+        assert self.controller is not None
+        return "w" + self.controller._id()
+
+    async def _shape(self, a: str, b: str) -> None:
+        i, j = self.state.index(a), self.state.index(b)
+        rate = float(self.state.bandwidth_mbit[i, j])
+        latency_ms = float(self.state.latency_s[i, j]) * 1000.0
+        cmd = proto.Shape(
+            id=self._id(), op="shape", peer=b, bandwidth_mbit=rate, latency_ms=latency_ms
+        )
+        await self._command(a, cmd)
+
+    async def _shape_all(self) -> None:
+        names = self.state.names
+        async with asyncio.TaskGroup() as tg:
+            for a in names:
+                for b in names:
+                    if a != b:
+                        tg.create_task(self._shape(a, b))
+
+    async def _enact(self, trace: Trace) -> None:
+        if isinstance(trace, LoadTrace):
+            cmd = proto.InjectLoad(
+                id=self._id(), op="inject_load", fraction=min(trace.background_load, 0.99)
+            )
+            await self._command(trace.device, cmd)
+        elif isinstance(trace, MemoryTrace):
+            cmd = proto.SetBudget(
+                id=self._id(), op="set_budget", memory_bytes=int(trace.memory_mib * MIB)
+            )
+            await self._command(trace.device, cmd)
+        elif isinstance(trace, LinkTrace):
+            a, b = trace.link
+            await self._shape(a, b)
+            await self._shape(b, a)
+        elif isinstance(trace, FailTrace):
+            agent = self.agents[trace.device]
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(agent.process.pid, signal.SIGKILL)  # the device and its burners
+            agent.process.wait(timeout=AGENT_STOP_S)
+            await self._until_noticed(trace.device)
+
+    async def _until_noticed(self, device: str) -> None:
+        """Wait until the controller's own detection (telemetry silence) sees the device gone."""
+        assert self.controller is not None
+        deadline = time.monotonic() + 10.0
+        index = self.state.index(device)
+        window = PlanningWindow(1, 1, 1)
+        while self.controller.view(window).alive[index]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the controller did not notice {device} failing in 10 s")
+            await asyncio.sleep(0.05)
+
+
+def _spawn_agent(
+    scenario: Scenario,
+    device: str,
+    broker: str,
+    testbed: str,
+    share: float,
+    profile_path: Path | None,
+    log_dir: Path,
+) -> AgentProcess:
+    dev = scenario.device(device)
+    log_path = log_dir / f"{device}.log"
+    args = [
+        sys.executable, "-m", "device_agent",
+        "--name", device,
+        "--broker", broker,
+        "--listen", "127.0.0.1:0",
+        "--testbed", testbed,
+        "--model", model_ref(scenario),
+        "--memory-mib", str(dev.memory_mib),
+        "--cpu-share", f"{share:.6f}",
+        "--gflops", str(dev.compute_gflops),
+        "--exit-with-parent",
+    ]  # fmt: skip
+    if profile_path is not None and profile_path.is_file():
+        args += ["--profile", str(profile_path)]
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            args,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return AgentProcess(device, process, log_path)
+
+
+def stop_agents(agents: dict[str, AgentProcess]) -> None:
+    """Terminate every agent (SIGTERM, then SIGKILL after a grace period) and reap it."""
+    for agent in agents.values():
+        if agent.alive():
+            with contextlib.suppress(ProcessLookupError):
+                agent.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + AGENT_STOP_S
+    for agent in agents.values():
+        try:
+            agent.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(agent.process.pid, signal.SIGKILL)
+            agent.process.wait(timeout=AGENT_STOP_S)
+        # burners are the agent's children in its session: none may outlive it
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(agent.process.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _broker(endpoint: str | None) -> Iterator[str]:
+    if endpoint is not None:
+        yield endpoint
+        return
+    from emulator.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker()
+    broker.start()
+    try:
+        yield broker.endpoint
+    finally:
+        broker.stop()
+
+
+def run_local(
+    scenario: Scenario,
+    algorithm: str,
+    *,
+    broker: str | None = None,
+    telemetry: TelemetryMode = "measured",
+    work_dir: Path = Path("out/local"),
+    progress: Callable[[int, RunResult], None] | None = None,
+    status: Callable[[str], None] | None = None,
+    metrics_port: int | None = None,
+    cgroups: bool | None = None,
+) -> LocalRun:
+    """Emulate the scenario with real agents on this machine; returns what was measured."""
+    from device_agent.limits import CgroupLimits, host_cores
+    from llm.blocks import block_table
+    from llm.calibration import calibrated_table
+    from llm.host_profile import cache_path, host_profile
+    from llm.loader import open_model
+
+    say = status or (lambda _msg: None)
+    ref = model_ref(scenario)
+    opened = open_model(ref)
+    profile = host_profile(ref, threads=1, progress=say)
+    shares = cpu_shares(scenario, profile.reference_gflops, host_cores())
+    table = calibrated_table(block_table(opened.arch.spec), profile)
+    ids = prompt_ids(scenario, opened.tokenizer)
+    testbed = f"{scenario.name}-{os.getpid()}"
+    log_dir = work_dir / testbed
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if cgroups is None:
+        cgroups = CgroupLimits.detect() is not None
+    agents: dict[str, AgentProcess] = {}
+    with _broker(broker) as endpoint:
+        try:
+            say(f"starting {len(scenario.devices)} agents (broker {endpoint})")
+            for d in scenario.devices:
+                agent = _spawn_agent(
+                    scenario, d.name, endpoint, testbed, shares[d.name],
+                    cache_path(ref, threads=1), log_dir,
+                )  # fmt: skip
+                agents[d.name] = agent
+                if cgroups:
+                    group = CgroupLimits.create(
+                        f"{testbed}-{d.name}", cpu_share=shares[d.name], memory_bytes=None
+                    )
+                    agent.cgroup = group
+                    group.add(agent.process.pid)
+            world = World(scenario, agents, shares)
+            config = controller_config(
+                scenario, table, ids, endpoint, testbed, algorithm, telemetry, metrics_port
+            )
+            controller = Controller(
+                config,
+                before_token=world.before_token,
+                configured_view=world.view,
+                progress=progress,
+            )
+            world.controller = controller
+            controller.on_joined = world.setup
+            if cgroups:
+                controller.on_joined = _with_memory_limits(world, agents)
+            result = asyncio.run(_run(controller, agents))
+        finally:
+            stop_agents(agents)
+            for agent in agents.values():
+                if agent.cgroup is not None:
+                    agent.cgroup.remove()
+    text = opened.tokenizer.decode(result.output_token_ids, skip_special_tokens=True)
+    return LocalRun(
+        result=result,
+        text=text,
+        shares=shares,
+        isolation="cgroup + time dilation" if cgroups else "time dilation",
+        telemetry=telemetry,
+        broker=endpoint,
+        dropped_messages=controller.dropped_messages,
+        logs={n: str(a.log_path) for n, a in agents.items()},
+        pids={n: a.process.pid for n, a in agents.items()},
+    )
+
+
+def controller_config(
+    scenario: Scenario,
+    table,
+    ids: list[int],
+    broker: str,
+    testbed: str,
+    algorithm: str,
+    telemetry: TelemetryMode = "measured",
+    metrics_port: int | None = None,
+) -> ControllerConfig:
+    """The controller's settings for running a scenario's job on its devices."""
+    state = WorldState.from_scenario(scenario)
+    return ControllerConfig(
+        testbed=testbed,
+        broker=broker,
+        algorithm=algorithm,
+        devices=scenario.device_names,
+        source=scenario.source_name,
+        nominal_gflops=state.nominal_gflops,
+        memory_bytes=state.memory_bytes,
+        bandwidth_mbit=state.bandwidth_mbit,
+        latency_s=state.latency_s,
+        table=table,
+        prompt_ids=tuple(ids),
+        generate_tokens=scenario.generate_tokens,
+        replan_every=scenario.replan_every,
+        weights_from=scenario.weights_from,
+        telemetry=telemetry,
+        metrics_port=metrics_port,
+    )
+
+
+def _with_memory_limits(world: World, agents: dict[str, AgentProcess]):
+    """Setup that also caps each agent's memory: budget + its measured runtime + slack."""
+
+    async def setup() -> None:
+        for name, agent in agents.items():
+            budget = float(world.state.memory_bytes[world.state.index(name)])
+            runtime = _rss_bytes(agent.process.pid)
+            agent.cgroup.set_memory_limit(int(budget + runtime + RUNTIME_SLACK_BYTES))
+        await world.setup()
+
+    return setup
+
+
+def _rss_bytes(pid: int) -> int:
+    """Resident memory of a process (bytes), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return 0
+
+
+async def _run(controller: Controller, agents: dict[str, AgentProcess]) -> RunResult:
+    """Run the controller, failing fast if an agent process dies before it joins."""
+    run = asyncio.create_task(controller.run())
+    while not run.done():
+        dead = [a for a in agents.values() if not a.alive() and not controller.joined.is_set()]
+        if dead:
+            run.cancel()
+            tail = dead[0].log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(
+                f"agent {dead[0].name} exited with {dead[0].process.returncode}:\n{tail}"
+            )
+        await asyncio.wait({run}, timeout=0.5)
+    return run.result()

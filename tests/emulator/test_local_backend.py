@@ -1,0 +1,128 @@
+"""End to end on the local backend: real agent processes, a real broker, the real model.
+
+The generated ids must equal the monolithic reference for every algorithm, the traces must
+make the re-planning algorithm move blocks, and nothing started may outlive the run.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from emulator.backends.local import LocalBackendError, prompt_ids, run_local
+from emulator.broker import Mosquitto, mosquitto_available
+from emulator.scenario import parse_scenario
+from llm.loader import open_model
+from llm.runtime import monolithic
+
+SCENARIO = {
+    "version": 1,
+    "name": "e2e",
+    "model": {"preset": "smollm2-135m"},
+    "prompt_tokens": 10,
+    "generate_tokens": 6,
+    "replan_every": 2,
+    "devices": [
+        {"name": "a", "compute_gflops": 2.0, "memory_mib": 400, "source": True},
+        {"name": "b", "compute_gflops": 2.0, "memory_mib": 300},
+        {"name": "c", "compute_gflops": 1.5, "memory_mib": 300},
+    ],
+    "links": {"default": {"bandwidth_mbit": 1000, "latency_ms": 0.2}},
+    "traces": [
+        {"at_token": 2, "device": "b", "background_load": 0.9},
+        {"at_token": 3, "link": ["a", "c"], "bandwidth_mbit": 20},
+    ],
+}
+
+
+def _scenario(**changes):
+    return parse_scenario({**SCENARIO, **changes}, "e2e")
+
+
+@cache
+def _reference() -> list[int]:
+    opened = open_model("smollm2-135m")
+    ids = prompt_ids(_scenario(), opened.tokenizer)
+    model = monolithic(opened.source, opened.arch)
+    return model.greedy(ids, SCENARIO["generate_tokens"])
+
+
+def _session(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[3])
+
+
+def _assert_no_orphans(pids: dict[str, int]) -> None:
+    """No agent, and no process of an agent's session (its CPU burners), is left."""
+    agents = set(pids.values())
+    left = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            pid = int(entry)
+            if pid in agents or _session(pid) in agents:
+                left.append(pid)
+    assert not left, f"processes left behind: {left}"
+
+
+@pytest.mark.parametrize(
+    "algorithm", ["myopic", "optimal", "static-heads", "edgeshard", "memory-proportional", "galaxy"]
+)
+def test_every_algorithm_generates_the_monolithic_ids(tmp_path: Path, algorithm: str) -> None:
+    run = run_local(_scenario(), algorithm, telemetry="configured", work_dir=tmp_path)
+    assert run.result.output_token_ids == _reference()
+    assert len(run.result.per_token_s) == SCENARIO["generate_tokens"] - 1
+    assert all(t > 0 for t in run.result.predicted_per_token_s)
+    assert run.text
+    _assert_no_orphans(run.pids)
+
+
+def test_traces_make_the_planner_migrate_blocks(tmp_path: Path) -> None:
+    run = run_local(_scenario(), "myopic", telemetry="configured", work_dir=tmp_path)
+    assert run.result.migrations >= 1
+    assert run.result.migration_bytes > 0  # KV caches travelled between agents
+    assert run.result.output_token_ids == _reference()
+    # b lost 90 % of its compute at token 2: the re-plan moved work off it
+    assert run.result.replans >= 2
+
+
+def test_a_device_killed_mid_generation_is_recovered(tmp_path: Path) -> None:
+    # c is the fastest device, so it holds blocks when it dies; a and b can hold the model
+    scenario = _scenario(
+        devices=[
+            {"name": "a", "compute_gflops": 1.0, "memory_mib": 300, "source": True},
+            {"name": "b", "compute_gflops": 1.0, "memory_mib": 360},
+            {"name": "c", "compute_gflops": 4.0, "memory_mib": 200},
+        ],
+        traces=[{"at_token": 3, "device": "c", "fail": True}],
+    )
+    run = run_local(scenario, "myopic", telemetry="configured", work_dir=tmp_path)
+    assert run.result.recoveries == 1
+    assert run.result.output_token_ids == _reference()
+    _assert_no_orphans(run.pids)
+
+
+@pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed")
+def test_runs_over_a_real_mosquitto(tmp_path: Path) -> None:
+    with Mosquitto() as broker:
+        run = run_local(_scenario(), "myopic", broker=broker.endpoint, work_dir=tmp_path)
+    assert run.result.output_token_ids == _reference()
+    assert run.broker == broker.endpoint
+    _assert_no_orphans(run.pids)
+
+
+def test_a_scenario_larger_than_this_host_is_refused_with_the_numbers(tmp_path: Path) -> None:
+    big = _scenario(
+        devices=[
+            {"name": "a", "compute_gflops": 400, "memory_mib": 800, "source": True},
+            {"name": "b", "compute_gflops": 300, "memory_mib": 800},
+        ],
+        traces=[],
+    )
+    with pytest.raises(LocalBackendError, match=r"needs \d+\.\d+ cores"):
+        run_local(big, "myopic", work_dir=tmp_path)
