@@ -8,11 +8,9 @@ planner saw, which can lag the agent's own endpoint by up to a telemetry period.
 
 from __future__ import annotations
 
-import threading
-from wsgiref.simple_server import WSGIServer
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
+from device_agent.metrics import MetricsServer
 from device_agent.protocol import Telemetry
 
 #: per-token decode latency spans a fast LAN testbed (ms) to a starved, throttled one (s)
@@ -21,7 +19,7 @@ TOKEN_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 REPLAN_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0)
 
 
-class ControllerMetrics:
+class ControllerMetrics(MetricsServer):
     """The controller's metrics in a registry of their own, served over HTTP on demand."""
 
     def __init__(self) -> None:
@@ -97,27 +95,8 @@ class ControllerMetrics:
             registry=r,
         )
         self._links: dict[str, set[str]] = {}  # src -> dsts with a measured series
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
     # -- HTTP --------------------------------------------------------------------------
-    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
-        """Serve /metrics on addr:port (port 0 = any free one); returns the bound port."""
-        if self._server is not None:
-            raise RuntimeError("metrics are already served")
-        self._server, self._thread = start_http_server(port, addr, registry=self.registry)
-        return int(self._server.server_port)
-
-    def close(self) -> None:
-        """Stop serving (waits up to 5 s for the server thread); a no-op when not serving."""
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if thread is not None:
-            thread.join(5.0)
 
     # -- events ------------------------------------------------------------------------
     def telemetry(self, t: Telemetry) -> None:

@@ -166,7 +166,33 @@ class AgentCollector(Collector):
         return [used, budget, kv, blocks, sent, received, frames, messages, bad]
 
 
-class AgentMetrics:
+class MetricsServer:
+    """Serves one registry's /metrics over HTTP (the controller's and each agent's)."""
+
+    registry: CollectorRegistry
+    _server: WSGIServer | None = None
+    _thread: threading.Thread | None = None
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
+        """Serve /metrics on addr:port (port 0 = any free one); returns the bound port."""
+        if self._server is not None:
+            raise RuntimeError("metrics are already served")
+        self._server, self._thread = start_http_server(port, addr, registry=self.registry)
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        """Stop serving (waits up to 5 s for the server thread); a no-op when not serving."""
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join(5.0)
+
+
+class AgentMetrics(MetricsServer):
     """One agent's metrics in a registry of their own, served over HTTP on demand."""
 
     def __init__(self, agent: AgentState) -> None:
@@ -188,26 +214,7 @@ class AgentMetrics:
         )
         self.collector = AgentCollector(agent)
         self.registry.register(self.collector)
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
-    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
-        """Serve /metrics on addr:port (port 0 = any free one); returns the bound port."""
-        if self._server is not None:
-            raise RuntimeError("metrics are already served")
-        self._server, self._thread = start_http_server(port, addr, registry=self.registry)
-        return int(self._server.server_port)
-
-    def close(self) -> None:
-        """Stop serving (waits up to 5 s for the server thread); a no-op when not serving."""
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if thread is not None:
-            thread.join(5.0)
 
     def step(self, step: Step, seconds: float) -> None:
         """Record one executed step that took ``seconds`` (s); safe from any thread."""

@@ -204,7 +204,9 @@ def test_scrapes_survive_concurrent_mutation(served, agent: StandIn) -> None:
     writer.start()
     try:
         for _ in range(10):
-            samples(scrape(port))  # raises on an HTTP 500 or a malformed exposition
+            # an HTTP 500 or a malformed exposition raises; the live series are all there
+            names = {name for name, _labels in samples(scrape(port))}
+            assert {"edgepart_agent_blocks", "edgepart_agent_memory_used_bytes"} <= names
     finally:
         stop.set()
         writer.join(10)
