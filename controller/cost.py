@@ -150,7 +150,8 @@ def migration_s(
 ) -> np.ndarray | float:
     """Delay (s) of moving blocks from ``current`` to ``assignment`` at context n.
 
-    Transfers on different links run in parallel, on one link in sequence. Blocks
+    Transfers on different links run in parallel, on one link in sequence, each block
+    also costing ``view.move_s_per_block`` to install at its target. Blocks
     whose current device is unknown or dead (-1) cost nothing here: they have no
     state left to move.
     """
@@ -173,6 +174,7 @@ def migration_s(
         t = view.latency_s.ravel() + link_bytes * (
             BITS_PER_BYTE / (view.bandwidth_mbit.ravel() * MBIT)
         )
+    t = t + link_count * view.move_s_per_block
     t = np.where(link_count > 0, t, 0.0)
     return _squeeze(t.max(axis=1), assignment)
 

@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import aiomqtt
@@ -39,6 +39,10 @@ TELEMETRY_STALE_S = 1.5  # a device silent this long is not planned on
 #: a measured speed replaces the one planned with only when it differs by this much
 #: (relative): measurements jitter with the host's load, and each flip would re-plan
 MEASURED_DEADBAND = 0.15
+#: what a migrated block is assumed to cost before any was measured (s): its weights load
+#: from disk at the target and the move is acknowledged over MQTT
+MOVE_S_PRIOR = 0.01
+MOVE_S_SMOOTHING = 0.3  # weight of the newest measurement in the running estimate
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,7 @@ class Controller:
         self.client: aiomqtt.Client | None = None
         self.dropped_messages = 0
         self.measured_gflops: dict[str, float] = {}  # device -> speed planned with, GFLOP/s
+        self.move_s_per_block = MOVE_S_PRIOR  # measured time per migrated block on a link, s
         self.metrics = None
         #: awaited once every agent is online, before the first plan (the world's setup)
         self.on_joined: Callable[[], Awaitable[None]] | None = None
@@ -245,7 +250,10 @@ class Controller:
 
     # -- resource view -----------------------------------------------------------------
     def view(self, window: PlanningWindow) -> ResourceView:
-        """The resources as the controller knows them now."""
+        """The resources as the controller knows them now, with the measured cost of a move."""
+        return replace(self._resources(window), move_s_per_block=self.move_s_per_block)
+
+    def _resources(self, window: PlanningWindow) -> ResourceView:
         if self.config.telemetry == "configured":
             assert self.configured_view is not None
             return self.configured_view(window)
@@ -420,10 +428,12 @@ class Controller:
     async def _switch(self, new: Placement, view: ResourceView, context: int) -> None:
         """Move the blocks that change device, in waves that fit, one acked epoch per wave.
 
-        Every wave's targets have room for what they receive while still holding what they
-        give away (the old copies go at the wave's epoch switch), so a plan that only works
-        once some blocks have left a device moves those first. Each intermediate epoch is a
-        complete placement; a refused move ends the switch on the last complete one.
+        A move is acknowledged once its target holds the block, and its source frees it
+        then (no token runs during a switch), so every block is held exactly once and each
+        wave's epoch is a complete placement. Waves put first the moves whose targets have
+        room now, so a plan that only works once some blocks have left a device moves
+        those first. A refused move stays where it is; the switch ends when a wave moves
+        nothing, on the placement reached.
         """
         assert self.placement is not None
         current = self.placement.assignment.copy()
@@ -431,25 +441,41 @@ class Controller:
         start = time.monotonic()
         moved = 0
         moved_bytes = 0.0
+        refused: list[str] = []
         while remaining:
             wave = self._wave(sorted(remaining), current, new.assignment, view, context)
-            done, failed = await self._move(wave, current, new.assignment)
-            moved += len(done)
-            moved_bytes += sum(r.bytes_moved for _, r in done)
-            if failed:
-                await self._roll_back(done, new.assignment)
-                self.result.failed_replans += 1
-                log.warning("re-plan stopped, %d moves refused: %s", len(failed), failed[0])
+            wave_start = time.monotonic()
+            done, refused = await self._move(wave, current, new.assignment)
+            if done:
+                self._measure_moves(wave, current, new.assignment, time.monotonic() - wave_start)
+                blocks = [b for b, _ in done]
+                current[blocks] = new.assignment[blocks]
+                remaining -= set(blocks)
+                moved += len(done)
+                moved_bytes += sum(r.bytes_moved for _, r in done)
+                await self._publish_epoch(Placement(current.copy()))
+            if not done:
                 break
-            current[wave] = new.assignment[wave]
-            remaining -= set(wave)
-            await self._publish_epoch(Placement(current.copy()))
+        if remaining:
+            self.result.failed_replans += 1
+            reason = refused[0] if refused else "no move fits"
+            log.warning("re-plan stopped with %d blocks unmoved: %s", len(remaining), reason)
         took = time.monotonic() - start
         self.result.migrations += moved
         self.result.migration_s += took
         self.result.migration_bytes += moved_bytes
         if self.metrics is not None:
             self.metrics.migration(moved, moved_bytes, took)
+
+    def _measure_moves(
+        self, wave: list[int], current: np.ndarray, target: np.ndarray, took_s: float
+    ) -> None:
+        """Update the per-block move time from a wave: its time over its busiest link's blocks."""
+        links = current[wave] * len(self.config.devices) + target[wave]
+        busiest = int(np.bincount(links).max())
+        sample = took_s / busiest
+        a = MOVE_S_SMOOTHING
+        self.move_s_per_block = (1 - a) * self.move_s_per_block + a * sample
 
     def _wave(
         self,
@@ -462,6 +488,11 @@ class Controller:
         """The moves whose targets hold them on top of what they hold now (all if none does)."""
         table = self.config.table
         used = cost.memory_use(table, view, current, context).astype(float)
+        # the agents' own count may run ahead of the table's (e.g. a cache grown by a token)
+        for i, name in enumerate(self.config.devices):
+            t = self.devices[name].telemetry
+            if t is not None:
+                used[i] = max(used[i], t.memory_used_bytes)
         need = table.memory_bytes(context)
         wave = []
         for b in blocks:
@@ -500,17 +531,6 @@ class Controller:
                 tg.create_task(move(b))
         return done, failed
 
-    async def _roll_back(self, done: list[tuple[int, proto.Reply]], target: np.ndarray) -> None:
-        """Targets drop the copies they received in a wave that is not switched to."""
-        by_target: dict[str, list[str]] = {}
-        for b, _ in done:
-            by_target.setdefault(self.config.devices[target[b]], []).append(
-                self.config.table.names[b]
-            )
-        for device, blocks in by_target.items():
-            cmd = proto.Drop(id=self._id(), op="drop", blocks=tuple(blocks))
-            await self.command(device, cmd, STEP_TIMEOUT_S)
-
     async def _recover(
         self, view: ResourceView, lost: np.ndarray, history: list[int], context: int
     ) -> int:
@@ -528,7 +548,13 @@ class Controller:
             new = await self._plan(view, self.placement)
         except NoFeasiblePlacement as exc:
             raise ControllerError(f"the surviving devices cannot hold the model: {exc}") from None
-        current = self.placement.assignment.copy()
+        # survivors first, so the devices they leave have room for the lost blocks
+        survivors_moved = new.assignment.copy()
+        survivors_moved[lost] = self.placement.assignment[lost]
+        if not np.array_equal(survivors_moved, self.placement.assignment):
+            await self._switch(Placement(survivors_moved), view, context)
+            if not np.array_equal(self.placement.assignment, survivors_moved):
+                raise ControllerError("the survivors refused the blocks moved to recover")
         names = cfg.table.names
         by_device: dict[str, list[str]] = {}
         for b in np.flatnonzero(lost):
@@ -537,12 +563,7 @@ class Controller:
             for device, blocks in by_device.items():
                 cmd = proto.Load(id=self._id(), op="load", blocks=tuple(blocks))
                 tg.create_task(self._expect_ok(device, cmd, LOAD_TIMEOUT_S))
-        current[lost] = new.assignment[lost]
-        self.placement = Placement(current)
-        if not np.array_equal(current, new.assignment):
-            await self._switch(new, view, context)
-        else:
-            await self._publish_epoch(self.placement)
+        await self._publish_epoch(new)
         alive = [n for n in cfg.devices if n not in dead]
         async with asyncio.TaskGroup() as tg:
             for device in alive:

@@ -50,7 +50,8 @@ class ResourceView:
 
     compute_gflops: available GFLOP/s per device (after background load);
     memory_bytes: memory available to edgepart per device (bytes);
-    bandwidth_mbit, latency_s: per ordered device pair (Mbit/s, s), diagonal unused.
+    bandwidth_mbit, latency_s: per ordered device pair (Mbit/s, s), diagonal unused;
+    move_s_per_block: install time of a migrated block on its new device (s).
     """
 
     devices: tuple[str, ...]
@@ -62,6 +63,9 @@ class ResourceView:
     window: PlanningWindow
     weights_from: WeightsFrom = "disk"
     alive: np.ndarray = field(default=None)  # type: ignore[assignment]
+    #: time (s) one migrated block costs beyond its bytes (the target loads its weights and
+    #: acknowledges), in sequence with the other blocks on its link; 0: bytes only
+    move_s_per_block: float = 0.0
 
     def __post_init__(self) -> None:
         d = len(self.devices)

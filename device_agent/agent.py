@@ -49,6 +49,7 @@ STEP_TIMEOUT_S = 60.0  # longest wait (s) for one input of a token
 SEND_TIMEOUT_S = 120.0  # longest (s) one frame may take on a shaped link (a migration at 1 Mbit)
 EPOCH_WAIT_S = 10.0  # how long (s) a frame or command may wait for its placement to arrive
 MQTT_KEEPALIVE_S = 5
+STOP_GRACE_S = 3.0  # longest orderly shutdown after SIGTERM before the process just exits
 PACE_MIN_SLEEP_S = 0.0005  # shorter dilation waits are owed, not slept (s)
 #: decode steps whose compute speed is averaged into the measured GFLOP/s
 SPEED_WINDOW = 64
@@ -423,6 +424,9 @@ class Agent:
             self.acks.pop(key, None)
         if error:
             raise CommandRefused(error)
+        # the target holds it now and no token runs during a switch: free it here at once,
+        # so what this device receives in the same re-plan finds the room
+        self.host.drop(cmd.block)
         return {"bytes_moved": float(len(payload)), "seconds": time.monotonic() - start}
 
     async def _receive_block(self, frame: Frame) -> None:
@@ -716,15 +720,31 @@ def run_agent(config: AgentConfig) -> int:
         agent = Agent(config)
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            task.cancel()  # type: ignore[union-attr]
+            # a device that is told to stop stops: if an orderly shutdown hangs (a broker
+            # that does not answer the disconnect), the process still ends in bounded time
+            loop.call_later(STOP_GRACE_S, _exit_now, 0)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)  # type: ignore[union-attr]
+            loop.add_signal_handler(sig, stop)
         await agent.run()
 
     try:
         asyncio.run(main())
     except (asyncio.CancelledError, KeyboardInterrupt):
-        return 0
+        code = 0
     except aiomqtt.MqttError as exc:
         log.error("%s: broker connection failed: %s", config.name, exc)
-        return 1
-    return 0
+        code = 1
+    else:
+        code = 0
+    _exit_now(code)
+    return code  # pragma: no cover - _exit_now does not return
+
+
+def _exit_now(code: int) -> None:
+    """End the process now (logs flushed): worker threads must not hold it open."""
+    logging.shutdown()
+    os._exit(code)

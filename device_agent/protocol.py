@@ -99,7 +99,7 @@ class Drop(_Command):
 
 
 class Migrate(_Command):
-    """Stream a block's state to another agent, which replies once it holds it."""
+    """Stream a block's state to another agent; once that one holds it, free the copy here."""
 
     op: Literal["migrate"]
     block: BlockName

@@ -447,6 +447,7 @@ class _Search:
             cost.source_overhead_s(table, view, self.x[table.ffn_id(table.spec.layers - 1)])
         )
         self.mig_bytes = cost.migration_bytes(table, view, w.context_tokens)
+        self.move_s = view.move_s_per_block
         self.link_bytes = np.zeros((d, d))
         self.link_count = np.zeros((d, d), dtype=np.int64)
         if current is not None:
@@ -501,7 +502,7 @@ class _Search:
         if self.cur is None or not link_count.any():
             return 0.0
         with np.errstate(invalid="ignore"):
-            t = self.view.latency_s + link_bytes * self.link_rate
+            t = self.view.latency_s + link_bytes * self.link_rate + link_count * self.move_s
         return float(np.where(link_count > 0, t, 0.0).max())
 
     def score(self, blocks: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -564,10 +565,12 @@ class _Search:
         link = np.where(cur >= 0, cur, 0) * d + targets  # (C, S)
         same = (link[:, :, None] == link[:, None, :]) & moving[:, None, :]
         added = (same * self.mig_bytes[blocks][None, None, :]).sum(axis=2)  # (C, S)
+        added_count = same.sum(axis=2)  # (C, S)
         with np.errstate(invalid="ignore"):
             t = (
                 self.view.latency_s.ravel()[link]
                 + (lb.ravel()[link] + added) * (self.link_rate.ravel()[link])
+                + (lc.ravel()[link] + added_count) * self.move_s
             )
         t = np.where(moving, t, 0.0)
         return np.maximum(base, t.max(axis=1)) - self.mig_s
@@ -716,7 +719,11 @@ class _Search:
         cur = self.cur[b]
         here = self.x[b]
         with np.errstate(invalid="ignore"):
-            link_s = self.view.latency_s + self.link_bytes * self.link_rate
+            link_s = (
+                self.view.latency_s
+                + self.link_bytes * self.link_rate
+                + self.link_count * self.move_s
+            )
         link_s = np.where(self.link_count > 0, link_s, 0.0).ravel()
         order = np.argsort(link_s)[-2:] if link_s.size > 1 else np.array([0, 0])
         top1, top2 = link_s[order[-1]], link_s[order[0]]
@@ -732,7 +739,9 @@ class _Search:
             with np.errstate(invalid="ignore"):
                 own_left[rest] = np.where(
                     count_left > 0,
-                    self.view.latency_s.ravel()[e] + bytes_left * self.link_rate.ravel()[e],
+                    self.view.latency_s.ravel()[e]
+                    + bytes_left * self.link_rate.ravel()[e]
+                    + count_left * self.move_s,
                     0.0,
                 )
         others = np.where(own == order[-1], top2, top1)
@@ -745,6 +754,7 @@ class _Search:
                 self.view.latency_s.ravel()[link]
                 + (self.link_bytes.ravel()[link] + self.mig_bytes[b][:, None])
                 * self.link_rate.ravel()[link]
+                + (self.link_count.ravel()[link] + 1) * self.move_s
             )
         adds = (cur[:, None] >= 0) & (targets[None, :] != cur[:, None])
         new = np.maximum(base[:, None], np.where(adds, added, 0.0))

@@ -406,7 +406,9 @@ def solve(
             lat = view.latency_s[i, dev[j]] / tau
             m.add_rows(
                 np.r_[mig, link, cols][None],
-                np.r_[1.0, -lat, -sizes * per_byte[i, dev[j]] / tau][None],
+                np.r_[
+                    1.0, -lat, -(sizes * per_byte[i, dev[j]] + view.move_s_per_block) / tau
+                ][None],
                 0.0,
                 INF,
             )

@@ -365,8 +365,9 @@ def run_local(
                     group = CgroupLimits.create(
                         f"{testbed}-{d.name}", cpu_share=shares[d.name], memory_bytes=None
                     )
+                    # joined at setup: start-up (imports, opening the model) is not what
+                    # a device's speed emulates, and at a 0.1-core share it takes a minute
                     agent.cgroup = group
-                    group.add(agent.process.pid)
             world = World(scenario, agents, shares)
             config = controller_config(
                 scenario, table, ids, endpoint, testbed, algorithm, telemetry, metrics_port
@@ -434,10 +435,12 @@ def controller_config(
 
 
 def _with_memory_limits(world: World, agents: dict[str, AgentProcess]):
-    """Setup that also caps each agent's memory: budget + its measured runtime + slack."""
+    """Setup that puts each agent into its cgroup and caps its memory: budget + its
+    measured runtime + slack."""
 
     async def setup() -> None:
         for name, agent in agents.items():
+            agent.cgroup.add(agent.process.pid)
             budget = float(world.state.memory_bytes[world.state.index(name)])
             runtime = _rss_bytes(agent.process.pid)
             agent.cgroup.set_memory_limit(int(budget + runtime + RUNTIME_SLACK_BYTES))

@@ -72,6 +72,7 @@ def ref_migration_s(
     table: BlockTable, view: ResourceView, current: list[int], x: list[int], n: float
 ) -> float:
     per_link: dict[tuple[int, int], float] = {}
+    count: dict[tuple[int, int], int] = {}
     spec = table.spec
     for b, (c, d) in enumerate(zip(current, x, strict=True)):
         if c < 0 or c == d:
@@ -81,8 +82,11 @@ def ref_migration_s(
         if view.weights_from == "peer":
             nbytes += float(table.weight_bytes[b])
         per_link[(c, d)] = per_link.get((c, d), 0.0) + nbytes
+        count[(c, d)] = count.get((c, d), 0) + 1
     times = [
-        float(view.latency_s[c][d]) + nbytes * 8.0 / (float(view.bandwidth_mbit[c][d]) * 1e6)
+        float(view.latency_s[c][d])
+        + nbytes * 8.0 / (float(view.bandwidth_mbit[c][d]) * 1e6)
+        + count[(c, d)] * view.move_s_per_block
         for (c, d), nbytes in per_link.items()
     ]
     return max(times, default=0.0)
@@ -125,6 +129,7 @@ def views(draw, devices: int, weights_from: str = "disk") -> ResourceView:
         source=draw(st.integers(0, devices - 1)),
         window=PlanningWindow(8, 8, 64),
         weights_from=weights_from,  # type: ignore[arg-type]
+        move_s_per_block=draw(st.sampled_from([0.0, 0.001, 0.03])),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -98,6 +99,8 @@ def case(seed: int):
         dead=(1 + seed % (devices - 1)) if seed % 6 == 5 and devices > 2 else None,
         broken_link=seed % 5 == 2,
     )
+    if seed % 3 == 1:
+        view = replace(view, move_s_per_block=0.004)  # installing a block costs time too
     current = None
     if seed % 2 == 0:
         current = rng.integers(-1, devices, model.size)

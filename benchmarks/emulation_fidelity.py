@@ -1,0 +1,451 @@
+"""Emulation fidelity: live local runs against the cost model, and shaped-link goodput.
+
+Part (a), live runs. Every scenario (default ``scenarios/demo.yaml``, ``scenarios/lan-3.yaml``,
+``scenarios/wifi-4.yaml``) runs once per algorithm (myopic, edgeshard, static-heads,
+memory-proportional, galaxy) on the ``local`` backend (``emulator.backends.local.run_local``:
+an embedded MQTT broker, one real agent process per device paced to its share of this
+host's CPU, links shaped in the agents' senders, the scenario's traces applied when
+generation reaches them). For each run it reports:
+
+- fidelity: median and p90 over the run's tokens of |measured / predicted - 1|
+  (``emulator.report.fidelity``; the prediction is the cost model's for the same placement,
+  resources and context the controller had when it ran the token). Target: median <= 20%;
+- tokens/s = tokens / sum(per-token decode times) (migration stalls and the prefill left out),
+  total s (decode plus migration stalls, as the simulator counts it), migrated blocks;
+- peak memory per device (MiB; the tables show the maximum over devices, the JSON all);
+- whether the greedy output ids equal those of the scenario's first successful run (the
+  same prompt on the same weights: a partition must not change the tokens).
+
+The headline table puts the measured tokens/s and peak memory per device of myopic next
+to every other algorithm, per scenario. A run that raises is recorded with its error text
+(type and message) and left out of the numbers; the library is not worked around.
+
+Part (b), shaped goodput. Two ``device_agent.dataplane.DataPlane`` instances in one asyncio
+loop on loopback; the sender is shaped (``DataPlane.shape``) at 1, 10 and 100 Mbit/s, no
+added latency, and sends 64 KiB ACTIVATION frames (a float32 tensor payload of 16384 values,
+``encode_frame`` length including headers) one after the other, enough for ``--seconds`` of
+traffic at the configured rate. The receiver stamps (perf_counter) each whole frame as its
+``on_frame`` handler gets it; goodput = bytes of the frames after the first / (stamp of the
+last - stamp of the first). The first frame's bytes are left out because its stamp marks
+its end: the window then runs from the first byte counted to the last, exactly (the bucket's
+initial burst, 5 ms of traffic, also falls outside it). Target: |goodput / configured - 1|
+<= 5% at every rate.
+
+The machine's load is not controlled (other processes may share the CPU; the 1-minute load
+average is recorded); every wait is bounded.
+
+Run: ``.venv/bin/python benchmarks/emulation_fidelity.py [--quick] [--scenarios F ...]
+[--algorithms A ...] [--tokens N] [--telemetry measured|configured] [--seconds S]
+[--out DIR]``. ``--quick``: only lan-3 with myopic and edgeshard, 12 tokens, 1 s of traffic
+per rate. Writes DIR/emulation_fidelity.json; agent logs go under DIR/local/ALGORITHM/.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import asyncio
+import math
+import os
+import statistics
+import time
+import traceback
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    console,
+    environment,
+    make_parser,
+    num,
+    parse,
+    pct,
+    print_table,
+    print_targets,
+    target,
+    write_json,
+)
+
+NAME = "emulation_fidelity"
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ["scenarios/demo.yaml", "scenarios/lan-3.yaml", "scenarios/wifi-4.yaml"]
+SCENARIOS_QUICK = ["scenarios/lan-3.yaml"]
+ALGORITHMS = ["myopic", "edgeshard", "static-heads", "memory-proportional", "galaxy"]
+ALGORITHMS_QUICK = ["myopic", "edgeshard"]
+TOKENS_QUICK = 12
+RATES_MBIT = [1.0, 10.0, 100.0]
+SECONDS, SECONDS_QUICK = 2.5, 1.0
+FRAME_VALUES = 16384  # float32 values per ACTIVATION frame: a 64 KiB payload
+FIDELITY_TARGET = 0.20
+GOODPUT_TARGET = 0.05
+FRAME_TIMEOUT_S = 30.0  # for any one frame to be sent
+MIB = 2**20
+
+
+# ---------------------------------------------------------------- (a) live runs
+
+
+def _resolve(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else ROOT / p
+
+
+def error_text(exc: BaseException) -> str:
+    """Type and message of an error; an exception group's leaves, each on its own line."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "\n".join(error_text(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run_one(scenario, algorithm: str, telemetry: str, work_dir: Path) -> dict[str, Any]:
+    """One live run on the local backend, summarised (or its error)."""
+    from emulator.backends.local import run_local
+    from emulator.report import fidelity
+
+    t0 = time.perf_counter()
+    try:
+        run = run_local(
+            scenario,
+            algorithm,
+            telemetry=telemetry,  # type: ignore[arg-type]
+            work_dir=work_dir,
+            status=lambda msg: console.print(f"    {msg}"),
+        )
+    except Exception as exc:  # reported, not worked around
+        return {
+            "algorithm": algorithm,
+            "ok": False,
+            "error": error_text(exc),
+            "traceback": "".join(traceback.format_exception(exc)),
+            "logs": str(work_dir),
+            "wall_s": time.perf_counter() - t0,
+        }
+    r = run.result
+    median, p90 = fidelity(run)
+    decode_s = sum(r.per_token_s)
+    peaks = {k: v / MIB for k, v in r.peak_memory_bytes.items()}
+    return {
+        "algorithm": algorithm,
+        "ok": True,
+        "error": r.failure,
+        "fidelity_median": median,
+        "fidelity_p90": p90,
+        "tokens": len(r.per_token_s),
+        "tokens_per_s": len(r.per_token_s) / decode_s if decode_s > 0 else None,
+        "total_s": r.total_s,
+        "prefill_s": r.prefill_s,
+        "migrations": r.migrations,
+        "migration_s": r.migration_s,
+        "replans": r.replans,
+        "failed_replans": r.failed_replans,
+        "recoveries": r.recoveries,
+        "peak_memory_mib": peaks,
+        "peak_memory_mib_max": max(peaks.values(), default=0.0),
+        "isolation": run.isolation,
+        "cpu_share": run.shares,
+        "dropped_messages": run.dropped_messages,
+        "wall_s": time.perf_counter() - t0,
+        "run": run.to_json(),
+    }
+
+
+def run_scenario(path: Path, algorithms: list[str], tokens: int | None, telemetry: str,
+                 work_dir: Path) -> dict[str, Any]:
+    """Every algorithm on one scenario, plus whether their greedy ids agree."""
+    from emulator.scenario import load_scenario
+
+    scenario = load_scenario(path)
+    if tokens is not None:
+        scenario = scenario.model_copy(update={"generate_tokens": tokens})
+    runs: list[dict[str, Any]] = []
+    for algorithm in algorithms:
+        console.rule(f"{scenario.name}: {algorithm} ({scenario.generate_tokens} tokens)")
+        run = run_one(scenario, algorithm, telemetry, work_dir / algorithm)
+        if run["ok"]:
+            console.print(
+                f"  {run['tokens']} tokens, {num(run['tokens_per_s'], '.2f')} tokens/s, "
+                f"fidelity median {pct(run['fidelity_median'], 1)}, "
+                f"{run['migrations']} migrated blocks, wall {run['wall_s']:.0f} s"
+            )
+        else:
+            console.print(f"  [red]failed[/]: {run['error']}")
+        runs.append(run)
+    ok = [r for r in runs if r["ok"]]
+    reference = ok[0]["run"]["output_token_ids"] if ok else None
+    for r in ok:
+        r["ids_match_reference"] = r["run"]["output_token_ids"] == reference
+    return {
+        "scenario": scenario.name,
+        "file": str(path),
+        "devices": list(scenario.device_names),
+        "generate_tokens": scenario.generate_tokens,
+        "traces": len(scenario.traces),
+        "reference_algorithm": ok[0]["algorithm"] if ok else None,
+        "output_ids_identical": all(r["ids_match_reference"] for r in ok) if ok else None,
+        "runs": runs,
+    }
+
+
+def _mib(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def print_fidelity(results: list[dict[str, Any]]) -> None:
+    rows = []
+    for sc in results:
+        for r in sc["runs"]:
+            if not r["ok"]:
+                rows.append((sc["scenario"], r["algorithm"], "error", "", "", "", "", "", "", ""))
+                continue
+            rows.append(
+                (
+                    sc["scenario"],
+                    r["algorithm"],
+                    pct(r["fidelity_median"], 1),
+                    pct(r["fidelity_p90"], 1),
+                    "[green]yes[/]" if r["fidelity_median"] <= FIDELITY_TARGET else "[red]no[/]",
+                    num(r["tokens_per_s"], ".2f"),
+                    f"{r['total_s']:.2f}",
+                    r["migrations"],
+                    _mib(r["peak_memory_mib_max"]),
+                    "yes" if r["ids_match_reference"] else "[red]NO[/]",
+                )
+            )
+    print_table(
+        "Live runs on the local backend: measured vs predicted per-token time",
+        ["scenario", "algorithm", "|m/p-1| median", "p90", "<= 20%", "tokens/s", "total s",
+         "migrated", "peak MiB (max dev)", "ids = ref"],
+        rows,
+        caption="ids = ref: greedy output ids equal those of the scenario's first run "
+        "(its reference); tokens/s = tokens / sum of per-token decode times",
+    )
+    for sc in results:
+        for r in sc["runs"]:
+            if not r["ok"]:
+                console.print(f"[red]{sc['scenario']} {r['algorithm']}[/]: {r['error']}")
+
+
+def print_headline(results: list[dict[str, Any]]) -> None:
+    rows = []
+    for sc in results:
+        by = {r["algorithm"]: r for r in sc["runs"] if r["ok"]}
+        mine = by.get("myopic")
+        for r in sc["runs"]:
+            if not r["ok"]:
+                rows.append((sc["scenario"], r["algorithm"], "error", "", "", ""))
+                continue
+            ratio = (
+                r["tokens_per_s"] / mine["tokens_per_s"]
+                if mine is not None and r["tokens_per_s"] and mine["tokens_per_s"]
+                else None
+            )
+            per_device = " ".join(f"{d} {v:.0f}" for d, v in r["peak_memory_mib"].items())
+            rows.append(
+                (
+                    sc["scenario"],
+                    r["algorithm"],
+                    num(r["tokens_per_s"], ".2f"),
+                    "-" if ratio is None else f"{ratio:.2f}x",
+                    _mib(r["peak_memory_mib_max"]),
+                    per_device,
+                )
+            )
+    print_table(
+        "Headline: measured tokens/s and peak memory per device, myopic vs the others",
+        ["scenario", "algorithm", "tokens/s", "vs myopic", "peak MiB (max)", "peak MiB per device"],
+        rows,
+    )
+
+
+# ---------------------------------------------------------------- (b) shaped goodput
+
+
+def quiet_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Loop exception handler: drop the CancelledError asyncio's stream callback logs.
+
+    ``DataPlane.close`` cancels its connection readers; on Python 3.11 asyncio's
+    StreamReaderProtocol then calls ``exception()`` on the cancelled task in a callback and
+    logs the resulting CancelledError with a traceback. Anything else goes to the default.
+    """
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        return
+    loop.default_exception_handler(context)
+
+
+async def _goodput(rate_mbit: float, seconds: float) -> dict[str, Any]:
+    """Send shaped 64 KiB frames over loopback; the goodput the receiver saw."""
+    from device_agent.dataplane import DataPlane
+    from device_agent.wire import Frame, Kind, encode_frame, tensor_to_payload
+
+    payload = tensor_to_payload(torch.zeros(FRAME_VALUES, dtype=torch.float32))
+    frame_bytes = len(encode_frame(Frame(Kind.ACTIVATION, 1, 0, "bench.out", payload)))
+    per_frame_s = frame_bytes * 8 / (rate_mbit * 1e6)
+    frames = 1 + max(2, math.ceil(seconds / per_frame_s))
+    stamps: list[tuple[float, int]] = []
+    done = asyncio.Event()
+
+    async def on_frame(frame: Frame) -> None:
+        stamps.append((time.perf_counter(), len(encode_frame(frame))))
+        if len(stamps) >= frames:
+            done.set()
+
+    async def ignore(_frame: Frame) -> None:
+        return None
+
+    asyncio.get_running_loop().set_exception_handler(quiet_cancelled)
+    rx = DataPlane("rx", on_frame)
+    tx = DataPlane("tx", ignore)
+    try:
+        host, port = await rx.start("127.0.0.1", 0)
+        await tx.start("127.0.0.1", 0)
+        tx.set_endpoints({"rx": f"{host}:{port}"})
+        tx.shape("rx", rate_mbit, 0.0)
+        started = time.perf_counter()
+        for i in range(frames):
+            await tx.send("rx", Frame(Kind.ACTIVATION, 1, i, "bench.out", payload), FRAME_TIMEOUT_S)
+        await asyncio.wait_for(done.wait(), timeout=FRAME_TIMEOUT_S)
+        send_s = time.perf_counter() - started
+    finally:
+        await tx.close()
+        await rx.close()
+    window = stamps[-1][0] - stamps[0][0]
+    counted = sum(n for _, n in stamps[1:])
+    goodput = counted * 8 / window / 1e6
+    return {
+        "rate_mbit": rate_mbit,
+        "frame_bytes": frame_bytes,
+        "frames": frames,
+        "window_s": window,
+        "bytes_counted": counted,
+        "sender_s": send_s,
+        "goodput_mbit": goodput,
+        "relative_error": goodput / rate_mbit - 1.0,
+    }
+
+
+def shaped_goodput(rates: list[float], seconds: float) -> list[dict[str, Any]]:
+    """Goodput at each configured rate, each pair of data planes in a fresh loop."""
+    out = []
+    for rate in rates:
+        console.print(f"  shaping at {rate:g} Mbit/s for about {seconds:g} s")
+        out.append(asyncio.run(_goodput(rate, seconds)))
+    return out
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns what it writes to DIR/emulation_fidelity.json."""
+    parser = make_parser(__doc__.splitlines()[0], default_seeds=1, quick_seeds=1)
+    parser.add_argument(
+        "--scenarios", nargs="+", default=None,
+        help=f"scenario files ({' '.join(SCENARIOS)}; quick {' '.join(SCENARIOS_QUICK)})",
+    )
+    parser.add_argument(
+        "--algorithms", nargs="+", default=None,
+        help=f"algorithms ({' '.join(ALGORITHMS)}; quick {' '.join(ALGORITHMS_QUICK)})",
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=None,
+        help=f"override generate_tokens (default: the scenario's; quick {TOKENS_QUICK})",
+    )
+    parser.add_argument(
+        "--telemetry", choices=["measured", "configured"], default="measured",
+        help="what the controller plans on (measured)",
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=None,
+        help=f"traffic per shaped rate (s; {SECONDS}; quick {SECONDS_QUICK})",
+    )
+    args = parse(parser, argv)
+    scenarios = args.scenarios or (SCENARIOS_QUICK if args.quick else SCENARIOS)
+    algorithms = args.algorithms or (ALGORITHMS_QUICK if args.quick else ALGORITHMS)
+    tokens = args.tokens or (TOKENS_QUICK if args.quick else None)
+    seconds = args.seconds or (SECONDS_QUICK if args.quick else SECONDS)
+    if tokens is not None and tokens < 2:
+        parser.error("--tokens must be at least 2 (one decode step after the prefill)")
+    load_start = os.getloadavg()
+    work_dir = args.out / "local"
+
+    results = [
+        run_scenario(_resolve(s), algorithms, tokens, args.telemetry, work_dir) for s in scenarios
+    ]
+    console.rule("shaped goodput on loopback")
+    goodput = shaped_goodput(RATES_MBIT, seconds)
+
+    ok_runs = [r for sc in results for r in sc["runs"] if r["ok"]]
+    medians = [r["fidelity_median"] for r in ok_runs]
+    targets = [
+        target(
+            "fidelity median, worst run",
+            max(medians) if medians else None,
+            FIDELITY_TARGET,
+        ),
+        target(
+            "fidelity median, median over runs",
+            statistics.median(medians) if medians else None,
+            FIDELITY_TARGET,
+        ),
+    ] + [
+        target(f"goodput error at {g['rate_mbit']:g} Mbit/s", abs(g["relative_error"]),
+               GOODPUT_TARGET)
+        for g in goodput
+    ]
+
+    print_fidelity(results)
+    print_headline(results)
+    print_table(
+        "Output ids across algorithms",
+        ["scenario", "reference", "identical across algorithms"],
+        [
+            (sc["scenario"], sc["reference_algorithm"] or "-",
+             {True: "yes", False: "[red]NO[/]", None: "-"}[sc["output_ids_identical"]])
+            for sc in results
+        ],
+    )
+    print_table(
+        "Shaped goodput: DataPlane pair on loopback, 64 KiB ACTIVATION frames",
+        ["configured", "frames", "window", "goodput", "error"],
+        [
+            (f"{g['rate_mbit']:g} Mbit/s", g["frames"], f"{g['window_s']:.2f} s",
+             f"{g['goodput_mbit']:.3f} Mbit/s", pct(g["relative_error"]))
+            for g in goodput
+        ],
+        caption="goodput = bytes of the frames after the first (headers included) / time "
+        "from the first frame's arrival to the last's",
+    )
+    print_targets(targets)
+
+    data = {
+        "benchmark": NAME,
+        "quick": args.quick,
+        "environment": environment(),
+        "setup": {
+            "scenarios": [str(s) for s in scenarios],
+            "algorithms": algorithms,
+            "tokens_override": tokens,
+            "telemetry": args.telemetry,
+            "backend": "local",
+            "rates_mbit": RATES_MBIT,
+            "seconds_per_rate": seconds,
+            "frame_payload_values": FRAME_VALUES,
+            "fidelity": "median and p90 over tokens of |measured / predicted - 1|",
+            "tokens_per_s": "tokens / sum(per_token_s)",
+        },
+        "load_average_1min": {"start": load_start[0], "end": os.getloadavg()[0]},
+        "scenarios": results,
+        "shaped_goodput": goodput,
+        "targets": targets,
+    }
+    write_json(args.out, NAME, data)
+    return data
+
+
+if __name__ == "__main__":
+    main()
