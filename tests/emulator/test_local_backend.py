@@ -6,7 +6,12 @@ make the re-planning algorithm move blocks, and nothing started may outlive the 
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from functools import cache
 from pathlib import Path
 
@@ -126,3 +131,48 @@ def test_a_scenario_larger_than_this_host_is_refused_with_the_numbers(tmp_path: 
     )
     with pytest.raises(LocalBackendError, match=r"needs \d+\.\d+ cores"):
         run_local(big, "myopic", work_dir=tmp_path)
+
+
+def _agents_of(testbed: str) -> list[int]:
+    """Pids of live agent processes started for a testbed."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"device_agent" in cmdline and testbed.encode() in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def test_ctrl_c_tears_everything_down(tmp_path: Path) -> None:
+    scenario = tmp_path / "e2e.yaml"
+    scenario.write_text(json.dumps({**SCENARIO, "generate_tokens": 400}))
+    cli = [sys.executable, "-c", "from controller.cli import app; app()"]
+    proc = subprocess.Popen(
+        [*cli, "emulate", str(scenario), "--algorithm", "myopic", "--json"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    testbed = f"e2e-{proc.pid}"
+    logs = tmp_path / "out" / "local" / testbed
+    deadline = time.monotonic() + 120
+    def online(device: str) -> bool:
+        log = logs / f"{device}.log"
+        return log.is_file() and "online" in log.read_text()
+
+    # poll until every agent is up (the run then goes on for hundreds of tokens)
+    while not all(online(d["name"]) for d in SCENARIO["devices"]):
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        assert time.monotonic() < deadline, "agents did not come online in 120 s"
+        time.sleep(0.1)
+    pids = _agents_of(testbed)
+    assert len(pids) == len(SCENARIO["devices"])
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert _agents_of(testbed) == []
+    _assert_no_orphans({str(p): p for p in pids})
