@@ -95,23 +95,14 @@ def _accepts_connections(host: str, port: int, timeout_s: float) -> bool:
         return False
 
 
-class EmbeddedBroker:
-    """An amqtt broker serving plain MQTT 3.1.1 on TCP from its own thread and event loop."""
+class _Broker:
+    """What both brokers share: one TCP listener on host:port, started and stopped."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Configure (not start) a broker on host:port; port 0 picks a free port."""
+    def __init__(self, host: str, port: int) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port {port} is outside 0-65535")
-        if ":" in host:
-            # amqtt 0.12 passes "[::1]" to getaddrinfo brackets and all, so the bind fails.
-            raise ValueError(f"the embedded broker cannot listen on IPv6 address {host!r}")
         self._host = host
         self._port = port or free_port(host)
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop_requested: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
 
     @property
     def host(self) -> str:
@@ -127,6 +118,42 @@ class EmbeddedBroker:
     def endpoint(self) -> str:
         """The listener as "host:port"."""
         return _format_endpoint(self._host, self._port)
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Start serving; block until the listener accepts connections (s)."""
+        raise NotImplementedError
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop serving (s); idempotent."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedBroker(_Broker):
+    """An amqtt broker serving plain MQTT 3.1.1 on TCP from its own thread and event loop."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Configure (not start) a broker on host:port; port 0 picks a free port."""
+        if ":" in host:
+            # amqtt 0.12 passes "[::1]" to getaddrinfo brackets and all, so the bind fails.
+            raise ValueError(f"the embedded broker cannot listen on IPv6 address {host!r}")
+        super().__init__(host, port)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_requested: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
 
     @property
     def running(self) -> bool:
@@ -222,18 +249,6 @@ class EmbeddedBroker:
         self._loop = None
         self._stop_requested = None
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 def mosquitto_path() -> str | None:
     """Path of the mosquitto executable, or None when it is not installed."""
@@ -261,32 +276,14 @@ def _stop_live_mosquittos() -> None:
         broker.stop(timeout_s=2.0)
 
 
-class Mosquitto:
+class Mosquitto(_Broker):
     """A mosquitto subprocess serving anonymous MQTT on one TCP listener, without persistence."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Configure (not start) mosquitto on host:port; port 0 picks a free port."""
-        if not 0 <= port <= 65535:
-            raise ValueError(f"port {port} is outside 0-65535")
-        self._host = host
-        self._port = port or free_port(host)
+        super().__init__(host, port)
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmpdir: Path | None = None
-
-    @property
-    def host(self) -> str:
-        """Address the listener binds to."""
-        return self._host
-
-    @property
-    def port(self) -> int:
-        """TCP port the listener binds to."""
-        return self._port
-
-    @property
-    def endpoint(self) -> str:
-        """The listener as "host:port"."""
-        return _format_endpoint(self._host, self._port)
 
     @property
     def running(self) -> bool:
@@ -382,15 +379,3 @@ class Mosquitto:
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
