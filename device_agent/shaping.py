@@ -22,6 +22,7 @@ _CHUNK_S = 0.005  # seconds of traffic per paced write: fine pacing without a sy
 _MIN_CHUNK = 1024  # bytes
 _MAX_CHUNK = 256 * 1024  # bytes
 _BURST_S = 0.005  # seconds of traffic the bucket may send at once after idling
+_MIN_SLEEP_S = 0.002  # shorter latencies accumulate until they are worth a timer (s)
 
 
 def mbit_to_bytes_per_s(rate_mbit: float) -> float:
@@ -118,6 +119,8 @@ def _burst_bytes(rate_bytes_per_s: float) -> float:
 class ShapedWriter:
     """Wraps a StreamWriter: each frame waits latency_s, then is paced at rate_mbit.
 
+    Latencies under 2 ms are kept exact on average over frames, not per frame.
+
     ``rate_mbit=None`` (or inf) sends at line rate. ``set_rate``/``set_latency`` take effect
     from the next frame; a frame in flight finishes at the parameters it started with.
     """
@@ -141,6 +144,7 @@ class ShapedWriter:
         self._pending_rate: float | None = None
         self._frame_lock = asyncio.Lock()  # frames go out whole and in order
         self.bytes_sent = 0  # total bytes written through the shaper
+        self._owed_s = 0.0  # sub-millisecond latency not yet slept (s; < 0: overslept)
 
     def _new_bucket(self, rate: float) -> TokenBucket | None:
         if math.isinf(rate):
@@ -193,9 +197,7 @@ class ShapedWriter:
                     self._bucket = self._new_bucket(self._rate)
                 else:
                     self._bucket.set_rate(self._rate, _burst_bytes(self._rate))
-            latency = self._latency
-            if latency > 0:
-                await self._sleep(latency)
+            await self._wait_latency(self._latency)
             bucket = self._bucket
             step = _chunk_bytes(self._rate)
             view = memoryview(data)
@@ -207,6 +209,23 @@ class ShapedWriter:
                 self.bytes_sent += len(chunk)
                 # drain per chunk so the kernel buffer, not the shaper, never runs ahead by much
                 await self._writer.drain()
+
+    async def _wait_latency(self, latency_s: float) -> None:
+        """Delay a frame by latency_s (s), exactly on average.
+
+        Event-loop timers wake up to a millisecond late (epoll counts whole milliseconds),
+        which would turn a 0.3 ms LAN hop into 1.3 ms. Latencies that short are owed until
+        they add up to a sleep worth taking, and a sleep's overshoot is credited back, so
+        the delay over a run of frames is right even where one frame's is not.
+        """
+        if latency_s >= _MIN_SLEEP_S:
+            await self._sleep(latency_s)
+            return
+        self._owed_s += latency_s
+        if self._owed_s >= _MIN_SLEEP_S:
+            start = self._clock()
+            await self._sleep(self._owed_s)
+            self._owed_s -= self._clock() - start
 
     async def write_frame(self, frame: Frame) -> None:
         """Encode and send one wire frame, shaped."""

@@ -313,3 +313,17 @@ def out_bytes(total: int, payload: int) -> int:
     """Bytes the loopback test writes: whole frames until at least total bytes."""
     frame = len(encode_frame(Frame(Kind.ACTIVATION, 0, 0, "x", b"\0" * payload)))
     return -(-total // frame) * frame
+
+
+def test_sub_millisecond_latency_is_exact_on_average() -> None:
+    latency = 0.0003  # a LAN hop: shorter than an event-loop timer can resolve
+    writer, _fake, clock = shaped(None, latency)
+
+    async def run() -> None:
+        for _ in range(100):
+            await writer.send(b"x" * 100)
+
+    asyncio.run(run())
+    # owed until 2 ms add up, then slept in one go: 100 frames, 30 ms in all
+    assert all(s >= 0.002 - 1e-12 for s in clock.sleeps)
+    assert clock.now == pytest.approx(100 * latency, abs=0.002)
