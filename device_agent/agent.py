@@ -49,6 +49,7 @@ STEP_TIMEOUT_S = 60.0  # longest wait (s) for one input of a token
 SEND_TIMEOUT_S = 120.0  # longest (s) one frame may take on a shaped link (a migration at 1 Mbit)
 EPOCH_WAIT_S = 10.0  # how long (s) a frame or command may wait for its placement to arrive
 MQTT_KEEPALIVE_S = 5
+JOIN_WINDOW_S = 60.0  # how long (s) an agent keeps trying to reach the broker at start
 STOP_GRACE_S = 3.0  # longest orderly shutdown after SIGTERM before the process just exits
 PACE_MIN_SLEEP_S = 0.0005  # shorter dilation waits are owed, not slept (s)
 #: decode steps whose compute speed is averaged into the measured GFLOP/s
@@ -184,31 +185,46 @@ class Agent:
         status_topic = proto.device_topic(testbed, self.name, "status")
         offline = proto.Status(name=self.name, state="offline")
         b_host, _, b_port = self.config.broker.rpartition(":")
+        deadline = time.monotonic() + JOIN_WINDOW_S
+        delay = 0.2
         try:
-            async with aiomqtt.Client(
-                b_host,
-                int(b_port),
-                identifier=f"edgepart-{testbed}-{self.name}",
-                keepalive=MQTT_KEEPALIVE_S,
-                will=aiomqtt.Will(status_topic, proto.encode(offline), qos=1, retain=True),
-                timeout=10,
-                socket_options=proto.SOCKET_OPTIONS,
-            ) as client:
-                self.client = client
-                await client.subscribe(proto.device_topic(testbed, self.name, "cmd"), qos=1)
-                await client.subscribe(proto.placement_topic(testbed), qos=1)
-                online = proto.Status(
-                    name=self.name, state="online", listen=self.endpoint, ts=time.time()
-                )
-                await client.publish(status_topic, proto.encode(online), qos=1, retain=True)
-                log.info("%s: online, data plane on %s", self.name, self.endpoint)
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._telemetry_loop())
-                    if self.config.exit_with_parent:
-                        tg.create_task(self._watch_parent())
-                    await self._message_loop(client)
+            while True:
+                try:
+                    async with aiomqtt.Client(
+                        b_host,
+                        int(b_port),
+                        identifier=f"edgepart-{testbed}-{self.name}",
+                        keepalive=MQTT_KEEPALIVE_S,
+                        will=aiomqtt.Will(status_topic, proto.encode(offline), qos=1, retain=True),
+                        timeout=10,
+                        socket_options=proto.SOCKET_OPTIONS,
+                    ) as client:
+                        await self._serve(client, status_topic)
+                    return
+                except aiomqtt.MqttError as exc:
+                    # a broker that is slow to answer while a testbed starts is retried;
+                    # one lost after joining is the controller's to notice (issue 6)
+                    if self.client is not None or time.monotonic() + delay > deadline:
+                        raise
+                    log.info("%s: broker not reachable yet (%s), retrying", self.name, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, 2.0)
         finally:
             await self._shutdown()
+
+    async def _serve(self, client: aiomqtt.Client, status_topic: str) -> None:
+        testbed = self.config.testbed
+        self.client = client
+        await client.subscribe(proto.device_topic(testbed, self.name, "cmd"), qos=1)
+        await client.subscribe(proto.placement_topic(testbed), qos=1)
+        online = proto.Status(name=self.name, state="online", listen=self.endpoint, ts=time.time())
+        await client.publish(status_topic, proto.encode(online), qos=1, retain=True)
+        log.info("%s: online, data plane on %s", self.name, self.endpoint)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._telemetry_loop())
+            if self.config.exit_with_parent:
+                tg.create_task(self._watch_parent())
+            await self._message_loop(client)
 
     async def _shutdown(self) -> None:
         for task in list(self.programs.values()) + list(self.tasks):
