@@ -183,7 +183,7 @@ class Controller:
             host,
             int(port),
             identifier=f"edgepart-{self.config.testbed}-controller",
-            timeout=10,
+            timeout=30,  # s per MQTT operation: the embedded broker shares a loaded host
             socket_options=proto.SOCKET_OPTIONS,
         ) as client:
             self.client = client

@@ -49,7 +49,8 @@ STEP_TIMEOUT_S = 60.0  # longest wait (s) for one input of a token
 SEND_TIMEOUT_S = 120.0  # longest (s) one frame may take on a shaped link (a migration at 1 Mbit)
 EPOCH_WAIT_S = 10.0  # how long (s) a frame or command may wait for its placement to arrive
 MQTT_KEEPALIVE_S = 5
-JOIN_WINDOW_S = 60.0  # how long (s) an agent keeps trying to reach the broker at start
+MQTT_TIMEOUT_S = 30  # per MQTT operation (s): an embedded broker on a loaded host is slow
+JOIN_WINDOW_S = 90.0  # how long (s) an agent keeps trying to reach the broker at start
 STOP_GRACE_S = 3.0  # longest orderly shutdown after SIGTERM before the process just exits
 PACE_MIN_SLEEP_S = 0.0005  # shorter dilation waits are owed, not slept (s)
 #: decode steps whose compute speed is averaged into the measured GFLOP/s
@@ -196,7 +197,7 @@ class Agent:
                         identifier=f"edgepart-{testbed}-{self.name}",
                         keepalive=MQTT_KEEPALIVE_S,
                         will=aiomqtt.Will(status_topic, proto.encode(offline), qos=1, retain=True),
-                        timeout=10,
+                        timeout=MQTT_TIMEOUT_S,
                         socket_options=proto.SOCKET_OPTIONS,
                     ) as client:
                         await self._serve(client, status_topic)
@@ -214,11 +215,11 @@ class Agent:
 
     async def _serve(self, client: aiomqtt.Client, status_topic: str) -> None:
         testbed = self.config.testbed
-        self.client = client
         await client.subscribe(proto.device_topic(testbed, self.name, "cmd"), qos=1)
         await client.subscribe(proto.placement_topic(testbed), qos=1)
         online = proto.Status(name=self.name, state="online", listen=self.endpoint, ts=time.time())
         await client.publish(status_topic, proto.encode(online), qos=1, retain=True)
+        self.client = client  # joined: from here a lost broker is not retried
         log.info("%s: online, data plane on %s", self.name, self.endpoint)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._telemetry_loop())
