@@ -43,8 +43,6 @@ MEASURED_DEADBAND = 0.15
 #: from disk at the target and the move is acknowledged over MQTT
 MOVE_S_PRIOR = 0.01
 MOVE_S_SMOOTHING = 0.3  # weight of the newest measurement in the running estimate
-HOP_S_SMOOTHING = 0.1  # the same for the per-hop software time
-HOP_S_MAX = 0.005  # s; a residual beyond this per hop is not the hops' doing
 
 
 @dataclass(frozen=True)
@@ -98,7 +96,6 @@ class RunResult:
     peak_memory_bytes: dict[str, float] = field(default_factory=dict)
     recoveries: int = 0
     recovery_s: float = 0.0
-    hop_s: float = 0.0  # the per-hop software time the controller learned (s)
     move_s_per_block: float = 0.0  # the per-block move time it measured (s)
     wall_s: float = 0.0
     failure: str | None = None
@@ -164,7 +161,6 @@ class Controller:
         self.dropped_messages = 0
         self.measured_gflops: dict[str, float] = {}  # device -> speed planned with, GFLOP/s
         self.move_s_per_block = MOVE_S_PRIOR  # measured time per migrated block on a link, s
-        self.hop_s = 0.0  # learned software time of one cross-device hop, s
         self.metrics = None
         #: awaited once every agent is online, before the first plan (the world's setup)
         self.on_joined: Callable[[], Awaitable[None]] | None = None
@@ -197,7 +193,6 @@ class Controller:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
         self.result.wall_s = time.monotonic() - start
-        self.result.hop_s = self.hop_s
         self.result.move_s_per_block = self.move_s_per_block
         return self.result
 
@@ -258,13 +253,7 @@ class Controller:
     # -- resource view -----------------------------------------------------------------
     def view(self, window: PlanningWindow) -> ResourceView:
         """The resources as the controller knows them now, with the measured cost of a move."""
-        view = self._resources(window)
-        off_diagonal = ~np.eye(view.size, dtype=bool)
-        return replace(
-            view,
-            latency_s=np.where(off_diagonal, view.latency_s + self.hop_s, view.latency_s),
-            move_s_per_block=self.move_s_per_block,
-        )
+        return replace(self._resources(window), move_s_per_block=self.move_s_per_block)
 
     def _resources(self, window: PlanningWindow) -> ResourceView:
         if self.config.telemetry == "configured":
@@ -375,7 +364,6 @@ class Controller:
             start = time.monotonic()
             token = await self._decode(context, [out[-1]])
             measured = time.monotonic() - start
-            self._learn_hop_s(view, context + 1, measured - predicted)
             context += 1
             out.append(token)
             self.result.tokens.append(TokenRecord(token, measured, predicted, context, self.epoch))
@@ -480,24 +468,6 @@ class Controller:
         self.result.migration_bytes += moved_bytes
         if self.metrics is not None:
             self.metrics.migration(moved, moved_bytes, took)
-
-    def _learn_hop_s(self, view: ResourceView, context: int, residual_s: float) -> None:
-        """Update the per-hop software time from a token's residual (measured - predicted, s).
-
-        Each cross-device hop costs the agents time the links do not show (serialising,
-        waking the consumer, handing the tensor to its compute thread). The residual is
-        spread over the hops on the token's critical path, counted as the prediction's
-        sensitivity to one more second of latency on every link.
-        """
-        x = self.placement.assignment  # type: ignore[union-attr]
-        base = float(cost.per_token_s(self.config.table, view, x, context))
-        off_diagonal = ~np.eye(view.size, dtype=bool)
-        probe = replace(view, latency_s=np.where(off_diagonal, view.latency_s + 1e-3, 0.0))
-        hops = (float(cost.per_token_s(self.config.table, probe, x, context)) - base) / 1e-3
-        if hops < 1 or not np.isfinite(hops):
-            return
-        sample = min(max(self.hop_s + residual_s / hops, 0.0), HOP_S_MAX)
-        self.hop_s = (1 - HOP_S_SMOOTHING) * self.hop_s + HOP_S_SMOOTHING * sample
 
     def _measure_moves(
         self, wave: list[int], current: np.ndarray, target: np.ndarray, took_s: float

@@ -145,7 +145,6 @@ class LocalRun:
             "failed_replans": r.failed_replans,
             "prefill_s": r.prefill_s,
             "recoveries": r.recoveries,
-            "learned_hop_s": r.hop_s,
             "move_s_per_block": r.move_s_per_block,
             "recovery_s": r.recovery_s,
             "output_token_ids": r.output_token_ids,
