@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -189,7 +188,3 @@ class DataPlane:
             )
         self.bad_frames[kind] += 1
 
-
-def finite_or_none(rate_mbit: float) -> float | None:
-    """A configured rate (Mbit/s) as the shaper takes it: None for unlimited."""
-    return None if math.isinf(rate_mbit) or rate_mbit <= 0 else rate_mbit
