@@ -5,6 +5,7 @@ Exit codes: 0 done, 1 runtime failure, 2 bad input (the message names the cause)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -294,11 +295,12 @@ def emulate(
         else:
             out.print(_table(sc, results))
         return
-    if backend == "docker":
-        raise _fail("the docker backend is not available yet; use --backend local or sim", 2)
-    if backend != "local":
+    if backend not in ("local", "docker"):
         raise _fail(f"--backend {backend!r}: use sim, local or docker", 2)
-    runs = [_emulate_local(sc, n, broker, telemetry, metrics_port, json_) for n in names]
+    if backend == "docker":
+        runs = [_emulate_docker(sc, scenario, n, json_) for n in names]
+    else:
+        runs = [_emulate_local(sc, n, broker, telemetry, metrics_port, json_) for n in names]
     if json_:
         objs = [r.to_json() for r in runs]
         print(json.dumps(objs[0] if len(objs) == 1 else objs))
@@ -314,6 +316,28 @@ def emulate(
 
         written = [*save_plots(sc, runs, plots), save_json(runs, plots / "runs.json")]
         err.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _emulate_docker(sc: Scenario, path: Path, name: str, quiet: bool):
+    from emulator.backends.docker import DockerBackendError, run_docker
+    from emulator.backends.local import LocalBackendError
+    from emulator.compose import container_model_ref
+
+    try:
+        container_model_ref(sc)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    say = (lambda _m: None) if quiet else (lambda m: err.print(f"    {m}", highlight=False))
+    if not quiet:
+        err.rule(f"{sc.name}: {name} on docker ({sc.generate_tokens} tokens)")
+    try:
+        # the driver prints its tokens, then the text and table this command prints too
+        tokens = None if quiet else (lambda line: say(line) if line.startswith("token ") else None)
+        return run_docker(sc, path.read_text(encoding="utf-8"), name, status=say, on_line=tokens)
+    except LocalBackendError as exc:
+        raise _fail(str(exc), 2) from None
+    except DockerBackendError as exc:
+        raise _fail(str(exc), 1) from None
 
 
 def _emulate_local(sc: Scenario, name: str, broker, telemetry, metrics_port, quiet: bool):
@@ -381,7 +405,17 @@ def controller_command(
     calibrate: Annotated[
         bool, typer.Option(help="Plan with this host's measured block speeds.")
     ] = True,
+    profile: Annotated[
+        Path | None, typer.Option(help="Block speeds from this profile JSON (`calibrate --out`).")
+    ] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics.")] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address /metrics listens on (0.0.0.0 in a container).")
+    ] = "127.0.0.1",
+    world_driver: Annotated[
+        bool,
+        typer.Option(help="An emulator driver applies the scenario's traces: wait for it."),
+    ] = False,
     json_: JsonOpt = False,
 ) -> None:
     """The controller of a running testbed: plans, migrates and decodes over MQTT."""
@@ -408,14 +442,27 @@ def controller_command(
         raise _fail(str(exc), 2) from None
     opened = open_model(ref)
     table = block_table(opened.arch.spec)
-    if calibrate:
+    if profile is not None:
+        from llm.calibration import ComputeProfile
+
+        try:
+            table = calibrated_table(table, ComputeProfile.load(profile, table))
+        except (OSError, ValueError, KeyError) as exc:
+            raise _fail(f"--profile {profile}: {exc}", 2) from None
+    elif calibrate:
         table = calibrated_table(table, host_profile(ref, threads=1))
     config = controller_config(
         sc, table, prompt_ids(sc, opened.tokenizer), broker, testbed, algorithm, telemetry,
         metrics_port,
     )  # fmt: skip
+    config = dataclasses.replace(config, announce=True, metrics_host=metrics_host)
     static = WorldState.from_scenario(sc)
     ctl = Controller(config, configured_view=lambda window: static.view(sc, window))
+    if world_driver:
+        from controller.world_link import RemoteWorld
+
+        tokens = frozenset(t.at_token for t in sc.traces if t.at_token is not None)
+        RemoteWorld(ctl, tokens, every_token=any(t.at_s is not None for t in sc.traces))
     try:
         result = asyncio.run(ctl.run())
     except ControllerError as exc:
@@ -423,23 +470,258 @@ def controller_command(
     text = opened.tokenizer.decode(result.output_token_ids, skip_special_tokens=True)
     if json_:
         print(
-            json.dumps(
-                {
-                    "algorithm": algorithm,
-                    "per_token_s": result.per_token_s,
-                    "predicted_per_token_s": result.predicted_per_token_s,
-                    "output_token_ids": result.output_token_ids,
-                    "text": text,
-                    "migrations": result.migrations,
-                    "migration_s": result.migration_s,
-                    "replans": result.replans,
-                    "peak_memory_bytes": result.peak_memory_bytes,
-                    "total_s": result.total_s,
-                }
-            )
+            json.dumps({**result.summary(), "text": text})
         )
     else:
         out.print(text, markup=False, highlight=False)
+
+
+@app.command()
+def calibrate(
+    model: Annotated[str, typer.Option(help="Preset, .gguf file or HF directory.")] = (
+        "smollm2-135m"
+    ),
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Also write the profile JSON to this file.")
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Measure this CPU's block speeds at one thread (cached; the testbed's first service)."""
+    import shutil
+
+    from llm.host_profile import cache_path, host_profile
+
+    profile = host_profile(model, threads=1, progress=lambda m: err.print(m, highlight=False))
+    cached = cache_path(model, threads=1)
+    if out_file is not None:
+        if not cached.is_file():
+            raise _fail(f"the CPU was too busy to keep a profile in {cached}; run it again", 1)
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        if out_file.resolve() != cached.resolve():
+            shutil.copyfile(cached, out_file)
+    if json_:
+        print(json.dumps({"reference_gflops": profile.reference_gflops, "cache": str(cached)}))
+    else:
+        out.print(f"{profile.reference_gflops:.2f} GFLOP/s per core; profile in {cached}")
+
+
+testbed_app = typer.Typer(
+    no_args_is_help=True, help="The Docker testbed of a scenario: render, build, up, down."
+)
+app.add_typer(testbed_app, name="testbed")
+
+
+def _render_options(sc: Scenario, algorithm: str, image: str, swarm: bool, **extra):
+    from emulator.compose import BROKER_IMAGE, RenderOptions, container_model_ref
+    from llm.host_profile import host_profile
+
+    try:
+        ref = container_model_ref(sc)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    _algorithm(algorithm)
+    profile = host_profile(ref, threads=1, progress=lambda m: err.print(m, highlight=False))
+    return ref, RenderOptions(
+        algorithm=algorithm,
+        image=image,
+        broker_image=extra.get("broker_image") or BROKER_IMAGE,
+        reference_gflops=profile.reference_gflops,
+        swarm=swarm,
+    )
+
+
+@testbed_app.command("render")
+def testbed_render(
+    scenario: ScenarioArg,
+    out_dir: Annotated[Path, typer.Option("--out", help="Project directory to write.")] = Path(
+        "compose"
+    ),
+    algorithm: AlgorithmOpt = "myopic",
+    image: Annotated[str, typer.Option(help="The edgepart image.")] = "edgepart:latest",
+    broker_image: Annotated[
+        str | None, typer.Option(help="MQTT broker image (default eclipse-mosquitto:2).")
+    ] = None,
+    swarm: Annotated[bool, typer.Option(help="Render for docker stack deploy.")] = False,
+) -> None:
+    """Write the compose project of a scenario (compose.yaml, broker and Prometheus configs)."""
+    from emulator.compose import write_project
+    from llm.host_profile import cache_path
+
+    sc = _scenario(scenario)
+    ref, options = _render_options(sc, algorithm, image, swarm, broker_image=broker_image)
+    text = scenario.read_text(encoding="utf-8")
+    path = write_project(sc, text, out_dir, options, cache_path(ref, threads=1))
+    out.print(f"wrote {path}: `cd {out_dir} && docker compose up testbed` runs the experiment")
+
+
+def _project(sc: Scenario, project_dir: Path | None) -> tuple[str, Path]:
+    from emulator.compose import project_name
+
+    return project_name(sc), project_dir or Path("out/testbed") / project_name(sc)
+
+
+@testbed_app.command("up")
+def testbed_up(
+    scenario: ScenarioArg,
+    algorithm: AlgorithmOpt = "myopic",
+    project_dir: Annotated[
+        Path | None, typer.Option("--dir", help="Where to render the project.")
+    ] = None,
+    image: Annotated[str, typer.Option(help="The edgepart image.")] = "edgepart:latest",
+    swarm: Annotated[
+        bool, typer.Option(help="Deploy as a Docker Swarm stack (docker stack deploy).")
+    ] = False,
+) -> None:
+    """Render and start the testbed in the background (`testbed down` removes it)."""
+    import subprocess
+
+    from emulator.compose import BROKER_IMAGE, write_project
+    from emulator.images import ImageBuildError, build_image, image_exists, image_is_current
+    from llm.host_profile import cache_path
+
+    sc = _scenario(scenario)
+    if not image_is_current(image):
+        err.print(f"building {image} from this tree (edgepart testbed build)")
+        try:
+            build_image(image, progress=lambda line: err.print(f"  {line}", highlight=False))
+        except ImageBuildError as exc:
+            raise _fail(str(exc), 1) from None
+    broker = BROKER_IMAGE if image_exists(BROKER_IMAGE) else image
+    ref, options = _render_options(sc, algorithm, image, swarm, broker_image=broker)
+    name, directory = _project(sc, project_dir)
+    path = write_project(
+        sc, scenario.read_text(encoding="utf-8"), directory, options, cache_path(ref, 1)
+    )
+    if swarm:
+        cmd = ["docker", "stack", "deploy", "--compose-file", str(path), name]
+    else:
+        cmd = ["docker", "compose", "-p", name, "-f", str(path), "up", "--detach"]
+    if subprocess.run(cmd, stdin=subprocess.DEVNULL).returncode != 0:
+        raise _fail(f"{' '.join(cmd[:3])} failed (output above)", 1)
+    out.print(f"testbed {name} is up; follow it: docker compose -p {name} logs -f testbed")
+
+
+@testbed_app.command("down")
+def testbed_down(
+    scenario: ScenarioArg,
+    project_dir: Annotated[
+        Path | None, typer.Option("--dir", help="Where the project was rendered.")
+    ] = None,
+    swarm: Annotated[bool, typer.Option(help="Remove the Docker Swarm stack.")] = False,
+) -> None:
+    """Stop the testbed and remove its containers, networks and volumes."""
+    import subprocess
+
+    from emulator.backends.docker import DockerBackendError, down
+
+    sc = _scenario(scenario)
+    name, directory = _project(sc, project_dir)
+    if swarm:
+        cmd = ["docker", "stack", "rm", name]
+        if subprocess.run(cmd, stdin=subprocess.DEVNULL).returncode != 0:
+            raise _fail("docker stack rm failed (output above)", 1)
+        return
+    try:
+        down(directory, name)
+    except DockerBackendError as exc:
+        raise _fail(str(exc), 1) from None
+    out.print(f"testbed {name} removed")
+
+
+@testbed_app.command("drive")
+def testbed_drive(
+    scenario: ScenarioArg,
+    broker: Annotated[str, typer.Option(help="MQTT broker host:port.")],
+    testbed: Annotated[str, typer.Option(help="Topic namespace of the testbed.")] = "default",
+    project: Annotated[
+        str, typer.Option(help="Compose project (or stack) whose containers `fail` kills.")
+    ] = "",
+    out_dir: Annotated[Path, typer.Option("--out", help="Where result.json goes.")] = Path(
+        "out"
+    ),
+) -> None:
+    """The emulator driver (the testbed service): applies traces, prints and saves results."""
+    from controller.orchestrator import RunResult
+    from emulator.driver import DriverError, docker_kill, drive, save_outcome
+    from emulator.report import comparison_table
+    from llm.loader import open_model
+
+    sc = _scenario(scenario)
+
+    def on_token(p) -> None:
+        if p.token == 1:
+            err.print("token 1: the prompt's prefill", highlight=False)
+            return
+        err.print(
+            f"token {p.token}: {p.measured_s * 1000:.0f} ms (predicted "
+            f"{p.predicted_s * 1000:.0f} ms), {p.migrations} blocks migrated",
+            highlight=False,
+        )
+
+    try:
+        outcome = drive(sc, broker, testbed, docker_kill(project or testbed), on_token)
+    except DriverError as exc:
+        raise _fail(str(exc), 1) from None
+    if not outcome.ok:
+        save_outcome(outcome, "", out_dir)
+        raise _fail(f"the controller failed: {outcome.error}", 1)
+    tokenizer = open_model(_model_ref(sc)).tokenizer
+    text = tokenizer.decode(outcome.result["output_token_ids"], skip_special_tokens=True)
+    path = save_outcome(outcome, text, out_dir)
+    out.print(text, markup=False, highlight=False)
+    run = _DriverRun(RunResult.from_summary(outcome.result), text)
+    out.print(comparison_table(sc, [run]))
+    err.print(f"wrote {path}")
+
+
+class _DriverRun:
+    """A testbed run as the report functions read it."""
+
+    backend = "docker"
+    isolation = "container cgroup + time dilation"
+    telemetry = "measured"
+
+    def __init__(self, result, text: str) -> None:
+        self.result = result
+        self.text = text
+
+
+def _model_ref(sc: Scenario) -> str:
+    from emulator.compose import container_model_ref
+
+    try:
+        return container_model_ref(sc)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+
+
+@testbed_app.command("build")
+def testbed_build(
+    base_image: Annotated[
+        str | None,
+        typer.Option(
+            help="Base image (default: python:3.11-slim when present locally, else the "
+            "debootstrap base edgepart/base:bookworm, built when missing)."
+        ),
+    ] = None,
+    tag: Annotated[str, typer.Option(help="Tag of the image to build.")] = "edgepart:latest",
+) -> None:
+    """Build the one image of every testbed role, offline, from a cached wheelhouse."""
+    from emulator.images import ImageBuildError, build_image, image_size
+
+    started = time.monotonic()
+    try:
+        image_id = build_image(
+            tag=tag,
+            base_image=base_image,
+            progress=lambda m: err.print(m, markup=False, highlight=False, soft_wrap=True),
+        )
+        size_mb = image_size(tag) / 1e6
+    except ImageBuildError as exc:
+        raise _fail(str(exc), 1) from None
+    out.print(
+        f"built {tag} ({image_id[7:19]}, {size_mb:.0f} MB) in {time.monotonic() - started:.0f} s"
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry

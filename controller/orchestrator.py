@@ -21,8 +21,8 @@ import numpy as np
 
 from controller import cost
 from controller.placement import NoFeasiblePlacement, Placement, make_algorithm
-from controller.replan import scheduled
-from controller.view import PlanningWindow, ResourceView
+from controller.replan import scheduled, worth_switching
+from controller.view import PlanningWindow, ResourceView, with_hop_overheads
 from device_agent import protocol as proto
 from llm.blocks import PINNED_BLOCKS, BlockTable
 
@@ -36,6 +36,9 @@ LOAD_TIMEOUT_S = 300.0  # for initial loads, s
 STEP_TIMEOUT_S = 120.0  # for one token, s
 MIGRATE_TIMEOUT_S = 300.0  # for one plan's moves, s
 TELEMETRY_STALE_S = 1.5  # a device silent this long is not planned on
+LINKS_MEASURED_WAIT_S = 5  # longest wait (s) for the agents' first latency probes
+BROKER_WINDOW_S = 90.0  # how long (s) the controller retries the broker at start
+MQTT_TIMEOUT_S = 30  # per MQTT operation (s): an embedded broker on a loaded host is slow
 #: a measured speed replaces the one planned with only when it differs by this much
 #: (relative): measurements jitter with the host's load, and each flip would re-plan
 MEASURED_DEADBAND = 0.15
@@ -43,6 +46,11 @@ MEASURED_DEADBAND = 0.15
 #: from disk at the target and the move is acknowledged over MQTT
 MOVE_S_PRIOR = 0.01
 MOVE_S_SMOOTHING = 0.3  # weight of the newest measurement in the running estimate
+#: a measured link latency or hop overhead replaces the one planned with only when it moved
+#: by this much (relative) and by HOP_DEADBAND_S: each flip would shift every head-split
+#: placement
+HOP_DEADBAND = 0.25
+HOP_DEADBAND_S = 0.0001
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,10 @@ class ControllerConfig:
     telemetry: TelemetryMode = "measured"
     eos_token_id: int | None = None
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"  # where /metrics listens (0.0.0.0 in a container)
+    #: publish each token on run/progress and the outcome on run/result (retained), for an
+    #: emulator driver or anyone watching a testbed
+    announce: bool = False
 
 
 @dataclass
@@ -97,6 +109,10 @@ class RunResult:
     recoveries: int = 0
     recovery_s: float = 0.0
     move_s_per_block: float = 0.0  # the per-block move time it measured (s)
+    #: per device, the (send, receive) software time per hop it planned with last (s)
+    hop_overhead_s: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: per link "a->b", the measured one-way latency it planned with last (s)
+    latency_s: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
     failure: str | None = None
 
@@ -114,6 +130,50 @@ class RunResult:
     def total_s(self) -> float:
         """Decode time plus migration stalls (s), as the simulator counts it."""
         return float(sum(self.per_token_s) + self.migration_s)
+
+    @classmethod
+    def from_summary(cls, data: dict) -> RunResult:
+        """A result back from its ``summary`` (e.g. sent by a controller in a container)."""
+        tokens = [
+            TokenRecord(token_id, measured, predicted, 0, 0)
+            for token_id, measured, predicted in zip(
+                data["output_token_ids"][1:],
+                data["per_token_s"],
+                data["predicted_per_token_s"],
+                strict=False,
+            )
+        ]
+        fields = {
+            "algorithm", "output_token_ids", "prefill_s", "migrations", "migration_s",
+            "migration_bytes", "replans", "failed_replans", "peak_memory_bytes", "recoveries",
+            "recovery_s", "move_s_per_block", "wall_s", "latency_s",
+        }  # fmt: skip
+        kept = {k: v for k, v in data.items() if k in fields}
+        overheads = {d: tuple(v) for d, v in data.get("hop_overhead_s", {}).items()}
+        return cls(**kept, tokens=tokens, hop_overhead_s=overheads)
+
+    def summary(self) -> dict:
+        """DESIGN's emulate JSON keys a live run measures (the backend adds text and setup)."""
+        return {
+            "algorithm": self.algorithm,
+            "per_token_s": self.per_token_s,
+            "predicted_per_token_s": self.predicted_per_token_s,
+            "total_s": self.total_s,
+            "migrations": self.migrations,
+            "migration_s": self.migration_s,
+            "migration_bytes": self.migration_bytes,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "replans": self.replans,
+            "failed_replans": self.failed_replans,
+            "prefill_s": self.prefill_s,
+            "recoveries": self.recoveries,
+            "recovery_s": self.recovery_s,
+            "move_s_per_block": self.move_s_per_block,
+            "hop_overhead_s": {d: list(v) for d, v in self.hop_overhead_s.items()},
+            "latency_s": self.latency_s,
+            "output_token_ids": self.output_token_ids,
+            "wall_s": self.wall_s,
+        }
 
 
 @dataclass
@@ -160,12 +220,42 @@ class Controller:
         self.client: aiomqtt.Client | None = None
         self.dropped_messages = 0
         self.measured_gflops: dict[str, float] = {}  # device -> speed planned with, GFLOP/s
+        #: measured latencies and hop overheads as planned with (s), by (device, peer) or
+        #: (device, "send" | "receive")
+        self.held_s: dict[tuple[str, str], float] = {}
         self.move_s_per_block = MOVE_S_PRIOR  # measured time per migrated block on a link, s
         self.metrics = None
         #: awaited once every agent is online, before the first plan (the world's setup)
         self.on_joined: Callable[[], Awaitable[None]] | None = None
+        #: run/* topics to follow (e.g. an emulator driver's world_ready) and their handler
+        self.run_topics: tuple[proto.RunKind, ...] = ()
+        self.on_run_message: Callable[[object], None] | None = None
 
     # -- MQTT --------------------------------------------------------------------------
+    async def _connect(self, host: str, port: int) -> aiomqtt.Client:
+        """A client whose broker answered: retried while a testbed starts (services of a
+        swarm stack start in any order)."""
+        deadline = time.monotonic() + BROKER_WINDOW_S
+        delay = 0.2
+        while True:
+            probe = aiomqtt.Client(host, port, timeout=MQTT_TIMEOUT_S)
+            try:
+                async with probe:
+                    break
+            except aiomqtt.MqttError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise ControllerError(f"broker {host}:{port} unreachable: {exc}") from None
+                log.info("broker not reachable yet (%s), retrying", exc)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)
+        return aiomqtt.Client(
+            host,
+            port,
+            identifier=f"edgepart-{self.config.testbed}-controller",
+            timeout=MQTT_TIMEOUT_S,
+            socket_options=proto.SOCKET_OPTIONS,
+        )
+
     async def run(self) -> RunResult:
         """Connect, wait for the agents, then generate; returns the measurements."""
         host, _, port = self.config.broker.rpartition(":")
@@ -173,40 +263,63 @@ class Controller:
             from controller.metrics import ControllerMetrics
 
             self.metrics = ControllerMetrics()
-            self.metrics.serve(self.config.metrics_port)
+            self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
         start = time.monotonic()
-        async with aiomqtt.Client(
-            host,
-            int(port),
-            identifier=f"edgepart-{self.config.testbed}-controller",
-            timeout=30,  # s per MQTT operation: the embedded broker shares a loaded host
-            socket_options=proto.SOCKET_OPTIONS,
-        ) as client:
+        async with await self._connect(host, int(port)) as client:
             self.client = client
             tb = self.config.testbed
-            for kind in ("status", "telemetry", "reply"):
+            for kind in ("status", "telemetry", "reply", *self.run_topics):
                 await client.subscribe(proto.subscription(tb, kind), qos=1)
             reader = asyncio.create_task(self._read(client))
             try:
                 await self._generate()
+            except (ControllerError, NoFeasiblePlacement) as exc:
+                if self.config.announce:
+                    await self._announce(proto.RunOutcome(ok=False, error=str(exc)))
+                raise
+            else:
+                self._finish(start)
+                if self.config.announce:
+                    outcome = proto.RunOutcome(ok=True, result=self.result.summary())
+                    await self._announce(outcome)
             finally:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
+        return self.result
+
+    def _finish(self, start: float) -> None:
         self.result.wall_s = time.monotonic() - start
         self.result.move_s_per_block = self.move_s_per_block
-        return self.result
+        self.result.hop_overhead_s = {
+            d: (self.held_s.get((d, "send"), 0.0), self.held_s.get((d, "receive"), 0.0))
+            for d in self.config.devices
+        }
+        self.result.latency_s = {
+            f"{a}->{b}": s for (a, b), s in self.held_s.items() if b in self.index
+        }
+
+    async def _announce(self, outcome: proto.RunOutcome) -> None:
+        topic = proto.run_topic(self.config.testbed, "result")
+        await self.publish(topic, outcome, retain=True)
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             topic = proto.parse_topic(message.topic.value)
             payload = message.payload if isinstance(message.payload, bytes) else b""
-            if topic is None or topic.device not in self.devices:
+            known = topic is not None and (
+                topic.device in self.devices or topic.kind in self.run_topics
+            )
+            if topic is None or not known:
                 continue
             decoded = proto.decode(topic.kind, payload)
             if isinstance(decoded, proto.Malformed):
                 if self.dropped_messages == 0:
                     log.warning("dropped a malformed %s message: %s", topic.kind, decoded.reason)
                 self.dropped_messages += 1
+                continue
+            if topic.device is None:
+                if self.on_run_message is not None:
+                    self.on_run_message(decoded)
                 continue
             device = self.devices[topic.device]
             if isinstance(decoded, proto.Telemetry):
@@ -247,6 +360,23 @@ class Controller:
             self.pending.pop(command.id, None)
         return reply
 
+    async def publish(self, topic: str, message, retain: bool = False) -> None:
+        """Publish a protocol message on the controller's connection (qos 1)."""
+        assert self.client is not None
+        await self.client.publish(topic, proto.encode(message), qos=1, retain=retain)
+
+    async def until_gone(self, device: str, timeout_s: float = 10.0) -> None:
+        """Wait until this controller's own detection (status, telemetry) sees a device gone."""
+        index = self.index[device]
+        window = PlanningWindow(1, 1, 1)
+        deadline = time.monotonic() + timeout_s
+        while self.view(window).alive[index]:
+            if time.monotonic() > deadline:
+                raise ControllerError(
+                    f"{device} still looks alive {timeout_s:.0f} s after it failed"
+                )
+            await asyncio.sleep(0.05)
+
     def _id(self) -> str:
         return next(self.ids)
 
@@ -266,6 +396,8 @@ class Controller:
         memory = cfg.memory_bytes.astype(float).copy()
         bandwidth = cfg.bandwidth_mbit.astype(float).copy()
         alive = np.ones(count, dtype=bool)
+        overheads = np.zeros((count, 2))  # (send, receive) software time per hop, s
+        latency = cfg.latency_s.astype(float).copy()
         for i, name in enumerate(cfg.devices):
             dev = self.devices[name]
             t = dev.telemetry
@@ -279,6 +411,13 @@ class Controller:
                     self.measured_gflops[name] = seen = t.available_gflops
                 compute[i] = seen
             memory[i] = t.memory_budget_bytes
+            overheads[i] = (
+                self._held((name, "send"), t.send_overhead_s),
+                self._held((name, "receive"), t.receive_overhead_s),
+            )
+            for peer, seconds in t.peer_latency_s.items():
+                if peer in self.index and peer != name:
+                    latency[i, self.index[peer]] = self._held((name, peer), seconds)
             for peer, rate in t.peer_throughput_mbit.items():
                 if peer in self.index and rate > 0:
                     bandwidth[i, self.index[peer]] = rate
@@ -287,11 +426,37 @@ class Controller:
             compute_gflops=np.where(alive, compute, 0.0),
             memory_bytes=np.where(alive, memory, 0.0),
             bandwidth_mbit=bandwidth,
-            latency_s=cfg.latency_s.astype(float).copy(),
+            latency_s=with_hop_overheads(latency, overheads[:, 0], overheads[:, 1]),
             source=self.index[cfg.source],
             window=window,
             weights_from=cfg.weights_from,
             alive=alive,
+        )
+
+    def _held(self, key: tuple[str, str], seconds: float) -> float:
+        """A measured time (s) as planned with: replaced only once it moved enough."""
+        seen = self.held_s.get(key)
+        if seen is None or abs(seconds - seen) >= max(HOP_DEADBAND * seen, HOP_DEADBAND_S):
+            self.held_s[key] = seen = seconds
+        return seen
+
+    async def _links_measured(self) -> None:
+        """Before the first plan: wait (bounded) until every device reports a measured
+        latency to every other, so the plan does not start from the configured ones."""
+        if self.config.telemetry != "measured" or len(self.config.devices) < 2:
+            return
+        deadline = time.monotonic() + LINKS_MEASURED_WAIT_S
+        names = set(self.config.devices)
+        while time.monotonic() < deadline:
+            if all(
+                d.telemetry is not None and set(d.telemetry.peer_latency_s) >= names - {n}
+                for n, d in self.devices.items()
+            ):
+                return
+            await asyncio.sleep(0.1)
+        log.warning(
+            "planning without every link's measured latency (not all came within %ds)",
+            LINKS_MEASURED_WAIT_S,
         )
 
     def _window(self, context: int) -> PlanningWindow:
@@ -311,6 +476,7 @@ class Controller:
             ) from None
         if self.on_joined is not None:
             await self.on_joined()
+        await self._links_measured()
         prompt = list(cfg.prompt_ids)
         context = len(prompt)
         view = self.view(self._window(context))
@@ -322,6 +488,7 @@ class Controller:
         out = self.result.output_token_ids
         out.append(first)
         self._progress()
+        await self._announce_token()
         decided_on = view
         for i in range(1, cfg.generate_tokens):
             if out[-1] == cfg.eos_token_id:
@@ -342,6 +509,7 @@ class Controller:
                 context += 1
                 out.append(token)
                 self._progress()
+                await self._announce_token()
                 continue
             fits_now = bool(cost.fits(cfg.table, view, x, context + 1))
             due = scheduled(i, cfg.replan_every, self.algorithm.replans, decided_on, view)
@@ -356,7 +524,10 @@ class Controller:
                     self.result.failed_replans += 1
                     log.warning("token %d: no feasible placement (%s); keeping the current", i, exc)
                 else:
-                    if new != self.placement:
+                    current = self.placement.assignment
+                    if new != self.placement and (
+                        forced or worth_switching(cfg.table, view, new.assignment, current)
+                    ):
                         await self._switch(new, view, context)
             predicted = float(
                 cost.per_token_s(cfg.table, view, self.placement.assignment, context + 1)
@@ -370,10 +541,26 @@ class Controller:
             if self.metrics is not None:
                 self.metrics.token(measured, predicted)
             self._progress()
+            await self._announce_token()
 
     def _progress(self) -> None:
         if self.progress is not None:
             self.progress(len(self.result.output_token_ids), self.result)
+
+    async def _announce_token(self) -> None:
+        """Publish the newest token on run/progress (when announcing)."""
+        if not self.config.announce:
+            return
+        r = self.result
+        last = r.tokens[-1] if r.tokens else None
+        message = proto.Progress(
+            token=len(r.output_token_ids),
+            token_id=r.output_token_ids[-1],
+            measured_s=last.measured_s if last else 0.0,
+            predicted_s=last.predicted_s if last else 0.0,
+            migrations=r.migrations,
+        )
+        await self.publish(proto.run_topic(self.config.testbed, "progress"), message)
 
     async def _plan(self, view: ResourceView, current: Placement | None) -> Placement:
         start = time.monotonic()
@@ -417,15 +604,32 @@ class Controller:
         for block, device in self._mapping(placement).items():
             by_device.setdefault(device, []).append(block)
 
+        per_block: list[float] = []
+
         async def load(device: str, blocks: list[str]) -> None:
-            cmd = proto.Load(id=self._id(), op="load", blocks=tuple(blocks))
+            cmd = self._load_command(device, blocks)
             reply = await self.command(device, cmd, LOAD_TIMEOUT_S)
             if not reply.ok:
                 raise ControllerError(f"{device} refused to load: {reply.error}")
+            if reply.seconds:
+                per_block.append(reply.seconds / len(blocks))
 
         async with asyncio.TaskGroup() as tg:
             for device, blocks in by_device.items():
                 tg.create_task(load(device, blocks))
+        # a moved block is loaded at its target too: the slowest device's load time per
+        # block is what a move costs at least, before the first move is measured
+        self.move_s_per_block = max([self.move_s_per_block, *per_block])
+
+    def _load_command(self, device: str, blocks: list[str]) -> proto.Load:
+        """Load blocks: from the device's own checkpoint, or, when weights come from peers,
+        over the data plane from the source device (the one that has the checkpoint)."""
+        cfg = self.config
+        if cfg.weights_from == "peer" and device != cfg.source:
+            return proto.Load(
+                id=self._id(), op="load", blocks=tuple(blocks), weights_from="peer", peer=cfg.source
+            )
+        return proto.Load(id=self._id(), op="load", blocks=tuple(blocks))
 
     async def _switch(self, new: Placement, view: ResourceView, context: int) -> None:
         """Move the blocks that change device, in waves that fit, one acked epoch per wave.
@@ -439,6 +643,7 @@ class Controller:
         """
         assert self.placement is not None
         current = self.placement.assignment.copy()
+        before = current.copy()
         remaining = set(np.flatnonzero(new.assignment != current).tolist())
         start = time.monotonic()
         moved = 0
@@ -446,10 +651,8 @@ class Controller:
         refused: list[str] = []
         while remaining:
             wave = self._wave(sorted(remaining), current, new.assignment, view, context)
-            wave_start = time.monotonic()
             done, refused = await self._move(wave, current, new.assignment)
             if done:
-                self._measure_moves(wave, current, new.assignment, time.monotonic() - wave_start)
                 blocks = [b for b, _ in done]
                 current[blocks] = new.assignment[blocks]
                 remaining -= set(blocks)
@@ -463,6 +666,8 @@ class Controller:
             reason = refused[0] if refused else "no move fits"
             log.warning("re-plan stopped with %d blocks unmoved: %s", len(remaining), reason)
         took = time.monotonic() - start
+        if moved:
+            self._measure_moves(np.flatnonzero(current != before), before, current, took)
         self.result.migrations += moved
         self.result.migration_s += took
         self.result.migration_bytes += moved_bytes
@@ -470,10 +675,12 @@ class Controller:
             self.metrics.migration(moved, moved_bytes, took)
 
     def _measure_moves(
-        self, wave: list[int], current: np.ndarray, target: np.ndarray, took_s: float
+        self, moved: np.ndarray, current: np.ndarray, target: np.ndarray, took_s: float
     ) -> None:
-        """Update the per-block move time from a wave: its time over its busiest link's blocks."""
-        links = current[wave] * len(self.config.devices) + target[wave]
+        """Update the per-block move time from a whole switch (waves, their epochs and
+        acknowledgements included): its time over its busiest link's blocks, which is how
+        ``cost.migration_s`` charges it."""
+        links = current[moved] * len(self.config.devices) + target[moved]
         busiest = int(np.bincount(links).max())
         sample = took_s / busiest
         a = MOVE_S_SMOOTHING
@@ -538,7 +745,8 @@ class Controller:
     ) -> int:
         """Re-place after devices died, then rebuild every cache by re-running the history.
 
-        The lost blocks load from disk on their new devices; surviving blocks move as in
+        The lost blocks load on their new devices (from disk, or from the source's when
+        weights come from peers); surviving blocks move as in
         any re-plan; all caches are reset and the prompt plus the tokens generated so far
         run again as one prefill, which yields the next token.
         """
@@ -563,7 +771,7 @@ class Controller:
             by_device.setdefault(cfg.devices[new.assignment[b]], []).append(names[b])
         async with asyncio.TaskGroup() as tg:
             for device, blocks in by_device.items():
-                cmd = proto.Load(id=self._id(), op="load", blocks=tuple(blocks))
+                cmd = self._load_command(device, blocks)
                 tg.create_task(self._expect_ok(device, cmd, LOAD_TIMEOUT_S))
         await self._publish_epoch(new)
         alive = [n for n in cfg.devices if n not in dead]

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from controller.cost import interval_objective_s
 from controller.view import ResourceView
+from llm.blocks import BlockTable
 
 #: relative change of a device's available compute or a link's bandwidth, since the last
 #: decision, that makes a re-planning algorithm re-plan before its next scheduled turn
 REPLAN_ON_CHANGE = 0.2
+#: on live telemetry, a voluntary switch must save at least this fraction of the interval's
+#: delay with the current placement: measured speeds and latencies jitter by about as much,
+#: and a switch that chases the jitter pays real migrations for an imagined gain
+LIVE_MIN_GAIN = 0.05
 
 
 def resources_changed(before: ResourceView, now: ResourceView, threshold: float) -> bool:
@@ -28,3 +34,18 @@ def scheduled(
     return replans and (
         (token > 0 and token % every == 0) or resources_changed(before, now, REPLAN_ON_CHANGE)
     )
+
+
+def worth_switching(
+    table: BlockTable,
+    view: ResourceView,
+    new: np.ndarray,
+    current: np.ndarray,
+    min_gain: float = LIVE_MIN_GAIN,
+) -> bool:
+    """Whether moving to ``new`` (migrations included) beats keeping ``current`` over the
+    interval by more than ``min_gain`` of the current placement's delay."""
+    keep, move = interval_objective_s(table, view, np.stack([current, new]), current)
+    if not np.isfinite(move):
+        return False
+    return bool(not np.isfinite(keep) or move < (1.0 - min_gain) * keep)

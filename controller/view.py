@@ -96,3 +96,12 @@ class ResourceView:
     def at(self, window: PlanningWindow) -> ResourceView:
         """The same resources seen at another planning window."""
         return replace(self, window=window)
+
+
+def with_hop_overheads(
+    latency_s: np.ndarray, send_s: np.ndarray, receive_s: np.ndarray
+) -> np.ndarray:
+    """Link latencies (s) plus each sender's and receiver's software time per hop (s)."""
+    total = np.asarray(latency_s, dtype=float) + np.add.outer(send_s, receive_s)
+    np.fill_diagonal(total, np.diagonal(latency_s))
+    return total

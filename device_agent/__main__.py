@@ -26,6 +26,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=Path, help="host calibration JSON (block speeds)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the parent dies")
+    p.add_argument(
+        "--shaping",
+        choices=("software", "tc"),
+        default="software",
+        help="link bandwidth paced in the data plane, or by kernel htb (needs NET_ADMIN)",
+    )
     return p
 
 
@@ -58,6 +64,7 @@ def config_from_args(argv: list[str] | None = None) -> AgentConfig:
         profile=profile,
         metrics_port=args.metrics_port,
         exit_with_parent=args.exit_with_parent,
+        shaping=args.shaping,
     )
 
 

@@ -15,24 +15,27 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Literal
 
 import aiomqtt
 import torch
 
 from device_agent import protocol as proto
-from device_agent.dataplane import DataPlane
+from device_agent.dataplane import DataPlane, RecentMean
 from device_agent.program import Routes, Step
+from device_agent.tc import TcShaper, TcUnavailable, interface_for
 from device_agent.wire import Frame, FrameError, Kind, payload_to_tensor, tensor_to_payload
 from llm.blocks import BlockTable, block_table
 from llm.calibration import ComputeProfile, calibrated_table
 from llm.loader import open_model
 from llm.runtime import BlockHost
-from llm.state import block_state, dump_state, load_state
+from llm.state import BlockState, block_state, dump_state, load_state
 from llm.torch_blocks import (
     EmbedBlock,
     FFNBlock,
@@ -48,6 +51,8 @@ TELEMETRY_PERIOD_S = 0.5
 STEP_TIMEOUT_S = 60.0  # longest wait (s) for one input of a token
 SEND_TIMEOUT_S = 120.0  # longest (s) one frame may take on a shaped link (a migration at 1 Mbit)
 EPOCH_WAIT_S = 10.0  # how long (s) a frame or command may wait for its placement to arrive
+#: longest wait (s) for a peer's answer to a FETCH: its read of the block, one shaped send
+FETCH_TIMEOUT_S = SEND_TIMEOUT_S + 30.0
 MQTT_KEEPALIVE_S = 5
 MQTT_TIMEOUT_S = 30  # per MQTT operation (s): an embedded broker on a loaded host is slow
 JOIN_WINDOW_S = 90.0  # how long (s) an agent keeps trying to reach the broker at start
@@ -73,6 +78,8 @@ class AgentConfig:
     advertise: str | None = None  # host:port peers should use (default: the bound address)
     metrics_port: int | None = None
     exit_with_parent: bool = False
+    #: who paces link bandwidth: the data plane, or the kernel (htb on this device's interface)
+    shaping: Literal["software", "tc"] = "software"
 
 
 @dataclass
@@ -88,6 +95,7 @@ class Mailbox:
 
     def __init__(self) -> None:
         self._slots: dict[tuple[int, str], asyncio.Future] = {}
+        self._arrived: dict[tuple[int, str], float] = {}  # monotonic time of delivery
 
     def _slot(self, key: tuple[int, str]) -> asyncio.Future:
         fut = self._slots.get(key)
@@ -101,7 +109,12 @@ class Mailbox:
         if fut.done():
             return False
         fut.set_result(tensor)
+        self._arrived[(position, name)] = time.monotonic()
         return True
+
+    def arrived(self, position: int, name: str) -> float | None:
+        """When a delivered tensor arrived (monotonic s); None if made here or not yet in."""
+        return self._arrived.get((position, name))
 
     async def get(self, position: int, name: str, timeout_s: float) -> torch.Tensor:
         """The tensor of that step and name, once delivered (raises TimeoutError)."""
@@ -110,6 +123,7 @@ class Mailbox:
     def discard(self, position: int) -> None:
         """Forget a finished step's tensors."""
         for key in [k for k in self._slots if k[0] == position]:
+            self._arrived.pop(key, None)
             fut = self._slots.pop(key)
             if not fut.done():
                 fut.cancel()
@@ -160,11 +174,21 @@ class Agent:
         self.programs: dict[int, asyncio.Task] = {}  # position -> running program
         self.done_positions: deque[int] = deque(maxlen=256)
         self.acks: dict[tuple[int, str], asyncio.Future] = {}  # (epoch, block) -> ack/error
+        #: (request number, block) -> the peer's answer to a FETCH: state bytes, or an error
+        self.fetches: dict[tuple[int, str], asyncio.Future] = {}
+        self.fetch_requests = 0  # FETCH request numbers start at 1 (token 0 is a migration's)
         self.dropped_messages: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.speed = _Speed()
+        self.warmed: set[tuple[str, ...]] = set()  # steps (their blocks) decoded at least once
+        self.handoff = RecentMean()  # compute thread -> event loop, per sent activation (s)
+        self.wakeup = RecentMean()  # last input in -> its step started, per waiting step (s)
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-compute")
         self.plane = DataPlane(self.name, self._on_frame)
+        self.tc: TcShaper | None = None  # kernel shaping of this device's interface (tc mode)
+        self.tc_rates: dict[str, float] = {}  # peer -> Mbit/s the last shape command set
+        self.tc_applied: dict[str, tuple[str, float]] = {}  # peer -> (endpoint, Mbit/s) set
+        self.tc_lock = asyncio.Lock()  # one kernel update at a time, the latest rate last
         self.endpoint = ""
         self.client: aiomqtt.Client | None = None
         self.tasks: set[asyncio.Task] = set()
@@ -174,6 +198,8 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------------------
     async def run(self) -> None:
         """Serve until cancelled or the broker connection is lost for good."""
+        if self.config.shaping == "tc":
+            self.tc = await asyncio.to_thread(self._start_tc)
         host, _, port = self.config.listen.rpartition(":")
         bound_host, bound_port = await self.plane.start(host, int(port))
         self.endpoint = self.config.advertise or f"{bound_host}:{bound_port}"
@@ -181,7 +207,9 @@ class Agent:
             from device_agent.metrics import AgentMetrics
 
             self.metrics = AgentMetrics(self)
-            self.metrics.serve(self.config.metrics_port)
+            # beside the data plane: all interfaces in a container, loopback on a laptop
+            listen_host = self.config.listen.rpartition(":")[0] or "127.0.0.1"
+            self.metrics.serve(self.config.metrics_port, listen_host)
         testbed = self.config.testbed
         status_topic = proto.device_topic(testbed, self.name, "status")
         offline = proto.Status(name=self.name, state="offline")
@@ -217,6 +245,8 @@ class Agent:
         testbed = self.config.testbed
         await client.subscribe(proto.device_topic(testbed, self.name, "cmd"), qos=1)
         await client.subscribe(proto.placement_topic(testbed), qos=1)
+        # peers' retained statuses name their data ports: links are probed before any plan
+        await client.subscribe(proto.subscription(testbed, "status"), qos=1)
         online = proto.Status(name=self.name, state="online", listen=self.endpoint, ts=time.time())
         await client.publish(status_topic, proto.encode(online), qos=1, retain=True)
         self.client = client  # joined: from here a lost broker is not retried
@@ -233,6 +263,9 @@ class Agent:
         if self.burners is not None:
             self.burners.stop()
         await self.plane.close()
+        if self.tc is not None:
+            with contextlib.suppress(TcUnavailable):
+                await asyncio.to_thread(self.tc.clear)
         self.compute.shutdown(wait=False, cancel_futures=True)
 
     async def _watch_parent(self) -> None:
@@ -254,7 +287,7 @@ class Agent:
         async for message in client.messages:
             topic = proto.parse_topic(message.topic.value)
             payload = message.payload if isinstance(message.payload, bytes) else b""
-            if topic is None or topic.kind not in ("cmd", "placement"):
+            if topic is None or topic.kind not in ("cmd", "placement", "status"):
                 self._drop_message("topic", f"unexpected topic {message.topic.value}")
                 continue
             decoded = proto.decode(topic.kind, payload)
@@ -263,6 +296,9 @@ class Agent:
                 continue
             if isinstance(decoded, proto.PlacementEpoch):
                 self._set_epoch(decoded)
+            elif isinstance(decoded, proto.Status):
+                if decoded.name != self.name and decoded.listen and decoded.state == "online":
+                    self.plane.set_endpoints({decoded.name: decoded.listen})
             else:
                 self._spawn(self._command(decoded))
 
@@ -332,6 +368,8 @@ class Agent:
         for old in [e for e in self.epochs if e < msg.epoch - 2]:
             del self.epochs[old]
         self.plane.set_endpoints({k: v for k, v in msg.endpoints.items() if k != self.name})
+        if self.tc is not None:
+            self._spawn(self._retune_tc())
         if msg.epoch >= self.current_epoch:
             self.current_epoch = msg.epoch
             # the old copies of moved blocks are no longer routed to: free them
@@ -378,12 +416,94 @@ class Agent:
     async def _load(self, cmd: proto.Load) -> dict:
         todo = [b for b in cmd.blocks if b not in self.host.blocks]
         order = sorted(todo, key=lambda b: b != "embed")  # a tied head needs the embedding
-        self._admit(order, 0)
+        peer = cmd.peer if cmd.weights_from == "peer" else None
+        if cmd.weights_from == "peer" and peer is None:
+            raise ValueError("a load with weights from a peer names no peer")
+        if peer == self.name:
+            peer = None  # the device with the checkpoint reads its own
+        self._admit(order, 0)  # before anything is fetched or allocated
         start = time.monotonic()
         loop = asyncio.get_running_loop()
         for block in order:
-            await loop.run_in_executor(self.compute, self.host.load, block)
+            if peer is None:
+                await loop.run_in_executor(self.compute, self.host.load, block)
+                continue
+            need = self.block_bytes(block, 0)
+            self.incoming += need  # admitted: counted while its weights are on the way
+            try:
+                state = await self._fetch_weights(peer, block)
+                await loop.run_in_executor(self.compute, self.host.load, block, state.weights)
+            finally:
+                self.incoming -= need
         return {"seconds": time.monotonic() - start}
+
+    async def _fetch_weights(self, peer: str, block: str) -> BlockState:
+        """A block's weights from a peer over the data plane: FETCH, then its BLOCK_STATE
+        (or ERROR) answer with the same request number; every wait is bounded."""
+        await self._endpoint_known(peer)
+        self.fetch_requests += 1
+        key = (self.fetch_requests, block)
+        fut = self.fetches[key] = asyncio.get_running_loop().create_future()
+        epoch = max(self.current_epoch, 0)
+        try:
+            request = Frame(Kind.FETCH, epoch, key[0], block, self.name.encode())
+            await self.plane.send(peer, request, SEND_TIMEOUT_S)
+            kind, payload = await asyncio.wait_for(fut, FETCH_TIMEOUT_S)
+        finally:
+            self.fetches.pop(key, None)
+        if kind == Kind.ERROR:
+            raise RuntimeError(f"{peer} did not serve {block}: {payload.decode(errors='replace')}")
+        state = load_state(payload, expect_model=self.spec.name)
+        if state.block != block or not state.weights:
+            raise ValueError(f"{peer} answered the fetch of {block} with no weights of it")
+        return state
+
+    async def _endpoint_known(self, peer: str) -> None:
+        """Wait (bounded) for a placement that names the peer's data-plane endpoint."""
+        deadline = time.monotonic() + EPOCH_WAIT_S
+        while not any(peer in e.endpoints for e in self.epochs.values()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no placement epoch names the endpoint of {peer}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.epoch_changed.wait(), left)
+
+    async def _serve_fetch(self, frame: Frame) -> None:
+        """Answer a peer's FETCH: the block's weights (the copy held here, else read from this
+        device's checkpoint) as a BLOCK_STATE, or an ERROR with the reason; same token."""
+        try:
+            requester = frame.payload.decode("utf-8")
+        except UnicodeDecodeError:
+            requester = ""
+        if frame.token == 0 or not requester or requester == self.name:
+            self.plane._count_bad(f"fetch: bad request (token {frame.token}, {frame.payload!r})")
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            answer = await loop.run_in_executor(
+                self.compute, lambda: dump_state(self.host.weights_of(frame.name))
+            )
+            kind = Kind.BLOCK_STATE
+        except (ValueError, KeyError, OSError, RuntimeError) as exc:
+            answer = f"{self.name} cannot serve the weights of {frame.name}: {exc}".encode()
+            kind = Kind.ERROR
+        try:
+            await self._endpoint_known(requester)
+            reply = Frame(kind, frame.epoch, frame.token, frame.name, answer)
+            await self.plane.send(requester, reply, SEND_TIMEOUT_S)
+        except (ConnectionError, TimeoutError) as exc:
+            self.errors["fetch"] += 1
+            log.warning(
+                "%s: answering %s's fetch of %s failed: %r", self.name, requester, frame.name, exc
+            )
+
+    def _answer_fetch(self, frame: Frame) -> None:
+        """A peer's answer (BLOCK_STATE or ERROR) to a FETCH of ours."""
+        fut = self.fetches.get((frame.token, frame.name))
+        if fut is None or fut.done():
+            self.errors["late_fetch_answer"] += 1
+            return
+        fut.set_result((frame.kind, frame.payload))
 
     async def _drop(self, cmd: proto.Drop) -> None:
         for block in cmd.blocks:
@@ -399,7 +519,51 @@ class Agent:
                 block.reset()
 
     async def _shape(self, cmd: proto.Shape) -> None:
-        self.plane.shape(cmd.peer, cmd.bandwidth_mbit, cmd.latency_ms / 1000.0)
+        if self.tc is None:
+            self.plane.shape(cmd.peer, cmd.bandwidth_mbit, cmd.latency_ms / 1000.0)
+            return
+        # tc mode: the kernel paces the bytes, the data plane adds only the latency
+        self.plane.shape(cmd.peer, None, cmd.latency_ms / 1000.0)
+        self.tc_rates[cmd.peer] = cmd.bandwidth_mbit
+        await self._apply_tc(cmd.peer)
+
+    def _start_tc(self) -> TcShaper:
+        """Set up htb on the interface of the advertised (else listen) host (blocking)."""
+        host = (self.config.advertise or self.config.listen).rpartition(":")[0]
+        shaper = TcShaper(interface_for(host))
+        shaper.setup()
+        log.info("%s: kernel link shaping on %s", self.name, shaper.ifname)
+        return shaper
+
+    async def _apply_tc(self, peer: str) -> None:
+        """Put a peer's last commanded rate (Mbit/s) into the kernel, once its endpoint is known.
+
+        Shape commands may precede the first placement (which carries the endpoints): the
+        rate is kept and applied when an epoch names the peer's host.
+        """
+        assert self.tc is not None
+        async with self.tc_lock:
+            epoch = self.epochs.get(self.current_epoch)
+            endpoint = epoch.endpoints.get(peer) if epoch is not None else None
+            rate = self.tc_rates[peer]
+            if endpoint is None or self.tc_applied.get(peer) == (endpoint, rate):
+                return
+            host = endpoint.rpartition(":")[0]
+            try:
+                ip = await asyncio.to_thread(socket.gethostbyname, host)
+            except OSError as exc:
+                raise TcUnavailable(f"cannot resolve {peer}'s host {host!r}: {exc}") from exc
+            await asyncio.to_thread(self.tc.shape, ip, rate)
+            self.tc_applied[peer] = (endpoint, rate)
+
+    async def _retune_tc(self) -> None:
+        """Apply the kernel rates of peers whose endpoints a new placement may have named."""
+        for peer in list(self.tc_rates):
+            try:
+                await self._apply_tc(peer)
+            except TcUnavailable as exc:
+                self.errors["tc"] += 1
+                log.warning("%s: kernel shaping towards %s failed: %s", self.name, peer, exc)
 
     async def _set_budget(self, cmd: proto.SetBudget) -> None:
         self.budget = cmd.memory_bytes
@@ -423,12 +587,16 @@ class Agent:
         return (self.config.nominal_gflops or 0.0) * (1.0 - self.background)
 
     async def _migrate(self, cmd: proto.Migrate) -> dict:
-        """Stream a block (KV state, weights if asked) to the target; done when it acks."""
+        """Stream a block (a group's KV cache, weights if asked) to the target; done when it
+        acks. Every kind travels as an llm.state blob; with weights the target reads nothing
+        from its own disk."""
         block = self.host[cmd.block]
-        payload = b""
-        if isinstance(block, KVGroupBlock):
-            state = block_state(block, self.spec.name, with_weights=cmd.with_weights)
-            payload = dump_state(state)
+        if not isinstance(block, KVGroupBlock | ProjBlock | FFNBlock):
+            raise ValueError(f"{cmd.block} is pinned to this device")
+        payload = await asyncio.get_running_loop().run_in_executor(
+            self.compute,
+            lambda: dump_state(block_state(block, self.spec.name, with_weights=cmd.with_weights)),
+        )
         key = (cmd.epoch, cmd.block)
         fut = self.acks[key] = asyncio.get_running_loop().create_future()
         start = time.monotonic()
@@ -456,6 +624,8 @@ class Agent:
             state = (
                 load_state(frame.payload, expect_model=self.spec.name) if frame.payload else None
             )
+            if state is not None and state.block != frame.name:
+                raise ValueError(f"the state sent as {frame.name} is of {state.block}")
             length = state.length if state is not None else 0
             if frame.name in self.host.blocks:
                 raise CommandRefused(f"{self.name} already holds {frame.name}")
@@ -474,19 +644,13 @@ class Agent:
             sender, Frame(kind, frame.epoch, 0, frame.name, error.encode()), SEND_TIMEOUT_S
         )
 
-    def _adopt(self, name: str, state) -> None:
+    def _adopt(self, name: str, state: BlockState | None) -> None:
+        """Hold a received block: from the state's weights when it carries them (no disk
+        read), else from this device's checkpoint; a group takes the state's cache."""
         if state is None:
             self.host.load(name)
             return
-        if state.weights:
-            block = KVGroupBlock(
-                None, self.arch, name, torch.float32, rope=self.host.rope, weights=state.weights
-            )
-            self.host.adopt(block)
-        else:
-            block = self.host.load(name)
-        assert isinstance(block, KVGroupBlock)
-        block.set_cache(state.keys, state.values)
+        self.host.restore(state)
 
     # -- data plane --------------------------------------------------------------------
     async def _on_frame(self, frame: Frame) -> None:
@@ -504,6 +668,10 @@ class Agent:
                 return
             if frame.token not in self.programs:
                 self._start_program(frame.epoch, frame.token, None)
+        elif frame.kind == Kind.FETCH:
+            self._spawn(self._serve_fetch(frame))
+        elif frame.token and frame.kind in (Kind.BLOCK_STATE, Kind.ERROR):
+            self._answer_fetch(frame)  # a FETCH's answer: migrations' frames carry token 0
         elif frame.kind == Kind.BLOCK_STATE:
             self._spawn(self._receive_block(frame))
         elif frame.kind in (Kind.ACK, Kind.ERROR):
@@ -553,7 +721,8 @@ class Agent:
         sends: list[asyncio.Task] = []
         have: dict[str, torch.Tensor] = {}  # inputs of later steps, received or made here
 
-        def send(step: Step, payload: bytes) -> None:  # on the loop, called from the thread
+        def send(step: Step, payload: bytes, made: float) -> None:  # on the loop
+            self.handoff.add(time.monotonic() - made)
             for peer in step.send_to:
                 frame = Frame(Kind.ACTIVATION, epoch_number, position, step.output, payload)
                 sends.append(self._spawn(self.plane.send(peer, frame, SEND_TIMEOUT_S)))
@@ -564,7 +733,7 @@ class Agent:
             tokens,
             position,
             epoch,
-            lambda st, p: loop.call_soon_threadsafe(send, st, p),
+            lambda st, p: loop.call_soon_threadsafe(send, st, p, time.monotonic()),
         )
         try:
             while run.next < len(steps):
@@ -588,6 +757,7 @@ class Agent:
             if any(name not in run.have for name in step.inputs):
                 return
             inputs = [run.have[name] for name in step.inputs]
+            self._note_wakeup(run.position, step.inputs)
             start = time.perf_counter()
             cpu0 = time.thread_time()
             with torch.no_grad():
@@ -596,7 +766,10 @@ class Agent:
             took = time.perf_counter() - start
             rows = inputs[0].shape[0] if inputs else len(run.tokens or ())
             if rows == 1 and step.kind != "embed":
-                self.speed.add(self._timed_flops(step, run.position + 1), took)
+                if step.blocks in self.warmed:
+                    self.speed.add(self._timed_flops(step, run.position + 1), took)
+                else:  # a step's first decode pays torch's one-off set-up: not its speed
+                    self.warmed.add(step.blocks)
             if self.metrics is not None:
                 self.metrics.step(step, took)
             run.next += 1
@@ -607,6 +780,13 @@ class Agent:
                 run.send(step, tensor_to_payload(out))
             if step.keep:
                 run.have[step.output] = out
+
+    def _note_wakeup(self, position: int, inputs: tuple[str, ...]) -> None:
+        """Time from this step's last input arriving from a peer to the step starting."""
+        arrived = [self.mailbox.arrived(position, name) for name in inputs]
+        received = [t for t in arrived if t is not None]
+        if received:
+            self.wakeup.add(time.monotonic() - max(received))
 
     def _pace(self, cpu_s: float, elapsed_s: float) -> None:
         """Stretch a step that used cpu_s of CPU to cpu_s / share (time dilation).
@@ -679,6 +859,9 @@ class Agent:
             compute_measured=measured is not None,
             dropped_messages=sum(self.dropped_messages.values()),
             dropped_frames=sum(self.plane.bad_frames.values()),
+            peer_latency_s=self.plane.measured_latency_s(),
+            send_overhead_s=max(0.0, self.handoff.value()),
+            receive_overhead_s=max(0.0, self.wakeup.value()),
         )
 
     def _cpu_used(self) -> float:
@@ -694,8 +877,14 @@ class Agent:
 
     async def _telemetry_loop(self) -> None:
         while True:
+            self._probe_peers()
             await self._publish("telemetry", self.telemetry())
             await asyncio.sleep(TELEMETRY_PERIOD_S)
+
+    def _probe_peers(self) -> None:
+        """One latency probe to every peer whose endpoint is known (answers come later)."""
+        for peer in self.plane.peers():
+            self._spawn(self.plane.probe(peer))
 
 
 @dataclass
@@ -755,6 +944,9 @@ def run_agent(config: AgentConfig) -> int:
     except aiomqtt.MqttError as exc:
         log.error("%s: broker connection failed: %s", config.name, exc)
         code = 1
+    except TcUnavailable as exc:
+        log.error("%s: %s", config.name, exc)
+        code = 2
     else:
         code = 0
     _exit_now(code)

@@ -11,9 +11,11 @@ measure the throughput the link actually gave, which telemetry reports.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -22,6 +24,7 @@ from device_agent.wire import (
     DEFAULT_MAX_PAYLOAD,
     Frame,
     FrameError,
+    Kind,
     StreamClosed,
     encode_frame,
     read_frame,
@@ -35,7 +38,34 @@ MEASURE_MIN_BYTES = 32 * 1024
 #: a throughput measurement is reported for this long (s) after it was taken
 MEASURE_TTL_S = 30.0
 
+#: latest samples a RecentMean averages (one per activation hop)
+HOP_WINDOW = 256
+#: latency probes per peer averaged into its measured latency (one per telemetry period)
+PROBE_WINDOW = 16
+PROBE_TIMEOUT_S = 5.0
+#: unsent bytes the kernel may hold per data-plane socket (bytes)
+NOTSENT_LOWAT = 16 * 1024
+
 FrameHandler = Callable[[Frame], Awaitable[None]]
+
+
+class RecentMean:
+    """Mean of the latest samples (s); keeps its value while no new ones come.
+
+    Hop overheads are a property of the runtime, not of the moment: a device that stops
+    receiving activations keeps reporting what its hops last cost.
+    """
+
+    def __init__(self, window: int = HOP_WINDOW) -> None:
+        self._samples: deque[float] = deque(maxlen=window)
+
+    def add(self, seconds: float) -> None:
+        """Record one sample (s)."""
+        self._samples.append(seconds)
+
+    def value(self) -> float:
+        """Mean of the recorded samples (s); 0 before the first."""
+        return sum(self._samples) / len(self._samples) if self._samples else 0.0
 
 
 @dataclass
@@ -64,6 +94,10 @@ class DataPlane:
         self.bytes_sent: Counter[str] = Counter()  # peer -> bytes
         self.bytes_received = 0
         self.frames_received = 0
+        #: per peer: round trips of latency probes, loop to loop through both shaped links (s)
+        self._round_trips: dict[str, RecentMean] = {}
+        self._probes: dict[tuple[str, int], asyncio.Future] = {}
+        self._probe_ids = itertools.count()
 
     # -- lifecycle --
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -99,6 +133,10 @@ class DataPlane:
                     stale.close()
             self._endpoints[peer] = new
 
+    def peers(self) -> list[str]:
+        """The peers whose endpoints are known."""
+        return list(self._endpoints)
+
     def shape(self, peer: str, rate_mbit: float | None, latency_s: float) -> None:
         """Shape the sends to a peer from the next frame on (Mbit/s, s)."""
         self._shapes[peer] = LinkShape(rate_mbit, latency_s)
@@ -131,6 +169,12 @@ class DataPlane:
             _, raw = await asyncio.wait_for(
                 asyncio.open_connection(host, port), timeout=CONNECT_TIMEOUT_S
             )
+            sock = raw.get_extra_info("socket")
+            if sock is not None and hasattr(socket, "TCP_NOTSENT_LOWAT"):
+                # bytes wait in this process, not in the kernel, until the link takes them:
+                # a frame's send then lasts as long as the (possibly kernel-shaped) link
+                # needs, which is what its measured throughput must reflect
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
             shape = self.shape_of(peer)
             writer = ShapedWriter(raw, shape.rate_mbit, shape.latency_s)
             self._writers[peer] = writer
@@ -156,6 +200,39 @@ class DataPlane:
                 cap = writer.rate_mbit
                 self._measured[peer] = (min(rate, cap) if cap else rate, time.monotonic())
 
+    async def probe(self, peer: str, timeout_s: float = PROBE_TIMEOUT_S) -> float | None:
+        """One latency probe to a peer: the round trip (s), None if it got no answer."""
+        token = next(self._probe_ids) % 2**32
+        fut = asyncio.get_running_loop().create_future()
+        self._probes[(peer, token)] = fut
+        start = time.monotonic()
+        try:
+            await self.send(peer, Frame(Kind.PING, 0, token, self.name, b""), timeout_s)
+            await asyncio.wait_for(fut, timeout_s)
+        except (ConnectionError, TimeoutError):
+            return None
+        finally:
+            self._probes.pop((peer, token), None)
+        rtt = time.monotonic() - start
+        self._round_trips.setdefault(peer, RecentMean(PROBE_WINDOW)).add(rtt)
+        return rtt
+
+    def measured_latency_s(self) -> dict[str, float]:
+        """Per peer, half the mean probe round trip (s): the link's latency plus the
+        software time of a frame between the two event loops."""
+        return {p: m.value() / 2 for p, m in self._round_trips.items() if m.value() > 0}
+
+    async def _answer_probe(self, frame: Frame) -> None:
+        if frame.kind == Kind.PONG:
+            fut = self._probes.get((frame.name, frame.token))
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            return
+        try:
+            await self.send(frame.name, Frame(Kind.PONG, 0, frame.token, self.name, b""), 10.0)
+        except ConnectionError as exc:  # an unknown or unreachable prober: nothing to answer
+            self._count_bad(f"probe: {exc}")
+
     # -- inbound --
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -174,11 +251,20 @@ class DataPlane:
                     return
                 self.frames_received += 1
                 self.bytes_received += len(frame.payload)
+                if frame.kind in (Kind.PING, Kind.PONG):
+                    # answered here, not queued behind the agent's handling of other frames
+                    self._answer_probe_soon(frame)
+                    continue
                 await self._on_frame(frame)
         finally:
             if task is not None:
                 self._readers.discard(task)
             writer.close()
+
+    def _answer_probe_soon(self, frame: Frame) -> None:
+        task = asyncio.create_task(self._answer_probe(frame))
+        self._readers.add(task)
+        task.add_done_callback(self._readers.discard)
 
     def _count_bad(self, reason: str) -> None:
         kind = reason.split(":", 1)[0]

@@ -6,7 +6,11 @@ Topics live under ``edgepart/<testbed>/``:
 - ``devices/<name>/status``    retained; the agent's MQTT last will sets it offline;
 - ``devices/<name>/cmd``       controller -> agent: load, drop, migrate, shape, ...;
 - ``devices/<name>/reply``     agent -> controller: the outcome of one command;
-- ``placement``                retained: the epoch and routing table every agent follows.
+- ``placement``                retained: the epoch and routing table every agent follows;
+- ``run/world``                controller -> emulator driver: token T is next, apply its traces;
+- ``run/world_ready``          driver -> controller: the traces before token T are in place;
+- ``run/progress``             controller -> all: one token measured;
+- ``run/result``               retained: the whole run's result, once generation ends.
 
 Every message carries ``v`` (the protocol version). Anything malformed is turned
 into a ``Malformed`` value with the reason, for the receiver to count and log; it is
@@ -64,6 +68,14 @@ class Telemetry(_Message):
     compute_measured: bool = False  # available_gflops measured on recent blocks, not nominal
     dropped_messages: Annotated[int, Field(ge=0)] = 0  # malformed MQTT payloads so far
     dropped_frames: Annotated[int, Field(ge=0)] = 0  # malformed data-plane input so far
+    #: measured one-way latency to each peer (s): half the round trip of latency probes
+    #: between the two agents' event loops, through the shaped links
+    peer_latency_s: dict[DeviceName, NonNegative] = {}
+    #: what a hop costs beyond that, measured on recent activations (s): an output's way from
+    #: the compute thread to the event loop, and an input's way from the event loop to the
+    #: step that waited for it
+    send_overhead_s: NonNegative = 0.0
+    receive_overhead_s: NonNegative = 0.0
 
 
 class Status(_Message):
@@ -176,12 +188,53 @@ class PlacementEpoch(_Message):
     endpoints: dict[DeviceName, Endpoint] = {}
 
 
+# -- controller <-> emulator driver ------------------------------------------------------
+
+
+class WorldTurn(_Message):
+    """The controller is about to run generated token ``token``: the world may change now."""
+
+    token: Annotated[int, Field(ge=0)]
+
+
+class WorldReady(_Message):
+    """The emulator driver applied the traces due before ``token`` (or why it could not)."""
+
+    token: Annotated[int, Field(ge=0)]
+    ok: bool = True
+    error: str = ""
+    failed: tuple[DeviceName, ...] = ()  # devices it killed, for the controller to see gone
+
+
+class Progress(_Message):
+    """One generated token as the controller measured it."""
+
+    token: Annotated[int, Field(ge=0)]  # tokens generated so far
+    token_id: TokenId
+    measured_s: NonNegative  # 0 for the prefill's token
+    predicted_s: NonNegative
+    migrations: Annotated[int, Field(ge=0)]
+
+
+class RunOutcome(_Message):
+    """The run's result (DESIGN's emulate JSON keys), or the error that ended it."""
+
+    ok: bool
+    error: str = ""
+    result: dict = {}
+
+
 # -- topics ------------------------------------------------------------------------------
 
-TopicKind = Literal["telemetry", "status", "cmd", "reply", "placement"]
+RunKind = Literal["world", "world_ready", "progress", "result"]
+TopicKind = Literal[
+    "telemetry", "status", "cmd", "reply", "placement", "world", "world_ready", "progress",
+    "result",
+]  # fmt: skip
 _TOPIC = re.compile(
     rf"^{ROOT}/(?P<testbed>{_NAME})/(?:devices/(?P<device>{_NAME})/"
-    r"(?P<kind>telemetry|status|cmd|reply)|(?P<placement>placement))$"
+    r"(?P<kind>telemetry|status|cmd|reply)|(?P<placement>placement)"
+    r"|run/(?P<run>world|world_ready|progress|result))$"
 )
 
 
@@ -195,9 +248,18 @@ def placement_topic(testbed: str) -> str:
     return f"{ROOT}/{testbed}/placement"
 
 
+def run_topic(testbed: str, kind: RunKind) -> str:
+    """A topic between the controller and the emulator driver (world turns, progress)."""
+    return f"{ROOT}/{testbed}/run/{kind}"
+
+
 def subscription(testbed: str, kind: TopicKind, device: str = "+") -> str:
     """A subscription filter: one kind of topic, for one device or all (+)."""
-    return placement_topic(testbed) if kind == "placement" else device_topic(testbed, device, kind)
+    if kind == "placement":
+        return placement_topic(testbed)
+    if kind in ("world", "world_ready", "progress", "result"):
+        return run_topic(testbed, kind)  # type: ignore[arg-type]
+    return device_topic(testbed, device, kind)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -216,6 +278,8 @@ def parse_topic(topic: str) -> Topic | None:
         return None
     if m["placement"]:
         return Topic(m["testbed"], "placement", None)
+    if m["run"]:
+        return Topic(m["testbed"], m["run"], None)  # type: ignore[arg-type]
     return Topic(m["testbed"], m["kind"], m["device"])  # type: ignore[arg-type]
 
 
@@ -233,6 +297,10 @@ Message = (
     | Reset
     | Decode
     | Reply
+    | WorldTurn
+    | WorldReady
+    | Progress
+    | RunOutcome
 )
 _ADAPTERS: dict[TopicKind, TypeAdapter] = {
     "telemetry": TypeAdapter(Telemetry),
@@ -240,6 +308,10 @@ _ADAPTERS: dict[TopicKind, TypeAdapter] = {
     "cmd": TypeAdapter(Command),
     "reply": TypeAdapter(Reply),
     "placement": TypeAdapter(PlacementEpoch),
+    "world": TypeAdapter(WorldTurn),
+    "world_ready": TypeAdapter(WorldReady),
+    "progress": TypeAdapter(Progress),
+    "result": TypeAdapter(RunOutcome),
 }
 
 

@@ -4,13 +4,20 @@ Frame layout (little-endian):
 
     magic  b"EPF1"            4 bytes
     version                   u8
-    kind                      u8   (ACTIVATION=1, BLOCK_STATE=2, ACK=3, ERROR=4)
+    kind                      u8   (ACTIVATION=1, BLOCK_STATE=2, ACK=3, ERROR=4, PING=6,
+                                    PONG=7, FETCH=8)
     epoch                     u32  placement epoch the frame belongs to
-    token                     u32  decode step (token index)
+    token                     u32  decode step (token index); a FETCH's request number
     name length               u16
     name                      UTF-8 route / block name
     payload length            u64
     payload                   bytes
+
+BLOCK_STATE carries an ``llm.state`` blob. A migration sends one with token 0, answered by
+ACK or ERROR with token 0. FETCH=8 (token: the requester's request number, from 1; payload:
+the requester's UTF-8 device name) asks a peer for a block's weights; the peer answers with
+a BLOCK_STATE of them, or an ERROR giving the reason, carrying the request's token, which
+tells the answer apart from a migration's frames.
 
 A tensor payload (``tensor_to_payload``) is:
 
@@ -68,6 +75,9 @@ class Kind(enum.IntEnum):
     BLOCK_STATE = 2
     ACK = 3
     ERROR = 4
+    PING = 6  # a latency probe: the peer answers PONG with the same token at once
+    PONG = 7
+    FETCH = 8  # a block's weights, please: answered by BLOCK_STATE or ERROR, same token
 
 
 @dataclass(frozen=True)

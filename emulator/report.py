@@ -31,7 +31,7 @@ def comparison_table(scenario: Scenario, runs: Sequence[LocalRun]) -> Table:
     best = min(r.result.total_s for r in runs)
     table = Table(
         title=f"{scenario.name}: {scenario.generate_tokens} tokens on {len(scenario.devices)} "
-        f"devices, local backend ({runs[0].isolation}, {runs[0].telemetry} telemetry)"
+        f"devices, {runs[0].backend} backend ({runs[0].isolation}, {runs[0].telemetry} telemetry)"
     )
     for col in (
         "algorithm",

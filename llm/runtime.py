@@ -16,7 +16,7 @@ import torch
 
 from llm.arch import Architecture
 from llm.blocks import PINNED_BLOCKS, block_table
-from llm.state import block_state, dump_state, load_state
+from llm.state import BlockState, block_state, dump_state, load_state
 from llm.tensors import TensorSource
 from llm.torch_blocks import (
     AnyBlock,
@@ -26,8 +26,10 @@ from llm.torch_blocks import (
     KVGroupBlock,
     ProjBlock,
     RopeTable,
+    block_from_weights,
     build_block,
     parse_block_name,
+    weight_shapes,
 )
 
 SOURCE_DEVICE = "source"
@@ -50,10 +52,17 @@ class BlockHost:
         self.blocks: dict[str, AnyBlock] = {}
         self.rope = RopeTable(arch, dtype) if arch.positions == "rope" else None
 
-    def load(self, block_name: str) -> AnyBlock:
-        """Build a block from the source (only its slices); returns it."""
+    def load(self, block_name: str, weights: dict[str, torch.Tensor] | None = None) -> AnyBlock:
+        """Build a block from the source (only its slices), or from ``weights`` (a movable
+        block's ``weight_tensors()`` from elsewhere: no source read); returns it."""
         if block_name in self.blocks:
             raise ValueError(f"{self.name} already holds {block_name}")
+        if weights is not None:
+            block: AnyBlock = block_from_weights(
+                self.arch, block_name, weights, self.dtype, rope=self.rope
+            )
+            self.blocks[block_name] = block
+            return block
         tied = None
         embed = self.blocks.get("embed")
         if block_name == "head" and isinstance(embed, EmbedBlock):
@@ -63,6 +72,26 @@ class BlockHost:
         )
         self.blocks[block_name] = block
         return block
+
+    def restore(self, state: BlockState) -> AnyBlock:
+        """Hold a migrated block: from the state's weights if it carries them, else from the
+        source; a KV group takes the state's cache. Returns the block."""
+        block = self.load(state.block, weights=state.weights or None)
+        if isinstance(block, KVGroupBlock) and state.keys is not None:
+            assert state.values is not None
+            block.set_cache(state.keys, state.values)
+        return block
+
+    def weights_of(self, block_name: str) -> BlockState:
+        """A movable block's weights (a group with an empty cache), from the copy held here
+        or read from the source without holding it: what a peer without the checkpoint
+        loads the block from."""
+        weight_shapes(self.arch, block_name)  # ValueError unless a movable block of the model
+        block = self.blocks.get(block_name)
+        if block is None:
+            block = build_block(self.source, self.arch, block_name, self.dtype, rope=self.rope)
+        assert isinstance(block, KVGroupBlock | ProjBlock | FFNBlock)
+        return block_state(block, self.arch.spec.name, with_weights=True, with_cache=False)
 
     def adopt(self, block: AnyBlock) -> None:
         """Take a block built elsewhere (e.g. restored from a migration state)."""
@@ -250,9 +279,9 @@ class PartitionedModel:
     def migrate(self, block_name: str, to_device: str, with_weights: bool = False) -> int:
         """Move a block to another device mid-generation; returns the bytes sent.
 
-        A KV-group block's cache travels as llm.state bytes; its weights are reloaded from the
-        source on the new host, or travel in the same bytes when ``with_weights``. Projection
-        and FFN blocks carry no state and are rebuilt from the source.
+        The block travels as llm.state bytes: a KV group's cache, and for every kind its
+        weights when ``with_weights`` (the new host then reads nothing from the source);
+        without them the new host loads the weights from the source.
         """
         kind = parse_block_name(block_name).kind
         if kind in PINNED_BLOCKS:
@@ -263,23 +292,11 @@ class PartitionedModel:
         if src == to_device:
             return 0
         old = self.hosts[src][block_name]
+        assert isinstance(old, KVGroupBlock | ProjBlock | FFNBlock)
         target = self._host(to_device)
-        sent = 0
-        if isinstance(old, KVGroupBlock):
-            data = dump_state(block_state(old, self.arch.spec.name, with_weights=with_weights))
-            sent = len(data)
-            state = load_state(data, expect_model=self.arch.spec.name)
-            if with_weights:
-                block = KVGroupBlock(
-                    None, self.arch, block_name, self.dtype, rope=target.rope, weights=state.weights
-                )
-                target.adopt(block)
-            else:
-                block = target.load(block_name)
-                assert isinstance(block, KVGroupBlock)
-            block.set_cache(state.keys, state.values)
-        else:
-            target.load(block_name)
+        data = dump_state(block_state(old, self.arch.spec.name, with_weights=with_weights))
+        sent = len(data)
+        target.restore(load_state(data, expect_model=self.arch.spec.name))
         self.hosts[src].drop(block_name)
         self.placement[block_name] = to_device
         self.traffic.migration_bytes += sent

@@ -62,6 +62,64 @@ def _parse_as(name: str, kind: str, what: str) -> BlockName:
     return parsed
 
 
+#: blocks that move between devices (and can be rebuilt from their weights alone)
+MOVABLE_KINDS = ("group", "proj", "ffn")
+
+
+def weight_shapes(arch: Architecture, name: str) -> dict[str, tuple[int, ...]]:
+    """The local weight names and shapes a movable block holds (what ``weight_tensors`` gives)."""
+    parsed = parse_block_name(name)
+    spec = arch.spec
+    if parsed.kind not in MOVABLE_KINDS:
+        raise ValueError(f"{name} is pinned to the source: only groups, proj and ffn move")
+    if not 0 <= parsed.layer < spec.layers or (
+        parsed.kind == "group" and not 0 <= parsed.group < spec.kv_heads
+    ):
+        raise ValueError(f"{name} does not exist in {spec.name}")
+    d, h, f = spec.d_model, spec.head_dim, spec.d_ff
+    gpt2 = arch.family == "gpt2"
+    out: dict[str, tuple[int, ...]] = {}
+    if parsed.kind == "group":
+        qkv = (spec.queries_per_group + 2) * h
+        out["norm_w"] = (d,)
+        if gpt2:
+            out["norm_b"] = (d,)
+        out["w_qkv"] = (d, qkv) if gpt2 else (qkv, d)  # Conv1D keeps (in, out)
+        if gpt2 or arch.qkv_bias:
+            out["b_qkv"] = (qkv,)
+    elif parsed.kind == "proj":
+        heads = spec.heads * h
+        out["w_o"] = (heads, d) if gpt2 else (d, heads)
+        if gpt2 or arch.o_bias:
+            out["b_o"] = (d,)
+    else:
+        out["norm_w"] = (d,)
+        if arch.norm == "layer":
+            out["norm_b"] = (d,)
+        out["w_up"] = (d, f) if gpt2 else (2 * f, d)  # SwiGLU: gate and up fused
+        out["w_down"] = (f, d) if gpt2 else (d, f)
+        if gpt2 or arch.mlp_bias:
+            out["b_up"] = (f,) if gpt2 else (2 * f,)
+            out["b_down"] = (d,)
+    return out
+
+
+def check_weights(arch: Architecture, name: str, weights: dict[str, torch.Tensor]) -> None:
+    """ValueError naming what is wrong unless ``weights`` are exactly the block's tensors."""
+    want = weight_shapes(arch, name)
+    missing = sorted(set(want) - set(weights))
+    extra = sorted(set(weights) - set(want))
+    if missing or extra:
+        raise ValueError(
+            f"{name}: weights {sorted(weights)} do not match the expected {sorted(want)}"
+            f" (missing {missing}, unexpected {extra})"
+        )
+    for key, shape in want.items():
+        got = tuple(weights[key].shape)
+        if got != shape:
+            raise ValueError(f"{name}: weight {key} has shape {got}, expected {shape}")
+
+
 # --- tensor names (Hugging Face layout) -------------------------------------------------
 
 
@@ -240,6 +298,7 @@ class KVGroupBlock(Block):
         self.head_dim = spec.head_dim
         self.scale = arch.attn_scale(self.layer)
         if weights is not None:
+            check_weights(arch, name, weights)
             self._set_weights({k: v.to(dtype) for k, v in weights.items()})
         elif source is not None:
             self._load(source)
@@ -374,13 +433,23 @@ class ProjBlock(Block):
 
     def __init__(
         self,
-        source: TensorSource,
+        source: TensorSource | None,
         arch: Architecture,
         name: str,
         dtype: torch.dtype = torch.float32,
+        weights: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__(name, arch, dtype)
         parsed = _parse_as(name, "proj", "a projection block")
+        conv1d = arch.family == "gpt2"
+        if weights is not None:
+            # rebuilt from weight_tensors() of a copy elsewhere: no checkpoint read
+            check_weights(arch, name, weights)
+            w = {k: v.to(dtype) for k, v in weights.items()}
+            self.o = Linear(w["w_o"], w.get("b_o"), conv1d=conv1d)
+            return
+        if source is None:
+            raise ValueError("a projection block needs a source or its weights")
         load = _Loader(source, dtype)
         p = _layer_prefix(arch, parsed.layer)
         if arch.family == "gpt2":
@@ -388,7 +457,7 @@ class ProjBlock(Block):
         else:
             w = load(f"{p}self_attn.o_proj.weight")
             b = load(f"{p}self_attn.o_proj.bias") if arch.o_bias else None
-        self.o = Linear(w, b, conv1d=arch.family == "gpt2")
+        self.o = Linear(w, b, conv1d=conv1d)
         self.loaded_elements = load.elements
 
     def weight_tensors(self) -> dict[str, torch.Tensor]:
@@ -408,13 +477,25 @@ class FFNBlock(Block):
 
     def __init__(
         self,
-        source: TensorSource,
+        source: TensorSource | None,
         arch: Architecture,
         name: str,
         dtype: torch.dtype = torch.float32,
+        weights: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__(name, arch, dtype)
         parsed = _parse_as(name, "ffn", "an FFN block")
+        if weights is not None:
+            # rebuilt from weight_tensors() of a copy elsewhere: no checkpoint read
+            check_weights(arch, name, weights)
+            w = {k: v.to(dtype) for k, v in weights.items()}
+            conv1d = arch.family == "gpt2"
+            self.norm = Norm(w["norm_w"], w.get("norm_b"), arch)
+            self.up = Linear(w["w_up"], w.get("b_up"), conv1d=conv1d)
+            self.down = Linear(w["w_down"], w.get("b_down"), conv1d=conv1d)
+            return
+        if source is None:
+            raise ValueError("an FFN block needs a source or its weights")
         load = _Loader(source, dtype)
         p = _layer_prefix(arch, parsed.layer)
         if arch.family == "gpt2":
@@ -518,3 +599,25 @@ def build_block(
     if kind == "proj":
         return ProjBlock(source, arch, name, dtype)
     return FFNBlock(source, arch, name, dtype)
+
+
+def block_from_weights(
+    arch: Architecture,
+    name: str,
+    weights: dict[str, torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    rope: RopeTable | None = None,
+) -> KVGroupBlock | ProjBlock | FFNBlock:
+    """A movable block rebuilt from its ``weight_tensors()`` alone (no checkpoint read).
+
+    Raises ValueError if the name is not a movable block of the model or the weights are not
+    exactly that block's tensors and shapes.
+    """
+    kind = parse_block_name(name).kind
+    if kind == "group":
+        return KVGroupBlock(None, arch, name, dtype, rope=rope, weights=weights)
+    if kind == "proj":
+        return ProjBlock(None, arch, name, dtype, weights=weights)
+    if kind == "ffn":
+        return FFNBlock(None, arch, name, dtype, weights=weights)
+    raise ValueError(f"{name} is pinned to the source: only groups, proj and ffn move")

@@ -19,24 +19,18 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from controller.orchestrator import Controller, ControllerConfig, RunResult, TelemetryMode
-from controller.view import PlanningWindow, ResourceView
-from device_agent import protocol as proto
-from emulator.backends.sim import apply_due_traces, initial_state
+from emulator.live_world import World
 from emulator.scenario import (
-    FailTrace,
     GgufModel,
     HfModel,
-    LinkTrace,
-    LoadTrace,
-    MemoryTrace,
     PresetModel,
     Scenario,
-    Trace,
 )
 from emulator.world import MIB, WorldState
 
@@ -47,6 +41,7 @@ RESERVED_CORES = 0.25
 #: memory a cgroup allows beyond the block budget: the agent's runtime (Python, torch)
 RUNTIME_SLACK_BYTES = 64 * MIB
 AGENT_STOP_S = 5.0
+WORLD_COMMAND_TIMEOUT_S = 30.0  # for an agent to carry out a trace's command, s
 DEFAULT_PROMPT = (
     "Edge devices in a home network can share the work of running a language model. "
     "Each device holds a few attention heads with their key and value caches, and the "
@@ -118,6 +113,7 @@ class AgentProcess:
 class LocalRun:
     """The result of a local emulation: the controller's measurements plus the setup."""
 
+    backend: ClassVar[str] = "local"
     result: RunResult
     text: str
     shares: dict[str, float]
@@ -130,128 +126,26 @@ class LocalRun:
 
     def to_json(self) -> dict:
         """The CLI's ``emulate --json`` object (DESIGN's keys)."""
-        r = self.result
         return {
-            "algorithm": r.algorithm,
+            **self.result.summary(),
             "backend": "local",
-            "per_token_s": r.per_token_s,
-            "predicted_per_token_s": r.predicted_per_token_s,
-            "total_s": r.total_s,
-            "migrations": r.migrations,
-            "migration_s": r.migration_s,
-            "migration_bytes": r.migration_bytes,
-            "peak_memory_bytes": r.peak_memory_bytes,
-            "replans": r.replans,
-            "failed_replans": r.failed_replans,
-            "prefill_s": r.prefill_s,
-            "recoveries": r.recoveries,
-            "move_s_per_block": r.move_s_per_block,
-            "recovery_s": r.recovery_s,
-            "output_token_ids": r.output_token_ids,
             "text": self.text,
             "telemetry": self.telemetry,
             "isolation": self.isolation,
             "cpu_share": self.shares,
-            "wall_s": r.wall_s,
         }
 
 
-class World:
-    """The emulated world during a run: the scenario's state plus the processes it acts on."""
-
-    def __init__(
-        self, scenario: Scenario, agents: dict[str, AgentProcess], shares: dict[str, float]
-    ):
-        self.scenario = scenario
-        self.agents = agents
-        self.shares = shares
-        self.state, self.pending = initial_state(scenario)
-        self.applied: list[Trace] = list(t for t in scenario.traces if t not in self.pending)
-        self.controller: Controller | None = None
-        self.started = time.monotonic()
-
-    def view(self, window: PlanningWindow) -> ResourceView:
-        """The configured resources now (for ``--telemetry configured``)."""
-        return self.state.view(self.scenario, window)
-
-    async def setup(self) -> None:
-        """Shape every link as configured and apply the traces due at token 0."""
-        await self._shape_all()
-        for trace in self.applied:
-            await self._enact(trace)
-
-    async def before_token(self, token: int) -> None:
-        """Apply the traces due before generated token ``token``."""
-        if token == 0:
-            return
-        before = list(self.pending)
-        apply_due_traces(self.state, self.pending, token, time.monotonic() - self.started)
-        for trace in before:
-            if trace not in self.pending:
-                await self._enact(trace)
-
-    async def _command(self, device: str, command) -> None:
-        assert self.controller is not None
-        reply = await self.controller.command(device, command, 30.0)
-        if not reply.ok:
-            raise RuntimeError(f"{device} refused {command.op}: {reply.error}")
-
-    def _id(self) -> str:
-        assert self.controller is not None
-        return "w" + self.controller._id()
-
-    async def _shape(self, a: str, b: str) -> None:
-        i, j = self.state.index(a), self.state.index(b)
-        rate = float(self.state.bandwidth_mbit[i, j])
-        latency_ms = float(self.state.latency_s[i, j]) * 1000.0
-        cmd = proto.Shape(
-            id=self._id(), op="shape", peer=b, bandwidth_mbit=rate, latency_ms=latency_ms
-        )
-        await self._command(a, cmd)
-
-    async def _shape_all(self) -> None:
-        names = self.state.names
-        async with asyncio.TaskGroup() as tg:
-            for a in names:
-                for b in names:
-                    if a != b:
-                        tg.create_task(self._shape(a, b))
-
-    async def _enact(self, trace: Trace) -> None:
-        if isinstance(trace, LoadTrace):
-            cmd = proto.InjectLoad(
-                id=self._id(), op="inject_load", fraction=min(trace.background_load, 0.99)
-            )
-            await self._command(trace.device, cmd)
-        elif isinstance(trace, MemoryTrace):
-            cmd = proto.SetBudget(
-                id=self._id(), op="set_budget", memory_bytes=int(trace.memory_mib * MIB)
-            )
-            await self._command(trace.device, cmd)
-        elif isinstance(trace, LinkTrace):
-            a, b = trace.link
-            await self._shape(a, b)
-            await self._shape(b, a)
-        elif isinstance(trace, FailTrace):
-            agent = self.agents[trace.device]
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(agent.process.pid, signal.SIGKILL)  # the device and its burners
-            agent.process.wait(timeout=AGENT_STOP_S)
-            await self._until_noticed(trace.device)
-
-    async def _until_noticed(self, device: str) -> None:
-        """Wait until the controller's own detection (telemetry silence) sees the device gone."""
-        assert self.controller is not None
-        deadline = time.monotonic() + 10.0
-        index = self.state.index(device)
-        window = PlanningWindow(1, 1, 1)
-        while self.controller.view(window).alive[index]:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the controller did not notice {device} failing in 10 s")
-            await asyncio.sleep(0.05)
+async def _kill_agent(agent: AgentProcess, controller: Controller | None) -> None:
+    """kill -9 a device's agent and its burners, then wait until the controller notices."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(agent.process.pid, signal.SIGKILL)
+    agent.process.wait(timeout=AGENT_STOP_S)
+    assert controller is not None
+    await controller.until_gone(agent.name)
 
 
-def _spawn_agent(
+def spawn_agent(
     scenario: Scenario,
     device: str,
     broker: str,
@@ -259,7 +153,9 @@ def _spawn_agent(
     share: float,
     profile_path: Path | None,
     log_dir: Path,
+    metrics_port: int | None = None,
 ) -> AgentProcess:
+    """Start one device's agent process (own session, logs to log_dir/<device>.log)."""
     dev = scenario.device(device)
     log_path = log_dir / f"{device}.log"
     args = [
@@ -276,6 +172,8 @@ def _spawn_agent(
     ]  # fmt: skip
     if profile_path is not None and profile_path.is_file():
         args += ["--profile", str(profile_path)]
+    if metrics_port is not None:
+        args += ["--metrics-port", str(metrics_port)]
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             args,
@@ -332,8 +230,16 @@ def run_local(
     status: Callable[[str], None] | None = None,
     metrics_port: int | None = None,
     cgroups: bool | None = None,
+    agent_metrics_ports: Mapping[str, int] | None = None,
+    on_finished: Callable[[RunResult], None] | None = None,
 ) -> LocalRun:
-    """Emulate the scenario with real agents on this machine; returns what was measured."""
+    """Emulate the scenario with real agents on this machine; returns what was measured.
+
+    ``metrics_port`` serves the controller's /metrics, ``agent_metrics_ports`` (device ->
+    port) each agent's, on 127.0.0.1. ``on_finished`` is called with the result once
+    generation is done and before anything is stopped, so every endpoint still serves
+    (e.g. for a Prometheus to scrape them).
+    """
     from device_agent.limits import CgroupLimits, host_cores
     from llm.blocks import block_table
     from llm.calibration import calibrated_table
@@ -353,13 +259,15 @@ def run_local(
     if cgroups is None:
         cgroups = CgroupLimits.detect() is not None
     agents: dict[str, AgentProcess] = {}
+    controller: Controller | None = None
     with _broker(broker) as endpoint:
         try:
             say(f"starting {len(scenario.devices)} agents (broker {endpoint})")
             for d in scenario.devices:
-                agent = _spawn_agent(
+                agent = spawn_agent(
                     scenario, d.name, endpoint, testbed, shares[d.name],
                     cache_path(ref, threads=1), log_dir,
+                    (agent_metrics_ports or {}).get(d.name),
                 )  # fmt: skip
                 agents[d.name] = agent
                 if cgroups:
@@ -369,7 +277,11 @@ def run_local(
                     # joined at setup: start-up (imports, opening the model) is not what
                     # a device's speed emulates, and at a 0.1-core share it takes a minute
                     agent.cgroup = group
-            world = World(scenario, agents, shares)
+            world = World(
+                scenario,
+                lambda device, cmd: controller.command(device, cmd, WORLD_COMMAND_TIMEOUT_S),
+                lambda device: _kill_agent(agents[device], controller),
+            )
             config = controller_config(
                 scenario, table, ids, endpoint, testbed, algorithm, telemetry, metrics_port
             )
@@ -384,8 +296,12 @@ def run_local(
             if cgroups:
                 controller.on_joined = _with_memory_limits(world, agents)
             result = asyncio.run(_run(controller, agents))
+            if on_finished is not None:
+                on_finished(result)
         finally:
             stop_agents(agents)
+            if controller is not None and controller.metrics is not None:
+                controller.metrics.close()  # the port is free for the next run
             for agent in agents.values():
                 if agent.cgroup is not None:
                     agent.cgroup.remove()

@@ -20,6 +20,7 @@ import pytest
 from emulator.backends.local import LocalBackendError, prompt_ids, run_local
 from emulator.broker import Mosquitto, mosquitto_available
 from emulator.scenario import parse_scenario
+from llm.blocks import block_table
 from llm.loader import open_model
 from llm.runtime import monolithic
 
@@ -94,6 +95,23 @@ def test_traces_make_the_planner_migrate_blocks(tmp_path: Path) -> None:
     assert run.result.output_token_ids == _reference()
     # b lost 90 % of its compute at token 2: the re-plan moved work off it
     assert run.result.replans >= 2
+
+
+def test_weights_from_peer_travel_with_every_move(tmp_path: Path) -> None:
+    # only the source's checkpoint is used: b and c load from it over the data plane, and
+    # every migrated block carries its weights (plus a group's cache), as the cost model says.
+    # Moving weights does not pay off within two tokens, so b's memory shrinks to force moves
+    scenario = _scenario(
+        weights_from="peer", traces=[{"at_token": 2, "device": "b", "memory_mib": 40}]
+    )
+    run = run_local(scenario, "myopic", telemetry="configured", work_dir=tmp_path)
+    assert run.result.output_token_ids == _reference()
+    assert run.result.migrations >= 1
+    table = block_table(open_model("smollm2-135m").arch.spec)
+    # the lightest block's weights (a KV group's, ~0.7 MB) dwarf any cache moved here
+    # (2 x 16 positions x 64 x 4 B = 8 KiB): weights travelled with each of the moves
+    assert run.result.migration_bytes >= run.result.migrations * table.weight_bytes.min()
+    _assert_no_orphans(run.pids)
 
 
 def test_a_device_killed_mid_generation_is_recovered(tmp_path: Path) -> None:

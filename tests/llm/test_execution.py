@@ -304,9 +304,13 @@ def test_state_round_trip_continues_exactly(ref: Reference) -> None:
 def test_state_in_bfloat16_round_trips(ref: Reference) -> None:
     _, block = _live_group(ref)
     state = block_state(block, "m")
-    state = BlockState("m", 1, 1, "bfloat16", state.keys.bfloat16(), state.values.bfloat16())
+    assert state.keys is not None and state.values is not None
+    state = BlockState(
+        "m", "L1.g1", "bfloat16", keys=state.keys.bfloat16(), values=state.values.bfloat16()
+    )
     back = load_state(dump_state(state))
     assert back.dtype == "bfloat16" and back.keys.dtype == torch.bfloat16
+    assert back.keys is not None and back.values is not None
     assert torch.equal(back.keys, state.keys) and torch.equal(back.values, state.values)
 
 
@@ -330,7 +334,7 @@ def test_state_corruption_is_detected(ref: Reference) -> None:
     with pytest.raises(ValueError, match="model"):
         load_state(data, expect_model="another-model")
     # A well-formed file whose shapes disagree with its length.
-    bad = BlockState("m", 0, 0, "float32", torch.zeros(3, 4), torch.zeros(2, 4))
+    bad = BlockState("m", "L0.g0", "float32", keys=torch.zeros(3, 4), values=torch.zeros(2, 4))
     with pytest.raises(ValueError, match="values shape"):
         load_state(dump_state(bad))
     assert data[:4] == MAGIC

@@ -1,0 +1,287 @@
+"""The ``docker`` backend: every device a resource-limited container, links shaped in the kernel.
+
+``run_docker`` renders the scenario into a compose project (``emulator.compose``) in a work
+directory, starts it with ``docker compose up`` (the ``calibrate`` service first, then the
+broker, one agent container per device, the controller and the ``testbed`` driver), follows
+the driver's output until it exits, reads the result it saved, and removes every container,
+network and volume of the project, also on error or Ctrl-C. The JSON has the local
+backend's keys (DESIGN's emulate keys).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from docker.errors import DockerException
+
+from controller.orchestrator import RunResult
+from emulator.compose import (
+    BROKER_IMAGE,
+    IMAGE,
+    NETWORK,
+    RenderOptions,
+    container_model_ref,
+    project_name,
+    write_project,
+)
+from emulator.scenario import Scenario
+
+#: longest `docker compose up -d` (containers created, calibrate finished), s
+UP_TIMEOUT_S = 900.0
+DOWN_TIMEOUT_S = 180.0
+#: longest whole experiment once started, s
+RUN_TIMEOUT_S = 3 * 3600.0
+CONTROLLER_POLL_S = 2.0  # how often the controller's container is checked during a run, s
+
+
+class DockerBackendError(RuntimeError):
+    """The docker testbed could not run (exit 1), with what docker said."""
+
+
+@dataclass
+class DockerRun:
+    """What a docker-backend run measured, plus where its project lives."""
+
+    backend: ClassVar[str] = "docker"
+    result: RunResult
+    text: str
+    project: str
+    directory: Path
+    shares: dict[str, float] = field(default_factory=dict)
+    start_s: float = 0.0  # from `compose up` to every container started, s
+    logs: str = ""  # the driver's output
+    telemetry: str = "measured"
+    isolation: str = "container cgroup + time dilation"
+
+    def to_json(self) -> dict:
+        """The CLI's ``emulate --json`` object (DESIGN's keys)."""
+        return {
+            **self.result.summary(),
+            "backend": "docker",
+            "text": self.text,
+            "telemetry": self.telemetry,
+            "isolation": self.isolation,
+            "cpu_share": self.shares,
+            "start_s": self.start_s,
+        }
+
+
+def compose(directory: Path, project: str, *args: str, timeout_s: float = 120.0) -> str:
+    """Run ``docker compose`` on a project directory; its stdout (DockerBackendError)."""
+    cmd = ["docker", "compose", "-p", project, "-f", str(directory / "compose.yaml"), *args]
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL
+        )
+    except FileNotFoundError:
+        raise DockerBackendError("docker is not installed (compose/docker-setup.sh)") from None
+    except subprocess.TimeoutExpired:
+        raise DockerBackendError(
+            f"{' '.join(cmd[1:4])} {args[0]}: over {timeout_s:.0f} s"
+        ) from None
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+        raise DockerBackendError(f"docker compose {' '.join(args)} failed:\n{tail}")
+    return done.stdout
+
+
+def project_resources(project: str) -> dict[str, list[str]]:
+    """Containers, networks and volumes docker still has of a compose project (names)."""
+    import docker
+
+    label = {"label": f"com.docker.compose.project={project}"}
+    client = docker.from_env()
+    try:
+        return {
+            "containers": [c.name for c in client.containers.list(all=True, filters=label)],
+            "networks": [n.name for n in client.networks.list(filters=label)],
+            "volumes": [v.name for v in client.volumes.list(filters=label)],
+        }
+    finally:
+        client.close()
+
+
+def service_addresses(project: str) -> dict[str, str]:
+    """Each running service's IP address on the project's testbed network."""
+    import docker
+
+    client = docker.from_env()
+    try:
+        label = {"label": f"com.docker.compose.project={project}"}
+        found = {}
+        for container in client.containers.list(filters=label):
+            service = container.labels.get("com.docker.compose.service", container.name)
+            networks = container.attrs["NetworkSettings"]["Networks"]
+            for name, settings in networks.items():
+                if name.endswith(f"_{NETWORK}") and settings.get("IPAddress"):
+                    found[service] = settings["IPAddress"]
+        return found
+    finally:
+        client.close()
+
+
+def down(directory: Path, project: str) -> None:
+    """Remove every container, network and volume of the project."""
+    compose(
+        directory, project, "down", "--volumes", "--remove-orphans", "--timeout", "5",
+        timeout_s=DOWN_TIMEOUT_S,
+    )  # fmt: skip
+
+
+def run_docker(
+    scenario: Scenario,
+    scenario_text: str,
+    algorithm: str,
+    *,
+    work_dir: Path = Path("out/docker"),
+    image: str = IMAGE,
+    status: Callable[[str], None] | None = None,
+    on_line: Callable[[str], None] | None = None,
+    on_started: Callable[[dict[str, str]], None] | None = None,
+    on_finished: Callable[[], None] | None = None,
+    keep: bool = False,
+) -> DockerRun:
+    """Emulate the scenario in containers (the image must exist: ``edgepart testbed build``).
+
+    ``on_started`` gets every running service's address on the testbed network once the
+    project is up (e.g. for a Prometheus on this host to scrape them); ``on_finished`` is
+    called when the driver is done, before anything is removed.
+    """
+    from device_agent.limits import host_cores
+    from emulator.backends.local import cpu_shares
+    from emulator.images import ImageBuildError, build_image, image_exists, image_is_current
+    from llm.host_profile import cache_path, host_profile
+
+    say = status or (lambda _msg: None)
+    if not image_is_current(image):
+        # the containers must run this tree's code: rebuild (only the code layer changes)
+        say(f"building {image} from this tree (edgepart testbed build)")
+        try:
+            build_image(image, progress=lambda _line: None)
+        except ImageBuildError as exc:
+            raise DockerBackendError(f"the image {image} could not be built: {exc}") from None
+    ref = container_model_ref(scenario)
+    profile = host_profile(ref, threads=1, progress=say)
+    shares = cpu_shares(scenario, profile.reference_gflops, host_cores())
+    project = f"{project_name(scenario)}-{os.getpid()}"
+    options = RenderOptions(
+        project=project,
+        algorithm=algorithm,
+        image=image,
+        broker_image=BROKER_IMAGE if image_exists(BROKER_IMAGE) else image,
+        reference_gflops=profile.reference_gflops,
+        grafana_dir=str(Path(__file__).resolve().parents[2] / "grafana"),
+    )
+    directory = work_dir / project
+    write_project(scenario, scenario_text, directory, options, cache_path(ref, threads=1))
+    # the same scenario run again in this process reuses the directory: a result left by
+    # an earlier run must not pass for this one's
+    (directory / "out" / "result.json").unlink(missing_ok=True)
+    try:
+        started = time.monotonic()
+        say(f"starting {len(scenario.devices)} device containers ({project})")
+        compose(directory, project, "up", "--detach", "--quiet-pull", timeout_s=UP_TIMEOUT_S)
+        start_s = time.monotonic() - started
+        if on_started is not None:
+            on_started(service_addresses(project))
+        logs = _follow(directory, project, "testbed", on_line)
+        if on_finished is not None:
+            on_finished()
+        code = _exit_code(project, "testbed")
+        path = directory / "out" / "result.json"
+        if code != 0 or not path.is_file():
+            controller = compose(directory, project, "logs", "--no-color", "controller")
+            tail = "\n".join(controller.strip().splitlines()[-20:])
+            raise DockerBackendError(
+                f"the testbed driver exited with {code}:\n{logs[-2000:]}\ncontroller:\n{tail}"
+            )
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if "error" in saved:
+            raise DockerBackendError(f"the run failed: {saved['error']}")
+    finally:
+        if not keep:
+            down(directory, project)
+    result = RunResult.from_summary(saved)
+    return DockerRun(result, saved.get("text", ""), project, directory, shares, start_s, logs)
+
+
+def _follow(
+    directory: Path, project: str, service: str, on_line: Callable[[str], None] | None
+) -> str:
+    """Stream a service's output until its container exits; the whole output."""
+    cmd = [
+        "docker", "compose", "-p", project, "-f", str(directory / "compose.yaml"),
+        "logs", "--follow", "--no-color", "--no-log-prefix", service,
+    ]  # fmt: skip
+    lines: list[str] = []
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
+        # a silent driver sends no line to check a deadline on: the timer ends the wait
+        timer = threading.Timer(RUN_TIMEOUT_S, proc.kill)
+        timer.start()
+        stop = threading.Event()
+        failed: list[int] = []
+        watchdog = threading.Thread(
+            target=_watch_controller, args=(project, proc, stop, failed), daemon=True
+        )
+        watchdog.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                if on_line is not None:
+                    on_line(line.rstrip("\n"))
+        finally:
+            timed_out = not timer.is_alive()
+            timer.cancel()
+            stop.set()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+    if failed:
+        raise DockerBackendError(
+            f"the controller exited with {failed[0]} before the run ended:\n"
+            + compose(directory, project, "logs", "--no-color", "--tail", "20", "controller")
+        )
+    if timed_out:
+        raise DockerBackendError(f"the run took over {RUN_TIMEOUT_S:.0f} s")
+    return "".join(lines)
+
+
+def _watch_controller(
+    project: str, follower: subprocess.Popen, stop: threading.Event, failed: list[int]
+) -> None:
+    """End the wait on the driver when the controller fails: the driver would wait for an
+    outcome that never comes."""
+    while not stop.wait(CONTROLLER_POLL_S):
+        with contextlib.suppress(OSError, DockerException):  # retried at the next poll
+            code = _exit_code(project, "controller")
+            if code not in (None, 0):
+                failed.append(code)
+                follower.kill()
+                return
+
+
+def _exit_code(project: str, service: str) -> int | None:
+    """The exit code of a compose service's container; None while it runs or if it is gone."""
+    import docker
+
+    labels = [f"com.docker.compose.project={project}", f"com.docker.compose.service={service}"]
+    client = docker.from_env()
+    try:
+        found = client.containers.list(all=True, filters={"label": labels})
+        if not found:
+            return None
+        state = found[0].attrs["State"]
+        return None if state.get("Running") else int(state.get("ExitCode", -1))
+    finally:
+        client.close()

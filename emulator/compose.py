@@ -1,0 +1,372 @@
+"""Render a scenario into a docker compose project: the testbed as files, nothing started.
+
+One service per device (the agent: its CPU share as ``cpus``, its memory budget plus the
+agent's runtime as ``mem_limit``, ``NET_ADMIN`` to shape its own links with tc), an MQTT
+broker, the controller, a one-shot ``calibrate`` service that measures this CPU's block
+speeds once into ``./cache`` (every role reads them from there), and the ``testbed``
+service, the emulator driver: it applies the traces and prints and saves the results, so
+``docker compose up testbed`` runs the whole experiment. Under the profile
+``observability``: Prometheus and Grafana with the dashboards of ``grafana/``. Every
+service sits on one ``internal: true`` network: nothing leaves the testbed.
+
+``render`` is pure (scenario in, documents out); ``write_project`` puts them on disk.
+``--swarm`` output is the same file plus ``deploy`` sections, for ``docker stack deploy``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from emulator.scenario import GgufModel, HfModel, PresetModel, Scenario
+
+IMAGE = "edgepart:latest"
+BROKER_IMAGE = "eclipse-mosquitto:2"
+PROMETHEUS_IMAGE = "prom/prometheus:v2.53.0"
+GRAFANA_IMAGE = "grafana/grafana:11.1.0"
+BROKER_PORT = 1883
+DATA_PORT = 7000  # every agent's data plane, inside its own container
+METRICS_PORT = 9400  # every edgepart process's /metrics, inside its own container
+#: what an agent holds beside its blocks (Python, torch, the opened checkpoint), MiB;
+#: measured: an idle agent of SmolLM2-135M is 450 MiB resident
+AGENT_RUNTIME_MIB = 640
+NETWORK = "testbed"
+#: where the project directory is mounted in the edgepart containers
+TESTBED_DIR = "/testbed"
+CACHE_DIR = "/cache"
+PROFILE = f"{CACHE_DIR}/profile.json"
+#: a share below this cannot run a token in reasonable time (and docker rounds to 0.01)
+MIN_CPUS = 0.01
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """How to render: images, the algorithm, and this host's speed for the CPU shares."""
+
+    algorithm: str = "myopic"
+    image: str = IMAGE
+    broker_image: str = BROKER_IMAGE
+    reference_gflops: float = 1.0  # this CPU's speed per core (GFLOP/s, host profile)
+    swarm: bool = False
+    grafana_dir: str = "../grafana"  # relative to the project directory
+    scenario_file: str = "scenario.yaml"
+    project: str | None = None  # compose project / stack name (default: from the scenario)
+
+
+def project_name(scenario: Scenario) -> str:
+    """The compose project (and swarm stack) name of a scenario's testbed."""
+    return "edgepart-" + _slug(scenario.name)
+
+
+def testbed_name(scenario: Scenario) -> str:
+    """The MQTT topic namespace of a scenario's testbed."""
+    return _slug(scenario.name)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9_-]+", "-", text.lower()).strip("-") or "testbed"
+
+
+def container_model_ref(scenario: Scenario) -> str:
+    """How the containers name the scenario's model (presets ship in the image)."""
+    model = scenario.model
+    if isinstance(model, PresetModel):
+        return model.preset
+    if isinstance(model, GgufModel | HfModel):
+        raise ValueError(
+            "model: the docker testbed runs the presets the image carries; a checkpoint "
+            "file on this host is not inside the containers"
+        )
+    raise ValueError("model: explicit shapes have no weights to run on the docker testbed")
+
+
+def cpus(scenario: Scenario, reference_gflops: float) -> dict[str, float]:
+    """Each device's CPU share (cores) from its GFLOP/s and this CPU's speed per core."""
+    if reference_gflops <= 0:
+        raise ValueError(f"reference speed must be positive, got {reference_gflops} GFLOP/s")
+    return {
+        d.name: max(MIN_CPUS, round(d.compute_gflops / reference_gflops, 3))
+        for d in scenario.devices
+    }
+
+
+def mem_limit_mib(memory_mib: float) -> int:
+    """A device container's memory limit (MiB): its block budget plus the agent's runtime."""
+    return round(memory_mib) + AGENT_RUNTIME_MIB
+
+
+def render(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
+    """The compose document (a dict ready for YAML) of a scenario's testbed."""
+    model = container_model_ref(scenario)
+    testbed = testbed_name(scenario)
+    project = options.project or project_name(scenario)
+    broker = f"broker:{BROKER_PORT}"
+    shares = cpus(scenario, options.reference_gflops)
+    common = {"image": options.image, "environment": {"EDGEPART_CACHE": CACHE_DIR}}
+    calibrated = {"calibrate": {"condition": "service_completed_successfully"}}
+    services: dict[str, Any] = {
+        "calibrate": {
+            **common,
+            "command": ["calibrate", "--model", model, "--out", PROFILE],
+            "volumes": [f"./cache:{CACHE_DIR}"],
+            "network_mode": "none",
+        },
+        "broker": _broker(options),
+    }
+    for d in scenario.devices:
+        agent = [
+            "agent", "--name", d.name, "--broker", broker,
+            "--listen", f"0.0.0.0:{DATA_PORT}", "--advertise", f"{d.name}:{DATA_PORT}",
+            "--testbed", testbed, "--model", model,
+            "--memory-mib", _number(d.memory_mib), "--cpu-share", _number(shares[d.name]),
+            "--gflops", _number(d.compute_gflops), "--profile", PROFILE,
+            "--metrics-port", str(METRICS_PORT), "--shaping", "tc",
+        ]  # fmt: skip
+        services[d.name] = {
+            **common,
+            "hostname": d.name,
+            "command": agent,
+            "cpus": shares[d.name],
+            "mem_limit": f"{mem_limit_mib(d.memory_mib)}m",
+            "cap_add": ["NET_ADMIN"],
+            "volumes": [f"./cache:{CACHE_DIR}:ro"],
+            "networks": [NETWORK],
+            "depends_on": {"broker": {"condition": "service_started"}, **calibrated},
+        }
+    scenario_path = f"{TESTBED_DIR}/{options.scenario_file}"
+    controller = [
+        "controller", "--scenario", scenario_path, "--broker", broker,
+        "--algorithm", options.algorithm, "--testbed", testbed,
+        "--profile", PROFILE, "--metrics-port", str(METRICS_PORT), "--metrics-host", "0.0.0.0",
+        "--world-driver", "--json",
+    ]  # fmt: skip
+    driver = [
+        "testbed", "drive", scenario_path, "--broker", broker, "--testbed", testbed,
+        "--project", project, "--out", f"{TESTBED_DIR}/out",
+    ]  # fmt: skip
+    services["controller"] = {
+        **common,
+        "command": controller,
+        "volumes": [f"./{options.scenario_file}:{scenario_path}:ro", f"./cache:{CACHE_DIR}:ro"],
+        "networks": [NETWORK],
+        "depends_on": {"broker": {"condition": "service_started"}, **calibrated},
+    }
+    services["testbed"] = {
+        **common,
+        "command": driver,
+        "volumes": [
+            f"./{options.scenario_file}:{scenario_path}:ro",
+            f"./out:{TESTBED_DIR}/out",
+            # the `fail` trace is `docker kill` of the device's container
+            "/var/run/docker.sock:/var/run/docker.sock",
+        ],
+        "networks": [NETWORK],
+        "depends_on": {
+            "broker": {"condition": "service_started"},
+            "controller": {"condition": "service_started"},
+            **{d.name: {"condition": "service_started"} for d in scenario.devices},
+        },
+    }
+    services.update(_observability(options))
+    network: dict[str, Any] = {"internal": True}
+    if options.swarm:
+        network["driver"] = "overlay"
+    if options.swarm:
+        _to_swarm(services, shares, scenario)
+    document = {
+        "name": project,
+        "x-edgepart": {
+            "scenario": scenario.name,
+            "algorithm": options.algorithm,
+            # the CPU speed the shares were computed with: re-render on another machine
+            "reference_gflops": round(options.reference_gflops, 4),
+        },
+        "services": services,
+        "networks": {NETWORK: network},
+        **({"configs": SWARM_CONFIGS} if options.swarm else {}),
+    }
+    if options.swarm:
+        del document["name"]  # the stack's name is given to `docker stack deploy`
+        # stack files are compose file format 3: `version` tells the CLI to read them so
+        document = {"version": "3.8", **document}
+    return document
+
+
+def _broker(options: RenderOptions) -> dict[str, Any]:
+    conf = "/mosquitto/config/mosquitto.conf"
+    service: dict[str, Any] = {
+        "image": options.broker_image,
+        "volumes": [f"./mosquitto.conf:{conf}:ro"],
+        "networks": [NETWORK],
+    }
+    if options.broker_image == BROKER_IMAGE:
+        service["command"] = ["mosquitto", "-c", conf]
+    else:
+        # no registry: the edgepart image carries Debian's mosquitto
+        service["entrypoint"] = ["mosquitto", "-c", conf]
+        service["command"] = []
+    return service
+
+
+def _observability(options: RenderOptions) -> dict[str, Any]:
+    grafana = options.grafana_dir
+    return {
+        "prometheus": {
+            "image": PROMETHEUS_IMAGE,
+            "profiles": ["observability"],
+            "command": ["--config.file=/etc/prometheus/prometheus.yml"],
+            "volumes": ["./prometheus.yml:/etc/prometheus/prometheus.yml:ro"],
+            "networks": [NETWORK],
+        },
+        "grafana": {
+            "image": GRAFANA_IMAGE,
+            "profiles": ["observability"],
+            "environment": {"GF_AUTH_ANONYMOUS_ENABLED": "true"},
+            "volumes": [
+                f"{grafana}/provisioning:/etc/grafana/provisioning:ro",
+                f"{grafana}/dashboards:/var/lib/grafana/dashboards:ro",
+            ],
+            "networks": [NETWORK],
+            "depends_on": ["prometheus"],
+        },
+    }
+
+
+def _to_swarm(services: dict[str, Any], shares: dict[str, float], scenario: Scenario) -> None:
+    """What ``docker stack deploy`` needs instead: limits under ``deploy``, files as configs
+    (every node gets them, bind mounts exist on one), no ordering (the profile ships with
+    the stack, so no ``calibrate``), one run (no restarts), the driver on a manager (its
+    Docker socket kills containers)."""
+    for name in ("calibrate", "prometheus", "grafana"):
+        services.pop(name)
+    # DNS round robin, not a virtual IP: a VIP needs the kernel's IPVS, and one replica per
+    # service gains nothing from it
+    once = {"restart_policy": {"condition": "none"}, "endpoint_mode": "dnsrr"}
+    for name, service in services.items():
+        service.pop("depends_on", None)
+        service.pop("volumes", None)
+        service["deploy"] = dict(once)
+        if name in shares:
+            limits = {"cpus": str(shares[name]), "memory": service.pop("mem_limit").upper()}
+            service["deploy"]["resources"] = {"limits": limits}
+            service.pop("cpus")
+            service["configs"] = [{"source": "profile", "target": PROFILE}]
+    services["broker"]["configs"] = [
+        {"source": "mosquitto", "target": "/mosquitto/config/mosquitto.conf"}
+    ]
+    scenario_file = {"source": "scenario", "target": f"{TESTBED_DIR}/scenario.yaml"}
+    services["controller"]["configs"] = [scenario_file, {"source": "profile", "target": PROFILE}]
+    driver = services["testbed"]
+    driver["configs"] = [scenario_file]
+    driver["volumes"] = ["/var/run/docker.sock:/var/run/docker.sock"]
+    driver["command"] = [*driver["command"][:-1], "/tmp/out"]  # the result is in its log
+    driver["deploy"]["placement"] = {"constraints": ["node.role == manager"]}
+
+
+SWARM_CONFIGS = {
+    "scenario": {"file": "./scenario.yaml"},
+    "profile": {"file": "./cache/profile.json"},
+    "mosquitto": {"file": "./mosquitto.conf"},
+}
+
+
+def prometheus_config(scenario: Scenario) -> str:
+    """Prometheus scrape config of the testbed: the controller and every agent."""
+    config = {
+        "global": {
+            "scrape_interval": "1s",
+            "scrape_timeout": "1s",
+            "evaluation_interval": "5s",
+            "external_labels": {"testbed": testbed_name(scenario)},
+        },
+        "scrape_configs": [
+            {
+                "job_name": "edgepart-controller",
+                "static_configs": [{"targets": [f"controller:{METRICS_PORT}"]}],
+            },
+            {
+                "job_name": "edgepart-agents",
+                "static_configs": [
+                    {"targets": [f"{d.name}:{METRICS_PORT}" for d in scenario.devices]}
+                ],
+            },
+            {"job_name": "prometheus", "static_configs": [{"targets": ["localhost:9090"]}]},
+        ],
+    }
+    header = (
+        "# Prometheus for the docker testbed (rendered by `edgepart testbed render`): the\n"
+        "# controller and every device agent serve /metrics on port "
+        f"{METRICS_PORT} of their container.\n"
+    )
+    return header + yaml.dump(config, Dumper=_Dumper, sort_keys=False, width=100)
+
+
+MOSQUITTO_CONF = """\
+# The testbed's broker: reachable only on the testbed's internal network.
+listener 1883
+allow_anonymous true
+persistence false
+log_type error
+log_type warning
+"""
+
+
+def dump(document: dict[str, Any], scenario: Scenario) -> str:
+    """The compose file's text, with a header saying where it came from."""
+    header = (
+        f"# The docker testbed of scenario {scenario.name!r}, rendered by\n"
+        "# `edgepart testbed render`: edit the scenario and render again, not this file.\n"
+        "# Run the whole experiment: docker compose up testbed\n"
+    )
+    return header + yaml.dump(document, Dumper=_Dumper, sort_keys=False, width=100)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Plain YAML for people: no anchors, short lists of scalars on one line."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flat = len(data) <= 6 and all(isinstance(x, str | int | float) for x in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
+
+
+_Dumper.add_representer(list, _represent_list)
+
+
+def write_project(
+    scenario: Scenario,
+    scenario_text: str,
+    directory: Path,
+    options: RenderOptions,
+    profile: Path | None = None,
+) -> Path:
+    """Write the compose project into directory; returns the compose file's path.
+
+    ``profile``: this host's calibrated block speeds, copied into ``cache/`` so that the
+    ``calibrate`` service finds them and skips measuring.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "cache").mkdir(exist_ok=True)
+    (directory / "out").mkdir(exist_ok=True)
+    (directory / options.scenario_file).write_text(scenario_text, encoding="utf-8")
+    (directory / "mosquitto.conf").write_text(MOSQUITTO_CONF, encoding="utf-8")
+    (directory / "prometheus.yml").write_text(prometheus_config(scenario), encoding="utf-8")
+    if profile is not None and profile.is_file():
+        # under its cache name the `calibrate` service finds it; the roles read profile.json
+        shutil.copyfile(profile, directory / "cache" / profile.name)
+        shutil.copyfile(profile, directory / "cache" / "profile.json")
+    path = directory / "compose.yaml"
+    path.write_text(dump(render(scenario, options), scenario), encoding="utf-8")
+    return path
+
+
+def _number(x: float) -> str:
+    return f"{x:g}"

@@ -1,0 +1,108 @@
+"""The world of a live run: the scenario's traces applied to real agents as tokens come.
+
+Backend-neutral: a backend supplies how a command reaches an agent (the controller's MQTT
+connection in the local backend, the emulator driver's own in the docker testbed) and how
+a device dies (``kill -9`` of its process session, ``docker kill`` of its container).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+
+from controller.view import PlanningWindow, ResourceView
+from device_agent import protocol as proto
+from emulator.backends.sim import apply_due_traces, initial_state
+from emulator.scenario import FailTrace, LinkTrace, LoadTrace, MemoryTrace, Scenario, Trace
+from emulator.world import MIB
+
+#: sends one command to a device's agent and returns its reply
+SendCommand = Callable[[str, object], Awaitable[proto.Reply]]
+#: makes a device fail for good (its agent and everything it started)
+KillDevice = Callable[[str], Awaitable[None]]
+
+#: a background load is a fraction of the device's share; all of it would leave no agent
+MAX_BACKGROUND_LOAD = 0.99
+
+
+class WorldError(RuntimeError):
+    """A trace could not be applied (an agent refused or did not answer)."""
+
+
+class World:
+    """The emulated world during a run: the scenario's state plus the devices it acts on."""
+
+    def __init__(self, scenario: Scenario, command: SendCommand, kill: KillDevice) -> None:
+        self.scenario = scenario
+        self._command_fn = command
+        self._kill = kill
+        self.state, self.pending = initial_state(scenario)
+        self.applied: list[Trace] = [t for t in scenario.traces if t not in self.pending]
+        self.failed: list[str] = []  # devices killed so far, in order
+        self.started = time.monotonic()
+        self._ids = (f"w{i}" for i in itertools.count())
+
+    def view(self, window: PlanningWindow) -> ResourceView:
+        """The configured resources now (for ``--telemetry configured``)."""
+        return self.state.view(self.scenario, window)
+
+    async def setup(self) -> None:
+        """Shape every link as configured and apply the traces due at token 0."""
+        await self._shape_all()
+        for trace in self.applied:
+            await self._enact(trace)
+
+    async def before_token(self, token: int) -> list[str]:
+        """Apply the traces due before generated token ``token``; the devices it killed."""
+        if token == 0:
+            return []
+        before = list(self.pending)
+        apply_due_traces(self.state, self.pending, token, time.monotonic() - self.started)
+        killed = []
+        for trace in before:
+            if trace not in self.pending:
+                await self._enact(trace)
+                if isinstance(trace, FailTrace):
+                    killed.append(trace.device)
+        return killed
+
+    async def _command(self, device: str, command) -> None:
+        reply = await self._command_fn(device, command)
+        if not reply.ok:
+            raise WorldError(f"{device} refused {command.op}: {reply.error}")
+
+    async def _shape(self, a: str, b: str) -> None:
+        i, j = self.state.index(a), self.state.index(b)
+        rate = float(self.state.bandwidth_mbit[i, j])
+        latency_ms = float(self.state.latency_s[i, j]) * 1000.0
+        cmd = proto.Shape(
+            id=next(self._ids), op="shape", peer=b, bandwidth_mbit=rate, latency_ms=latency_ms
+        )
+        await self._command(a, cmd)
+
+    async def _shape_all(self) -> None:
+        names = self.state.names
+        async with asyncio.TaskGroup() as tg:
+            for a in names:
+                for b in names:
+                    if a != b:
+                        tg.create_task(self._shape(a, b))
+
+    async def _enact(self, trace: Trace) -> None:
+        if isinstance(trace, LoadTrace):
+            fraction = min(trace.background_load, MAX_BACKGROUND_LOAD)
+            cmd = proto.InjectLoad(id=next(self._ids), op="inject_load", fraction=fraction)
+            await self._command(trace.device, cmd)
+        elif isinstance(trace, MemoryTrace):
+            memory = int(trace.memory_mib * MIB)
+            cmd = proto.SetBudget(id=next(self._ids), op="set_budget", memory_bytes=memory)
+            await self._command(trace.device, cmd)
+        elif isinstance(trace, LinkTrace):
+            a, b = trace.link
+            await self._shape(a, b)
+            await self._shape(b, a)
+        elif isinstance(trace, FailTrace):
+            await self._kill(trace.device)
+            self.failed.append(trace.device)

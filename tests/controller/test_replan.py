@@ -1,0 +1,59 @@
+"""When the live controller switches placements: only for a gain above the jitter."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from controller.replan import LIVE_MIN_GAIN, worth_switching
+from controller.view import PlanningWindow, ResourceView
+from llm.blocks import block_table
+from llm.model import ModelSpec
+
+SPEC = ModelSpec(
+    name="tiny", layers=2, d_model=64, heads=4, kv_heads=2, d_ff=128, vocab=100, dtype="float32"
+)
+TABLE = block_table(SPEC)
+
+
+def _view(fast: float, slow: float, memory: float = 1e9) -> ResourceView:
+    """Two devices on a link so fast that only compute tells placements apart."""
+    d = 2
+    return ResourceView(
+        devices=("a", "b"),
+        compute_gflops=np.array([fast, slow]),
+        memory_bytes=np.full(d, memory),
+        bandwidth_mbit=np.full((d, d), 1e9),
+        latency_s=np.zeros((d, d)),
+        source=0,
+        window=PlanningWindow(16, 8, 64),
+    )
+
+
+def test_staying_put_is_never_a_switch() -> None:
+    x = np.zeros(TABLE.size, dtype=np.int64)
+    assert not worth_switching(TABLE, _view(2.0, 1.0), x, x)
+
+
+@given(st.floats(1.5, 50.0))
+def test_leaving_a_much_slower_device_is_worth_it(ratio: float) -> None:
+    on_slow = np.ones(TABLE.size, dtype=np.int64)
+    on_fast = np.zeros(TABLE.size, dtype=np.int64)
+    assert worth_switching(TABLE, _view(ratio, 1.0), on_fast, on_slow)
+
+
+def test_a_gain_within_the_jitter_is_not_worth_a_migration() -> None:
+    on_b = np.ones(TABLE.size, dtype=np.int64)
+    on_a = np.zeros(TABLE.size, dtype=np.int64)
+    # a is faster by less than the margin: the migration plus the jitter eat the gain
+    assert not worth_switching(TABLE, _view(1.0 + LIVE_MIN_GAIN / 2, 1.0), on_a, on_b)
+
+
+def test_a_placement_that_does_not_fit_is_never_chosen_and_always_left() -> None:
+    everything = float(TABLE.memory_bytes(64).sum())
+    view = _view(1.0, 1.0, memory=0.75 * everything)  # neither device holds it all
+    split = (np.arange(TABLE.size) >= TABLE.size // 2).astype(np.int64)  # a layer each
+    on_a = np.zeros(TABLE.size, dtype=np.int64)
+    assert worth_switching(TABLE, view, split, on_a)
+    assert not worth_switching(TABLE, view, on_a, split)

@@ -1,0 +1,65 @@
+"""The docker backend end to end: device containers limited by cgroups, links shaped with
+tc inside them, the broker, controller and emulator driver as compose services.
+
+Needs the Docker engine and compose v2 (``.ci/run`` installs and starts them); the image is
+built from this tree once per session (layers cached), so the containers run this code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_local_backend import SCENARIO, _reference
+
+from emulator.backends.docker import project_resources, run_docker
+from emulator.images import DEFAULT_TAG, build_image, docker_available
+from emulator.scenario import parse_scenario
+
+pytestmark = pytest.mark.skipif(not docker_available(), reason="the Docker engine is not running")
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    build_image(DEFAULT_TAG)
+    return DEFAULT_TAG
+
+
+def _run(scenario, algorithm: str, tmp_path: Path, image: str):
+    run = run_docker(scenario, scenario.to_yaml(), algorithm, work_dir=tmp_path, image=image)
+    left = project_resources(run.project)
+    assert left == {"containers": [], "networks": [], "volumes": []}, left
+    return run
+
+
+def test_containers_generate_the_monolithic_ids_and_migrate(tmp_path: Path, image: str) -> None:
+    traces = [
+        *SCENARIO["traces"],  # burners in b's container, a slower a-c link (tc)
+        {"at_token": 3, "device": "b", "memory_mib": 40},  # b must give up its blocks
+    ]
+    scenario = parse_scenario({**SCENARIO, "traces": traces}, "e2e")
+    run = _run(scenario, "myopic", tmp_path, image)
+    assert run.result.output_token_ids == _reference()
+    assert run.result.migrations >= 1
+    assert run.result.migration_bytes > 0
+    assert len(run.result.per_token_s) == SCENARIO["generate_tokens"] - 1
+    assert run.text
+    assert set(run.shares) == set(scenario.device_names)
+
+
+def test_a_killed_container_is_recovered(tmp_path: Path, image: str) -> None:
+    scenario = parse_scenario(
+        {
+            **SCENARIO,
+            "devices": [
+                {"name": "a", "compute_gflops": 1.0, "memory_mib": 300, "source": True},
+                {"name": "b", "compute_gflops": 1.0, "memory_mib": 360},
+                {"name": "c", "compute_gflops": 4.0, "memory_mib": 200},
+            ],
+            "traces": [{"at_token": 3, "device": "c", "fail": True}],
+        },
+        "e2e-fail",
+    )
+    run = _run(scenario, "myopic", tmp_path, image)
+    assert run.result.recoveries == 1  # docker kill of c's container
+    assert run.result.output_token_ids == _reference()

@@ -1,0 +1,97 @@
+"""The split roles of the docker testbed, as processes on this machine: a controller
+(``edgepart controller --world-driver``) and an emulator driver (``emulator.driver``) that
+applies the traces on the controller's turns, over a real mosquitto.
+
+The docker backend runs exactly these roles in containers; here they run without Docker,
+so the protocol between them (run/world, run/world_ready, run/progress, run/result) is
+checked on every machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_local_backend import SCENARIO, _reference
+
+from device_agent import protocol as proto
+from emulator.backends.local import AgentProcess, spawn_agent, stop_agents
+from emulator.broker import Mosquitto, mosquitto_available
+from emulator.driver import Driver
+from emulator.scenario import parse_scenario
+from llm.host_profile import cache_path
+
+pytestmark = pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed")
+
+RUN_TIMEOUT_S = 600.0
+
+
+def _kill(agents: dict[str, AgentProcess]):
+    async def kill(device: str) -> None:
+        agent = agents[device]
+        os.killpg(agent.process.pid, signal.SIGKILL)
+        await asyncio.to_thread(agent.process.wait, 10)
+
+    return kill
+
+
+def test_controller_and_driver_run_the_traces_over_mqtt(tmp_path: Path) -> None:
+    scenario = parse_scenario(
+        {
+            **SCENARIO,
+            "devices": [
+                {"name": "a", "compute_gflops": 1.0, "memory_mib": 300, "source": True},
+                {"name": "b", "compute_gflops": 1.0, "memory_mib": 360},
+                {"name": "c", "compute_gflops": 3.0, "memory_mib": 200},
+            ],
+            "traces": [
+                {"at_token": 2, "link": ["a", "b"], "bandwidth_mbit": 50},
+                {"at_token": 3, "device": "c", "fail": True},
+            ],
+        },
+        "split",
+    )
+    path = tmp_path / "scenario.yaml"
+    path.write_text(scenario.to_yaml(), encoding="utf-8")
+    testbed = f"split{os.getpid()}"
+    agents: dict[str, AgentProcess] = {}
+    tokens: list[proto.Progress] = []
+    with Mosquitto() as broker:
+        controller = None
+        try:
+            for d in scenario.devices:
+                agents[d.name] = spawn_agent(
+                    scenario, d.name, broker.endpoint, testbed, 0.5,
+                    cache_path("smollm2-135m", threads=1), tmp_path,
+                )  # fmt: skip
+            cmd = [
+                sys.executable, "-m", "controller.cli", "controller",
+                "--scenario", str(path), "--broker", broker.endpoint,
+                "--testbed", testbed, "--algorithm", "myopic", "--world-driver", "--json",
+            ]  # fmt: skip
+            controller = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            driver = Driver(scenario, broker.endpoint, testbed, _kill(agents), tokens.append)
+            outcome = asyncio.run(driver.run(timeout_s=RUN_TIMEOUT_S))
+            _, stderr = controller.communicate(timeout=60)
+        finally:
+            if controller is not None and controller.poll() is None:
+                controller.kill()
+            stop_agents(agents)
+    assert outcome.ok, outcome.error
+    result = outcome.result
+    assert result["output_token_ids"] == _reference(), stderr
+    assert result["recoveries"] == 1  # c was killed by the driver and its blocks re-placed
+    assert driver.world.failed == ["c"]
+    assert [p.token for p in tokens] == list(range(1, SCENARIO["generate_tokens"] + 1))
+    assert [p.token_id for p in tokens] == result["output_token_ids"]
+    assert controller.returncode == 0
