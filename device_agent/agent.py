@@ -57,6 +57,8 @@ MQTT_KEEPALIVE_S = 5
 MQTT_TIMEOUT_S = 30  # per MQTT operation (s): an embedded broker on a loaded host is slow
 JOIN_WINDOW_S = 90.0  # how long (s) an agent keeps trying to reach the broker at start
 STOP_GRACE_S = 3.0  # longest orderly shutdown after SIGTERM before the process just exits
+#: latency probes per telemetry period (to that many peers in turn)
+PROBES_PER_PERIOD = 4
 PACE_MIN_SLEEP_S = 0.0005  # shorter dilation waits are owed, not slept (s)
 #: decode steps whose compute speed is averaged into the measured GFLOP/s
 SPEED_WINDOW = 64
@@ -181,6 +183,7 @@ class Agent:
         self.errors: Counter[str] = Counter()
         self.speed = _Speed()
         self.warmed: set[tuple[str, ...]] = set()  # steps (their blocks) decoded at least once
+        self.probe_turn = 0  # where the next telemetry period's latency probes start
         self.handoff = RecentMean()  # compute thread -> event loop, per sent activation (s)
         self.wakeup = RecentMean()  # last input in -> its step started, per waiting step (s)
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-compute")
@@ -882,9 +885,15 @@ class Agent:
             await asyncio.sleep(TELEMETRY_PERIOD_S)
 
     def _probe_peers(self) -> None:
-        """One latency probe to every peer whose endpoint is known (answers come later)."""
-        for peer in self.plane.peers():
-            self._spawn(self.plane.probe(peer))
+        """Latency probes to the next few peers whose endpoints are known, in turn: a big
+        testbed's probes must not eat a small device's CPU (answers come later)."""
+        peers = sorted(self.plane.peers())
+        if not peers:
+            return
+        count = min(PROBES_PER_PERIOD, len(peers))
+        for k in range(count):
+            self._spawn(self.plane.probe(peers[(self.probe_turn + k) % len(peers)]))
+        self.probe_turn = (self.probe_turn + count) % len(peers)
 
 
 @dataclass
