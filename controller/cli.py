@@ -321,12 +321,8 @@ def emulate(
 def _emulate_docker(sc: Scenario, path: Path, name: str, quiet: bool):
     from emulator.backends.docker import DockerBackendError, run_docker
     from emulator.backends.local import LocalBackendError
-    from emulator.compose import container_model_ref
 
-    try:
-        container_model_ref(sc)
-    except ValueError as exc:
-        raise _fail(str(exc), 2) from None
+    _model_ref(sc)  # exit 2 now for a model the image cannot run
     say = (lambda _m: None) if quiet else (lambda m: err.print(f"    {m}", highlight=False))
     if not quiet:
         err.rule(f"{sc.name}: {name} on docker ({sc.generate_tokens} tokens)")
@@ -512,13 +508,10 @@ app.add_typer(testbed_app, name="testbed")
 
 
 def _render_options(sc: Scenario, algorithm: str, image: str, swarm: bool, **extra):
-    from emulator.compose import BROKER_IMAGE, RenderOptions, container_model_ref
+    from emulator.compose import BROKER_IMAGE, RenderOptions
     from llm.host_profile import host_profile
 
-    try:
-        ref = container_model_ref(sc)
-    except ValueError as exc:
-        raise _fail(str(exc), 2) from None
+    ref = _model_ref(sc)
     _algorithm(algorithm)
     profile = host_profile(ref, threads=1, progress=lambda m: err.print(m, highlight=False))
     return ref, RenderOptions(
