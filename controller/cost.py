@@ -151,7 +151,7 @@ def migration_s(
     """Delay (s) of moving blocks from ``current`` to ``assignment`` at context n.
 
     Transfers on different links run in parallel, on one link in sequence, each block
-    also costing ``view.move_s_per_block`` to install at its target. Blocks
+    also costing its target's ``view.move_s_per_block`` to install. Blocks
     whose current device is unknown or dead (-1) cost nothing here: they have no
     state left to move.
     """
@@ -174,7 +174,7 @@ def migration_s(
         t = view.latency_s.ravel() + link_bytes * (
             BITS_PER_BYTE / (view.bandwidth_mbit.ravel() * MBIT)
         )
-    t = t + link_count * view.move_s_per_block
+    t = t + link_count * view.link_move_s.ravel()
     t = np.where(link_count > 0, t, 0.0)
     return _squeeze(t.max(axis=1), assignment)
 
@@ -211,14 +211,14 @@ def interval_objective_s(
     assignment: np.ndarray,
     current: np.ndarray | None,
 ) -> np.ndarray | float:
-    """What a re-plan minimises (s): migration delay now + decode delay over the interval.
+    """What a re-plan minimises (s): migration delay now + decode delay over the horizon.
 
-    The interval's decode delay is interval_tokens x the per-token delay at the
-    interval's mean context; infinite where memory does not hold until the interval's end.
+    The decode delay is horizon_tokens x the per-token delay at the interval's mean
+    context; infinite where memory does not hold until the interval's end.
     """
     w = view.window
     x = _as_batch(assignment)
-    total = w.interval_tokens * _as_array(per_token_s(table, view, x, w.mean_context))
+    total = w.horizon_tokens * _as_array(per_token_s(table, view, x, w.mean_context))
     total = total + _as_array(migration_s(table, view, current, x, w.context_tokens))
     total = np.where(fits(table, view, x, w.interval_end_context), total, np.inf)
     return _squeeze(total, assignment)

@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import aiomqtt
@@ -21,7 +21,7 @@ import numpy as np
 
 from controller import cost
 from controller.placement import NoFeasiblePlacement, Placement, make_algorithm
-from controller.replan import scheduled, worth_switching
+from controller.replan import planning_window, scheduled, worth_switching
 from controller.view import PlanningWindow, ResourceView, with_hop_overheads
 from device_agent import protocol as proto
 from llm.blocks import PINNED_BLOCKS, BlockTable
@@ -45,7 +45,10 @@ MEASURED_DEADBAND = 0.15
 #: what a migrated block is assumed to cost before any was measured (s): its weights load
 #: from disk at the target and the move is acknowledged over MQTT
 MOVE_S_PRIOR = 0.01
-MOVE_S_SMOOTHING = 0.3  # weight of the newest measurement in the running estimate
+MOVE_S_SMOOTHING = 0.3  # weight of the newest switch in the running move-time calibration
+#: how far one switch may pull the calibration (ratio of measured to predicted switch time):
+#: a switch stalled by a busy host must not make every later move look free or ruinous
+MOVE_RATIO_CLAMP = (0.25, 4.0)
 #: a measured link latency or hop overhead replaces the one planned with only when it moved
 #: by this much (relative) and by HOP_DEADBAND_S: each flip would shift every head-split
 #: placement
@@ -91,6 +94,16 @@ class TokenRecord:
     epoch: int
 
 
+@dataclass(frozen=True)
+class SwitchRecord:
+    """One carried-out switch: blocks moved, the cost model's and the measured delay (s)."""
+
+    token: int
+    blocks: int
+    predicted_s: float
+    measured_s: float
+
+
 @dataclass
 class RunResult:
     """What a live generation measured (DESIGN's emulate keys via ``to_json``)."""
@@ -108,11 +121,14 @@ class RunResult:
     peak_memory_bytes: dict[str, float] = field(default_factory=dict)
     recoveries: int = 0
     recovery_s: float = 0.0
-    move_s_per_block: float = 0.0  # the per-block move time it measured (s)
+    #: per device, the install time per moved block it planned with last (s)
+    move_s_per_block: dict[str, float] = field(default_factory=dict)
     #: per device, the (send, receive) software time per hop it planned with last (s)
     hop_overhead_s: dict[str, tuple[float, float]] = field(default_factory=dict)
     #: per link "a->b", the measured one-way latency it planned with last (s)
     latency_s: dict[str, float] = field(default_factory=dict)
+    #: every switch between placements, predicted beside measured
+    switches: list[SwitchRecord] = field(default_factory=list)
     wall_s: float = 0.0
     failure: str | None = None
 
@@ -150,7 +166,8 @@ class RunResult:
         }  # fmt: skip
         kept = {k: v for k, v in data.items() if k in fields}
         overheads = {d: tuple(v) for d, v in data.get("hop_overhead_s", {}).items()}
-        return cls(**kept, tokens=tokens, hop_overhead_s=overheads)
+        switches = [SwitchRecord(**s) for s in data.get("switches", [])]
+        return cls(**kept, tokens=tokens, hop_overhead_s=overheads, switches=switches)
 
     def summary(self) -> dict:
         """DESIGN's emulate JSON keys a live run measures (the backend adds text and setup)."""
@@ -171,6 +188,7 @@ class RunResult:
             "move_s_per_block": self.move_s_per_block,
             "hop_overhead_s": {d: list(v) for d, v in self.hop_overhead_s.items()},
             "latency_s": self.latency_s,
+            "switches": [asdict(s) for s in self.switches],
             "output_token_ids": self.output_token_ids,
             "wall_s": self.wall_s,
         }
@@ -223,7 +241,10 @@ class Controller:
         #: measured latencies and hop overheads as planned with (s), by (device, peer) or
         #: (device, "send" | "receive")
         self.held_s: dict[tuple[str, str], float] = {}
-        self.move_s_per_block = MOVE_S_PRIOR  # measured time per migrated block on a link, s
+        #: per device, the time (s) to load one block at its nominal speed, from the first
+        #: loads; times the switch calibration and the device's slowdown, a move's install
+        self.load_s_per_block = np.full(len(config.devices), MOVE_S_PRIOR)
+        self.move_scale = 1.0  # measured / predicted switch time, smoothed over switches
         self.metrics = None
         #: awaited once every agent is online, before the first plan (the world's setup)
         self.on_joined: Callable[[], Awaitable[None]] | None = None
@@ -289,7 +310,6 @@ class Controller:
 
     def _finish(self, start: float) -> None:
         self.result.wall_s = time.monotonic() - start
-        self.result.move_s_per_block = self.move_s_per_block
         self.result.hop_overhead_s = {
             d: (self.held_s.get((d, "send"), 0.0), self.held_s.get((d, "receive"), 0.0))
             for d in self.config.devices
@@ -297,6 +317,8 @@ class Controller:
         self.result.latency_s = {
             f"{a}->{b}": s for (a, b), s in self.held_s.items() if b in self.index
         }
+        move_s = self._move_s(self.config.nominal_gflops.astype(float))
+        self.result.move_s_per_block = dict(zip(self.config.devices, move_s.tolist(), strict=True))
 
     async def _announce(self, outcome: proto.RunOutcome) -> None:
         topic = proto.run_topic(self.config.testbed, "result")
@@ -383,7 +405,16 @@ class Controller:
     # -- resource view -----------------------------------------------------------------
     def view(self, window: PlanningWindow) -> ResourceView:
         """The resources as the controller knows them now, with the measured cost of a move."""
-        return replace(self._resources(window), move_s_per_block=self.move_s_per_block)
+        view = self._resources(window)
+        return replace(view, move_s_per_block=self._move_s(view.compute_gflops))
+
+    def _move_s(self, available_gflops: np.ndarray) -> np.ndarray:
+        """Install time (s) of one moved block per device: its measured load time, slowed as
+        its available speed is below nominal, calibrated on the switches measured so far."""
+        nominal = self.config.nominal_gflops.astype(float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            slowdown = np.where(available_gflops > 0, nominal / available_gflops, 1.0)
+        return self.move_scale * self.load_s_per_block * np.maximum(slowdown, 1.0)
 
     def _resources(self, window: PlanningWindow) -> ResourceView:
         if self.config.telemetry == "configured":
@@ -462,7 +493,7 @@ class Controller:
     def _window(self, context: int) -> PlanningWindow:
         cfg = self.config
         final = len(cfg.prompt_ids) + cfg.generate_tokens
-        return PlanningWindow(context, cfg.replan_every, max(final, context))
+        return planning_window(context, cfg.replan_every, final)
 
     # -- generation --------------------------------------------------------------------
     async def _generate(self) -> None:
@@ -604,7 +635,7 @@ class Controller:
         for block, device in self._mapping(placement).items():
             by_device.setdefault(device, []).append(block)
 
-        per_block: list[float] = []
+        per_block: dict[int, float] = {}
 
         async def load(device: str, blocks: list[str]) -> None:
             cmd = self._load_command(device, blocks)
@@ -612,14 +643,12 @@ class Controller:
             if not reply.ok:
                 raise ControllerError(f"{device} refused to load: {reply.error}")
             if reply.seconds:
-                per_block.append(reply.seconds / len(blocks))
+                per_block[self.index[device]] = reply.seconds / len(blocks)
 
         async with asyncio.TaskGroup() as tg:
             for device, blocks in by_device.items():
                 tg.create_task(load(device, blocks))
-        # a moved block is loaded at its target too: the slowest device's load time per
-        # block is what a move costs at least, before the first move is measured
-        self.move_s_per_block = max([self.move_s_per_block, *per_block])
+        self.load_s_per_block = _per_device_load_s(per_block, self.config.nominal_gflops)
 
     def _load_command(self, device: str, blocks: list[str]) -> proto.Load:
         """Load blocks: from the device's own checkpoint, or, when weights come from peers,
@@ -644,6 +673,9 @@ class Controller:
         assert self.placement is not None
         current = self.placement.assignment.copy()
         before = current.copy()
+        predicted = float(
+            cost.migration_s(self.config.table, view, current, new.assignment, context)
+        )
         remaining = set(np.flatnonzero(new.assignment != current).tolist())
         start = time.monotonic()
         moved = 0
@@ -667,24 +699,18 @@ class Controller:
             log.warning("re-plan stopped with %d blocks unmoved: %s", len(remaining), reason)
         took = time.monotonic() - start
         if moved:
-            self._measure_moves(np.flatnonzero(current != before), before, current, took)
+            # what the model would have charged for the moves that happened
+            done = float(cost.migration_s(self.config.table, view, before, current, context))
+            if done > 0:
+                ratio = float(np.clip(took / done, *MOVE_RATIO_CLAMP))
+                self.move_scale *= 1 - MOVE_S_SMOOTHING + MOVE_S_SMOOTHING * ratio
+            token = len(self.result.output_token_ids)
+            self.result.switches.append(SwitchRecord(token, moved, predicted, took))
         self.result.migrations += moved
         self.result.migration_s += took
         self.result.migration_bytes += moved_bytes
         if self.metrics is not None:
             self.metrics.migration(moved, moved_bytes, took)
-
-    def _measure_moves(
-        self, moved: np.ndarray, current: np.ndarray, target: np.ndarray, took_s: float
-    ) -> None:
-        """Update the per-block move time from a whole switch (waves, their epochs and
-        acknowledgements included): its time over its busiest link's blocks, which is how
-        ``cost.migration_s`` charges it."""
-        links = current[moved] * len(self.config.devices) + target[moved]
-        busiest = int(np.bincount(links).max())
-        sample = took_s / busiest
-        a = MOVE_S_SMOOTHING
-        self.move_s_per_block = (1 - a) * self.move_s_per_block + a * sample
 
     def _wave(
         self,
@@ -796,3 +822,19 @@ class Controller:
         if not reply.ok or reply.token_id is None:
             raise ControllerError(f"decode at position {position} failed: {reply.error}")
         return reply.token_id
+
+
+def _per_device_load_s(measured: dict[int, float], nominal_gflops: np.ndarray) -> np.ndarray:
+    """Load time (s) per block of every device from those measured (device index -> s): a
+    device that loaded nothing is estimated at the measured ones' time x speed, over its
+    own speed (GFLOP/s); MOVE_S_PRIOR everywhere when nothing was measured."""
+    nominal = np.asarray(nominal_gflops, dtype=float)
+    if not measured:
+        return np.full(nominal.shape, MOVE_S_PRIOR)
+    known = np.array(list(measured))
+    seconds = np.array(list(measured.values()))
+    work = float(np.median(seconds * nominal[known]))
+    with np.errstate(divide="ignore"):
+        load_s = np.where(nominal > 0, work / nominal, seconds.max())
+    load_s[known] = seconds
+    return load_s

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from controller.cost import interval_objective_s
-from controller.view import ResourceView
+from controller.view import PlanningWindow, ResourceView
 from llm.blocks import BlockTable
 
 #: relative change of a device's available compute or a link's bandwidth, since the last
@@ -15,6 +15,14 @@ REPLAN_ON_CHANGE = 0.2
 #: delay with the current placement: measured speeds and latencies jitter by about as much,
 #: and a switch that chases the jitter pays real migrations for an imagined gain
 LIVE_MIN_GAIN = 0.05
+
+
+def planning_window(context: int, every: int, final: int) -> PlanningWindow:
+    """The window of a decision at ``context`` cached positions (re-plans every ``every``
+    tokens, generation ends at ``final``): a switch may pay back over the rest of the
+    generation, not only the interval, since its placement stays until something changes
+    (a one-interval payback leaves the planner on a slowed device for the whole run)."""
+    return PlanningWindow(context, every, max(final, context), payback_tokens=final - context)
 
 
 def resources_changed(before: ResourceView, now: ResourceView, threshold: float) -> bool:

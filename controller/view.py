@@ -20,12 +20,15 @@ class PlanningWindow:
 
     ``context_tokens`` positions are cached now; the placement serves the next
     ``interval_tokens`` tokens (until the next re-plan); generation ends at
-    ``final_context`` cached positions.
+    ``final_context`` cached positions. A switch must pay for its migrations within
+    ``horizon_tokens``: the interval (the paper's myopic rule), or more tokens when
+    ``payback_tokens`` says so, since a placement is kept until something changes.
     """
 
     context_tokens: int
     interval_tokens: int
     final_context: int
+    payback_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.interval_tokens < 1:
@@ -37,6 +40,11 @@ class PlanningWindow:
     def mean_context(self) -> float:
         """Mean context length of the tokens in the interval (positions)."""
         return self.context_tokens + (self.interval_tokens + 1) / 2
+
+    @property
+    def horizon_tokens(self) -> int:
+        """Tokens whose decode delay a decision weighs against its migrations."""
+        return max(self.interval_tokens, self.payback_tokens)
 
     @property
     def interval_end_context(self) -> int:
@@ -51,7 +59,7 @@ class ResourceView:
     compute_gflops: available GFLOP/s per device (after background load);
     memory_bytes: memory available to edgepart per device (bytes);
     bandwidth_mbit, latency_s: per ordered device pair (Mbit/s, s), diagonal unused;
-    move_s_per_block: install time of a migrated block on its new device (s).
+    move_s_per_block: install time of a migrated block on each device (s).
     """
 
     devices: tuple[str, ...]
@@ -63,14 +71,17 @@ class ResourceView:
     window: PlanningWindow
     weights_from: WeightsFrom = "disk"
     alive: np.ndarray = field(default=None)  # type: ignore[assignment]
-    #: time (s) one migrated block costs beyond its bytes (the target loads its weights and
-    #: acknowledges), in sequence with the other blocks on its link; 0: bytes only
-    move_s_per_block: float = 0.0
+    #: time (s) one migrated block costs beyond its bytes at each target device (it loads
+    #: the block and acknowledges), in sequence with the other blocks on its link; a float
+    #: means the same on every device; 0: bytes only
+    move_s_per_block: np.ndarray | float = 0.0
 
     def __post_init__(self) -> None:
         d = len(self.devices)
         if self.alive is None:
             object.__setattr__(self, "alive", np.ones(d, dtype=bool))
+        move = np.broadcast_to(np.asarray(self.move_s_per_block, dtype=np.float64), (d,))
+        object.__setattr__(self, "move_s_per_block", move)
         for name, shape in (
             ("compute_gflops", (d,)),
             ("memory_bytes", (d,)),
@@ -87,6 +98,11 @@ class ResourceView:
     def size(self) -> int:
         """Number of devices."""
         return len(self.devices)
+
+    @property
+    def link_move_s(self) -> np.ndarray:
+        """Install time (s) per block moved over each link (D, D): its target's."""
+        return np.broadcast_to(self.move_s_per_block[None, :], (self.size, self.size))
 
     @property
     def usable(self) -> np.ndarray:

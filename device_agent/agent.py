@@ -27,6 +27,7 @@ import aiomqtt
 import torch
 
 from device_agent import protocol as proto
+from device_agent.ballast import Ballast, BallastError
 from device_agent.dataplane import DataPlane, RecentMean
 from device_agent.program import Routes, Step
 from device_agent.tc import TcShaper, TcUnavailable, interface_for
@@ -182,6 +183,11 @@ class Agent:
         self.dropped_messages: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.speed = _Speed()
+        #: measured speed / nominal available speed on the blocks run last (1 until measured)
+        self.efficiency = 1.0
+        self.ballast = Ballast()  # memory another application takes (memory traces)
+        self.occupied_target = 0  # bytes the ballast is to hold once the blocks leave room
+        self.ballast_lock = asyncio.Lock()
         self.warmed: set[tuple[str, ...]] = set()  # steps (their blocks) decoded at least once
         self.probe_turn = 0  # where the next telemetry period's latency probes start
         self.handoff = RecentMean()  # compute thread -> event loop, per sent activation (s)
@@ -265,6 +271,7 @@ class Agent:
             task.cancel()
         if self.burners is not None:
             self.burners.stop()
+        self.ballast.stop()
         await self.plane.close()
         if self.tc is not None:
             with contextlib.suppress(TcUnavailable):
@@ -570,11 +577,30 @@ class Agent:
 
     async def _set_budget(self, cmd: proto.SetBudget) -> None:
         self.budget = cmd.memory_bytes
+        self.occupied_target = cmd.occupied_bytes
+        await self._settle_ballast()
+
+    async def _settle_ballast(self) -> None:
+        """Bring the ballast to the memory other applications take: at once when it shrinks,
+        when it grows only once this device's own blocks fit the budget (the controller
+        moves the rest away first), so the two never exceed the device's memory."""
+        async with self.ballast_lock:
+            target, held = self.occupied_target, self.ballast.held_bytes
+            if target == held or (target > held and self.used_bytes() > self.budget):
+                return
+            try:
+                await asyncio.to_thread(self.ballast.hold, target)
+            except BallastError as exc:  # the trace's pressure is lost, the device goes on
+                log.warning("%s: memory ballast of %d bytes failed: %s", self.name, target, exc)
+                self.occupied_target = self.ballast.held_bytes  # not again every period
 
     async def _inject_load(self, cmd: proto.InjectLoad) -> None:
         from device_agent.limits import Burners
 
         self.background = cmd.fraction
+        # what was measured before is not the device under this load
+        self.speed = _Speed()
+        self.efficiency = 1.0
         if self.share is None:
             return  # an unpaced device has no share to take a fraction of
         if self.burners is None:
@@ -848,7 +874,13 @@ class Agent:
     def telemetry(self) -> proto.Telemetry:
         """What this device has and uses now."""
         measured = self.speed.gflops()
-        available = measured if measured is not None else self.nominal_available_gflops()
+        nominal = self.nominal_available_gflops()
+        if measured is not None and nominal > 0:
+            self.efficiency = measured / nominal
+        # idle, the device reports its nominal speed as it ran its last blocks, not the bare
+        # nominal: a device that goes idle because its blocks moved away must not look
+        # faster for it, or the planner moves them back and forth
+        available = measured if measured is not None else nominal * self.efficiency
         return proto.Telemetry(
             name=self.name,
             ts=time.time(),
@@ -865,6 +897,7 @@ class Agent:
             peer_latency_s=self.plane.measured_latency_s(),
             send_overhead_s=max(0.0, self.handoff.value()),
             receive_overhead_s=max(0.0, self.wakeup.value()),
+            occupied_bytes=float(self.ballast.held_bytes),
         )
 
     def _cpu_used(self) -> float:
@@ -880,6 +913,7 @@ class Agent:
 
     async def _telemetry_loop(self) -> None:
         while True:
+            await self._settle_ballast()
             self._probe_peers()
             await self._publish("telemetry", self.telemetry())
             await asyncio.sleep(TELEMETRY_PERIOD_S)

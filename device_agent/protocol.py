@@ -76,6 +76,7 @@ class Telemetry(_Message):
     #: step that waited for it
     send_overhead_s: NonNegative = 0.0
     receive_overhead_s: NonNegative = 0.0
+    occupied_bytes: NonNegative = 0.0  # memory another application holds now (bytes)
 
 
 class Status(_Message):
@@ -141,6 +142,9 @@ class SetBudget(_Command):
 
     op: Literal["set_budget"]
     memory_bytes: Annotated[int, Field(gt=0)]
+    #: memory another application takes on the device (bytes): the agent holds it in a
+    #: ballast process once its own blocks leave room for it
+    occupied_bytes: Annotated[int, Field(ge=0)] = 0
 
 
 class Reset(_Command):

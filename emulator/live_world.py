@@ -97,7 +97,12 @@ class World:
             await self._command(trace.device, cmd)
         elif isinstance(trace, MemoryTrace):
             memory = int(trace.memory_mib * MIB)
-            cmd = proto.SetBudget(id=next(self._ids), op="set_budget", memory_bytes=memory)
+            # what the device had at the start and no longer offers, another app now holds
+            configured = next(d for d in self.scenario.devices if d.name == trace.device)
+            occupied = max(0, int(configured.memory_mib * MIB) - memory)
+            cmd = proto.SetBudget(
+                id=next(self._ids), op="set_budget", memory_bytes=memory, occupied_bytes=occupied
+            )
             await self._command(trace.device, cmd)
         elif isinstance(trace, LinkTrace):
             a, b = trace.link

@@ -393,7 +393,7 @@ def sequential_fix(
             return None
         xs = np.broadcast_to(x, (candidates.size, x.size)).copy()
         xs[:, b] = candidates
-        objective = w.interval_tokens * np.atleast_1d(
+        objective = w.horizon_tokens * np.atleast_1d(
             cost.per_token_s(table, view, xs, w.mean_context)
         ) + np.atleast_1d(cost.migration_s(table, view, current, xs, w.context_tokens))
         d = int(candidates[np.argmin(objective)])
@@ -432,7 +432,7 @@ class _Search:
         self.x = np.asarray(x, dtype=np.int64).copy()
         self.cur = current
         w = view.window
-        self.k = w.interval_tokens
+        self.k = w.horizon_tokens
         self.n = w.mean_context
         self.block_mem = table.memory_bytes(w.interval_end_context)
         self.cap = view.memory_bytes.astype(np.float64).copy()
@@ -447,7 +447,7 @@ class _Search:
             cost.source_overhead_s(table, view, self.x[table.ffn_id(table.spec.layers - 1)])
         )
         self.mig_bytes = cost.migration_bytes(table, view, w.context_tokens)
-        self.move_s = view.move_s_per_block
+        self.link_move = view.link_move_s  # (D, D) install time per block on each link, s
         self.link_bytes = np.zeros((d, d))
         self.link_count = np.zeros((d, d), dtype=np.int64)
         if current is not None:
@@ -502,7 +502,7 @@ class _Search:
         if self.cur is None or not link_count.any():
             return 0.0
         with np.errstate(invalid="ignore"):
-            t = self.view.latency_s + link_bytes * self.link_rate + link_count * self.move_s
+            t = self.view.latency_s + link_bytes * self.link_rate + link_count * self.link_move
         return float(np.where(link_count > 0, t, 0.0).max())
 
     def score(self, blocks: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -570,7 +570,7 @@ class _Search:
             t = (
                 self.view.latency_s.ravel()[link]
                 + (lb.ravel()[link] + added) * (self.link_rate.ravel()[link])
-                + (lc.ravel()[link] + added_count) * self.move_s
+                + (lc.ravel()[link] + added_count) * self.link_move.ravel()[link]
             )
         t = np.where(moving, t, 0.0)
         return np.maximum(base, t.max(axis=1)) - self.mig_s
@@ -722,7 +722,7 @@ class _Search:
             link_s = (
                 self.view.latency_s
                 + self.link_bytes * self.link_rate
-                + self.link_count * self.move_s
+                + self.link_count * self.link_move
             )
         link_s = np.where(self.link_count > 0, link_s, 0.0).ravel()
         order = np.argsort(link_s)[-2:] if link_s.size > 1 else np.array([0, 0])
@@ -741,7 +741,7 @@ class _Search:
                     count_left > 0,
                     self.view.latency_s.ravel()[e]
                     + bytes_left * self.link_rate.ravel()[e]
-                    + count_left * self.move_s,
+                    + count_left * self.link_move.ravel()[e],
                     0.0,
                 )
         others = np.where(own == order[-1], top2, top1)
@@ -754,7 +754,7 @@ class _Search:
                 self.view.latency_s.ravel()[link]
                 + (self.link_bytes.ravel()[link] + self.mig_bytes[b][:, None])
                 * self.link_rate.ravel()[link]
-                + (self.link_count.ravel()[link] + 1) * self.move_s
+                + (self.link_count.ravel()[link] + 1) * self.link_move.ravel()[link]
             )
         adds = (cur[:, None] >= 0) & (targets[None, :] != cur[:, None])
         new = np.maximum(base[:, None], np.where(adds, added, 0.0))

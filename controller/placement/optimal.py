@@ -1,7 +1,7 @@
 """The exact planner: a mixed-integer program on HiGHS for the re-plan decision.
 
 It minimises exactly what ``controller.cost.interval_objective_s`` defines:
-interval_tokens x per-token delay at the window's mean context, plus the
+horizon_tokens x per-token delay at the window's mean context, plus the
 migration delay at the current context, subject to memory at the interval's end.
 
 Formulation (time in units of ``tau`` seconds, a reference delay, so that the
@@ -233,7 +233,7 @@ def solve(
     head_s = model.source_flops / (view.compute_gflops[src] * GFLOP)
 
     tau = _reference_s(view, model, usable_mask)
-    per_tok = w.interval_tokens / tau  # objective weight of one per-token second
+    per_tok = w.horizon_tokens / tau  # objective weight of one per-token second
     hop_h = _hop_matrix(view, hidden_bytes(model.spec))  # (D, D) s for a hidden state
     hop_u = hop_h[np.ix_(dev, dev)]
     link_ok = _link_ok(view)
@@ -276,7 +276,7 @@ def solve(
         xp = x[model.proj_id(layer)]
         xf = x[model.ffn_id(layer)]
         xprev = x[model.ffn_id(layer - 1)] if layer > 0 else None
-        big_m = m.add_vars((1,), ub=INF, cost=w.interval_tokens)[0]  # layer gather, tau units
+        big_m = m.add_vars((1,), ub=INF, cost=w.horizon_tokens)[0]  # layer gather, tau units
 
         # Groups of a class are interchangeable: only how many go where matters.
         layer_classes = []
@@ -407,7 +407,7 @@ def solve(
             m.add_rows(
                 np.r_[mig, link, cols][None],
                 np.r_[
-                    1.0, -lat, -(sizes * per_byte[i, dev[j]] + view.move_s_per_block) / tau
+                    1.0, -lat, -(sizes * per_byte[i, dev[j]] + view.move_s_per_block[dev[j]]) / tau
                 ][None],
                 0.0,
                 INF,
@@ -428,7 +428,7 @@ def solve(
     h = _quiet_highs()
     h.setOptionValue("time_limit", float(time_limit_s))
     h.setOptionValue("mip_rel_gap", float(mip_gap))
-    # Exactness: objective in tau units is O(interval_tokens); keep absolute slack negligible.
+    # Exactness: objective in tau units is O(horizon_tokens); keep absolute slack negligible.
     h.setOptionValue("mip_abs_gap", 1e-9 if mip_gap == 0 else 1e-6)
     h.setOptionValue("mip_feasibility_tolerance", 1e-9)
     h.setOptionValue("primal_feasibility_tolerance", 1e-9)

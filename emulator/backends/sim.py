@@ -15,7 +15,7 @@ import numpy as np
 
 from controller import cost
 from controller.placement import NoFeasiblePlacement, Placement, PlacementAlgorithm
-from controller.replan import scheduled
+from controller.replan import planning_window, scheduled
 from controller.view import PlanningWindow, ResourceView
 from emulator.scenario import Scenario, Trace
 from emulator.world import WorldState
@@ -118,7 +118,7 @@ def simulate(
     clock = 0.0
 
     def window() -> PlanningWindow:
-        return PlanningWindow(n, every, final)
+        return planning_window(n, every, final)
 
     result = SimResult(algorithm.name, [], 0.0, 0, {name: 0.0 for name in state.names}, 0)
     try:

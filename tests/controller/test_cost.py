@@ -86,7 +86,7 @@ def ref_migration_s(
     times = [
         float(view.latency_s[c][d])
         + nbytes * 8.0 / (float(view.bandwidth_mbit[c][d]) * 1e6)
-        + count[(c, d)] * view.move_s_per_block
+        + count[(c, d)] * float(view.move_s_per_block[d])  # the target installs it
         for (c, d), nbytes in per_link.items()
     ]
     return max(times, default=0.0)
@@ -129,7 +129,12 @@ def views(draw, devices: int, weights_from: str = "disk") -> ResourceView:
         source=draw(st.integers(0, devices - 1)),
         window=PlanningWindow(8, 8, 64),
         weights_from=weights_from,  # type: ignore[arg-type]
-        move_s_per_block=draw(st.sampled_from([0.0, 0.001, 0.03])),
+        move_s_per_block=draw(
+            st.one_of(
+                st.sampled_from([0.0, 0.001, 0.03]),
+                st.lists(st.floats(0.0, 0.05), min_size=devices, max_size=devices).map(np.array),
+            )
+        ),
     )
 
 

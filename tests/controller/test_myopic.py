@@ -233,7 +233,8 @@ def test_scorers_agree_with_each_other():
     )
     for trial in range(10):
         view = random_view(rng, table, 4, tight=0.8, weights_from="peer" if trial % 2 else "disk")
-        view = replace(view, move_s_per_block=(0.0, 0.002, 0.05)[trial % 3])
+        per_device = rng.uniform(0.0, 0.05, 4)  # a slow device installs slowly
+        view = replace(view, move_s_per_block=(0.0, 0.002, per_device)[trial % 3])
         x = rng.integers(0, 4, table.size)
         current = rng.integers(-1, 4, table.size) if trial % 3 else None
         search = _Search(table, view, x, current)

@@ -99,8 +99,9 @@ def case(seed: int):
         dead=(1 + seed % (devices - 1)) if seed % 6 == 5 and devices > 2 else None,
         broken_link=seed % 5 == 2,
     )
-    if seed % 3 == 1:
-        view = replace(view, move_s_per_block=0.004)  # installing a block costs time too
+    if seed % 3 == 1:  # installing a block costs time too, more on a slow device
+        move_s = 0.004 if seed % 2 else rng.uniform(0.001, 0.01, devices)
+        view = replace(view, move_s_per_block=move_s)
     current = None
     if seed % 2 == 0:
         current = rng.integers(-1, devices, model.size)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from controller.replan import LIVE_MIN_GAIN, worth_switching
+from controller.cost import migration_s, per_token_s
+from controller.replan import LIVE_MIN_GAIN, planning_window, worth_switching
 from controller.view import PlanningWindow, ResourceView
 from llm.blocks import block_table
 from llm.model import ModelSpec
@@ -57,3 +60,26 @@ def test_a_placement_that_does_not_fit_is_never_chosen_and_always_left() -> None
     on_a = np.zeros(TABLE.size, dtype=np.int64)
     assert worth_switching(TABLE, view, split, on_a)
     assert not worth_switching(TABLE, view, on_a, split)
+
+
+@given(st.integers(0, 200), st.integers(1, 16), st.integers(0, 200))
+def test_a_switch_may_pay_back_over_the_rest_of_the_generation(
+    context: int, every: int, left: int
+) -> None:
+    window = planning_window(context, every, context + left)
+    assert window.horizon_tokens == max(every, left)
+    assert window.interval_tokens == every  # memory still has to hold only to the re-plan
+
+
+def test_a_move_too_dear_for_one_interval_pays_over_the_rest() -> None:
+    on_b = np.ones(TABLE.size, dtype=np.int64)
+    on_a = np.zeros(TABLE.size, dtype=np.int64)
+    view = _view(1.5, 1.0)
+    gain = float(per_token_s(TABLE, view, on_b, 20) - per_token_s(TABLE, view, on_a, 20))
+    # every block crosses one link in turn: the move costs about 50 tokens' gain
+    view = replace(view, move_s_per_block=50 * gain / TABLE.size)
+    move = float(migration_s(TABLE, view, on_b, on_a, 16))
+    assert 8 * gain < move < 200 * gain  # the premise
+    one_interval = view.at(PlanningWindow(16, 8, 216))
+    assert not worth_switching(TABLE, one_interval, on_a, on_b)
+    assert worth_switching(TABLE, view.at(planning_window(16, 8, 216)), on_a, on_b)

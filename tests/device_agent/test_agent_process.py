@@ -1,5 +1,6 @@
-"""One real agent process on the embedded broker: bad input is counted and ignored, and a
-load over the memory budget is refused with a reason instead of an out-of-memory kill."""
+"""One real agent process on the embedded broker: bad input is counted and ignored, a load
+over the memory budget is refused with a reason instead of an out-of-memory kill, and the
+memory another app takes is held for real once the agent's blocks leave room for it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from device_agent import protocol as proto
 from emulator.broker import EmbeddedBroker
 
 TESTBED = "agent-test"
+MIB = 1024 * 1024
 NAME = "dev"
 
 
@@ -64,14 +66,51 @@ async def _scenario(endpoint: str) -> None:
         reply = await _until(client, "reply", lambda r: r.id == "small")
         assert reply.ok, reply.error
         await _until(client, "telemetry", lambda t: t.blocks == ("L0.ffn",))
+        # another app takes 16 MiB: its ballast is real at once, as the block still fits
+        await _command(
+            client,
+            proto.SetBudget(
+                id="b1", op="set_budget", memory_bytes=48 * MIB, occupied_bytes=16 * MIB
+            ),
+        )
+        await _until(client, "telemetry", lambda t: t.occupied_bytes == 16 * MIB)
+        # it wants 56 MiB: the ballast waits until the block has left the 8 MiB budget
+        await _command(
+            client,
+            proto.SetBudget(
+                id="b2", op="set_budget", memory_bytes=8 * MIB, occupied_bytes=56 * MIB
+            ),
+        )
+        telemetry = await _until(client, "telemetry", lambda t: t.memory_budget_bytes == 8 * MIB)
+        assert telemetry.occupied_bytes == 16 * MIB
+        await _command(client, proto.Drop(id="d", op="drop", blocks=("L0.ffn",)))
+        await _until(client, "telemetry", lambda t: t.occupied_bytes == 56 * MIB)
+        # the app ends
+        await _command(client, proto.SetBudget(id="b3", op="set_budget", memory_bytes=64 * MIB))
+        await _until(client, "telemetry", lambda t: t.occupied_bytes == 0)
+
+
+async def _command(client: aiomqtt.Client, command) -> None:
+    await client.publish(proto.device_topic(TESTBED, NAME, "cmd"), proto.encode(command), qos=1)
+    reply = await _until(client, "reply", lambda r: r.id == command.id)
+    assert reply.ok, reply.error
 
 
 def test_bad_input_is_counted_and_budgets_are_enforced() -> None:
     with EmbeddedBroker() as broker:
         agent = subprocess.Popen(
             [
-                sys.executable, "-m", "device_agent", "--name", NAME, "--broker",
-                broker.endpoint, "--testbed", TESTBED, "--memory-mib", "64",
+                sys.executable,
+                "-m",
+                "device_agent",
+                "--name",
+                NAME,
+                "--broker",
+                broker.endpoint,
+                "--testbed",
+                TESTBED,
+                "--memory-mib",
+                "64",
             ]
         )
         try:

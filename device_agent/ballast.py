@@ -1,0 +1,109 @@
+"""Memory another application takes on a device: resident bytes in a child process.
+
+A memory trace lowers a device's budget because something else on the device now uses
+that memory. The agent makes it real with a ballast: a child process (so in the agent's
+cgroup or container) holding that many touched bytes, so the kernel sees the pressure the
+budget describes and a plan that ignored the budget would meet the cgroup's limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import subprocess
+import sys
+
+#: how long (s) the child may take to start or to take a new size
+REPLY_TIMEOUT_S = 30.0
+
+# Reads one size (bytes) per line from stdin and holds that many bytes, every page
+# written (b"\x01" * n is a memset, not lazily mapped zero pages); stdin closing (the
+# agent gone) ends it, so a killed agent leaves no ballast behind.
+_BALLAST_CODE = r"""
+import sys
+held = b""
+sys.stdout.write("ready\n")
+sys.stdout.flush()
+for line in sys.stdin:
+    held = b""
+    size = int(line)
+    held = b"\x01" * size
+    sys.stdout.write(f"{size}\n")
+    sys.stdout.flush()
+"""
+
+
+class BallastError(RuntimeError):
+    """The ballast process did not start or did not take its size in time."""
+
+
+class Ballast:
+    """Resident memory (bytes) held on the device's behalf by one child process."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._held = 0
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes the ballast holds now."""
+        return self._held
+
+    @property
+    def pid(self) -> int | None:
+        """The ballast process (None while it holds nothing)."""
+        return None if self._proc is None else self._proc.pid
+
+    def hold(self, nbytes: int) -> None:
+        """Hold nbytes (bytes) from now on; 0 ends the process. Blocks until it holds them."""
+        if nbytes < 0:
+            raise ValueError(f"ballast size must be >= 0 bytes, got {nbytes}")
+        if nbytes == 0:
+            self.stop()
+            return
+        if self._proc is None:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _BALLAST_CODE],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+            self._expect(b"ready")
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(f"{int(nbytes)}\n".encode())
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            self.stop()
+            raise BallastError("the ballast process died") from None
+        self._expect(str(int(nbytes)).encode())
+        self._held = int(nbytes)
+
+    def _expect(self, answer: bytes) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        ready = select.select([self._proc.stdout], [], [], REPLY_TIMEOUT_S)[0]
+        line = self._proc.stdout.readline().strip() if ready else b""
+        if line != answer:
+            self.stop()
+            raise BallastError(f"the ballast answered {line!r}, expected {answer!r}")
+
+    def stop(self) -> None:
+        """End the process and free what it held."""
+        proc, self._proc, self._held = self._proc, None, 0
+        if proc is None:
+            return
+        with contextlib.suppress(OSError):
+            proc.kill()
+        proc.wait(timeout=REPLY_TIMEOUT_S)
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+def resident_bytes(pid: int) -> int:
+    """Resident set size (bytes) of a process, from /proc."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise ValueError(f"no VmRSS for process {pid}")
