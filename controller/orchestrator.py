@@ -9,9 +9,11 @@ acknowledged by its target, so no token runs on a half-moved placement.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
@@ -38,6 +40,11 @@ MIGRATE_TIMEOUT_S = 300.0  # for one plan's moves, s
 TELEMETRY_STALE_S = 1.5  # a device silent this long is not planned on
 LINKS_MEASURED_WAIT_S = 5  # longest wait (s) for the agents' first latency probes
 BROKER_WINDOW_S = 90.0  # how long (s) the controller retries the broker at start
+#: how long (s) a lost broker is retried mid-run; the agents keep their state meanwhile
+BROKER_LOST_WINDOW_S = 60.0
+#: after a reconnect, how long (s) the controller waits for the agents that were online to
+#: rejoin before it goes on (one that does not is then found dead by its silence)
+REJOIN_GRACE_S = 5.0
 MQTT_TIMEOUT_S = 30  # per MQTT operation (s): an embedded broker on a loaded host is slow
 #: a measured speed replaces the one planned with only when it differs by this much
 #: (relative): measurements jitter with the host's load, and each flip would re-plan
@@ -129,6 +136,10 @@ class RunResult:
     latency_s: dict[str, float] = field(default_factory=dict)
     #: every switch between placements, predicted beside measured
     switches: list[SwitchRecord] = field(default_factory=list)
+    broker_losses: int = 0  # times the controller lost the broker and reconnected
+    #: per device failure the emulator caused, the time (s) until the controller saw it
+    detection_s: list[float] = field(default_factory=list)
+    reprefill_s: float = 0.0  # of recovery_s, the time re-running the history took (s)
     wall_s: float = 0.0
     failure: str | None = None
 
@@ -162,7 +173,8 @@ class RunResult:
         fields = {
             "algorithm", "output_token_ids", "prefill_s", "migrations", "migration_s",
             "migration_bytes", "replans", "failed_replans", "peak_memory_bytes", "recoveries",
-            "recovery_s", "move_s_per_block", "wall_s", "latency_s",
+            "recovery_s", "move_s_per_block", "wall_s", "latency_s", "broker_losses",
+            "detection_s", "reprefill_s",
         }  # fmt: skip
         kept = {k: v for k, v in data.items() if k in fields}
         overheads = {d: tuple(v) for d, v in data.get("hop_overhead_s", {}).items()}
@@ -189,6 +201,9 @@ class RunResult:
             "hop_overhead_s": {d: list(v) for d, v in self.hop_overhead_s.items()},
             "latency_s": self.latency_s,
             "switches": [asdict(s) for s in self.switches],
+            "broker_losses": self.broker_losses,
+            "detection_s": self.detection_s,
+            "reprefill_s": self.reprefill_s,
             "output_token_ids": self.output_token_ids,
             "wall_s": self.wall_s,
         }
@@ -236,6 +251,13 @@ class Controller:
         self.result = RunResult(config.algorithm)
         self.joined = asyncio.Event()
         self.client: aiomqtt.Client | None = None
+        self.connection = asyncio.Event()  # set while the broker is connected
+        #: commands still waiting for a reply, by id: (topic, payload) to resend after a loss
+        self.unanswered: dict[str, tuple[str, bytes]] = {}
+        self.epoch_message: proto.PlacementEpoch | None = None  # the retained one, current
+        self.rejoining: set[str] = set()  # after a reconnect, agents not back yet
+        self.all_back = asyncio.Event()
+        self.rejoin: asyncio.Task | None = None
         self.dropped_messages = 0
         self.measured_gflops: dict[str, float] = {}  # device -> speed planned with, GFLOP/s
         #: measured latencies and hop overheads as planned with (s), by (device, peer) or
@@ -286,27 +308,120 @@ class Controller:
             self.metrics = ControllerMetrics()
             self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
         start = time.monotonic()
-        async with await self._connect(host, int(port)) as client:
-            self.client = client
-            tb = self.config.testbed
-            for kind in ("status", "telemetry", "reply", *self.run_topics):
-                await client.subscribe(proto.subscription(tb, kind), qos=1)
-            reader = asyncio.create_task(self._read(client))
-            try:
-                await self._generate()
-            except (ControllerError, NoFeasiblePlacement) as exc:
-                if self.config.announce:
-                    await self._announce(proto.RunOutcome(ok=False, error=str(exc)))
-                raise
-            else:
-                self._finish(start)
-                if self.config.announce:
-                    outcome = proto.RunOutcome(ok=True, result=self.result.summary())
-                    await self._announce(outcome)
-            finally:
-                reader.cancel()
-                await asyncio.gather(reader, return_exceptions=True)
+        link = asyncio.create_task(self._broker_link(await self._connect(host, int(port))))
+        generation = asyncio.create_task(self._generation(start))
+        try:
+            done, _ = await asyncio.wait({link, generation}, return_when=FIRST_COMPLETED)
+            if generation not in done:
+                link.result()  # the broker was lost for good: raises ControllerError
+            return generation.result()
+        finally:
+            tasks = [t for t in (generation, link, self.rejoin) if t is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _generation(self, start: float) -> RunResult:
+        await self._connected()
+        try:
+            await self._generate()
+        except (ControllerError, NoFeasiblePlacement) as exc:
+            if self.config.announce:
+                await self._announce(proto.RunOutcome(ok=False, error=str(exc)))
+            raise
+        self._finish(start)
+        if self.config.announce:
+            await self._announce(proto.RunOutcome(ok=True, result=self.result.summary()))
         return self.result
+
+    async def _broker_link(self, client: aiomqtt.Client) -> None:
+        """Keep the MQTT session: subscribe, read, and after a lost broker reconnect, then
+        publish again what a restarted broker forgot (the placement epoch, every command
+        still waiting for its reply; agents answer a resent command from their kept
+        replies). Raises ControllerError once the broker stays away BROKER_LOST_WINDOW_S."""
+        lost_at: float | None = None
+        delay = 0.2
+        while True:
+            try:
+                async with client:
+                    for kind in ("status", "telemetry", "reply", *self.run_topics):
+                        await client.subscribe(proto.subscription(self.config.testbed, kind), qos=1)
+                    self.client = client
+                    if lost_at is None:
+                        self.connection.set()
+                    else:
+                        await self._resume(client)
+                        lost_at, delay = None, 0.2
+                    await self._read(client)
+            except aiomqtt.MqttError as exc:
+                self.connection.clear()
+                self.client = None
+                if self.rejoin is not None:
+                    self.rejoin.cancel()
+                now = time.monotonic()
+                if lost_at is None:
+                    lost_at = now
+                    self.result.broker_losses += 1
+                    log.warning("lost the broker (%s), reconnecting", exc)
+                if now - lost_at > BROKER_LOST_WINDOW_S:
+                    raise ControllerError(
+                        f"the broker is gone for {BROKER_LOST_WINDOW_S:.0f} s: {exc}"
+                    ) from None
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
+
+    async def _resume(self, client: aiomqtt.Client) -> None:
+        """After a reconnect: the retained epoch goes out again at once, and once the agents
+        that were online have rejoined (or REJOIN_GRACE_S passed) the unanswered commands
+        do, and generation goes on."""
+        if self.epoch_message is not None:
+            topic = proto.placement_topic(self.config.testbed)
+            await client.publish(topic, proto.encode(self.epoch_message), qos=1, retain=True)
+        self.rejoining = {
+            name
+            for name, d in self.devices.items()
+            if d.status is not None and d.status.state == "online"
+        }
+        self.all_back = asyncio.Event()
+        if not self.rejoining:
+            self.all_back.set()
+        self.rejoin = asyncio.create_task(self._after_rejoin(client))
+
+    async def _after_rejoin(self, client: aiomqtt.Client) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.all_back.wait(), REJOIN_GRACE_S)
+        if self.rejoining:
+            log.warning("not back after the broker's loss: %s", ", ".join(sorted(self.rejoining)))
+        # none could report while the broker was away: silence counts from now
+        now = time.monotonic()
+        for device in self.devices.values():
+            device.telemetry_at = max(device.telemetry_at, now)
+        try:
+            for topic, payload in list(self.unanswered.values()):
+                await client.publish(topic, payload, qos=1)
+        except aiomqtt.MqttError:
+            return  # lost again: the link resumes once more
+        self.connection.set()
+
+    async def _connected(self) -> aiomqtt.Client:
+        """The connected client, once the broker is there (bounded wait)."""
+        deadline = time.monotonic() + BROKER_LOST_WINDOW_S
+        while self.client is None or not self.connection.is_set():
+            try:
+                await asyncio.wait_for(self.connection.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                raise ControllerError("no broker connection") from None
+            await asyncio.sleep(0)  # lost again at once: wait for the next connection
+        return self.client
+
+    async def _publish_kept(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Publish (qos 1) on the current connection; a publish lost with the broker is
+        the reconnect's to repeat, so it is not retried here."""
+        client = await self._connected()
+        try:
+            await client.publish(topic, payload, qos=1, retain=retain)
+        except aiomqtt.MqttError as exc:
+            log.info("publish on %s waits for the broker (%s)", topic, exc)
 
     def _finish(self, start: float) -> None:
         self.result.wall_s = time.monotonic() - start
@@ -352,6 +467,10 @@ class Controller:
                     self.metrics.telemetry(decoded)
             elif isinstance(decoded, proto.Status):
                 device.status = decoded
+                if decoded.state == "online" and topic.device in self.rejoining:
+                    self.rejoining.discard(topic.device)
+                    if not self.rejoining:
+                        self.all_back.set()
             elif isinstance(decoded, proto.Reply):
                 fut = self.pending.get(decoded.id)
                 if fut is not None and not fut.done():
@@ -367,12 +486,12 @@ class Controller:
 
     async def command(self, device: str, command, timeout_s: float) -> proto.Reply:
         """Send one command to an agent and wait for its reply (raises ControllerError)."""
-        assert self.client is not None
         fut = asyncio.get_running_loop().create_future()
         self.pending[command.id] = fut
         topic = proto.device_topic(self.config.testbed, device, "cmd")
+        self.unanswered[command.id] = (topic, proto.encode(command))
         try:
-            await self.client.publish(topic, proto.encode(command), qos=1)
+            await self._publish_kept(topic, self.unanswered[command.id][1])
             reply = await asyncio.wait_for(fut, timeout_s)
         except TimeoutError:
             raise ControllerError(
@@ -380,24 +499,31 @@ class Controller:
             ) from None
         finally:
             self.pending.pop(command.id, None)
+            self.unanswered.pop(command.id, None)
         return reply
 
     async def publish(self, topic: str, message, retain: bool = False) -> None:
         """Publish a protocol message on the controller's connection (qos 1)."""
-        assert self.client is not None
-        await self.client.publish(topic, proto.encode(message), qos=1, retain=retain)
+        while True:
+            client = await self._connected()
+            try:
+                await client.publish(topic, proto.encode(message), qos=1, retain=retain)
+                return
+            except aiomqtt.MqttError:
+                self.connection.clear()  # the link notices too; wait for its reconnect
 
     async def until_gone(self, device: str, timeout_s: float = 10.0) -> None:
         """Wait until this controller's own detection (status, telemetry) sees a device gone."""
         index = self.index[device]
         window = PlanningWindow(1, 1, 1)
-        deadline = time.monotonic() + timeout_s
+        start = time.monotonic()
         while self.view(window).alive[index]:
-            if time.monotonic() > deadline:
+            if time.monotonic() > start + timeout_s:
                 raise ControllerError(
                     f"{device} still looks alive {timeout_s:.0f} s after it failed"
                 )
             await asyncio.sleep(0.05)
+        self.result.detection_s.append(time.monotonic() - start)
 
     def _id(self) -> str:
         return next(self.ids)
@@ -526,6 +652,8 @@ class Controller:
                 break
             if self.before_token is not None:
                 await self.before_token(i)
+            # who is alive is only known with the broker there and the agents back on it
+            await self._connected()
             view = self.view(self._window(context))
             x = self.placement.assignment  # type: ignore[union-attr]
             lost = ~view.alive[x]
@@ -619,13 +747,13 @@ class Controller:
         }
 
     async def _publish_epoch(self, placement: Placement) -> None:
-        assert self.client is not None
         self.epoch += 1
         msg = proto.PlacementEpoch(
             epoch=self.epoch, placement=self._mapping(placement), endpoints=self._endpoints()
         )
+        self.epoch_message = msg
         topic = proto.placement_topic(self.config.testbed)
-        await self.client.publish(topic, proto.encode(msg), qos=1, retain=True)
+        await self._publish_kept(topic, proto.encode(msg), retain=True)
         self.placement = placement
 
     async def _start_epoch(self, placement: Placement) -> None:
@@ -806,7 +934,10 @@ class Controller:
                 tg.create_task(
                     self._expect_ok(device, proto.Reset(id=self._id(), op="reset"), STEP_TIMEOUT_S)
                 )
-        return await self._decode(0, history)
+        start = time.monotonic()
+        token = await self._decode(0, history)
+        self.result.reprefill_s += time.monotonic() - start
+        return token
 
     async def _expect_ok(self, device: str, command, timeout_s: float) -> proto.Reply:
         reply = await self.command(device, command, timeout_s)

@@ -17,7 +17,7 @@ import os
 import signal
 import socket
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -57,6 +57,10 @@ FETCH_TIMEOUT_S = SEND_TIMEOUT_S + 30.0
 MQTT_KEEPALIVE_S = 5
 MQTT_TIMEOUT_S = 30  # per MQTT operation (s): an embedded broker on a loaded host is slow
 JOIN_WINDOW_S = 90.0  # how long (s) an agent keeps trying to reach the broker at start
+#: how long (s) an agent that lost its broker keeps reconnecting before it gives up; its
+#: blocks and caches stay, the data plane keeps running meanwhile
+BROKER_LOST_WINDOW_S = 60.0
+REPLIES_KEPT = 256  # answered commands whose replies are kept for a resent command
 STOP_GRACE_S = 3.0  # longest orderly shutdown after SIGTERM before the process just exits
 #: latency probes per telemetry period (to that many peers in turn)
 PROBES_PER_PERIOD = 4
@@ -201,6 +205,9 @@ class Agent:
         self.endpoint = ""
         self.client: aiomqtt.Client | None = None
         self.tasks: set[asyncio.Task] = set()
+        self.replies: OrderedDict[str, proto.Reply] = OrderedDict()  # by command id
+        self.running: set[str] = set()  # ids of commands being carried out
+        self.broker_losses = 0
         self.metrics = None
         self._cpu_mark = (time.monotonic(), time.process_time())
 
@@ -223,28 +230,35 @@ class Agent:
         status_topic = proto.device_topic(testbed, self.name, "status")
         offline = proto.Status(name=self.name, state="offline")
         b_host, _, b_port = self.config.broker.rpartition(":")
+        client = aiomqtt.Client(
+            b_host,
+            int(b_port),
+            identifier=f"edgepart-{testbed}-{self.name}",
+            keepalive=MQTT_KEEPALIVE_S,
+            will=aiomqtt.Will(status_topic, proto.encode(offline), qos=1, retain=True),
+            timeout=MQTT_TIMEOUT_S,
+            socket_options=proto.SOCKET_OPTIONS,
+        )
+        # a broker slow to answer while a testbed starts is retried, and so is one lost
+        # later (restarted): the agent rejoins with its blocks, caches and programs intact
         deadline = time.monotonic() + JOIN_WINDOW_S
         delay = 0.2
         try:
             while True:
                 try:
-                    async with aiomqtt.Client(
-                        b_host,
-                        int(b_port),
-                        identifier=f"edgepart-{testbed}-{self.name}",
-                        keepalive=MQTT_KEEPALIVE_S,
-                        will=aiomqtt.Will(status_topic, proto.encode(offline), qos=1, retain=True),
-                        timeout=MQTT_TIMEOUT_S,
-                        socket_options=proto.SOCKET_OPTIONS,
-                    ) as client:
+                    async with client:
                         await self._serve(client, status_topic)
                     return
-                except aiomqtt.MqttError as exc:
-                    # a broker that is slow to answer while a testbed starts is retried;
-                    # one lost after joining is the controller's to notice (issue 6)
-                    if self.client is not None or time.monotonic() + delay > deadline:
+                except (aiomqtt.MqttError, BrokerLost) as exc:
+                    if self.client is not None:  # it was connected: a new loss
+                        log.warning("%s: lost the broker (%s), reconnecting", self.name, exc)
+                        self.client = None
+                        self.broker_losses += 1
+                        deadline = time.monotonic() + BROKER_LOST_WINDOW_S
+                        delay = 0.2
+                    if time.monotonic() + delay > deadline:
                         raise
-                    log.info("%s: broker not reachable yet (%s), retrying", self.name, exc)
+                    log.info("%s: broker not reachable (%s), retrying", self.name, exc)
                     await asyncio.sleep(delay)
                     delay = min(2 * delay, 2.0)
         finally:
@@ -258,13 +272,16 @@ class Agent:
         await client.subscribe(proto.subscription(testbed, "status"), qos=1)
         online = proto.Status(name=self.name, state="online", listen=self.endpoint, ts=time.time())
         await client.publish(status_topic, proto.encode(online), qos=1, retain=True)
-        self.client = client  # joined: from here a lost broker is not retried
+        self.client = client
         log.info("%s: online, data plane on %s", self.name, self.endpoint)
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._telemetry_loop())
-            if self.config.exit_with_parent:
-                tg.create_task(self._watch_parent())
-            await self._message_loop(client)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._telemetry_loop())
+                if self.config.exit_with_parent:
+                    tg.create_task(self._watch_parent())
+                await self._message_loop(client)
+        except* aiomqtt.MqttError as lost:
+            raise BrokerLost(str(lost.exceptions[0])) from None
 
     async def _shutdown(self) -> None:
         for task in list(self.programs.values()) + list(self.tasks):
@@ -310,7 +327,7 @@ class Agent:
                 if decoded.name != self.name and decoded.listen and decoded.state == "online":
                     self.plane.set_endpoints({decoded.name: decoded.listen})
             else:
-                self._spawn(self._command(decoded))
+                self._on_command(decoded)
 
     def _drop_message(self, kind: str, reason: str) -> None:
         if self.dropped_messages[kind] == 0:
@@ -331,9 +348,34 @@ class Agent:
 
     async def _reply(self, command_id: str, ok: bool, error: str | None = None, **extra) -> None:
         reply = proto.Reply(id=command_id, name=self.name, ok=ok, error=error, **extra)
-        assert self.client is not None
+        self.replies[command_id] = reply
+        while len(self.replies) > REPLIES_KEPT:
+            self.replies.popitem(last=False)
+        await self._send_reply(reply)
+
+    async def _send_reply(self, reply: proto.Reply) -> None:
+        """Publish a reply; without a broker it stays kept for the command's resend."""
+        client = self.client
+        if client is None:
+            return
         topic = proto.device_topic(self.config.testbed, self.name, "reply")
-        await self.client.publish(topic, proto.encode(reply), qos=1)
+        try:
+            await client.publish(topic, proto.encode(reply), qos=1)
+        except aiomqtt.MqttError as exc:
+            log.info("%s: reply %s kept until the broker is back (%s)", self.name, reply.id, exc)
+
+    def _on_command(self, cmd) -> None:
+        """Run a command once: a resent one (the controller lost the broker meanwhile) gets
+        the kept reply, or nothing while the first is still running."""
+        if cmd.id in self.running:
+            return
+        kept = self.replies.get(cmd.id)
+        if kept is not None:
+            self._spawn(self._send_reply(kept))
+            return
+        self.running.add(cmd.id)
+        task = self._spawn(self._command(cmd))
+        task.add_done_callback(lambda _: self.running.discard(cmd.id))
 
     async def _command(self, cmd) -> None:
         handlers = {
@@ -942,6 +984,10 @@ class _Run:
     send: object  # (step, payload) -> None, hands an output to the event loop
     next: int = 0
     result: int | None = None
+
+
+class BrokerLost(RuntimeError):
+    """The MQTT connection broke while serving (the broker stopped or restarted)."""
 
 
 class CommandRefused(RuntimeError):

@@ -194,3 +194,23 @@ def test_ctrl_c_tears_everything_down(tmp_path: Path) -> None:
     proc.communicate(timeout=60)
     assert _agents_of(testbed) == []
     _assert_no_orphans({str(p): p for p in pids})
+
+
+@pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed")
+def test_a_restarted_broker_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    with Mosquitto() as broker:
+
+        def restart_once(done: int, result) -> None:
+            # on the controller's loop, mid-generation: every client loses the broker, and
+            # the new one has no retained placement, status or session of the old one
+            if done == 3 and result.broker_losses == 0:
+                broker.stop()
+                broker.start()
+
+        run = run_local(
+            _scenario(), "myopic", broker=broker.endpoint, work_dir=tmp_path, progress=restart_once
+        )
+    assert run.result.broker_losses == 1
+    assert run.result.output_token_ids == _reference()  # nothing lost, nothing twice
+    assert run.result.recoveries == 0  # no device was taken for dead meanwhile
+    _assert_no_orphans(run.pids)

@@ -1,0 +1,249 @@
+"""Chaos: rounds of device kills, broker restarts and bandwidth collapses during generation.
+
+Every round runs one generation of SmolLM2-135M on the ``local`` backend
+(``emulator.backends.local.run_local``) over a real mosquitto (``emulator.broker.Mosquitto``,
+no persistence), four devices of which any three hold the model, and three faults drawn
+from the round's seed (``numpy.random.default_rng(seed)``):
+
+- a device other than the source is killed (``kill -9`` of its agent and burners, the
+  scenario's ``fail`` trace) before a drawn token;
+- the broker is restarted (stopped, then started on the same port: no retained message,
+  session or subscription survives) when a drawn token has been generated;
+- a drawn link collapses to a drawn rate of 1 to 5 Mbit/s (a ``link`` trace).
+
+Per round it reports: survived (the run finished), ids identical (the output ids equal the
+monolithic reference's: nothing lost, nothing repeated), broker losses the controller saw,
+recoveries, detection time (kill to the controller seeing the device gone, s), recovery
+time (re-plan, loads, cache resets and re-prefill, s) and, of it, the re-prefill (s).
+Targets: every round survived with identical ids; recovery time minus re-prefill <= 5 s.
+
+Run: ``.venv/bin/python benchmarks/chaos.py [--quick] [--seeds N] [--tokens N] [--out DIR]``.
+``--seeds`` is the number of rounds (default 5; ``--quick``: 2 rounds of 12 tokens).
+Writes DIR/chaos.json; agent logs go under DIR/chaos/ROUND/.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import time
+import traceback
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import (
+    console,
+    environment,
+    make_parser,
+    num,
+    parse,
+    print_table,
+    print_targets,
+    stats,
+    target,
+    write_json,
+)
+
+NAME = "chaos"
+TOKENS = 32
+TOKENS_QUICK = 12
+DEVICES = ("hub", "d1", "d2", "d3")
+SCENARIO: dict[str, Any] = {
+    "version": 1,
+    "name": "chaos",
+    "model": {"preset": "smollm2-135m"},
+    "prompt_tokens": 16,
+    "replan_every": 4,
+    # any three hold the model (about 520 MiB at the last token): a kill is survivable
+    "devices": [
+        {"name": "hub", "compute_gflops": 2.0, "memory_mib": 320, "source": True},
+        {"name": "d1", "compute_gflops": 1.5, "memory_mib": 320},
+        {"name": "d2", "compute_gflops": 1.5, "memory_mib": 320},
+        {"name": "d3", "compute_gflops": 1.0, "memory_mib": 320},
+    ],
+    "links": {"default": {"bandwidth_mbit": 300, "latency_ms": 0.5}},
+}
+
+
+def round_plan(seed: int, tokens: int) -> dict[str, Any]:
+    """The faults of one round, drawn from its seed: which, and before or at which token."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.choice(len(DEVICES), size=2, replace=False)
+    return {
+        "kill": {"device": str(rng.choice(DEVICES[1:])), "at_token": int(rng.integers(2, tokens))},
+        "broker_restart_at": int(rng.integers(1, tokens - 1)),
+        "collapse": {
+            "link": [DEVICES[a], DEVICES[b]],
+            "at_token": int(rng.integers(1, tokens)),
+            "bandwidth_mbit": float(rng.integers(1, 6)),
+        },
+    }
+
+
+@cache
+def reference_ids(tokens: int) -> tuple[int, ...]:
+    """The monolithic model's greedy ids for the scenario's prompt."""
+    from emulator.backends.local import prompt_ids
+    from emulator.scenario import parse_scenario
+    from llm.loader import open_model
+    from llm.runtime import monolithic
+
+    opened = open_model("smollm2-135m")
+    scenario = parse_scenario({**SCENARIO, "generate_tokens": tokens}, "chaos")
+    ids = prompt_ids(scenario, opened.tokenizer)
+    return tuple(monolithic(opened.source, opened.arch).greedy(ids, tokens))
+
+
+def run_round(seed: int, tokens: int, work_dir: Path) -> dict[str, Any]:
+    """One round: the generation under its faults, summarised (or its error)."""
+    from emulator.backends.local import run_local
+    from emulator.broker import Mosquitto
+    from emulator.scenario import parse_scenario
+
+    plan = round_plan(seed, tokens)
+    traces = [
+        {"at_token": plan["kill"]["at_token"], "device": plan["kill"]["device"], "fail": True},
+        plan["collapse"],
+    ]
+    scenario = parse_scenario({**SCENARIO, "generate_tokens": tokens, "traces": traces}, "chaos")
+    restarts: list[float] = []
+    t0 = time.perf_counter()
+    with Mosquitto() as broker:
+
+        def restart(done: int, _result) -> None:
+            if done == plan["broker_restart_at"] and not restarts:
+                start = time.perf_counter()
+                broker.stop()
+                broker.start()
+                restarts.append(time.perf_counter() - start)
+
+        try:
+            run = run_local(
+                scenario, "myopic", broker=broker.endpoint, work_dir=work_dir, progress=restart
+            )
+        except Exception as exc:  # reported, not worked around
+            return {
+                "seed": seed,
+                "plan": plan,
+                "survived": False,
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": "".join(traceback.format_exception(exc)),
+                "wall_s": time.perf_counter() - t0,
+            }
+    r = run.result
+    return {
+        "seed": seed,
+        "plan": plan,
+        "survived": True,
+        "ids_identical": tuple(r.output_token_ids) == reference_ids(tokens),
+        "tokens": len(r.output_token_ids),
+        "broker_restarts": len(restarts),
+        "broker_losses": r.broker_losses,
+        "recoveries": r.recoveries,
+        "detection_s": r.detection_s,
+        "recovery_s": r.recovery_s,
+        "reprefill_s": r.reprefill_s,
+        "recovery_without_reprefill_s": r.recovery_s - r.reprefill_s,
+        "migrations": r.migrations,
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the rounds; returns what it writes to DIR/chaos.json."""
+    parser = make_parser(__doc__.splitlines()[0], default_seeds=5, quick_seeds=2)
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help=f"tokens per round ({TOKENS}; quick {TOKENS_QUICK})",
+    )
+    args = parse(parser, argv)
+    tokens = args.tokens or (TOKENS_QUICK if args.quick else TOKENS)
+    if tokens < 4:
+        parser.error("--tokens must be at least 4 (room for three faults)")
+    rounds = []
+    for seed in range(args.seeds):
+        plan = round_plan(seed, tokens)
+        console.rule(
+            f"round {seed}: kill {plan['kill']['device']} at {plan['kill']['at_token']}, "
+            f"broker restart after {plan['broker_restart_at']}, "
+            f"{'-'.join(plan['collapse']['link'])} to {plan['collapse']['bandwidth_mbit']:.0f} "
+            f"Mbit/s at {plan['collapse']['at_token']}"
+        )
+        result = run_round(seed, tokens, args.out / NAME / str(seed))
+        if result["survived"]:
+            console.print(
+                f"  ids identical: {result['ids_identical']}, recovery "
+                f"{result['recovery_s']:.2f} s (re-prefill {result['reprefill_s']:.2f} s), "
+                f"broker losses {result['broker_losses']}, wall {result['wall_s']:.0f} s"
+            )
+        else:
+            console.print(f"  [red]failed[/]: {result['error']}")
+        rounds.append(result)
+
+    survived = [r for r in rounds if r["survived"]]
+    print_table(
+        "chaos rounds",
+        [
+            "round",
+            "survived",
+            "ids identical",
+            "broker losses",
+            "recoveries",
+            "detect s",
+            "recovery s",
+            "re-prefill s",
+        ],
+        [
+            [
+                str(r["seed"]),
+                str(r["survived"]),
+                str(r.get("ids_identical", "-")),
+                str(r.get("broker_losses", "-")),
+                str(r.get("recoveries", "-")),
+                num(max(r["detection_s"]) if r.get("detection_s") else None, ".2f"),
+                num(r.get("recovery_s"), ".2f"),
+                num(r.get("reprefill_s"), ".2f"),
+            ]
+            for r in rounds
+        ],
+    )
+    without = stats(r["recovery_without_reprefill_s"] for r in survived if r["recoveries"])
+    detection = stats(d for r in survived for d in r["detection_s"])
+    all_ok = len(survived) == len(rounds) and all(r["ids_identical"] for r in survived)
+    targets = [
+        target("rounds survived with identical ids (1 = all)", float(all_ok), 1.0, ">="),
+        target("max recovery minus re-prefill (s)", without["max"], 5.0),
+        target("max detection (s)", detection["max"], 2.0),
+    ]
+    print_targets(targets, fmt=lambda v: num(v, ".2f"))
+    data = {
+        "benchmark": NAME,
+        "quick": args.quick,
+        "environment": environment(),
+        "setup": {
+            "tokens": tokens,
+            "rounds": args.seeds,
+            "scenario": SCENARIO,
+            "algorithm": "myopic",
+            "broker": "mosquitto (no persistence)",
+        },
+        "rounds": rounds,
+        "recovery_without_reprefill_s": without,
+        "recovery_s": stats(r["recovery_s"] for r in survived if r["recoveries"]),
+        "detection_s": detection,
+        "targets": targets,
+    }
+    write_json(args.out, NAME, data)
+    return data
+
+
+if __name__ == "__main__":
+    main()

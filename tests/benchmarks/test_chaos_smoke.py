@@ -1,0 +1,38 @@
+"""Smoke test of the chaos benchmark: one quick round on the local backend over mosquitto.
+
+It checks the JSON's shape and that the round survived its faults with the reference ids
+(correctness); how fast recovery is, is measured by the benchmark itself.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import chaos  # noqa: E402
+from emulator.broker import mosquitto_available  # noqa: E402
+
+
+@pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed")
+def test_chaos_smoke(tmp_path: Path) -> None:
+    chaos.main(["--quick", "--seeds", "1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "chaos.json").read_text())
+    assert data["benchmark"] == "chaos" and data["quick"] is True
+    (round_,) = data["rounds"]
+    assert round_["survived"] is True, round_.get("traceback")
+    assert round_["ids_identical"] is True
+    assert round_["tokens"] == chaos.TOKENS_QUICK
+    assert round_["broker_restarts"] == 1 and round_["broker_losses"] == 1
+    assert len(round_["detection_s"]) == 1  # the kill was seen
+    # a recovery re-prefills, unless the killed device held no block at the time
+    assert round_["recoveries"] in (0, 1)
+    assert round_["reprefill_s"] <= round_["recovery_s"]
+    assert (round_["reprefill_s"] > 0) == (round_["recoveries"] == 1)
+    assert {t["target"] for t in data["targets"]} >= {"max detection (s)"}
