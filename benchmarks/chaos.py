@@ -60,12 +60,13 @@ SCENARIO: dict[str, Any] = {
     "model": {"preset": "smollm2-135m"},
     "prompt_tokens": 16,
     "replan_every": 4,
-    # any three hold the model (about 520 MiB at the last token): a kill is survivable
+    # the model takes about 520 MiB with the source's pinned blocks: the hub and any two
+    # others hold it (a kill is survivable), the hub and one do not (the others hold blocks)
     "devices": [
-        {"name": "hub", "compute_gflops": 2.0, "memory_mib": 320, "source": True},
-        {"name": "d1", "compute_gflops": 1.5, "memory_mib": 320},
-        {"name": "d2", "compute_gflops": 1.5, "memory_mib": 320},
-        {"name": "d3", "compute_gflops": 1.0, "memory_mib": 320},
+        {"name": "hub", "compute_gflops": 2.0, "memory_mib": 300, "source": True},
+        {"name": "d1", "compute_gflops": 1.5, "memory_mib": 160},
+        {"name": "d2", "compute_gflops": 1.5, "memory_mib": 160},
+        {"name": "d3", "compute_gflops": 1.0, "memory_mib": 160},
     ],
     "links": {"default": {"bandwidth_mbit": 300, "latency_ms": 0.5}},
 }

@@ -45,6 +45,7 @@ BROKER_LOST_WINDOW_S = 60.0
 #: after a reconnect, how long (s) the controller waits for the agents that were online to
 #: rejoin before it goes on (one that does not is then found dead by its silence)
 REJOIN_GRACE_S = 5.0
+CONTROL_WINDOW = 8  # tokens whose control round trip the next prediction adds (median)
 MQTT_TIMEOUT_S = 30  # per MQTT operation (s): an embedded broker on a loaded host is slow
 #: a measured speed replaces the one planned with only when it differs by this much
 #: (relative): measurements jitter with the host's load, and each flip would re-plan
@@ -140,6 +141,7 @@ class RunResult:
     #: per device failure the emulator caused, the time (s) until the controller saw it
     detection_s: list[float] = field(default_factory=list)
     reprefill_s: float = 0.0  # of recovery_s, the time re-running the history took (s)
+    control_overhead_s: float = 0.0  # median control round trip per token (s)
     wall_s: float = 0.0
     failure: str | None = None
 
@@ -174,7 +176,7 @@ class RunResult:
             "algorithm", "output_token_ids", "prefill_s", "migrations", "migration_s",
             "migration_bytes", "replans", "failed_replans", "peak_memory_bytes", "recoveries",
             "recovery_s", "move_s_per_block", "wall_s", "latency_s", "broker_losses",
-            "detection_s", "reprefill_s",
+            "detection_s", "reprefill_s", "control_overhead_s",
         }  # fmt: skip
         kept = {k: v for k, v in data.items() if k in fields}
         overheads = {d: tuple(v) for d, v in data.get("hop_overhead_s", {}).items()}
@@ -204,6 +206,7 @@ class RunResult:
             "broker_losses": self.broker_losses,
             "detection_s": self.detection_s,
             "reprefill_s": self.reprefill_s,
+            "control_overhead_s": self.control_overhead_s,
             "output_token_ids": self.output_token_ids,
             "wall_s": self.wall_s,
         }
@@ -256,6 +259,7 @@ class Controller:
         self.unanswered: dict[str, tuple[str, bytes]] = {}
         self.epoch_message: proto.PlacementEpoch | None = None  # the retained one, current
         self.rejoining: set[str] = set()  # after a reconnect, agents not back yet
+        self.control_s: list[float] = []  # per decode step, its control round trip (s)
         self.all_back = asyncio.Event()
         self.rejoin: asyncio.Task | None = None
         self.dropped_messages = 0
@@ -432,6 +436,7 @@ class Controller:
         self.result.latency_s = {
             f"{a}->{b}": s for (a, b), s in self.held_s.items() if b in self.index
         }
+        self.result.control_overhead_s = float(np.median(self.control_s)) if self.control_s else 0.0
         move_s = self._move_s(self.config.nominal_gflops.astype(float))
         self.result.move_s_per_block = dict(zip(self.config.devices, move_s.tolist(), strict=True))
 
@@ -688,7 +693,9 @@ class Controller:
                         forced or worth_switching(cfg.table, view, new.assignment, current)
                     ):
                         await self._switch(new, view, context)
-            predicted = float(
+            # the cost model's delay of the placement, plus the control round trip measured on
+            # the tokens before (never on this one)
+            predicted = self.control_overhead_s + float(
                 cost.per_token_s(cfg.table, view, self.placement.assignment, context + 1)
             )
             start = time.monotonic()
@@ -949,10 +956,20 @@ class Controller:
         cmd = proto.Decode(
             id=self._id(), op="decode", epoch=self.epoch, position=position, tokens=tuple(tokens)
         )
+        start = time.monotonic()
         reply = await self.command(self.config.source, cmd, STEP_TIMEOUT_S)
         if not reply.ok or reply.token_id is None:
             raise ControllerError(f"decode at position {position} failed: {reply.error}")
+        if len(tokens) == 1:  # one decode step: its way over the broker and back
+            self.control_s.append(max(0.0, time.monotonic() - start - reply.seconds))
         return reply.token_id
+
+    @property
+    def control_overhead_s(self) -> float:
+        """Median time (s) of the recent tokens' command and reply over the broker, beyond
+        the source's own program time: every token pays it, whatever the placement."""
+        recent = self.control_s[-CONTROL_WINDOW:]
+        return float(np.median(recent)) if recent else 0.0
 
 
 def _per_device_load_s(measured: dict[int, float], nominal_gflops: np.ndarray) -> np.ndarray:

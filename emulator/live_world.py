@@ -69,6 +69,8 @@ class World:
         return killed
 
     async def _command(self, device: str, command) -> None:
+        if device in self.failed:
+            return  # a later trace of a device that failed: nothing is left to change
         reply = await self._command_fn(device, command)
         if not reply.ok:
             raise WorldError(f"{device} refused {command.op}: {reply.error}")
