@@ -46,6 +46,7 @@ BROKER_LOST_WINDOW_S = 60.0
 #: rejoin before it goes on (one that does not is then found dead by its silence)
 REJOIN_GRACE_S = 5.0
 CONTROL_WINDOW = 8  # tokens whose control round trip the next prediction adds (median)
+DEATH_CHECK_S = 0.1  # how often (s) a decode step looks whether its devices are still there
 MQTT_TIMEOUT_S = 30  # per MQTT operation (s): an embedded broker on a loaded host is slow
 #: a measured speed replaces the one planned with only when it differs by this much
 #: (relative): measurements jitter with the host's load, and each flip would re-plan
@@ -223,6 +224,10 @@ class ControllerError(RuntimeError):
     """The live run cannot go on (an agent refused, failed or vanished)."""
 
 
+class DevicesLost(Exception):
+    """A device of the placement died while a token was being decoded."""
+
+
 BeforeToken = Callable[[int], Awaitable[None]]
 ConfiguredView = Callable[[PlanningWindow], ResourceView]
 Progress = Callable[[int, "RunResult"], None]
@@ -396,10 +401,12 @@ class Controller:
             await asyncio.wait_for(self.all_back.wait(), REJOIN_GRACE_S)
         if self.rejoining:
             log.warning("not back after the broker's loss: %s", ", ".join(sorted(self.rejoining)))
-        # none could report while the broker was away: silence counts from now
+        # none could report while the broker was away: silence counts from now, except for
+        # those that did not come back (they stay as silent as they are)
         now = time.monotonic()
-        for device in self.devices.values():
-            device.telemetry_at = max(device.telemetry_at, now)
+        for name, device in self.devices.items():
+            if name not in self.rejoining:
+                device.telemetry_at = max(device.telemetry_at, now)
         try:
             for topic, payload in list(self.unanswered.values()):
                 await client.publish(topic, payload, qos=1)
@@ -547,25 +554,43 @@ class Controller:
             slowdown = np.where(available_gflops > 0, nominal / available_gflops, 1.0)
         return self.move_scale * self.load_s_per_block * np.maximum(slowdown, 1.0)
 
-    def _resources(self, window: PlanningWindow) -> ResourceView:
-        if self.config.telemetry == "configured":
-            assert self.configured_view is not None
-            return self.configured_view(window)
-        cfg = self.config
+    def _alive(self) -> np.ndarray:
+        """Per device, whether it is online and reported within TELEMETRY_STALE_S."""
         now = time.monotonic()
+        return np.array(
+            [
+                d.telemetry is not None
+                and d.status is not None
+                and d.status.state == "online"
+                and now - d.telemetry_at <= TELEMETRY_STALE_S
+                for d in (self.devices[name] for name in self.config.devices)
+            ]
+        )
+
+    def _resources(self, window: PlanningWindow) -> ResourceView:
+        alive = self._alive()
+        if self.config.telemetry == "configured":
+            # configured resources, but a device that died is dead (e.g. killed by hand)
+            assert self.configured_view is not None
+            view = self.configured_view(window)
+            alive &= view.alive
+            return replace(
+                view,
+                alive=alive,
+                compute_gflops=np.where(alive, view.compute_gflops, 0.0),
+                memory_bytes=np.where(alive, view.memory_bytes, 0.0),
+            )
+        cfg = self.config
         count = len(cfg.devices)
         compute = cfg.nominal_gflops.astype(float).copy()
         memory = cfg.memory_bytes.astype(float).copy()
         bandwidth = cfg.bandwidth_mbit.astype(float).copy()
-        alive = np.ones(count, dtype=bool)
         overheads = np.zeros((count, 2))  # (send, receive) software time per hop, s
         latency = cfg.latency_s.astype(float).copy()
         for i, name in enumerate(cfg.devices):
             dev = self.devices[name]
             t = dev.telemetry
-            online = dev.status is not None and dev.status.state == "online"
-            if t is None or not online or now - dev.telemetry_at > TELEMETRY_STALE_S:
-                alive[i] = False
+            if not alive[i] or t is None:
                 continue
             if t.available_gflops > 0:
                 seen = self.measured_gflops.get(name)
@@ -665,10 +690,7 @@ class Controller:
             if not view.alive[view.source]:
                 raise ControllerError(f"token {i}: the source device {cfg.source} is gone")
             if lost.any():
-                start = time.monotonic()
-                token = await self._recover(view, lost, prompt + out, context)
-                self.result.recoveries += 1
-                self.result.recovery_s += time.monotonic() - start
+                token = await self._recovered(view, lost, prompt + out, context)
                 decided_on = view
                 context += 1
                 out.append(token)
@@ -699,7 +721,21 @@ class Controller:
                 cost.per_token_s(cfg.table, view, self.placement.assignment, context + 1)
             )
             start = time.monotonic()
-            token = await self._decode(context, [out[-1]])
+            try:
+                token = await self._decode_watched(context, [out[-1]])
+            except DevicesLost:  # one died during the token: it is run again after recovery
+                view = self.view(self._window(context))
+                if not view.alive[view.source]:
+                    gone = f"token {i}: the source device {cfg.source} is gone"
+                    raise ControllerError(gone) from None
+                lost = ~view.alive[self.placement.assignment]  # type: ignore[union-attr]
+                token = await self._recovered(view, lost, prompt + out, context)
+                decided_on = view
+                context += 1
+                out.append(token)
+                self._progress()
+                await self._announce_token()
+                continue
             measured = time.monotonic() - start
             context += 1
             out.append(token)
@@ -900,6 +936,39 @@ class Controller:
             for b in wave:
                 tg.create_task(move(b))
         return done, failed
+
+    async def _recovered(
+        self, view: ResourceView, lost: np.ndarray, history: list[int], context: int
+    ) -> int:
+        """Recover from lost devices (counted and timed); the next token."""
+        start = time.monotonic()
+        token = await self._recover(view, lost, history, context)
+        self.result.recoveries += 1
+        self.result.recovery_s += time.monotonic() - start
+        return token
+
+    async def _decode_watched(self, position: int, tokens: list[int]) -> int:
+        """A decode step that gives up (DevicesLost) once a device of the placement is seen
+        gone: its outputs would never come, and the step waits for them."""
+        step = asyncio.create_task(self._decode(position, tokens))
+        window = PlanningWindow(1, 1, 1)
+        try:
+            while True:
+                done, _ = await asyncio.wait({step}, timeout=DEATH_CHECK_S)
+                if done:
+                    return step.result()
+                # who is alive is only known while the broker is there
+                placement = self.placement
+                if (
+                    self.connection.is_set()
+                    and placement is not None
+                    and not self.view(window).alive[placement.assignment].all()
+                ):
+                    raise DevicesLost
+        finally:
+            if not step.done():
+                step.cancel()
+                await asyncio.gather(step, return_exceptions=True)
 
     async def _recover(
         self, view: ResourceView, lost: np.ndarray, history: list[int], context: int

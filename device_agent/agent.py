@@ -566,9 +566,14 @@ class Agent:
         for task in list(self.programs.values()):
             task.cancel()
         self.done_positions.clear()
-        for block in self.host.blocks.values():
-            if isinstance(block, KVGroupBlock):
-                block.reset()
+
+        def reset_caches() -> None:
+            for block in self.host.blocks.values():
+                if isinstance(block, KVGroupBlock):
+                    block.reset()
+
+        # in the compute thread, after any step of a cancelled program still running there
+        await asyncio.get_running_loop().run_in_executor(self.compute, reset_caches)
 
     async def _shape(self, cmd: proto.Shape) -> None:
         if self.tc is None:

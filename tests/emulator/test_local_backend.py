@@ -179,6 +179,7 @@ def test_ctrl_c_tears_everything_down(tmp_path: Path) -> None:
     testbed = f"e2e-{proc.pid}"
     logs = tmp_path / "out" / "local" / testbed
     deadline = time.monotonic() + 120
+
     def online(device: str) -> bool:
         log = logs / f"{device}.log"
         return log.is_file() and "online" in log.read_text()
@@ -213,4 +214,45 @@ def test_a_restarted_broker_loses_and_repeats_nothing(tmp_path: Path) -> None:
     assert run.result.broker_losses == 1
     assert run.result.output_token_ids == _reference()  # nothing lost, nothing twice
     assert run.result.recoveries == 0  # no device was taken for dead meanwhile
+    _assert_no_orphans(run.pids)
+
+
+def _agent_pid(name: str) -> int:
+    """The pid of this process's agent child for device ``name`` (from /proc)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if (
+            parent == os.getpid()
+            and b"--name" in argv
+            and argv[argv.index(b"--name") + 1] == name.encode()
+        ):
+            return int(entry)
+    raise AssertionError(f"no agent process for {name}")
+
+
+def test_a_device_killed_by_hand_during_a_token_is_recovered(tmp_path: Path) -> None:
+    scenario = _scenario(
+        devices=[
+            {"name": "a", "compute_gflops": 1.0, "memory_mib": 300, "source": True},
+            {"name": "b", "compute_gflops": 1.0, "memory_mib": 360},
+            {"name": "c", "compute_gflops": 4.0, "memory_mib": 200},
+        ],
+        traces=[],
+    )
+
+    def kill_c(done: int, result) -> None:
+        # kill -9 from outside, on the controller's loop: it starts the next token before
+        # it can see the last will, so the loss is found while that token waits for c
+        if done == 3:
+            os.killpg(_agent_pid("c"), signal.SIGKILL)
+
+    run = run_local(scenario, "myopic", telemetry="configured", work_dir=tmp_path, progress=kill_c)
+    assert run.result.recoveries == 1
+    assert run.result.output_token_ids == _reference()
     _assert_no_orphans(run.pids)
