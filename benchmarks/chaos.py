@@ -40,6 +40,7 @@ import numpy as np
 from benchmarks.common import (
     console,
     environment,
+    kernel_oom_kills,
     make_parser,
     num,
     parse,
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokens = args.tokens or (TOKENS_QUICK if args.quick else TOKENS)
     if tokens < 4:
         parser.error("--tokens must be at least 4 (room for three faults)")
+    oom_before = kernel_oom_kills()
     rounds = []
     for seed in range(args.seeds):
         plan = round_plan(seed, tokens)
@@ -219,10 +221,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     without = stats(r["recovery_without_reprefill_s"] for r in survived if r["recoveries"])
     detection = stats(d for r in survived for d in r["detection_s"])
     all_ok = len(survived) == len(rounds) and all(r["ids_identical"] for r in survived)
+    oom_after = kernel_oom_kills()
+    oom = None if None in (oom_before, oom_after) else float(oom_after - oom_before)
     targets = [
         target("rounds survived with identical ids (1 = all)", float(all_ok), 1.0, ">="),
         target("max recovery minus re-prefill (s)", without["max"], 5.0),
         target("max detection (s)", detection["max"], 2.0),
+        target("out-of-memory kills (kernel)", oom, 0.0),
     ]
     print_targets(targets, fmt=lambda v: num(v, ".2f"))
     data = {
