@@ -12,6 +12,7 @@ import yaml
 from emulator.compose import (
     AGENT_RUNTIME_MIB,
     METRICS_PORT,
+    MOSQUITTO_CONF,
     RenderOptions,
     container_model_ref,
     dump,
@@ -66,6 +67,9 @@ def test_the_committed_testbed_is_the_render_of_the_demo_scenario() -> None:
     )
     assert (COMMITTED / "scenario.yaml").read_text() == DEMO.read_text()
     assert (COMMITTED / "prometheus.yml").read_text() == prometheus_config(scenario)
+    # the broker answers at once: without TCP_NODELAY each message waits for a delayed ACK
+    assert (COMMITTED / "mosquitto.conf").read_text() == MOSQUITTO_CONF
+    assert "\nset_tcp_nodelay true\n" in MOSQUITTO_CONF
 
 
 def test_prometheus_scrapes_the_controller_and_every_agent() -> None:
