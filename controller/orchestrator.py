@@ -372,6 +372,13 @@ class Controller:
                     lost_at = now
                     self.result.broker_losses += 1
                     log.warning("lost the broker (%s), reconnecting", exc)
+                    # those that reported lately are waited for after the reconnect, whatever
+                    # last will a stopping broker may have sent for them
+                    self.rejoining = {
+                        name
+                        for name, d in self.devices.items()
+                        if d.telemetry is not None and now - d.telemetry_at <= TELEMETRY_STALE_S
+                    }
                 if now - lost_at > BROKER_LOST_WINDOW_S:
                     raise ControllerError(
                         f"the broker is gone for {BROKER_LOST_WINDOW_S:.0f} s: {exc}"
@@ -386,11 +393,6 @@ class Controller:
         if self.epoch_message is not None:
             topic = proto.placement_topic(self.config.testbed)
             await client.publish(topic, proto.encode(self.epoch_message), qos=1, retain=True)
-        self.rejoining = {
-            name
-            for name, d in self.devices.items()
-            if d.status is not None and d.status.state == "online"
-        }
         self.all_back = asyncio.Event()
         if not self.rejoining:
             self.all_back.set()
