@@ -40,7 +40,6 @@ import numpy as np
 from benchmarks.common import (
     console,
     environment,
-    kernel_oom_kills,
     make_parser,
     num,
     parse,
@@ -50,6 +49,7 @@ from benchmarks.common import (
     target,
     write_json,
 )
+from device_agent.limits import kernel_oom_kills
 
 NAME = "chaos"
 TOKENS = 32

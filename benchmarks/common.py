@@ -177,17 +177,6 @@ def environment() -> dict[str, Any]:
     }
 
 
-def kernel_oom_kills() -> int | None:
-    """The kernel's out-of-memory kills since boot (/proc/vmstat), None where unknown."""
-    try:
-        for line in Path("/proc/vmstat").read_text().splitlines():
-            if line.startswith("oom_kill "):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def write_json(out: Path, name: str, data: dict[str, Any]) -> Path:
     """Write DIR/<name>.json (strict JSON: NaN and infinities become null)."""
     path = out / f"{name}.json"

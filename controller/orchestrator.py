@@ -688,64 +688,59 @@ class Controller:
             await self._connected()
             view = self.view(self._window(context))
             x = self.placement.assignment  # type: ignore[union-attr]
-            lost = ~view.alive[x]
             if not view.alive[view.source]:
                 raise ControllerError(f"token {i}: the source device {cfg.source} is gone")
-            if lost.any():
-                token = await self._recovered(view, lost, prompt + out, context)
+            if not view.alive[x].all():
+                token = await self._recovered(view, prompt + out, context)
                 decided_on = view
-                context += 1
-                out.append(token)
-                self._progress()
-                await self._announce_token()
-                continue
-            fits_now = bool(cost.fits(cfg.table, view, x, context + 1))
-            due = scheduled(i, cfg.replan_every, self.algorithm.replans, decided_on, view)
-            if due or not fits_now:
-                decided_on = view
-                forced = not fits_now
+            else:
+                fits_now = bool(cost.fits(cfg.table, view, x, context + 1))
+                due = scheduled(i, cfg.replan_every, self.algorithm.replans, decided_on, view)
+                if due or not fits_now:
+                    decided_on = view
+                    await self._replan(i, view, context, forced=not fits_now)
+                # the cost model's delay of the placement, plus the control round trip
+                # measured on the tokens before (never on this one)
+                predicted = self.control_overhead_s + float(
+                    cost.per_token_s(cfg.table, view, self.placement.assignment, context + 1)
+                )
+                start = time.monotonic()
                 try:
-                    new = await self._plan(
-                        view, None if forced and not self.algorithm.replans else self.placement
-                    )
-                except NoFeasiblePlacement as exc:
-                    self.result.failed_replans += 1
-                    log.warning("token %d: no feasible placement (%s); keeping the current", i, exc)
+                    token = await self._decode_watched(context, [out[-1]])
+                except DevicesLost:  # one died during the token: run again after recovery
+                    view = self.view(self._window(context))
+                    if not view.alive[view.source]:
+                        gone = f"token {i}: the source device {cfg.source} is gone"
+                        raise ControllerError(gone) from None
+                    token = await self._recovered(view, prompt + out, context)
+                    decided_on = view
                 else:
-                    current = self.placement.assignment
-                    if new != self.placement and (
-                        forced or worth_switching(cfg.table, view, new.assignment, current)
-                    ):
-                        await self._switch(new, view, context)
-            # the cost model's delay of the placement, plus the control round trip measured on
-            # the tokens before (never on this one)
-            predicted = self.control_overhead_s + float(
-                cost.per_token_s(cfg.table, view, self.placement.assignment, context + 1)
-            )
-            start = time.monotonic()
-            try:
-                token = await self._decode_watched(context, [out[-1]])
-            except DevicesLost:  # one died during the token: it is run again after recovery
-                view = self.view(self._window(context))
-                if not view.alive[view.source]:
-                    gone = f"token {i}: the source device {cfg.source} is gone"
-                    raise ControllerError(gone) from None
-                lost = ~view.alive[self.placement.assignment]  # type: ignore[union-attr]
-                token = await self._recovered(view, lost, prompt + out, context)
-                decided_on = view
-                context += 1
-                out.append(token)
-                self._progress()
-                await self._announce_token()
-                continue
-            measured = time.monotonic() - start
+                    measured = time.monotonic() - start
+                    record = TokenRecord(token, measured, predicted, context + 1, self.epoch)
+                    self.result.tokens.append(record)
+                    if self.metrics is not None:
+                        self.metrics.token(measured, predicted)
             context += 1
             out.append(token)
-            self.result.tokens.append(TokenRecord(token, measured, predicted, context, self.epoch))
-            if self.metrics is not None:
-                self.metrics.token(measured, predicted)
             self._progress()
             await self._announce_token()
+
+    async def _replan(self, i: int, view: ResourceView, context: int, forced: bool) -> None:
+        """Plan again before token i and switch if it pays (always when forced by memory)."""
+        try:
+            new = await self._plan(
+                view, None if forced and not self.algorithm.replans else self.placement
+            )
+        except NoFeasiblePlacement as exc:
+            self.result.failed_replans += 1
+            log.warning("token %d: no feasible placement (%s); keeping the current", i, exc)
+            return
+        assert self.placement is not None
+        current = self.placement.assignment
+        if new != self.placement and (
+            forced or worth_switching(self.config.table, view, new.assignment, current)
+        ):
+            await self._switch(new, view, context)
 
     def _progress(self) -> None:
         if self.progress is not None:
@@ -939,10 +934,11 @@ class Controller:
                 tg.create_task(move(b))
         return done, failed
 
-    async def _recovered(
-        self, view: ResourceView, lost: np.ndarray, history: list[int], context: int
-    ) -> int:
-        """Recover from lost devices (counted and timed); the next token."""
+    async def _recovered(self, view: ResourceView, history: list[int], context: int) -> int:
+        """Recover from the devices of the placement the view sees gone (counted and timed);
+        the next token."""
+        assert self.placement is not None
+        lost = ~view.alive[self.placement.assignment]
         start = time.monotonic()
         token = await self._recover(view, lost, history, context)
         self.result.recoveries += 1

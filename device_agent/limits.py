@@ -587,6 +587,17 @@ def _proc_cpu_s(pid: int) -> float | None:
         return None
 
 
+def kernel_oom_kills() -> int | None:
+    """The kernel's out-of-memory kills since boot (/proc/vmstat), None where unknown."""
+    try:
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 class Burners:
     """Background CPU load: a fraction of a device's cores, burnt by child processes.
 

@@ -12,21 +12,11 @@ import pytest
 import yaml
 
 from controller.view import PlanningWindow, ResourceView
+from device_agent.limits import kernel_oom_kills
 from llm.model import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = REPO / "scenarios"
-
-
-def _kernel_oom_kills() -> int | None:
-    """The kernel's count of out-of-memory kills since boot (None where it has none)."""
-    try:
-        for line in Path("/proc/vmstat").read_text().splitlines():
-            if line.startswith("oom_kill "):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 _DELIBERATE: list[int] = []
@@ -41,14 +31,15 @@ def deliberate_oom_kills() -> list[int]:
 @pytest.fixture(scope="session", autouse=True)
 def no_out_of_memory_kills():
     """No test may end in an out-of-memory kill, other than those made on purpose."""
-    before = _kernel_oom_kills()
+    before = kernel_oom_kills()
     yield
-    after = _kernel_oom_kills()
+    after = kernel_oom_kills()
     if before is not None and after is not None:
         assert after - before == sum(_DELIBERATE), (
             f"{after - before} out-of-memory kills during the tests, "
             f"{sum(_DELIBERATE)} of them on purpose"
         )
+
 
 # 2 layers, 2 KV groups of 2 query heads (head_dim 16), SwiGLU, fp32: about 0.35 MiB in all.
 TINY_SHAPES: dict[str, Any] = {
