@@ -47,6 +47,7 @@ BROKER_LOST_WINDOW_S = 60.0
 REJOIN_GRACE_S = 5.0
 CONTROL_WINDOW = 8  # tokens whose control round trip the next prediction adds (median)
 DEATH_CHECK_S = 0.1  # how often (s) a decode step looks whether its devices are still there
+PUBLISH_ATTEMPTS = 5  # a publish failing on a connected client is tried this often
 MQTT_TIMEOUT_S = 30  # per MQTT operation (s): an embedded broker on a loaded host is slow
 #: a measured speed replaces the one planned with only when it differs by this much
 #: (relative): measurements jitter with the host's load, and each flip would re-plan
@@ -416,6 +417,11 @@ class Controller:
             return  # lost again: the link resumes once more
         self.connection.set()
 
+    def _unanswered_for(self, device: str) -> list[tuple[str, bytes]]:
+        """The unanswered commands sent to one device: (topic, payload)."""
+        topic = proto.device_topic(self.config.testbed, device, "cmd")
+        return [item for item in self.unanswered.values() if item[0] == topic]
+
     async def _connected(self) -> aiomqtt.Client:
         """The connected client, once the broker is there (bounded wait)."""
         deadline = time.monotonic() + BROKER_LOST_WINDOW_S
@@ -485,6 +491,11 @@ class Controller:
                     self.rejoining.discard(topic.device)
                     if not self.rejoining:
                         self.all_back.set()
+                elif decoded.state == "online" and self.connection.is_set():
+                    # it came back on its own (lost the broker alone, or late): what it
+                    # was sent meanwhile is sent again; it answers each command once
+                    for cmd_topic, payload in self._unanswered_for(topic.device):
+                        await client.publish(cmd_topic, payload, qos=1)
             elif isinstance(decoded, proto.Reply):
                 fut = self.pending.get(decoded.id)
                 if fut is not None and not fut.done():
@@ -518,13 +529,17 @@ class Controller:
 
     async def publish(self, topic: str, message, retain: bool = False) -> None:
         """Publish a protocol message on the controller's connection (qos 1)."""
-        while True:
+        for attempt in itertools.count():
             client = await self._connected()
             try:
                 await client.publish(topic, proto.encode(message), qos=1, retain=retain)
                 return
             except aiomqtt.MqttError:
-                self.connection.clear()  # the link notices too; wait for its reconnect
+                # a lost link is the link task's to notice and reconnect; a slow one is
+                # tried again, a few times
+                if attempt >= PUBLISH_ATTEMPTS:
+                    raise ControllerError(f"cannot publish on {topic}") from None
+                await asyncio.sleep(0.2 * (attempt + 1))
 
     async def until_gone(self, device: str, timeout_s: float = 10.0) -> None:
         """Wait until this controller's own detection (status, telemetry) sees a device gone."""
@@ -1002,7 +1017,8 @@ class Controller:
                 cmd = self._load_command(device, blocks)
                 tg.create_task(self._expect_ok(device, cmd, LOAD_TIMEOUT_S))
         await self._publish_epoch(new)
-        alive = [n for n in cfg.devices if n not in dead]
+        # every device still there (not only those this loss spared: earlier losses too)
+        alive = [n for i, n in enumerate(cfg.devices) if view.alive[i] and n not in dead]
         async with asyncio.TaskGroup() as tg:
             for device in alive:
                 tg.create_task(

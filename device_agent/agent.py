@@ -960,7 +960,9 @@ class Agent:
 
     async def _telemetry_loop(self) -> None:
         while True:
-            await self._settle_ballast()
+            # a ballast takes a process start and a memory fill: never in the way of telemetry
+            if not self.ballast_lock.locked():
+                self._spawn(self._settle_ballast())
             self._probe_peers()
             await self._publish("telemetry", self.telemetry())
             await asyncio.sleep(TELEMETRY_PERIOD_S)
