@@ -52,6 +52,7 @@ from controller.placement import ALGORITHMS, LAYER_METHODS, NoFeasiblePlacement,
 from controller.placement.base import Placement
 from controller.placement.myopic import MyopicPlanner
 from controller.placement.optimal import OptimalPlanner, solve
+from controller.replan import planning_window
 from controller.view import PlanningWindow
 from emulator.backends.sim import SimResult, apply_due_traces, initial_state, simulate
 from emulator.generators import Link, Topology, random_scenario
@@ -236,7 +237,8 @@ def view_at(scenario: Scenario, token: int, context: int, initial: bool):
     state, pending = initial_state(scenario)
     if not initial:
         apply_due_traces(state, pending, token, 0.0)
-    window = PlanningWindow(context, scenario.replan_every, scenario.final_context)
+    # the window the simulator decided in (its payback horizon included)
+    window = planning_window(context, scenario.replan_every, scenario.final_context)
     return state.view(scenario, window)
 
 

@@ -285,8 +285,8 @@ class Controller:
         self.on_run_message: Callable[[object], None] | None = None
 
     # -- MQTT --------------------------------------------------------------------------
-    async def _connect(self, host: str, port: int) -> aiomqtt.Client:
-        """A client whose broker answered: retried while a testbed starts (services of a
+    async def _connect(self, host: str, port: int) -> None:
+        """Wait until the broker answers: retried while a testbed starts (services of a
         swarm stack start in any order)."""
         deadline = time.monotonic() + BROKER_WINDOW_S
         delay = 0.2
@@ -301,13 +301,6 @@ class Controller:
                 log.info("broker not reachable yet (%s), retrying", exc)
             await asyncio.sleep(delay)
             delay = min(2 * delay, 2.0)
-        return aiomqtt.Client(
-            host,
-            port,
-            identifier=f"edgepart-{self.config.testbed}-controller",
-            timeout=MQTT_TIMEOUT_S,
-            socket_options=proto.SOCKET_OPTIONS,
-        )
 
     async def run(self) -> RunResult:
         """Connect, wait for the agents, then generate; returns the measurements."""
@@ -318,7 +311,8 @@ class Controller:
             self.metrics = ControllerMetrics()
             self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
         start = time.monotonic()
-        link = asyncio.create_task(self._broker_link(await self._connect(host, int(port))))
+        await self._connect(host, int(port))
+        link = asyncio.create_task(self._broker_link(host, int(port)))
         generation = asyncio.create_task(self._generation(start))
         try:
             done, _ = await asyncio.wait({link, generation}, return_when=FIRST_COMPLETED)
@@ -344,7 +338,7 @@ class Controller:
             await self._announce(proto.RunOutcome(ok=True, result=self.result.summary()))
         return self.result
 
-    async def _broker_link(self, client: aiomqtt.Client) -> None:
+    async def _broker_link(self, host: str, port: int) -> None:
         """Keep the MQTT session: subscribe, read, and after a lost broker reconnect, then
         publish again what a restarted broker forgot (the placement epoch, every command
         still waiting for its reply; agents answer a resent command from their kept
@@ -352,6 +346,14 @@ class Controller:
         lost_at: float | None = None
         delay = 0.2
         while True:
+            # a fresh client per attempt: one whose connect failed is not reused
+            client = aiomqtt.Client(
+                host,
+                port,
+                identifier=f"edgepart-{self.config.testbed}-controller",
+                timeout=MQTT_TIMEOUT_S,
+                socket_options=proto.SOCKET_OPTIONS,
+            )
             try:
                 async with client:
                     for kind in ("status", "telemetry", "reply", *self.run_topics):

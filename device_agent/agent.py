@@ -27,7 +27,7 @@ import aiomqtt
 import torch
 
 from device_agent import protocol as proto
-from device_agent.ballast import Ballast, BallastError
+from device_agent.ballast import CGROUP_MARGIN_BYTES, Ballast, BallastError, cgroup_room_bytes
 from device_agent.dataplane import DataPlane, RecentMean
 from device_agent.program import Routes, Step
 from device_agent.tc import TcShaper, TcUnavailable, interface_for
@@ -230,21 +230,22 @@ class Agent:
         status_topic = proto.device_topic(testbed, self.name, "status")
         offline = proto.Status(name=self.name, state="offline")
         b_host, _, b_port = self.config.broker.rpartition(":")
-        client = aiomqtt.Client(
-            b_host,
-            int(b_port),
-            identifier=f"edgepart-{testbed}-{self.name}",
-            keepalive=MQTT_KEEPALIVE_S,
-            will=aiomqtt.Will(status_topic, proto.encode(offline), qos=1, retain=True),
-            timeout=MQTT_TIMEOUT_S,
-            socket_options=proto.SOCKET_OPTIONS,
-        )
         # a broker slow to answer while a testbed starts is retried, and so is one lost
         # later (restarted): the agent rejoins with its blocks, caches and programs intact
         deadline = time.monotonic() + JOIN_WINDOW_S
         delay = 0.2
         try:
             while True:
+                # a fresh client per attempt: one whose connect failed is not reused
+                client = aiomqtt.Client(
+                    b_host,
+                    int(b_port),
+                    identifier=f"edgepart-{testbed}-{self.name}",
+                    keepalive=MQTT_KEEPALIVE_S,
+                    will=aiomqtt.Will(status_topic, proto.encode(offline), qos=1, retain=True),
+                    timeout=MQTT_TIMEOUT_S,
+                    socket_options=proto.SOCKET_OPTIONS,
+                )
                 try:
                     async with client:
                         await self._serve(client, status_topic)
@@ -635,6 +636,12 @@ class Agent:
             target, held = self.occupied_target, self.ballast.held_bytes
             if target == held or (target > held and self.used_bytes() > self.budget):
                 return
+            room = cgroup_room_bytes()
+            if target > held and room is not None:
+                # never into an OOM kill: freed blocks' pages may not be back yet
+                target = min(target, held + max(0, room - CGROUP_MARGIN_BYTES))
+                if target == held:
+                    return
             try:
                 await asyncio.to_thread(self.ballast.hold, target)
             except BallastError as exc:  # the trace's pressure is lost, the device goes on

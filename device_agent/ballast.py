@@ -12,6 +12,7 @@ import contextlib
 import select
 import subprocess
 import sys
+from pathlib import Path
 
 #: how long (s) the child may take to start or to take a new size
 REPLY_TIMEOUT_S = 30.0
@@ -98,6 +99,46 @@ class Ballast:
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
+
+
+#: what the ballast leaves free in the device's memory cgroup (bytes): the agent's own
+#: allocator keeps freed blocks' pages for a while, and the kernel must not OOM-kill
+CGROUP_MARGIN_BYTES = 64 * 1024 * 1024
+
+
+def cgroup_room_bytes() -> int | None:
+    """Bytes this process's memory cgroup still allows (limit - usage), None when unlimited
+    or unknown (no memory cgroup, or the host's root group)."""
+    for limit_file, usage_file in (
+        ("memory.limit_in_bytes", "memory.usage_in_bytes"),  # cgroup v1
+        ("memory.max", "memory.current"),  # cgroup v2
+    ):
+        for base in _cgroup_dirs():
+            try:
+                limit = (base / limit_file).read_text().strip()
+                usage = int((base / usage_file).read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if limit == "max" or int(limit) >= 1 << 60:
+                return None
+            return int(limit) - usage
+    return None
+
+
+def _cgroup_dirs() -> list[Path]:
+    """Where this process's memory cgroup files may be: its own group's directory, then
+    the mount's root (a container sees its own group there)."""
+    dirs = []
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "memory":
+                dirs.append(Path("/sys/fs/cgroup/memory") / path.lstrip("/"))
+            elif controllers == "":
+                dirs.append(Path("/sys/fs/cgroup") / path.lstrip("/"))
+    except (OSError, ValueError):
+        pass
+    return [*dirs, Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup")]
 
 
 def resident_bytes(pid: int) -> int:
