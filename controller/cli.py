@@ -323,6 +323,13 @@ def _emulate_docker(sc: Scenario, path: Path, name: str, quiet: bool):
     from emulator.backends.local import LocalBackendError
 
     _model_ref(sc)  # exit 2 now for a model the image cannot run
+    joins = [i for i, t in enumerate(sc.traces) if t.kind == "join"]
+    if joins:
+        raise _fail(
+            f"traces[{joins[0]}].join: the docker backend cannot start devices during a run "
+            "yet (the local and sim backends can)",
+            2,
+        )
     say = (lambda _m: None) if quiet else (lambda m: err.print(f"    {m}", highlight=False))
     if not quiet:
         err.rule(f"{sc.name}: {name} on docker ({sc.generate_tokens} tokens)")
@@ -380,6 +387,25 @@ def _emulate_local(sc: Scenario, name: str, broker, telemetry, metrics_port, qui
     return run
 
 
+BrokerAuthOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="File with this role's broker credentials (JSON, written by `testbed render`; "
+        "default: anonymous)."
+    ),
+]
+
+
+def _broker_auth(path: Path | None):
+    """The credentials of a --broker-auth file (exit 2 naming the file when unusable)."""
+    from device_agent.mqtt import load_auth
+
+    try:
+        return load_auth(path)
+    except ValueError as exc:
+        raise _fail(f"--broker-auth {exc}", 2) from None
+
+
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     add_help_option=False,
@@ -395,6 +421,7 @@ def agent(ctx: typer.Context) -> None:
 def controller_command(
     scenario: Annotated[Path, typer.Option(help="Scenario: devices, links, model and job.")],
     broker: Annotated[str, typer.Option(help="MQTT broker host:port.")],
+    broker_auth: BrokerAuthOpt = None,
     algorithm: AlgorithmOpt = "myopic",
     testbed: Annotated[str, typer.Option(help="Topic namespace the agents use.")] = "default",
     telemetry: TelemetryOpt = "measured",
@@ -432,6 +459,7 @@ def controller_command(
 
     sc = _scenario(scenario)
     _algorithm(algorithm)
+    auth = _broker_auth(broker_auth)
     try:
         ref = model_ref(sc)
     except LocalBackendError as exc:
@@ -451,7 +479,7 @@ def controller_command(
         sc, table, prompt_ids(sc, opened.tokenizer), broker, testbed, algorithm, telemetry,
         metrics_port,
     )  # fmt: skip
-    config = dataclasses.replace(config, announce=True, metrics_host=metrics_host)
+    config = dataclasses.replace(config, announce=True, metrics_host=metrics_host, broker_auth=auth)
     static = WorldState.from_scenario(sc)
     ctl = Controller(config, configured_view=lambda window: static.view(sc, window))
     if world_driver:
@@ -520,7 +548,13 @@ def _render_options(sc: Scenario, algorithm: str, image: str, swarm: bool, **ext
         broker_image=extra.get("broker_image") or BROKER_IMAGE,
         reference_gflops=profile.reference_gflops,
         swarm=swarm,
+        tls=extra.get("tls", False),
     )
+
+
+TlsOpt = Annotated[
+    bool, typer.Option(help="The broker speaks only TLS (port 8883, a CA of the testbed's own).")
+]
 
 
 @testbed_app.command("render")
@@ -535,15 +569,27 @@ def testbed_render(
         str | None, typer.Option(help="MQTT broker image (default eclipse-mosquitto:2).")
     ] = None,
     swarm: Annotated[bool, typer.Option(help="Render for docker stack deploy.")] = False,
+    tls: TlsOpt = False,
+    rotate_secrets: Annotated[
+        bool,
+        typer.Option(help="New broker passwords (and TLS keys) instead of the existing ones."),
+    ] = False,
 ) -> None:
-    """Write the compose project of a scenario (compose.yaml, broker and Prometheus configs)."""
+    """Write the compose project of a scenario (compose.yaml, broker and Prometheus configs,
+    the broker's passwords, ACL and each role's credentials in DIR/secrets/)."""
     from emulator.compose import write_project
+    from emulator.testbed_secrets import SecretsError
     from llm.host_profile import cache_path
 
     sc = _scenario(scenario)
-    ref, options = _render_options(sc, algorithm, image, swarm, broker_image=broker_image)
+    ref, options = _render_options(sc, algorithm, image, swarm, broker_image=broker_image, tls=tls)
     text = scenario.read_text(encoding="utf-8")
-    path = write_project(sc, text, out_dir, options, cache_path(ref, threads=1))
+    try:
+        path = write_project(
+            sc, text, out_dir, options, cache_path(ref, threads=1), rotate_secrets=rotate_secrets
+        )
+    except SecretsError as exc:
+        raise _fail(str(exc), 1) from None
     out.print(f"wrote {path}: `cd {out_dir} && docker compose up testbed` runs the experiment")
 
 
@@ -564,12 +610,14 @@ def testbed_up(
     swarm: Annotated[
         bool, typer.Option(help="Deploy as a Docker Swarm stack (docker stack deploy).")
     ] = False,
+    tls: TlsOpt = False,
 ) -> None:
     """Render and start the testbed in the background (`testbed down` removes it)."""
     import subprocess
 
     from emulator.compose import BROKER_IMAGE, write_project
     from emulator.images import ImageBuildError, build_image, image_exists, image_is_current
+    from emulator.testbed_secrets import SecretsError
     from llm.host_profile import cache_path
 
     sc = _scenario(scenario)
@@ -580,11 +628,14 @@ def testbed_up(
         except ImageBuildError as exc:
             raise _fail(str(exc), 1) from None
     broker = BROKER_IMAGE if image_exists(BROKER_IMAGE) else image
-    ref, options = _render_options(sc, algorithm, image, swarm, broker_image=broker)
+    ref, options = _render_options(sc, algorithm, image, swarm, broker_image=broker, tls=tls)
     name, directory = _project(sc, project_dir)
-    path = write_project(
-        sc, scenario.read_text(encoding="utf-8"), directory, options, cache_path(ref, 1)
-    )
+    try:
+        path = write_project(
+            sc, scenario.read_text(encoding="utf-8"), directory, options, cache_path(ref, 1)
+        )
+    except SecretsError as exc:
+        raise _fail(str(exc), 1) from None
     if swarm:
         cmd = ["docker", "stack", "deploy", "--compose-file", str(path), name]
     else:
@@ -625,6 +676,7 @@ def testbed_down(
 def testbed_drive(
     scenario: ScenarioArg,
     broker: Annotated[str, typer.Option(help="MQTT broker host:port.")],
+    broker_auth: BrokerAuthOpt = None,
     testbed: Annotated[str, typer.Option(help="Topic namespace of the testbed.")] = "default",
     project: Annotated[
         str, typer.Option(help="Compose project (or stack) whose containers `fail` kills.")
@@ -640,6 +692,7 @@ def testbed_drive(
     from llm.loader import open_model
 
     sc = _scenario(scenario)
+    auth = _broker_auth(broker_auth)
 
     def on_token(p) -> None:
         if p.token == 1:
@@ -652,7 +705,7 @@ def testbed_drive(
         )
 
     try:
-        outcome = drive(sc, broker, testbed, docker_kill(project or testbed), on_token)
+        outcome = drive(sc, broker, testbed, docker_kill(project or testbed), on_token, auth)
     except DriverError as exc:
         raise _fail(str(exc), 1) from None
     if not outcome.ok:

@@ -88,6 +88,12 @@ class ControllerMetrics(MetricsServer):
             "edgepart_device_dropped_frames",
             "Malformed data-plane input the agent dropped so far (as last reported)",
         )
+        self.controller_dropped = Counter(
+            "edgepart_controller_dropped_messages",
+            "Malformed MQTT payloads the controller dropped, by topic kind",
+            ("kind",),
+            registry=r,
+        )
         self.link_mbit = Gauge(
             "edgepart_link_measured_mbit",
             "Throughput the link last measured (src sending to dst), Mbit/s",
@@ -118,6 +124,10 @@ class ControllerMetrics(MetricsServer):
         for dst in self._links.get(d, set()) - now:
             self.link_mbit.remove(d, dst)
         self._links[d] = now
+
+    def dropped_message(self, kind: str) -> None:
+        """Count one malformed MQTT payload the controller dropped (by topic kind)."""
+        self.controller_dropped.labels(kind).inc()
 
     def token(self, measured_s: float, predicted_s: float) -> None:
         """Record one decoded token's measured and predicted latency (s)."""

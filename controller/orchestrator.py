@@ -14,6 +14,7 @@ import itertools
 import logging
 import time
 from asyncio import FIRST_COMPLETED
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
@@ -25,6 +26,7 @@ from controller import cost
 from controller.placement import NoFeasiblePlacement, Placement, make_algorithm
 from controller.replan import planning_window, scheduled, worth_switching
 from controller.view import PlanningWindow, ResourceView, with_hop_overheads
+from device_agent import mqtt
 from device_agent import protocol as proto
 from llm.blocks import PINNED_BLOCKS, BlockTable
 
@@ -91,6 +93,9 @@ class ControllerConfig:
     #: publish each token on run/progress and the outcome on run/result (retained), for an
     #: emulator driver or anyone watching a testbed
     announce: bool = False
+    broker_auth: mqtt.BrokerAuth | None = None  # None: anonymous (a broker on loopback)
+    #: devices not expected at the start: they join later and are used once they are there
+    late_devices: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -268,7 +273,8 @@ class Controller:
         self.control_s: list[float] = []  # per decode step, its control round trip (s)
         self.all_back = asyncio.Event()
         self.rejoin: asyncio.Task | None = None
-        self.dropped_messages = 0
+        self.dropped_messages = 0  # all kinds together (the local backend's result)
+        self.dropped_by_kind: Counter[str] = Counter()  # topic kind -> malformed messages
         self.measured_gflops: dict[str, float] = {}  # device -> speed planned with, GFLOP/s
         #: measured latencies and hop overheads as planned with (s), by (device, peer) or
         #: (device, "send" | "receive")
@@ -291,7 +297,9 @@ class Controller:
         deadline = time.monotonic() + BROKER_WINDOW_S
         delay = 0.2
         while True:
-            probe = aiomqtt.Client(host, port, timeout=MQTT_TIMEOUT_S)
+            probe = mqtt.client(
+                self.config.broker, auth=self.config.broker_auth, timeout=MQTT_TIMEOUT_S
+            )
             try:
                 async with probe:
                     break
@@ -347,12 +355,11 @@ class Controller:
         delay = 0.2
         while True:
             # a fresh client per attempt: one whose connect failed is not reused
-            client = aiomqtt.Client(
-                host,
-                port,
+            client = mqtt.client(
+                self.config.broker,
                 identifier=f"edgepart-{self.config.testbed}-controller",
+                auth=self.config.broker_auth,
                 timeout=MQTT_TIMEOUT_S,
-                socket_options=proto.SOCKET_OPTIONS,
             )
             try:
                 async with client:
@@ -461,6 +468,17 @@ class Controller:
         topic = proto.run_topic(self.config.testbed, "result")
         await self.publish(topic, outcome, retain=True)
 
+    def _drop_message(self, bad: proto.Malformed) -> None:
+        """Count a malformed message by its topic kind; the first of each kind is logged."""
+        if self.dropped_by_kind[bad.kind] == 0:
+            log.warning(
+                "dropped a malformed %s message (%s); logged once per kind", bad.kind, bad.reason
+            )
+        self.dropped_by_kind[bad.kind] += 1
+        self.dropped_messages += 1
+        if self.metrics is not None:
+            self.metrics.dropped_message(bad.kind)
+
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             topic = proto.parse_topic(message.topic.value)
@@ -472,9 +490,7 @@ class Controller:
                 continue
             decoded = proto.decode(topic.kind, payload)
             if isinstance(decoded, proto.Malformed):
-                if self.dropped_messages == 0:
-                    log.warning("dropped a malformed %s message: %s", topic.kind, decoded.reason)
-                self.dropped_messages += 1
+                self._drop_message(decoded)
                 continue
             if topic.device is None:
                 if self.on_run_message is not None:
@@ -508,7 +524,8 @@ class Controller:
     def _all_joined(self) -> bool:
         return all(
             d.status is not None and d.status.state == "online" and d.telemetry is not None
-            for d in self.devices.values()
+            for n, d in self.devices.items()
+            if n not in self.config.late_devices
         )
 
     async def command(self, device: str, command, timeout_s: float) -> proto.Reply:
@@ -556,6 +573,16 @@ class Controller:
             await asyncio.sleep(0.05)
         self.result.detection_s.append(time.monotonic() - start)
 
+    async def until_online(self, device: str, timeout_s: float = JOIN_TIMEOUT_S) -> None:
+        """Wait until this controller sees a (re)started device online and reporting."""
+        index = self.index[device]
+        window = PlanningWindow(1, 1, 1)
+        deadline = time.monotonic() + timeout_s
+        while not self.view(window).alive[index]:
+            if time.monotonic() > deadline:
+                raise ControllerError(f"{device} not online {timeout_s:.0f} s after it started")
+            await asyncio.sleep(0.05)
+
     def _id(self) -> str:
         return next(self.ids)
 
@@ -574,15 +601,19 @@ class Controller:
         return self.move_scale * self.load_s_per_block * np.maximum(slowdown, 1.0)
 
     def _alive(self) -> np.ndarray:
-        """Per device, whether it is online and reported within TELEMETRY_STALE_S."""
+        """Per device, whether it is online, reported within TELEMETRY_STALE_S and the source
+        reaches it over the data plane (a cut link counts as the device's loss)."""
         now = time.monotonic()
+        source = self.devices[self.config.source].telemetry
+        cut_off = set(source.unreachable_peers) if source is not None else set()
         return np.array(
             [
                 d.telemetry is not None
                 and d.status is not None
                 and d.status.state == "online"
                 and now - d.telemetry_at <= TELEMETRY_STALE_S
-                for d in (self.devices[name] for name in self.config.devices)
+                and name not in cut_off
+                for name, d in ((name, self.devices[name]) for name in self.config.devices)
             ]
         )
 
@@ -652,11 +683,12 @@ class Controller:
         if self.config.telemetry != "measured" or len(self.config.devices) < 2:
             return
         deadline = time.monotonic() + LINKS_MEASURED_WAIT_S
-        names = set(self.config.devices)
+        names = set(self.config.devices) - self.config.late_devices
         while time.monotonic() < deadline:
             if all(
                 d.telemetry is not None and set(d.telemetry.peer_latency_s) >= names - {n}
                 for n, d in self.devices.items()
+                if n in names
             ):
                 return
             await asyncio.sleep(0.1)
@@ -797,10 +829,11 @@ class Controller:
         return mapping
 
     def _endpoints(self) -> dict[str, str]:
+        """Where each online device's data plane listens: the members of a new epoch."""
         return {
             n: d.status.listen
             for n, d in self.devices.items()
-            if d.status is not None and d.status.listen is not None
+            if d.status is not None and d.status.state == "online" and d.status.listen is not None
         }
 
     async def _publish_epoch(self, placement: Placement) -> None:
@@ -812,6 +845,13 @@ class Controller:
         topic = proto.placement_topic(self.config.testbed)
         await self._publish_kept(topic, proto.encode(msg), retain=True)
         self.placement = placement
+
+    async def _name_members(self) -> None:
+        """Publish the placement again as a new epoch if devices came or went since the last:
+        agents take data-plane work only from the devices an epoch names."""
+        if self.epoch_message is not None and self._endpoints() != self.epoch_message.endpoints:
+            assert self.placement is not None
+            await self._publish_epoch(self.placement)
 
     async def _start_epoch(self, placement: Placement) -> None:
         """Publish epoch 0 and have every device load its blocks."""
@@ -856,6 +896,7 @@ class Controller:
         nothing, on the placement reached.
         """
         assert self.placement is not None
+        await self._name_members()
         current = self.placement.assignment.copy()
         before = current.copy()
         predicted = float(
@@ -1010,6 +1051,7 @@ class Controller:
             await self._switch(Placement(survivors_moved), view, context)
             if not np.array_equal(self.placement.assignment, survivors_moved):
                 raise ControllerError("the survivors refused the blocks moved to recover")
+        await self._name_members()
         names = cfg.table.names
         by_device: dict[str, list[str]] = {}
         for b in np.flatnonzero(lost):

@@ -59,8 +59,12 @@ class RemoteWorld:
     async def _turn(self, token: int) -> None:
         ctl = self.controller
         fut = self._waiting[token] = asyncio.get_running_loop().create_future()
+        key = f"world-turn-{token}"
         try:
             topic = proto.run_topic(ctl.config.testbed, "world")
+            # sent again after a broker loss, like an unanswered command: the driver serves
+            # a turn once and answers a repeated one again
+            ctl.unanswered[key] = (topic, proto.encode(proto.WorldTurn(token=token)))
             await ctl.publish(topic, proto.WorldTurn(token=token))
             ready = await asyncio.wait_for(fut, self.timeout_s)
         except TimeoutError:
@@ -70,6 +74,7 @@ class RemoteWorld:
             ) from None
         finally:
             self._waiting.pop(token, None)
+            ctl.unanswered.pop(key, None)
         if not ready.ok:
             raise ControllerError(f"the emulator driver failed at token {token}: {ready.error}")
         for device in ready.failed:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from device_agent.agent import AgentConfig, run_agent
+from device_agent.mqtt import load_auth
 
 MIB = 2**20
 
@@ -16,6 +17,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgepart agent", description=__doc__)
     p.add_argument("--name", required=True, help="device name (as in the scenario)")
     p.add_argument("--broker", required=True, help="MQTT broker host:port")
+    p.add_argument(
+        "--broker-auth",
+        type=Path,
+        help="file with this agent's broker credentials (JSON; default: anonymous)",
+    )
     p.add_argument("--listen", default="127.0.0.1:0", help="data plane host:port (0: any)")
     p.add_argument("--advertise", help="host:port peers should connect to (default: bound)")
     p.add_argument("--testbed", default="default", help="topic namespace of the testbed")
@@ -26,6 +32,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=Path, help="host calibration JSON (block speeds)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the parent dies")
+    p.add_argument(
+        "--dataplane-key",
+        type=Path,
+        help="file holding the testbed's data-plane secret (peers must prove they know it)",
+    )
     p.add_argument(
         "--shaping",
         choices=("software", "tc"),
@@ -51,9 +62,22 @@ def config_from_args(argv: list[str] | None = None) -> AgentConfig:
             parser().error(f"--profile {args.profile}: {exc}")
     if args.cpu_share is not None and args.cpu_share <= 0:
         parser().error("--cpu-share must be > 0 cores")
+    try:
+        broker_auth = load_auth(args.broker_auth)
+    except ValueError as exc:
+        parser().error(f"--broker-auth {exc}")
+    key = None
+    if args.dataplane_key is not None:
+        try:
+            key = args.dataplane_key.read_bytes().strip()
+        except OSError as exc:
+            parser().error(f"--dataplane-key {args.dataplane_key}: {exc.strerror}")
+        if len(key) < 16:
+            parser().error(f"--dataplane-key {args.dataplane_key}: shorter than 16 bytes")
     return AgentConfig(
         name=args.name,
         broker=args.broker,
+        broker_auth=broker_auth,
         listen=args.listen,
         advertise=args.advertise,
         model=args.model,
@@ -65,6 +89,7 @@ def config_from_args(argv: list[str] | None = None) -> AgentConfig:
         metrics_port=args.metrics_port,
         exit_with_parent=args.exit_with_parent,
         shaping=args.shaping,
+        dataplane_key=key,
     )
 
 

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
@@ -26,10 +27,11 @@ from typing import Literal
 import aiomqtt
 import torch
 
+from device_agent import mqtt
 from device_agent import protocol as proto
 from device_agent.ballast import CGROUP_MARGIN_BYTES, Ballast, BallastError, cgroup_room_bytes
 from device_agent.dataplane import DataPlane, RecentMean
-from device_agent.program import Routes, Step
+from device_agent.program import Routes, Step, activation_problem
 from device_agent.tc import TcShaper, TcUnavailable, interface_for
 from device_agent.wire import Frame, FrameError, Kind, payload_to_tensor, tensor_to_payload
 from llm.blocks import BlockTable, block_table
@@ -64,6 +66,7 @@ REPLIES_KEPT = 256  # answered commands whose replies are kept for a resent comm
 STOP_GRACE_S = 3.0  # longest orderly shutdown after SIGTERM before the process just exits
 #: latency probes per telemetry period (to that many peers in turn)
 PROBES_PER_PERIOD = 4
+GIL_SWITCH_INTERVAL_S = 0.0005  # s; see run_agent
 PACE_MIN_SLEEP_S = 0.0005  # shorter dilation waits are owed, not slept (s)
 #: decode steps whose compute speed is averaged into the measured GFLOP/s
 SPEED_WINDOW = 64
@@ -87,6 +90,9 @@ class AgentConfig:
     exit_with_parent: bool = False
     #: who paces link bandwidth: the data plane, or the kernel (htb on this device's interface)
     shaping: Literal["software", "tc"] = "software"
+    broker_auth: mqtt.BrokerAuth | None = None  # None: anonymous (a broker on loopback)
+    #: the testbed's shared data-plane secret: peers prove themselves with it (None: by name)
+    dataplane_key: bytes | None = None
 
 
 @dataclass
@@ -197,7 +203,7 @@ class Agent:
         self.handoff = RecentMean()  # compute thread -> event loop, per sent activation (s)
         self.wakeup = RecentMean()  # last input in -> its step started, per waiting step (s)
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-compute")
-        self.plane = DataPlane(self.name, self._on_frame)
+        self.plane = DataPlane(self.name, self._on_frame, key=config.dataplane_key)
         self.tc: TcShaper | None = None  # kernel shaping of this device's interface (tc mode)
         self.tc_rates: dict[str, float] = {}  # peer -> Mbit/s the last shape command set
         self.tc_applied: dict[str, tuple[str, float]] = {}  # peer -> (endpoint, Mbit/s) set
@@ -229,7 +235,6 @@ class Agent:
         testbed = self.config.testbed
         status_topic = proto.device_topic(testbed, self.name, "status")
         offline = proto.Status(name=self.name, state="offline")
-        b_host, _, b_port = self.config.broker.rpartition(":")
         # a broker slow to answer while a testbed starts is retried, and so is one lost
         # later (restarted): the agent rejoins with its blocks, caches and programs intact
         deadline = time.monotonic() + JOIN_WINDOW_S
@@ -237,14 +242,13 @@ class Agent:
         try:
             while True:
                 # a fresh client per attempt: one whose connect failed is not reused
-                client = aiomqtt.Client(
-                    b_host,
-                    int(b_port),
+                client = mqtt.client(
+                    self.config.broker,
                     identifier=f"edgepart-{testbed}-{self.name}",
+                    auth=self.config.broker_auth,
                     keepalive=MQTT_KEEPALIVE_S,
                     will=aiomqtt.Will(status_topic, proto.encode(offline), qos=1, retain=True),
                     timeout=MQTT_TIMEOUT_S,
-                    socket_options=proto.SOCKET_OPTIONS,
                 )
                 try:
                     async with client:
@@ -281,8 +285,16 @@ class Agent:
                 if self.config.exit_with_parent:
                     tg.create_task(self._watch_parent())
                 await self._message_loop(client)
-        except* aiomqtt.MqttError as lost:
-            raise BrokerLost(str(lost.exceptions[0])) from None
+        # not except*: before Python 3.11.4 (Debian's 3.11.2 in the image) an exception
+        # raised in an except* handler leaves it wrapped in a group
+        except BaseExceptionGroup as group:
+            lost = group.subgroup(aiomqtt.MqttError)
+            if lost is None:
+                raise
+            first = lost
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise BrokerLost(str(first)) from None
 
     async def _shutdown(self) -> None:
         for task in list(self.programs.values()) + list(self.tasks):
@@ -425,6 +437,7 @@ class Agent:
             self._spawn(self._retune_tc())
         if msg.epoch >= self.current_epoch:
             self.current_epoch = msg.epoch
+            self.plane.admit(set(msg.endpoints) - {self.name})
             # the old copies of moved blocks are no longer routed to: free them
             for block in list(self.host.blocks):
                 if msg.placement.get(block) != self.name:
@@ -580,8 +593,11 @@ class Agent:
         if self.tc is None:
             self.plane.shape(cmd.peer, cmd.bandwidth_mbit, cmd.latency_ms / 1000.0)
             return
-        # tc mode: the kernel paces the bytes, the data plane adds only the latency
-        self.plane.shape(cmd.peer, None, cmd.latency_ms / 1000.0)
+        # tc mode: the kernel paces the bytes, the data plane adds only the latency (and
+        # holds the frames of a cut link)
+        self.plane.shape(cmd.peer, 0.0 if cmd.bandwidth_mbit == 0 else None, cmd.latency_ms / 1e3)
+        if cmd.bandwidth_mbit == 0:
+            return
         self.tc_rates[cmd.peer] = cmd.bandwidth_mbit
         await self._apply_tc(cmd.peer)
 
@@ -700,8 +716,14 @@ class Agent:
     async def _receive_block(self, frame: Frame) -> None:
         """Take a migrated block, then acknowledge (or refuse) to the sender."""
         # the epoch the move leaves names the sender, and its switch may free memory here
-        leaving = await self._epoch(frame.epoch - 1)
-        sender = leaving.placement[frame.name]
+        try:
+            leaving = await self._epoch(frame.epoch - 1)
+            sender = leaving.placement[frame.name]
+        except (TimeoutError, KeyError):  # no one to answer: counted as bad input
+            self.plane._count_bad(
+                f"block state: {frame.name[:40]!r} has no sender in epoch {frame.epoch - 1}"
+            )
+            return
         error = ""
         try:
             state = (
@@ -722,6 +744,8 @@ class Agent:
                 self.incoming -= need
         except (CommandRefused, ValueError, KeyError) as exc:
             error = str(exc)
+            if not isinstance(exc, CommandRefused):  # a bad blob, not a refusal: count it
+                self.plane._count_bad(f"block state: {error}")
         kind = Kind.ERROR if error else Kind.ACK
         await self.plane.send(
             sender, Frame(kind, frame.epoch, 0, frame.name, error.encode()), SEND_TIMEOUT_S
@@ -742,6 +766,13 @@ class Agent:
                 tensor = payload_to_tensor(frame.payload)
             except FrameError as exc:
                 self.plane._count_bad(str(exc))
+                return
+            if tensor.dtype != self.host.dtype:
+                problem = f"{frame.name[:40]} is {tensor.dtype}, want {self.host.dtype}"
+            else:
+                problem = activation_problem(frame.name, tuple(tensor.shape), self.spec)
+            if problem is not None:
+                self.plane._count_bad(f"activation: {problem}")
                 return
             if frame.token in self.done_positions:
                 self.errors["late_frame"] += 1
@@ -952,6 +983,7 @@ class Agent:
             send_overhead_s=max(0.0, self.handoff.value()),
             receive_overhead_s=max(0.0, self.wakeup.value()),
             occupied_bytes=float(self.ballast.held_bytes),
+            unreachable_peers=tuple(sorted(self.plane.unreachable & set(self.plane.peers()))),
         )
 
     def _cpu_used(self) -> float:
@@ -1023,6 +1055,10 @@ def _in_group_order(routes: Routes, layer: int, parts: list[torch.Tensor]) -> to
 def run_agent(config: AgentConfig) -> int:
     """Run an agent until SIGTERM/SIGINT; returns the exit code."""
     torch.set_num_threads(1)
+    # the compute thread holds the GIL between torch calls: an activation that arrives
+    # while it runs waits for the interpreter's switch interval (5 ms by default) before
+    # the event loop can take it, a delay no probe or hop measurement sees
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     async def main() -> None:

@@ -13,9 +13,13 @@ it, which is what the cost model charges (one hop per device).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from llm.model import ModelSpec
 
 StepKind = Literal["embed", "groups", "proj", "ffn", "head"]
 
@@ -46,6 +50,37 @@ def groups_name(layer: int, groups: tuple[int, ...]) -> str:
 def attention_name(layer: int) -> str:
     """Name of a layer's hidden state after its output projection."""
     return f"a{layer}"
+
+
+#: the names above; numbers bounded, so a forged name costs nothing to parse
+_ROUTE = re.compile(
+    r"^(?:x(?P<x>\d{1,6})|a(?P<a>\d{1,6})|o(?P<o>\d{1,6}):(?P<groups>\d{1,6}(?:,\d{1,6}){0,999}))$"
+)
+
+
+def activation_problem(name: str, shape: Sequence[int], spec: ModelSpec) -> str | None:
+    """Why a received activation cannot be the tensor its name carries under these shapes,
+    or None: ``x{l}`` and ``a{l}`` are (T, d_model), ``o{l}:{g,..}`` is (T, the width of
+    those groups' heads), T >= 1 tokens. Checked on arrival, so a forged tensor is dropped
+    instead of taking the slot of the real one and failing the step that reads it."""
+    m = _ROUTE.match(name)
+    if m is None:
+        return f"no tensor is named {name[:40]!r}"
+    if m["x"] is not None:
+        layer, limit, width = int(m["x"]), spec.layers, spec.d_model
+    elif m["a"] is not None:
+        layer, limit, width = int(m["a"]), spec.layers - 1, spec.d_model
+    else:
+        layer, limit = int(m["o"]), spec.layers - 1
+        groups = [int(g) for g in m["groups"].split(",")]
+        if groups != sorted(set(groups)) or groups[-1] >= spec.kv_heads:
+            return f"{name[:40]} names groups outside 0..{spec.kv_heads - 1} or out of order"
+        width = len(groups) * spec.queries_per_group * spec.head_dim
+    if layer > limit:
+        return f"{name[:40]} names layer {layer} of a {spec.layers}-layer model"
+    if len(shape) != 2 or shape[0] < 1 or shape[1] != width:
+        return f"{name[:40]} has shape {tuple(shape)[:8]}, want (tokens, {width})"
+    return None
 
 
 class Routes:

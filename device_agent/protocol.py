@@ -31,6 +31,10 @@ PROTOCOL_VERSION = 1
 ROOT = "edgepart"
 #: payloads above this are refused unread: the broker is shared, the agents are small
 MAX_PAYLOAD_BYTES = 1 << 20
+#: JSON nested deeper than this is refused: no message nests past 5 levels, and deeper
+#: structures only risk the recursion limit of whoever walks them next
+MAX_JSON_DEPTH = 32
+MAX_REASON_CHARS = 300  # a Malformed reason is cut to this (it goes to logs)
 
 #: MQTT client sockets send at once: a control message per token must not wait ~40 ms for
 #: Nagle's algorithm to meet the broker's delayed ACK
@@ -77,6 +81,8 @@ class Telemetry(_Message):
     send_overhead_s: NonNegative = 0.0
     receive_overhead_s: NonNegative = 0.0
     occupied_bytes: NonNegative = 0.0  # memory another application holds now (bytes)
+    #: peers whose last latency probe got no answer: the link to them is down
+    unreachable_peers: tuple[DeviceName, ...] = ()
 
 
 class Status(_Message):
@@ -126,7 +132,7 @@ class Shape(_Command):
 
     op: Literal["shape"]
     peer: DeviceName
-    bandwidth_mbit: Annotated[float, Field(gt=0)]
+    bandwidth_mbit: NonNegative  # 0: the link is cut, nothing reaches the peer
     latency_ms: NonNegative = 0.0
 
 
@@ -332,21 +338,46 @@ def encode(message: BaseModel) -> bytes:
     return message.model_dump_json().encode("utf-8")
 
 
+def _nested_deeper(data: object, limit: int) -> bool:
+    """Whether parsed JSON nests lists or objects more than ``limit`` levels (iterative)."""
+    level: list[object] = [data]
+    for _ in range(limit):
+        level = [
+            child
+            for node in level
+            if isinstance(node, dict | list)
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return True
+
+
 def decode(kind: TopicKind, payload: bytes) -> BaseModel | Malformed:
     """The message a payload on a topic of that kind holds, or Malformed with the reason."""
     if len(payload) > MAX_PAYLOAD_BYTES:
         return Malformed(kind, f"payload of {len(payload)} bytes is over {MAX_PAYLOAD_BYTES}")
     try:
         data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # ValueError: besides bad UTF-8 and bad JSON, an integer of over 4300 digits;
+    # RecursionError: arrays or objects nested past the interpreter's stack
+    except (ValueError, RecursionError) as exc:
         return Malformed(kind, f"not JSON: {exc}")
     if not isinstance(data, dict):
         return Malformed(kind, "not a JSON object")
-    if data.get("v") != PROTOCOL_VERSION:
-        return Malformed(kind, f"protocol version {data.get('v')!r}, want {PROTOCOL_VERSION}")
+    if _nested_deeper(data, MAX_JSON_DEPTH):
+        return Malformed(kind, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    version = data.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not true, not 1.0
+        return Malformed(kind, f"protocol version {version!r:.40}, want {PROTOCOL_VERSION}")
     try:
         return _ADAPTERS[kind].validate_python(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "message"
-        return Malformed(kind, f"{where}: {first['msg']}")
+        loc = first["loc"]
+        if not loc and "discriminator" in first.get("ctx", {}):  # a command's op: name it
+            loc = (str(first["ctx"]["discriminator"]).strip("'"),)
+        where = ".".join(str(p) for p in loc) or "message"
+        # cut: a message may quote the bad value, which can be most of a megabyte
+        return Malformed(kind, f"{where}: {first['msg']}"[:MAX_REASON_CHARS])

@@ -143,6 +143,8 @@ class ShapedWriter:
         self._bucket = self._new_bucket(self._rate)
         self._pending_rate: float | None = None
         self._frame_lock = asyncio.Lock()  # frames go out whole and in order
+        self._open = asyncio.Event()  # cleared while the link is cut: frames wait
+        self._open.set()
         self.bytes_sent = 0  # total bytes written through the shaper
         self._owed_s = 0.0  # sub-millisecond latency not yet slept (s; < 0: overslept)
 
@@ -183,6 +185,18 @@ class ShapedWriter:
         """New rate (Mbit/s, None = unshaped) for frames started after this call."""
         self._pending_rate = self._to_bytes(rate_mbit)
 
+    @property
+    def cut(self) -> bool:
+        """Whether the link is cut (frames wait until it is restored)."""
+        return not self._open.is_set()
+
+    def set_cut(self, cut: bool) -> None:
+        """Cut the link (frames not yet started wait) or restore it."""
+        if cut:
+            self._open.clear()
+        else:
+            self._open.set()
+
     def set_latency(self, latency_s: float) -> None:
         """New per-frame latency (s) for frames started after this call."""
         self._check_latency(latency_s)
@@ -191,6 +205,7 @@ class ShapedWriter:
     async def send(self, data: bytes) -> None:
         """Send data as one frame: wait the latency, then pace its bytes at the rate."""
         async with self._frame_lock:
+            await self._open.wait()
             if self._pending_rate is not None:
                 self._rate, self._pending_rate = self._pending_rate, None
                 if self._bucket is None or math.isinf(self._rate):

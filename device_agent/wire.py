@@ -61,7 +61,11 @@ _CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 
 
 class FrameError(ValueError):
-    """A frame or tensor payload is malformed, truncated or over a limit."""
+    """A frame or tensor payload is malformed, truncated or over a limit.
+
+    A parse failure reads ``<kind>: <detail>``: the kind before the first colon is fixed
+    text (no numbers, no names), so the receiver counts and logs bad input per kind.
+    """
 
 
 class StreamClosed(EOFError):
@@ -78,6 +82,8 @@ class Kind(enum.IntEnum):
     PING = 6  # a latency probe: the peer answers PONG with the same token at once
     PONG = 7
     FETCH = 8  # a block's weights, please: answered by BLOCK_STATE or ERROR, same token
+    CHALLENGE = 9  # first frame of an accepted connection: a nonce the connecting peer signs
+    HELLO = 10  # the connecting peer's answer: its name and its signature of the nonce
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,7 @@ def _kind(value: int) -> Kind:
     try:
         return Kind(value)
     except ValueError:
-        raise FrameError(f"frame kind {value} is unknown") from None
+        raise FrameError(f"unknown frame kind: {value}") from None
 
 
 def _header(frame: Frame) -> bytes:
@@ -131,7 +137,7 @@ def _parse_head(raw: bytes) -> tuple[Kind, int, int, int]:
     if magic != MAGIC:
         raise FrameError(f"not a frame: magic {magic!r}, expected {MAGIC!r}")
     if version != VERSION:
-        raise FrameError(f"frame version {version} is not supported (this reads {VERSION})")
+        raise FrameError(f"unsupported frame version: {version} (this reads {VERSION})")
     return _kind(kind), epoch, token, name_len
 
 
@@ -144,7 +150,9 @@ def _parse_name(raw: bytes) -> str:
 
 def _check_payload_len(length: int, max_payload: int) -> None:
     if length > max_payload:
-        raise FrameError(f"frame payload of {length} bytes exceeds the limit of {max_payload}")
+        raise FrameError(
+            f"frame over the limit: payload of {length} bytes exceeds the limit of {max_payload}"
+        )
 
 
 def decode_frame(
@@ -164,7 +172,8 @@ def decode_frame(
     start = name_end + _PAYLOAD_LEN.size
     if len(view) - start != length:
         raise FrameError(
-            f"frame payload length {length} disagrees with the {len(view) - start} bytes given"
+            f"frame length mismatch: payload length {length} disagrees with the "
+            f"{len(view) - start} bytes given"
         )
     return Frame(kind, epoch, token, name, bytes(view[start:]))
 
@@ -194,7 +203,7 @@ def payload_to_tensor(b: bytes | bytearray | memoryview) -> torch.Tensor:
     code, ndim = _TENSOR_HEAD.unpack(view[: _TENSOR_HEAD.size])
     dtype = _CODE_DTYPES.get(code)
     if dtype is None:
-        raise FrameError(f"tensor dtype code {code} is unknown")
+        raise FrameError(f"unknown tensor dtype: code {code}")
     data_start = _TENSOR_HEAD.size + ndim * _DIM.size
     if len(view) < data_start:
         raise FrameError(f"tensor payload truncated: {ndim} dims do not fit")
@@ -207,7 +216,8 @@ def payload_to_tensor(b: bytes | bytearray | memoryview) -> torch.Tensor:
     # compare before allocating: a forged shape must not size any buffer
     if count * itemsize != nbytes:
         raise FrameError(
-            f"tensor shape {shape} of {dtype} needs {count * itemsize} bytes, payload has {nbytes}"
+            f"tensor shape mismatch: shape {shape} of {dtype} needs {count * itemsize} bytes, "
+            f"payload has {nbytes}"
         )
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
@@ -228,7 +238,7 @@ async def _read(reader: asyncio.StreamReader, n: int, what: str) -> bytes:
         return await reader.readexactly(n)
     except asyncio.IncompleteReadError as e:
         got = len(e.partial)
-        raise FrameError(f"frame truncated in the {what}: got {got} of {n} bytes") from None
+        raise FrameError(f"frame truncated: in the {what}, got {got} of {n} bytes") from None
 
 
 async def read_frame(reader: asyncio.StreamReader, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Frame:
@@ -239,7 +249,7 @@ async def read_frame(reader: asyncio.StreamReader, max_payload: int = DEFAULT_MA
         if not e.partial:
             raise StreamClosed("peer closed the stream") from None
         raise FrameError(
-            f"frame truncated in the header: got {len(e.partial)} of {_HEAD.size} bytes"
+            f"frame truncated: in the header, got {len(e.partial)} of {_HEAD.size} bytes"
         ) from None
     # validated before reading further, so garbage is rejected after 16 bytes
     kind, epoch, token, name_len = _parse_head(head)

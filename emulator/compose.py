@@ -7,7 +7,10 @@ speeds once into ``./cache`` (every role reads them from there), and the ``testb
 service, the emulator driver: it applies the traces and prints and saves the results, so
 ``docker compose up testbed`` runs the whole experiment. Under the profile
 ``observability``: Prometheus and Grafana with the dashboards of ``grafana/``. Every
-service sits on one ``internal: true`` network: nothing leaves the testbed.
+service sits on one ``internal: true`` network: nothing leaves the testbed. The broker
+admits only the testbed's identities (controller, driver, one per agent) and lets each do
+only its part (``emulator.testbed_secrets``: passwords, ACL, optional TLS, mounted as
+compose secrets from ``secrets/``, which ``write_project`` writes).
 
 ``render`` is pure (scenario in, documents out); ``write_project`` puts them on disk.
 ``--swarm`` output is the same file plus ``deploy`` sections, for ``docker stack deploy``.
@@ -23,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from emulator import testbed_secrets as sec
 from emulator.scenario import GgufModel, HfModel, PresetModel, Scenario
 
 IMAGE = "edgepart:latest"
@@ -30,6 +34,7 @@ BROKER_IMAGE = "eclipse-mosquitto:2"
 PROMETHEUS_IMAGE = "prom/prometheus:v2.53.0"
 GRAFANA_IMAGE = "grafana/grafana:11.1.0"
 BROKER_PORT = 1883
+BROKER_TLS_PORT = 8883  # the broker's only port with --tls
 DATA_PORT = 7000  # every agent's data plane, inside its own container
 METRICS_PORT = 9400  # every edgepart process's /metrics, inside its own container
 #: what an agent holds beside its blocks (Python, torch, the opened checkpoint), MiB;
@@ -56,6 +61,7 @@ class RenderOptions:
     grafana_dir: str = "../grafana"  # relative to the project directory
     scenario_file: str = "scenario.yaml"
     project: str | None = None  # compose project / stack name (default: from the scenario)
+    tls: bool = False  # the broker speaks only TLS (its own CA, in secrets/)
 
 
 def project_name(scenario: Scenario) -> str:
@@ -105,7 +111,7 @@ def render(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
     model = container_model_ref(scenario)
     testbed = testbed_name(scenario)
     project = options.project or project_name(scenario)
-    broker = f"broker:{BROKER_PORT}"
+    broker = f"broker:{BROKER_TLS_PORT if options.tls else BROKER_PORT}"
     shares = cpus(scenario, options.reference_gflops)
     common = {"image": options.image, "environment": {"EDGEPART_CACHE": CACHE_DIR}}
     calibrated = {"calibrate": {"condition": "service_completed_successfully"}}
@@ -121,6 +127,8 @@ def render(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
     for d in scenario.devices:
         agent = [
             "agent", "--name", d.name, "--broker", broker,
+            *_broker_auth(sec.agent_user(d.name)),
+            "--dataplane-key", f"{sec.MOUNT_DIR}/{sec.DATAPLANE_KEY}",
             "--listen", f"0.0.0.0:{DATA_PORT}", "--advertise", f"{d.name}:{DATA_PORT}",
             "--testbed", testbed, "--model", model,
             "--memory-mib", _number(d.memory_mib), "--cpu-share", _number(shares[d.name]),
@@ -137,16 +145,19 @@ def render(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
             "volumes": [f"./cache:{CACHE_DIR}:ro"],
             "networks": [NETWORK],
             "depends_on": {"broker": {"condition": "service_started"}, **calibrated},
+            "secrets": [*_client_secrets(sec.agent_user(d.name), options.tls), sec.DATAPLANE_KEY],
         }
     scenario_path = f"{TESTBED_DIR}/{options.scenario_file}"
     controller = [
         "controller", "--scenario", scenario_path, "--broker", broker,
+        *_broker_auth(sec.CONTROLLER),
         "--algorithm", options.algorithm, "--testbed", testbed,
         "--profile", PROFILE, "--metrics-port", str(METRICS_PORT), "--metrics-host", "0.0.0.0",
         "--world-driver", "--json",
     ]  # fmt: skip
     driver = [
-        "testbed", "drive", scenario_path, "--broker", broker, "--testbed", testbed,
+        "testbed", "drive", scenario_path, "--broker", broker, *_broker_auth(sec.DRIVER),
+        "--testbed", testbed,
         "--project", project, "--out", f"{TESTBED_DIR}/out",
     ]  # fmt: skip
     services["controller"] = {
@@ -155,6 +166,7 @@ def render(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
         "volumes": [f"./{options.scenario_file}:{scenario_path}:ro", f"./cache:{CACHE_DIR}:ro"],
         "networks": [NETWORK],
         "depends_on": {"broker": {"condition": "service_started"}, **calibrated},
+        "secrets": _client_secrets(sec.CONTROLLER, options.tls),
     }
     services["testbed"] = {
         **common,
@@ -171,6 +183,7 @@ def render(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
             "controller": {"condition": "service_started"},
             **{d.name: {"condition": "service_started"} for d in scenario.devices},
         },
+        "secrets": _client_secrets(sec.DRIVER, options.tls),
     }
     services.update(_observability(options))
     network: dict[str, Any] = {"internal": True}
@@ -188,6 +201,11 @@ def render(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
         },
         "services": services,
         "networks": {NETWORK: network},
+        # compose bind-mounts each file under /run/secrets (swarm: its own secret store)
+        "secrets": {
+            name: {"file": f"./{sec.SECRETS_DIR}/{name}"}
+            for name in sec.secret_names(scenario.device_names, options.tls)
+        },
         **({"configs": SWARM_CONFIGS} if options.swarm else {}),
     }
     if options.swarm:
@@ -203,6 +221,8 @@ def _broker(options: RenderOptions) -> dict[str, Any]:
         "image": options.broker_image,
         "volumes": [f"./mosquitto.conf:{conf}:ro"],
         "networks": [NETWORK],
+        "secrets": [sec.PASSWD, sec.ACL]
+        + ([sec.SERVER_CERT, sec.SERVER_KEY] if options.tls else []),
     }
     if options.broker_image == BROKER_IMAGE:
         service["command"] = ["mosquitto", "-c", conf]
@@ -211,6 +231,15 @@ def _broker(options: RenderOptions) -> dict[str, Any]:
         service["entrypoint"] = ["mosquitto", "-c", conf]
         service["command"] = []
     return service
+
+
+def _broker_auth(identity: str) -> list[str]:
+    """The option naming a role's credentials file (its path, never the password)."""
+    return ["--broker-auth", f"{sec.MOUNT_DIR}/{sec.credentials_secret(identity)}"]
+
+
+def _client_secrets(identity: str, tls: bool) -> list[str]:
+    return [sec.credentials_secret(identity), *([sec.CA_CERT] if tls else [])]
 
 
 def _observability(options: RenderOptions) -> dict[str, Any]:
@@ -306,10 +335,35 @@ def prometheus_config(scenario: Scenario) -> str:
     return header + yaml.dump(config, Dumper=_Dumper, sort_keys=False, width=100)
 
 
-MOSQUITTO_CONF = """\
-# The testbed's broker: reachable only on the testbed's internal network.
-listener 1883
-allow_anonymous true
+def mosquitto_conf(
+    *,
+    tls: bool = False,
+    port: int | None = None,
+    host: str | None = None,
+    secrets_dir: str = sec.MOUNT_DIR,
+) -> str:
+    """The broker's mosquitto.conf: only the testbed's identities, each limited by the ACL;
+    with ``tls`` only TLS. ``port``, ``host`` and ``secrets_dir`` place it elsewhere (tests
+    run the same file on this host's loopback)."""
+    port = port if port is not None else BROKER_TLS_PORT if tls else BROKER_PORT
+    listener = f"listener {port}" + (f" {host}" if host else "")
+    tls_lines = ""
+    if tls:
+        tls_lines = (
+            f"certfile {secrets_dir}/{sec.SERVER_CERT}\nkeyfile {secrets_dir}/{sec.SERVER_KEY}\n"
+        )
+    return f"""\
+# The testbed's broker: reachable only on the testbed's internal network, and only by the
+# identities `edgepart testbed render` wrote into secrets/ (mounted under /run/secrets).
+{listener}
+{tls_lines}allow_anonymous false
+password_file {secrets_dir}/{sec.PASSWD}
+acl_file {secrets_dir}/{sec.ACL}
+# the client id is the identity: none can take over another's session by naming its id
+use_username_as_clientid true
+# the secrets are bind mounts only their owner may read: the broker stays root in its
+# container to read them (mosquitto drops to the user mosquitto before reading otherwise)
+user root
 persistence false
 # without it every message to a client waits ~40 ms for the client's delayed ACK: a token's
 # command and reply paid 41 ms over this broker before
@@ -317,6 +371,9 @@ set_tcp_nodelay true
 log_type error
 log_type warning
 """
+
+
+MOSQUITTO_CONF = mosquitto_conf()
 
 
 def dump(document: dict[str, Any], scenario: Scenario) -> str:
@@ -350,17 +407,27 @@ def write_project(
     directory: Path,
     options: RenderOptions,
     profile: Path | None = None,
+    rotate_secrets: bool = False,
 ) -> Path:
     """Write the compose project into directory; returns the compose file's path.
 
     ``profile``: this host's calibrated block speeds, copied into ``cache/`` so that the
-    ``calibrate`` service finds them and skips measuring.
+    ``calibrate`` service finds them and skips measuring. The broker's secrets go into
+    ``secrets/``: kept from an earlier render unless ``rotate_secrets``
+    (``emulator.testbed_secrets``; SecretsError when TLS files cannot be made).
     """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "cache").mkdir(exist_ok=True)
     (directory / "out").mkdir(exist_ok=True)
     (directory / options.scenario_file).write_text(scenario_text, encoding="utf-8")
-    (directory / "mosquitto.conf").write_text(MOSQUITTO_CONF, encoding="utf-8")
+    (directory / "mosquitto.conf").write_text(mosquitto_conf(tls=options.tls), encoding="utf-8")
+    sec.write_secrets(
+        directory / sec.SECRETS_DIR,
+        testbed_name(scenario),
+        scenario.device_names,
+        tls=options.tls,
+        rotate=rotate_secrets,
+    )
     (directory / "prometheus.yml").write_text(prometheus_config(scenario), encoding="utf-8")
     if profile is not None and profile.is_file():
         # under its cache name the `calibrate` service finds it; the roles read profile.json

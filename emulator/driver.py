@@ -14,11 +14,13 @@ import itertools
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import aiomqtt
 
+from device_agent import mqtt
 from device_agent import protocol as proto
 from emulator.live_world import KillDevice, World
 from emulator.scenario import Scenario
@@ -28,6 +30,8 @@ log = logging.getLogger("edgepart.driver")
 COMMAND_TIMEOUT_S = 30.0  # for an agent to carry out a trace's command, s
 MQTT_TIMEOUT_S = 30  # per MQTT operation, s
 CONNECT_WINDOW_S = 90.0  # how long the driver retries the broker while the testbed starts, s
+#: how long (s) the driver keeps reconnecting to a broker it lost mid-run (a restart)
+BROKER_LOST_WINDOW_S = 60.0
 #: longest whole run (s) before the driver gives up on the controller
 RUN_TIMEOUT_S = 6 * 3600.0
 
@@ -46,9 +50,11 @@ class Driver:
         testbed: str,
         kill: KillDevice,
         on_token: Callable[[proto.Progress], None] | None = None,
+        auth: mqtt.BrokerAuth | None = None,
     ) -> None:
         self.scenario = scenario
         self.broker = broker
+        self.auth = auth
         self.testbed = testbed
         self.on_token = on_token
         self.world = World(scenario, self._command, kill)
@@ -57,46 +63,73 @@ class Driver:
         self._ids = (f"t{i}" for i in itertools.count())
         self._turns: asyncio.Queue[int] = asyncio.Queue()
         self._outcome: asyncio.Future | None = None
+        self.dropped_messages: Counter[str] = Counter()  # topic kind -> malformed messages
+        self.connection = asyncio.Event()  # set while a broker session is up
+        self.broker_losses = 0
+        self._unanswered: dict[str, tuple[str, bytes]] = {}  # command id -> (topic, payload)
+        self._queued: set[int] = set()  # turns queued or being served
+        self._served: dict[int, proto.WorldReady] = {}  # turns done: answered again if asked
+        self._answering: set[asyncio.Task] = set()
 
     async def run(self, timeout_s: float = RUN_TIMEOUT_S) -> proto.RunOutcome:
         """Serve the world until the controller publishes the run's outcome."""
         self._outcome = asyncio.get_running_loop().create_future()
-        host, _, port = self.broker.rpartition(":")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                link = tg.create_task(self._broker_link())
+                turns = tg.create_task(self._serve_turns())
+                try:
+                    return await asyncio.wait_for(asyncio.shield(self._outcome), timeout_s)
+                except TimeoutError:
+                    raise DriverError(
+                        f"no outcome from the controller in {timeout_s:.0f} s"
+                    ) from None
+                finally:
+                    link.cancel()
+                    turns.cancel()
+        # not except*: before Python 3.11.4 an exception raised in its handler stays grouped
+        except BaseExceptionGroup as group:
+            failed = group.subgroup(DriverError)
+            if failed is None:
+                raise
+            first = failed
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
+
+    async def _broker_link(self) -> None:
+        """Keep a broker session up: connect while the testbed starts, and reconnect with
+        backoff after a loss (a restarted broker keeps no subscriptions or messages:
+        subscribe again, send the unanswered commands again; agents run each id once)."""
         deadline = time.monotonic() + CONNECT_WINDOW_S
         delay = 0.2
         while True:
-            client = aiomqtt.Client(
-                host,
-                int(port),
+            client = mqtt.client(
+                self.broker,
                 identifier=f"edgepart-{self.testbed}-driver",
+                auth=self.auth,
                 timeout=MQTT_TIMEOUT_S,
-                socket_options=proto.SOCKET_OPTIONS,
             )
             try:
                 async with client:
+                    for kind in ("world", "progress", "result", "reply"):
+                        await client.subscribe(proto.subscription(self.testbed, kind), qos=1)
                     self.client = client
-                    return await self._session(client, timeout_s)
+                    self.connection.set()
+                    delay = 0.2
+                    for topic, payload in list(self._unanswered.values()):
+                        await client.publish(topic, payload, qos=1)
+                    await self._read(client)
             except aiomqtt.MqttError as exc:
-                # the testbed may still be starting: retry the broker, but only until joined
-                if self.client is not None or time.monotonic() + delay > deadline:
+                if self.connection.is_set():  # lost mid-run: a fresh window to get back
+                    self.connection.clear()
+                    self.broker_losses += 1
+                    deadline = time.monotonic() + BROKER_LOST_WINDOW_S
+                    log.warning("lost the broker (%s); reconnecting", exc)
+                elif time.monotonic() + delay > deadline:
                     raise DriverError(f"broker {self.broker}: {exc}") from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
-
-    async def _session(self, client: aiomqtt.Client, timeout_s: float) -> proto.RunOutcome:
-        assert self._outcome is not None
-        for kind in ("world", "progress", "result", "reply"):
-            await client.subscribe(proto.subscription(self.testbed, kind), qos=1)
-        async with asyncio.TaskGroup() as tg:
-            reader = tg.create_task(self._read(client))
-            turns = tg.create_task(self._serve_turns())
-            try:
-                return await asyncio.wait_for(asyncio.shield(self._outcome), timeout_s)
-            except TimeoutError:
-                raise DriverError(f"no outcome from the controller in {timeout_s:.0f} s") from None
-            finally:
-                reader.cancel()
-                turns.cancel()
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
@@ -106,13 +139,13 @@ class Driver:
             payload = message.payload if isinstance(message.payload, bytes) else b""
             decoded = proto.decode(topic.kind, payload)
             if isinstance(decoded, proto.Malformed):
-                log.warning("ignored a malformed %s message: %s", topic.kind, decoded.reason)
+                self._drop_message(decoded)
             elif isinstance(decoded, proto.Reply):
                 fut = self._replies.get(decoded.id)
                 if fut is not None and not fut.done():
                     fut.set_result(decoded)
             elif isinstance(decoded, proto.WorldTurn):
-                self._turns.put_nowait(decoded.token)
+                self._take_turn(decoded.token)
             elif isinstance(decoded, proto.Progress):
                 if self.on_token is not None:
                     self.on_token(decoded)
@@ -120,6 +153,32 @@ class Driver:
                 assert self._outcome is not None
                 if not self._outcome.done():
                     self._outcome.set_result(decoded)
+
+    def _drop_message(self, bad: proto.Malformed) -> None:
+        """Count a malformed message by its topic kind; the first of each kind is logged."""
+        if self.dropped_messages[bad.kind] == 0:
+            log.warning(
+                "ignored a malformed %s message (%s); logged once per kind", bad.kind, bad.reason
+            )
+        self.dropped_messages[bad.kind] += 1
+
+    def _take_turn(self, token: int) -> None:
+        """Queue a turn once: a turn asked again (the controller resends what a lost broker
+        may have dropped) is answered again if served, else left to its first serving."""
+        served = self._served.get(token)
+        if served is not None:
+            task = asyncio.get_running_loop().create_task(self._answer_turn(served))
+            self._answering.add(task)
+            task.add_done_callback(self._answering.discard)
+        elif token not in self._queued:
+            self._queued.add(token)
+            self._turns.put_nowait(token)
+
+    async def _answer_turn(self, ready: proto.WorldReady) -> None:
+        try:
+            await self._publish(proto.run_topic(self.testbed, "world_ready"), ready)
+        except DriverError as exc:  # the controller asks again once it is back
+            log.warning("could not answer turn %d again: %s", ready.token, exc)
 
     async def _serve_turns(self) -> None:
         """One turn at a time, in order: a token's traces before the next token's."""
@@ -135,17 +194,37 @@ class Driver:
             except (DriverError, RuntimeError, OSError) as exc:
                 log.error("token %d: %s", token, exc)
                 ready = proto.WorldReady(token=token, ok=False, error=str(exc))
+            self._served[token] = ready
+            self._queued.discard(token)
             await self._publish(proto.run_topic(self.testbed, "world_ready"), ready)
 
     async def _publish(self, topic: str, message) -> None:
-        assert self.client is not None
-        await self.client.publish(topic, proto.encode(message), qos=1)
+        """Publish once a session is up, retried across a broker loss (DriverError when the
+        broker stays away)."""
+        payload = proto.encode(message) if not isinstance(message, bytes) else message
+        deadline = time.monotonic() + BROKER_LOST_WINDOW_S
+        while True:
+            try:
+                await asyncio.wait_for(self.connection.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                raise DriverError(f"broker {self.broker} gone for good") from None
+            assert self.client is not None
+            try:
+                await self.client.publish(topic, payload, qos=1)
+                return
+            except aiomqtt.MqttError:
+                # the session is going: the link task notices and reconnects
+                if time.monotonic() > deadline:
+                    raise DriverError(f"broker {self.broker} gone for good") from None
+                await asyncio.sleep(0.1)
 
     async def _command(self, device: str, command) -> proto.Reply:
         fut = asyncio.get_running_loop().create_future()
         self._replies[command.id] = fut
+        topic = proto.device_topic(self.testbed, device, "cmd")
+        self._unanswered[command.id] = (topic, proto.encode(command))
         try:
-            await self._publish(proto.device_topic(self.testbed, device, "cmd"), command)
+            await self._publish(topic, self._unanswered[command.id][1])
             return await asyncio.wait_for(fut, COMMAND_TIMEOUT_S)
         except TimeoutError:
             raise DriverError(
@@ -153,6 +232,7 @@ class Driver:
             ) from None
         finally:
             self._replies.pop(command.id, None)
+            self._unanswered.pop(command.id, None)
 
 
 def docker_kill(project: str) -> KillDevice:
@@ -203,6 +283,7 @@ def drive(
     testbed: str,
     kill: KillDevice,
     on_token: Callable[[proto.Progress], None] | None = None,
+    auth: mqtt.BrokerAuth | None = None,
 ) -> proto.RunOutcome:
     """Run the driver to the end of the controller's generation (blocking)."""
-    return asyncio.run(Driver(scenario, broker, testbed, kill, on_token).run())
+    return asyncio.run(Driver(scenario, broker, testbed, kill, on_token, auth).run())

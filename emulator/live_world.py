@@ -12,16 +12,30 @@ import itertools
 import time
 from collections.abc import Awaitable, Callable
 
+import numpy as np
+
 from controller.view import PlanningWindow, ResourceView
 from device_agent import protocol as proto
 from emulator.backends.sim import apply_due_traces, initial_state
-from emulator.scenario import FailTrace, LinkTrace, LoadTrace, MemoryTrace, Scenario, Trace
+from emulator.scenario import (
+    FailTrace,
+    JoinTrace,
+    LinkTrace,
+    LoadTrace,
+    MemoryTrace,
+    Scenario,
+    Trace,
+)
 from emulator.world import MIB
 
 #: sends one command to a device's agent and returns its reply
 SendCommand = Callable[[str, object], Awaitable[proto.Reply]]
 #: makes a device fail for good (its agent and everything it started)
 KillDevice = Callable[[str], Awaitable[None]]
+#: starts a device's agent afresh (it holds nothing) and returns once it is online
+StartDevice = Callable[[str], Awaitable[None]]
+#: returns once the controller sees a device whose cut link was restored again
+AwaitDevice = Callable[[str], Awaitable[None]]
 
 #: a background load is a fraction of the device's share; all of it would leave no agent
 MAX_BACKGROUND_LOAD = 0.99
@@ -34,13 +48,26 @@ class WorldError(RuntimeError):
 class World:
     """The emulated world during a run: the scenario's state plus the devices it acts on."""
 
-    def __init__(self, scenario: Scenario, command: SendCommand, kill: KillDevice) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        command: SendCommand,
+        kill: KillDevice,
+        start: StartDevice | None = None,
+        reconnected: AwaitDevice | None = None,
+    ) -> None:
+        """The world of a scenario; ``start`` (needed for join traces) starts an agent,
+        ``reconnected`` (optional) waits until a device cut off is seen back."""
         self.scenario = scenario
         self._command_fn = command
         self._kill = kill
+        self._start = start
+        self._reconnected = reconnected
         self.state, self.pending = initial_state(scenario)
         self.applied: list[Trace] = [t for t in scenario.traces if t not in self.pending]
         self.failed: list[str] = []  # devices killed so far, in order
+        self.joined: list[str] = []  # devices started by join traces, in order
+        self.offline: set[str] = set(scenario.offline_at_start)
         self.started = time.monotonic()
         self._ids = (f"w{i}" for i in itertools.count())
 
@@ -59,30 +86,66 @@ class World:
         if token == 0:
             return []
         before = list(self.pending)
+        was_reachable = self.state.reachable.copy()
         apply_due_traces(self.state, self.pending, token, time.monotonic() - self.started)
-        killed = []
+        killed, started = [], []
         for trace in before:
             if trace not in self.pending:
                 await self._enact(trace)
                 if isinstance(trace, FailTrace):
                     killed.append(trace.device)
+                elif isinstance(trace, JoinTrace):
+                    started.append(trace.device)  # its start waited until it was online
+        if self._reconnected is not None:
+            for i in np.flatnonzero(self.state.reachable & ~was_reachable):
+                if self.state.names[i] not in started:
+                    await self._reconnected(self.state.names[i])
         return killed
 
     async def _command(self, device: str, command) -> None:
-        if device in self.failed:
-            return  # a later trace of a device that failed: nothing is left to change
+        if device in self.offline:
+            return  # a trace of a device that is not there: its join restores the state
         reply = await self._command_fn(device, command)
         if not reply.ok:
             raise WorldError(f"{device} refused {command.op}: {reply.error}")
 
     async def _shape(self, a: str, b: str) -> None:
         i, j = self.state.index(a), self.state.index(b)
-        rate = float(self.state.bandwidth_mbit[i, j])
+        rate = 0.0 if self.state.cut[i, j] else float(self.state.bandwidth_mbit[i, j])
         latency_ms = float(self.state.latency_s[i, j]) * 1000.0
         cmd = proto.Shape(
             id=next(self._ids), op="shape", peer=b, bandwidth_mbit=rate, latency_ms=latency_ms
         )
         await self._command(a, cmd)
+
+    async def _restore(self, device: str) -> None:
+        """Give a freshly started agent the world's state of its device and links."""
+        i = self.state.index(device)
+        async with asyncio.TaskGroup() as tg:
+            for other in self.state.names:
+                if other != device:
+                    tg.create_task(self._shape(device, other))
+                    tg.create_task(self._shape(other, device))
+        load = float(self.state.background_load[i])
+        if load > 0:
+            fraction = min(load, MAX_BACKGROUND_LOAD)
+            cmd = proto.InjectLoad(id=next(self._ids), op="inject_load", fraction=fraction)
+            await self._command(device, cmd)
+        configured = self.scenario.device(device).memory_mib * MIB
+        if self.state.memory_bytes[i] != configured:
+            await self._set_budget(device, float(self.state.memory_bytes[i]))
+
+    async def _set_budget(self, device: str, memory_bytes: float) -> None:
+        # what the device had at the start and no longer offers, another app now holds
+        configured = self.scenario.device(device).memory_mib * MIB
+        occupied = max(0, int(configured) - int(memory_bytes))
+        cmd = proto.SetBudget(
+            id=next(self._ids),
+            op="set_budget",
+            memory_bytes=int(memory_bytes),
+            occupied_bytes=occupied,
+        )
+        await self._command(device, cmd)
 
     async def _shape_all(self) -> None:
         names = self.state.names
@@ -98,14 +161,7 @@ class World:
             cmd = proto.InjectLoad(id=next(self._ids), op="inject_load", fraction=fraction)
             await self._command(trace.device, cmd)
         elif isinstance(trace, MemoryTrace):
-            memory = int(trace.memory_mib * MIB)
-            # what the device had at the start and no longer offers, another app now holds
-            configured = next(d for d in self.scenario.devices if d.name == trace.device)
-            occupied = max(0, int(configured.memory_mib * MIB) - memory)
-            cmd = proto.SetBudget(
-                id=next(self._ids), op="set_budget", memory_bytes=memory, occupied_bytes=occupied
-            )
-            await self._command(trace.device, cmd)
+            await self._set_budget(trace.device, trace.memory_mib * MIB)
         elif isinstance(trace, LinkTrace):
             a, b = trace.link
             await self._shape(a, b)
@@ -113,3 +169,11 @@ class World:
         elif isinstance(trace, FailTrace):
             await self._kill(trace.device)
             self.failed.append(trace.device)
+            self.offline.add(trace.device)
+        elif isinstance(trace, JoinTrace):
+            if self._start is None:
+                raise WorldError(f"this backend cannot start {trace.device} (a join trace)")
+            await self._start(trace.device)
+            self.offline.discard(trace.device)
+            self.joined.append(trace.device)
+            await self._restore(trace.device)

@@ -280,11 +280,14 @@ class MemoryTrace(_Trace):
 
 
 class LinkTrace(_Trace):
-    """From the trigger on, the link between the two devices has this bandwidth (and latency)."""
+    """From the trigger on, the link between the two devices has this bandwidth (and latency).
+
+    Bandwidth 0 cuts a link with the source: the other device is lost (after the data
+    plane's probe timeout, live) until a later trace gives the link a rate again."""
 
     kind: ClassVar[str] = "link"
     link: tuple[DeviceName, DeviceName]
-    bandwidth_mbit: Positive
+    bandwidth_mbit: NonNegative
     latency_ms: NonNegative | None = None  # None keeps the link's latency
 
 
@@ -296,7 +299,22 @@ class FailTrace(_Trace):
     fail: Literal[True]
 
 
-_TRACE_ACTIONS = {"background_load": "load", "memory_mib": "memory", "link": "link", "fail": "fail"}
+class JoinTrace(_Trace):
+    """At the trigger the device comes online holding nothing: back after a fail, or for the
+    first time (a device whose first fail or join trace is a join starts offline)."""
+
+    kind: ClassVar[str] = "join"
+    device: DeviceName
+    join: Literal[True]
+
+
+_TRACE_ACTIONS = {
+    "background_load": "load",
+    "memory_mib": "memory",
+    "link": "link",
+    "fail": "fail",
+    "join": "join",
+}
 
 
 def _trace_kind(v: Any) -> str | None:
@@ -314,13 +332,14 @@ Trace = Annotated[
         Annotated[MemoryTrace, Tag("trace=memory")],
         Annotated[LinkTrace, Tag("trace=link")],
         Annotated[FailTrace, Tag("trace=fail")],
+        Annotated[JoinTrace, Tag("trace=join")],
     ],
     Discriminator(
         _trace_kind,
         custom_error_type="trace_kind",
         custom_error_message=(
             "must be a mapping with exactly one change: background_load, memory_mib, "
-            "link (with bandwidth_mbit) or fail"
+            "link (with bandwidth_mbit), fail or join"
         ),
     ),
 ]
@@ -387,6 +406,17 @@ class Scenario(_Frozen):
     def device_names(self) -> tuple[str, ...]:
         """Device names in file order."""
         return tuple(d.name for d in self.devices)
+
+    @property
+    def offline_at_start(self) -> frozenset[str]:
+        """Devices that join later: their first fail or join trace (in token order) is a join."""
+        first: dict[str, tuple[int, bool]] = {}
+        for t in self.traces:
+            if isinstance(t, FailTrace | JoinTrace) and t.at_token is not None:
+                seen = first.get(t.device)
+                if seen is None or t.at_token < seen[0]:
+                    first[t.device] = (t.at_token, isinstance(t, JoinTrace))
+        return frozenset(name for name, (_, joins) in first.items() if joins)
 
     @property
     def source_index(self) -> int:
@@ -525,6 +555,13 @@ def _cross_check(s: Scenario) -> list[tuple[str, str]]:
                     problems.append((f"traces[{i}].link[{k}]", unknown(name)))
             if t.link[0] == t.link[1]:
                 problems.append((f"traces[{i}].link", "a link joins two different devices"))
+            source = [d.name for d in s.devices if d.source]
+            if t.bandwidth_mbit == 0 and source and source[0] not in t.link:
+                problems.append(
+                    (f"traces[{i}].bandwidth_mbit",
+                     f"0 cuts a link, and only a link with the source ({source[0]}) can be "
+                     "cut: it cuts the other device off")
+                )
         elif t.device not in first_at:  # type: ignore[union-attr]
             problems.append((f"traces[{i}].device", unknown(t.device)))  # type: ignore[union-attr]
         if t.at_token is not None and t.at_token >= s.generate_tokens:
@@ -534,6 +571,7 @@ def _cross_check(s: Scenario) -> list[tuple[str, str]]:
                  f"token {t.at_token} is never generated")
             )
 
+    problems.extend(_membership_problems(s, sources))
     try:
         spec = s.model_spec()
     except ImportError as e:
@@ -545,6 +583,42 @@ def _cross_check(s: Scenario) -> list[tuple[str, str]]:
         return problems
     if len(sources) == 1:
         problems.extend(_memory_problems(s, spec, sources[0]))
+    return problems
+
+
+def _membership_problems(s: Scenario, sources: list[int]) -> list[tuple[str, str]]:
+    """Fail and join traces of each device must alternate, in token order."""
+    problems: list[tuple[str, str]] = []
+    changes: dict[str, list[int]] = {}
+    for i, t in enumerate(s.traces):
+        if isinstance(t, FailTrace | JoinTrace):
+            changes.setdefault(t.device, []).append(i)
+    source = s.devices[sources[0]].name if len(sources) == 1 else None
+    for device, indices in changes.items():
+        timed = [i for i in indices if s.traces[i].at_token is None]
+        if timed:
+            if any(isinstance(s.traces[i], JoinTrace) for i in indices):
+                problems.append(
+                    (f"traces[{timed[0]}].at_s",
+                     f"{device} has a join trace: its fail and join traces need at_token")
+                )
+            continue
+        indices.sort(key=lambda i: s.traces[i].at_token)  # type: ignore[arg-type, return-value]
+        online = not isinstance(s.traces[indices[0]], JoinTrace)
+        if not online and device == source:
+            problems.append(
+                (f"traces[{indices[0]}].join", "the source device is online from the start")
+            )
+        for i in indices:
+            t = s.traces[i]
+            joins = isinstance(t, JoinTrace)
+            if joins == online and i != indices[0]:
+                state = "online" if online else "offline"
+                problems.append(
+                    (f"traces[{i}].{t.kind}",
+                     f"{device} is already {state} at token {t.at_token}")
+                )
+            online = joins
     return problems
 
 

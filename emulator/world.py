@@ -7,7 +7,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from controller.view import PlanningWindow, ResourceView
-from emulator.scenario import FailTrace, LinkTrace, LoadTrace, MemoryTrace, Scenario, Trace
+from emulator.scenario import (
+    FailTrace,
+    JoinTrace,
+    LinkTrace,
+    LoadTrace,
+    MemoryTrace,
+    Scenario,
+    Trace,
+)
 
 MIB = 2**20
 
@@ -22,7 +30,9 @@ class WorldState:
     memory_bytes: np.ndarray  # memory available to edgepart
     bandwidth_mbit: np.ndarray  # (D, D) Mbit/s
     latency_s: np.ndarray  # (D, D) s
-    alive: np.ndarray
+    alive: np.ndarray  # the device runs (not failed, or joined)
+    cut: np.ndarray  # (D, D) the link is cut: nothing gets through (bandwidth keeps its rate)
+    source: int  # index of the source device
 
     @classmethod
     def from_scenario(cls, scenario: Scenario) -> WorldState:
@@ -44,7 +54,9 @@ class WorldState:
             memory_bytes=np.array([d.memory_mib * MIB for d in scenario.devices], dtype=float),
             bandwidth_mbit=bandwidth,
             latency_s=latency,
-            alive=np.ones(count, dtype=bool),
+            alive=np.array([n not in scenario.offline_at_start for n in names], dtype=bool),
+            cut=np.zeros((count, count), dtype=bool),
+            source=scenario.source_index,
         )
 
     def index(self, name: str) -> int:
@@ -59,29 +71,39 @@ class WorldState:
             self.memory_bytes[self.index(trace.device)] = trace.memory_mib * MIB
         elif isinstance(trace, LinkTrace):
             i, j = (self.index(n) for n in trace.link)
-            self.bandwidth_mbit[i, j] = self.bandwidth_mbit[j, i] = trace.bandwidth_mbit
+            self.cut[i, j] = self.cut[j, i] = trace.bandwidth_mbit == 0
+            if trace.bandwidth_mbit > 0:
+                self.bandwidth_mbit[i, j] = self.bandwidth_mbit[j, i] = trace.bandwidth_mbit
             if trace.latency_ms is not None:
                 self.latency_s[i, j] = self.latency_s[j, i] = trace.latency_ms / 1000.0
         elif isinstance(trace, FailTrace):
             self.alive[self.index(trace.device)] = False
+        elif isinstance(trace, JoinTrace):
+            self.alive[self.index(trace.device)] = True
         else:  # pragma: no cover - the scenario schema admits no other kind
             raise TypeError(f"unknown trace {trace!r}")
 
     @property
+    def reachable(self) -> np.ndarray:
+        """Per device, whether it runs and its link to the source is not cut: a device cut
+        off counts as lost until the link is restored."""
+        return self.alive & ~self.cut[self.source]
+
+    @property
     def available_gflops(self) -> np.ndarray:
-        """GFLOP/s left to edgepart after background load (0 on dead devices)."""
-        return np.where(self.alive, self.nominal_gflops * (1.0 - self.background_load), 0.0)
+        """GFLOP/s left to edgepart after background load (0 on lost devices)."""
+        return np.where(self.reachable, self.nominal_gflops * (1.0 - self.background_load), 0.0)
 
     def view(self, scenario: Scenario, window: PlanningWindow) -> ResourceView:
         """What a planner sees of this state (a snapshot: later changes do not leak into it)."""
         return ResourceView(
             devices=self.names,
             compute_gflops=self.available_gflops.copy(),
-            memory_bytes=np.where(self.alive, self.memory_bytes, 0.0),
+            memory_bytes=np.where(self.reachable, self.memory_bytes, 0.0),
             bandwidth_mbit=self.bandwidth_mbit.copy(),
             latency_s=self.latency_s.copy(),
             source=scenario.source_index,
             window=window,
             weights_from=scenario.weights_from,
-            alive=self.alive.copy(),
+            alive=self.reachable.copy(),
         )

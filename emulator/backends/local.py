@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -154,6 +155,7 @@ def spawn_agent(
     profile_path: Path | None,
     log_dir: Path,
     metrics_port: int | None = None,
+    dataplane_key: Path | None = None,
 ) -> AgentProcess:
     """Start one device's agent process (own session, logs to log_dir/<device>.log)."""
     dev = scenario.device(device)
@@ -174,6 +176,8 @@ def spawn_agent(
         args += ["--profile", str(profile_path)]
     if metrics_port is not None:
         args += ["--metrics-port", str(metrics_port)]
+    if dataplane_key is not None:
+        args += ["--dataplane-key", str(dataplane_key)]
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             args,
@@ -183,6 +187,14 @@ def spawn_agent(
             start_new_session=True,
         )
     return AgentProcess(device, process, log_path)
+
+
+def write_secret(path: Path) -> Path:
+    """A fresh random secret (64 hex characters) in a file only its owner may read."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as out:
+        out.write(secrets.token_hex(32))
+    return path
 
 
 def stop_agents(agents: dict[str, AgentProcess]) -> None:
@@ -256,31 +268,51 @@ def run_local(
     testbed = f"{scenario.name}-{os.getpid()}"
     log_dir = work_dir / testbed
     log_dir.mkdir(parents=True, exist_ok=True)
+    key = write_secret(log_dir / "dataplane.key")
     if cgroups is None:
         cgroups = CgroupLimits.detect() is not None
     agents: dict[str, AgentProcess] = {}
     controller: Controller | None = None
     with _broker(broker) as endpoint:
         try:
-            say(f"starting {len(scenario.devices)} agents (broker {endpoint})")
-            for d in scenario.devices:
+            late = scenario.offline_at_start
+            say(f"starting {len(scenario.devices) - len(late)} agents (broker {endpoint})")
+
+            def launch(name: str) -> AgentProcess:
                 agent = spawn_agent(
-                    scenario, d.name, endpoint, testbed, shares[d.name],
+                    scenario, name, endpoint, testbed, shares[name],
                     cache_path(ref, threads=1), log_dir,
-                    (agent_metrics_ports or {}).get(d.name),
+                    (agent_metrics_ports or {}).get(name), key,
                 )  # fmt: skip
-                agents[d.name] = agent
-                if cgroups:
-                    group = CgroupLimits.create(
-                        f"{testbed}-{d.name}", cpu_share=shares[d.name], memory_bytes=None
+                previous = agents.get(name)
+                if previous is not None:  # a device back after a fail: its old group
+                    agent.cgroup = previous.cgroup
+                elif cgroups:
+                    # joined once online: start-up (imports, opening the model) is not
+                    # what a device's speed emulates, and at a 0.1-core share it takes a
+                    # minute
+                    agent.cgroup = CgroupLimits.create(
+                        f"{testbed}-{name}", cpu_share=shares[name], memory_bytes=None
                     )
-                    # joined at setup: start-up (imports, opening the model) is not what
-                    # a device's speed emulates, and at a 0.1-core share it takes a minute
-                    agent.cgroup = group
+                agents[name] = agent
+                return agent
+
+            async def join(name: str) -> None:
+                agent = launch(name)
+                assert controller is not None
+                await controller.until_online(name)
+                if agent.cgroup is not None:
+                    _limit(agent, float(world.state.memory_bytes[world.state.index(name)]))
+
+            for d in scenario.devices:
+                if d.name not in late:
+                    launch(d.name)
             world = World(
                 scenario,
                 lambda device, cmd: controller.command(device, cmd, WORLD_COMMAND_TIMEOUT_S),
                 lambda device: _kill_agent(agents[device], controller),
+                join,
+                lambda device: controller.until_online(device),
             )
             config = controller_config(
                 scenario, table, ids, endpoint, testbed, algorithm, telemetry, metrics_port
@@ -348,6 +380,7 @@ def controller_config(
         weights_from=scenario.weights_from,
         telemetry=telemetry,
         metrics_port=metrics_port,
+        late_devices=scenario.offline_at_start,
     )
 
 
@@ -357,13 +390,19 @@ def _with_memory_limits(world: World, agents: dict[str, AgentProcess]):
 
     async def setup() -> None:
         for name, agent in agents.items():
-            agent.cgroup.add(agent.process.pid)
-            budget = float(world.state.memory_bytes[world.state.index(name)])
-            runtime = _rss_bytes(agent.process.pid)
-            agent.cgroup.set_memory_limit(int(budget + runtime + RUNTIME_SLACK_BYTES))
+            _limit(agent, float(world.state.memory_bytes[world.state.index(name)]))
         await world.setup()
 
     return setup
+
+
+def _limit(agent: AgentProcess, budget_bytes: float) -> None:
+    """Put a started agent into its cgroup, memory capped at its budget plus its measured
+    runtime plus slack (bytes)."""
+    assert agent.cgroup is not None
+    agent.cgroup.add(agent.process.pid)
+    runtime = _rss_bytes(agent.process.pid)
+    agent.cgroup.set_memory_limit(int(budget_bytes + runtime + RUNTIME_SLACK_BYTES))
 
 
 def _rss_bytes(pid: int) -> int:

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from device_agent.dataplane import DataPlane, RecentMean
-from device_agent.wire import Frame, Kind
+from device_agent.wire import Frame, Kind, encode_frame
 
 TIMEOUT_S = 10.0  # bound on any network wait
 
 
-async def _pair(on_frame):
-    sender = DataPlane("s", lambda frame: asyncio.sleep(0))
-    receiver = DataPlane("r", on_frame)
+async def _pair(on_frame, sender_key: bytes | None = None, receiver_key: bytes | None = None):
+    sender = DataPlane("s", lambda frame: asyncio.sleep(0), key=sender_key)
+    receiver = DataPlane("r", on_frame, key=receiver_key)
     s_host, s_port = await sender.start("127.0.0.1", 0)
     r_host, r_port = await receiver.start("127.0.0.1", 0)
     sender.set_endpoints({"r": f"{r_host}:{r_port}"})
@@ -95,3 +96,120 @@ def test_recent_mean_averages_only_the_latest_window(samples: list[float], windo
         mean.add(s)
     latest = samples[-window:]
     assert mean.value() == pytest.approx(sum(latest) / len(latest))
+
+
+KEY = b"0123456789abcdef0123456789abcdef"
+
+
+async def _until(condition, timeout_s: float = TIMEOUT_S) -> None:
+    """Wait for a condition on the event loop (bounded)."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def _keyed_pair(sender_key: bytes | None = KEY, receiver_key: bytes | None = KEY):
+    """A sender and a receiver plane on loopback, and the frames the receiver took."""
+    got: list[Frame] = []
+
+    async def on_frame(frame: Frame) -> None:
+        got.append(frame)
+
+    sender, receiver = await _pair(on_frame, sender_key, receiver_key)
+    try:
+        yield sender, receiver, got
+    finally:
+        await sender.close()
+        await receiver.close()
+
+
+def test_peers_that_know_the_key_exchange_frames() -> None:
+    async def main() -> list[Frame]:
+        async with _keyed_pair() as (sender, receiver, got):
+            await sender.send("r", Frame(Kind.ACTIVATION, 0, 1, "x", b"data"), TIMEOUT_S)
+            await _until(lambda: got)
+            assert receiver.bad_frames == {}
+            return got
+
+    got = asyncio.run(main())
+    assert [(f.token, f.payload) for f in got] == [(1, b"data")]
+
+
+@pytest.mark.parametrize("sender_key", [None, b"not-the-key-of-this-testbed-0000"])
+def test_a_peer_without_the_key_is_refused(sender_key: bytes | None) -> None:
+    async def main() -> None:
+        async with _keyed_pair(sender_key) as (sender, receiver, got):
+            with contextlib.suppress(ConnectionError):  # the refused stream may break first
+                await sender.send("r", Frame(Kind.ACTIVATION, 0, 1, "x", b"data"), TIMEOUT_S)
+            await _until(lambda: receiver.bad_frames["handshake"] == 1)
+            assert got == []
+
+    asyncio.run(main())
+
+
+def test_a_connection_that_skips_the_handshake_is_closed_unread() -> None:
+    async def main() -> None:
+        async with _keyed_pair() as (_, receiver, got):
+            host, port = receiver._server.sockets[0].getsockname()[:2]  # type: ignore[union-attr]
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(encode_frame(Frame(Kind.ACTIVATION, 0, 1, "x", b"data")))
+            await writer.drain()
+            assert await asyncio.wait_for(reader.read(), TIMEOUT_S)  # the challenge, then EOF
+            writer.close()
+            await _until(lambda: receiver.bad_frames["handshake"] == 1)
+            assert got == []
+
+    asyncio.run(main())
+
+
+def test_work_is_taken_only_from_the_admitted_peers_probes_from_any() -> None:
+    async def main() -> list[Frame]:
+        async with _keyed_pair() as (sender, receiver, got):
+            receiver.admit({"someone-else"})
+            for kind in (Kind.ACTIVATION, Kind.FETCH, Kind.BLOCK_STATE):
+                await sender.send("r", Frame(kind, 0, 0, "x", b"data"), TIMEOUT_S)
+            # one stream, read in order: once the probe is answered, the frames were judged
+            assert await sender.probe("r", TIMEOUT_S) is not None
+            assert receiver.bad_frames["not admitted"] == 3
+            assert got == []
+            receiver.admit({"s"})
+            await sender.send("r", Frame(Kind.ACTIVATION, 0, 2, "x", b"data"), TIMEOUT_S)
+            await _until(lambda: got)
+            return got
+
+    got = asyncio.run(main())
+    assert [f.token for f in got] == [2]
+
+
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=40), st.floats(0.0, 1.0))
+def test_recent_low_is_a_nearest_rank_quantile(samples: list[float], quantile: float) -> None:
+    recent = RecentMean(len(samples))
+    for s in samples:
+        recent.add(s)
+    low = recent.low(quantile)
+    assert low in samples
+    # at most a quantile's share of the samples lies below it, and none below the least
+    assert sum(s < low for s in samples) <= quantile * len(samples)
+    assert recent.low(0.0) == min(samples)
+    assert RecentMean().low(quantile) == 0.0
+
+
+def test_a_cut_link_holds_frames_and_its_probes_fail_until_restored() -> None:
+    async def main() -> list[Frame]:
+        async with _keyed_pair() as (sender, _, got):
+            assert await sender.probe("r", TIMEOUT_S) is not None  # connected and measured
+            sender.shape("r", 0.0, 0.0)
+            with pytest.raises(ConnectionError):
+                await sender.send("r", Frame(Kind.ACTIVATION, 0, 1, "x", b"held"), 0.3)
+            assert await sender.probe("r", 0.3) is None
+            assert sender.unreachable == {"r"}
+            sender.shape("r", None, 0.0)
+            assert await sender.probe("r", TIMEOUT_S) is not None
+            assert sender.unreachable == set()
+            await sender.send("r", Frame(Kind.ACTIVATION, 0, 2, "x", b"after"), TIMEOUT_S)
+            await _until(lambda: got)
+            return got
+
+    got = asyncio.run(main())
+    assert [f.token for f in got] == [2]  # the frame sent while cut never arrived

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,6 +17,7 @@ from emulator.compose import (
     RenderOptions,
     container_model_ref,
     dump,
+    mosquitto_conf,
     project_name,
     prometheus_config,
     render,
@@ -70,6 +72,8 @@ def test_the_committed_testbed_is_the_render_of_the_demo_scenario() -> None:
     # the broker answers at once: without TCP_NODELAY each message waits for a delayed ACK
     assert (COMMITTED / "mosquitto.conf").read_text() == MOSQUITTO_CONF
     assert "\nset_tcp_nodelay true\n" in MOSQUITTO_CONF
+    # nobody anonymous; the passwords are generated at render time, never committed
+    assert "\nallow_anonymous false\n" in MOSQUITTO_CONF
 
 
 def test_prometheus_scrapes_the_controller_and_every_agent() -> None:
@@ -122,3 +126,70 @@ def test_docker_compose_accepts_the_rendered_project(tmp_path: Path) -> None:
     if "is not a docker command" in done.stderr:
         pytest.skip("docker compose v2 is not installed")
     assert done.returncode == 0, done.stderr
+
+
+def _auth_path(command: list[str]) -> str:
+    return command[command.index("--broker-auth") + 1]
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_every_role_logs_in_with_its_own_mounted_credentials(tls: bool) -> None:
+    scenario, options = _demo(tls=tls)
+    doc = render(scenario, options)
+    services = doc["services"]
+    port = 8883 if tls else 1883
+    roles = {"controller": "controller", "testbed": "driver"}
+    roles.update({d: f"agent-{d}" for d in scenario.device_names})
+    for service, identity in roles.items():
+        command = services[service]["command"]
+        assert command[command.index("--broker") + 1] == f"broker:{port}"
+        assert _auth_path(command) == f"/run/secrets/mqtt-{identity}"
+        # its own credentials and nobody else's (agents: and the testbed's data-plane key)
+        key = ["dataplane-key"] if identity.startswith("agent-") else []
+        assert services[service]["secrets"] == [
+            f"mqtt-{identity}",
+            *(["broker-ca"] if tls else []),
+            *key,
+        ]
+        if key:
+            assert command[command.index("--dataplane-key") + 1] == "/run/secrets/dataplane-key"
+    tls_files = ["broker-cert", "broker-key"] if tls else []
+    assert services["broker"]["secrets"] == ["broker-passwd", "broker-acl", *tls_files]
+    used = {s for service in services.values() for s in service.get("secrets", [])}
+    assert used == set(doc["secrets"])
+    assert all(v == {"file": f"./secrets/{k}"} for k, v in doc["secrets"].items())
+    conf = mosquitto_conf(tls=tls).splitlines()
+    assert "allow_anonymous false" in conf and f"listener {port}" in conf
+
+
+def test_swarm_gets_the_same_secrets() -> None:
+    scenario, options = _demo(swarm=True)
+    doc = render(scenario, options)
+    assert set(doc["secrets"]) >= {"broker-passwd", "broker-acl", "mqtt-controller"}
+    assert doc["services"]["broker"]["secrets"] == ["broker-passwd", "broker-acl"]
+    for d in scenario.device_names:
+        assert doc["services"][d]["secrets"] == [f"mqtt-agent-{d}", "dataplane-key"]
+
+
+def test_the_project_holds_the_secrets_but_no_password_is_in_its_files(tmp_path: Path) -> None:
+    scenario, options = _demo()
+    write_project(scenario, DEMO.read_text(), tmp_path, options)
+    secrets_dir = tmp_path / "secrets"
+    doc = yaml.safe_load((tmp_path / "compose.yaml").read_text())
+    assert all((secrets_dir / name).is_file() for name in doc["secrets"])
+    passwords = {
+        name: json.loads((secrets_dir / name).read_text())["password"]
+        for name in doc["secrets"]
+        if name.startswith("mqtt-")
+    }
+    # compose.yaml, mosquitto.conf, prometheus.yml, scenario.yaml
+    public = "".join(p.read_text() for p in tmp_path.iterdir() if p.is_file())
+    assert not [name for name, pw in passwords.items() if pw in public]
+    assert (tmp_path / "mosquitto.conf").read_text() == MOSQUITTO_CONF
+    # a second render (e.g. `testbed up` again) keeps the running testbed's passwords
+    write_project(scenario, DEMO.read_text(), tmp_path, options)
+    again = {n: json.loads((secrets_dir / n).read_text())["password"] for n in passwords}
+    assert again == passwords
+    write_project(scenario, DEMO.read_text(), tmp_path, options, rotate_secrets=True)
+    rotated = {n: json.loads((secrets_dir / n).read_text())["password"] for n in passwords}
+    assert all(rotated[n] != passwords[n] for n in passwords)

@@ -7,12 +7,15 @@ built from this tree once per session (layers cached), so the containers run thi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import docker
 import pytest
 from test_local_backend import SCENARIO, _reference
 
 from emulator.backends.docker import project_resources, run_docker
+from emulator.compose import project_name
 from emulator.images import DEFAULT_TAG, build_image, docker_available
 from emulator.scenario import parse_scenario
 
@@ -63,3 +66,40 @@ def test_a_killed_container_is_recovered(tmp_path: Path, image: str) -> None:
     run = _run(scenario, "myopic", tmp_path, image)
     assert run.result.recoveries == 1  # docker kill of c's container
     assert run.result.output_token_ids == _reference()
+
+
+def test_a_restarted_broker_container_loses_and_repeats_nothing(tmp_path: Path, image: str) -> None:
+    # agents, controller and driver in their containers reconnect; the world's turn after
+    # the restart (token 4) still reaches the driver, once
+    scenario = parse_scenario(
+        {**SCENARIO, "traces": [{"at_token": 4, "link": ["a", "b"], "bandwidth_mbit": 50}]},
+        "e2e-broker",
+    )
+    project = f"{project_name(scenario)}-{os.getpid()}"
+    restarted: list[str] = []
+
+    def on_line(line: str) -> None:
+        if line.startswith("token 2") and not restarted:
+            client = docker.from_env()
+            try:
+                (broker,) = client.containers.list(
+                    filters={
+                        "label": [
+                            f"com.docker.compose.project={project}",
+                            "com.docker.compose.service=broker",
+                        ]
+                    }
+                )
+                broker.restart(timeout=0)
+                restarted.append(broker.name)
+            finally:
+                client.close()
+
+    run = run_docker(
+        scenario, scenario.to_yaml(), "myopic", work_dir=tmp_path, image=image, on_line=on_line
+    )
+    assert restarted
+    assert run.result.broker_losses == 1
+    assert run.result.output_token_ids == _reference()  # nothing lost, nothing twice
+    assert run.result.recoveries == 0
+    assert project_resources(run.project) == {"containers": [], "networks": [], "volumes": []}

@@ -40,6 +40,41 @@ def _kill(agents: dict[str, AgentProcess]):
     return kill
 
 
+def _run_split(tmp_path: Path, scenario, broker: Mosquitto, on_token):
+    """Agents, a controller process and a driver of a scenario over the broker; (outcome,
+    driver, controller process, its stderr)."""
+    path = tmp_path / "scenario.yaml"
+    path.write_text(scenario.to_yaml(), encoding="utf-8")
+    testbed = f"split{os.getpid()}"
+    agents: dict[str, AgentProcess] = {}
+    controller = None
+    try:
+        for d in scenario.devices:
+            agents[d.name] = spawn_agent(
+                scenario, d.name, broker.endpoint, testbed, 0.5,
+                cache_path("smollm2-135m", threads=1), tmp_path,
+            )  # fmt: skip
+        cmd = [
+            sys.executable, "-m", "controller.cli", "controller",
+            "--scenario", str(path), "--broker", broker.endpoint,
+            "--testbed", testbed, "--algorithm", "myopic", "--world-driver", "--json",
+        ]  # fmt: skip
+        controller = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        driver = Driver(scenario, broker.endpoint, testbed, _kill(agents), on_token)
+        outcome = asyncio.run(driver.run(timeout_s=RUN_TIMEOUT_S))
+        _, stderr = controller.communicate(timeout=60)
+    finally:
+        if controller is not None and controller.poll() is None:
+            controller.kill()
+        stop_agents(agents)
+    return outcome, driver, controller, stderr
+
+
 def test_controller_and_driver_run_the_traces_over_mqtt(tmp_path: Path) -> None:
     scenario = parse_scenario(
         {
@@ -56,37 +91,9 @@ def test_controller_and_driver_run_the_traces_over_mqtt(tmp_path: Path) -> None:
         },
         "split",
     )
-    path = tmp_path / "scenario.yaml"
-    path.write_text(scenario.to_yaml(), encoding="utf-8")
-    testbed = f"split{os.getpid()}"
-    agents: dict[str, AgentProcess] = {}
     tokens: list[proto.Progress] = []
     with Mosquitto() as broker:
-        controller = None
-        try:
-            for d in scenario.devices:
-                agents[d.name] = spawn_agent(
-                    scenario, d.name, broker.endpoint, testbed, 0.5,
-                    cache_path("smollm2-135m", threads=1), tmp_path,
-                )  # fmt: skip
-            cmd = [
-                sys.executable, "-m", "controller.cli", "controller",
-                "--scenario", str(path), "--broker", broker.endpoint,
-                "--testbed", testbed, "--algorithm", "myopic", "--world-driver", "--json",
-            ]  # fmt: skip
-            controller = subprocess.Popen(
-                cmd,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            driver = Driver(scenario, broker.endpoint, testbed, _kill(agents), tokens.append)
-            outcome = asyncio.run(driver.run(timeout_s=RUN_TIMEOUT_S))
-            _, stderr = controller.communicate(timeout=60)
-        finally:
-            if controller is not None and controller.poll() is None:
-                controller.kill()
-            stop_agents(agents)
+        outcome, driver, controller, stderr = _run_split(tmp_path, scenario, broker, tokens.append)
     assert outcome.ok, outcome.error
     result = outcome.result
     assert result["output_token_ids"] == _reference(), stderr
@@ -94,4 +101,28 @@ def test_controller_and_driver_run_the_traces_over_mqtt(tmp_path: Path) -> None:
     assert driver.world.failed == ["c"]
     assert [p.token for p in tokens] == list(range(1, SCENARIO["generate_tokens"] + 1))
     assert [p.token_id for p in tokens] == result["output_token_ids"]
+    assert controller.returncode == 0
+
+
+def test_controller_driver_and_agents_get_over_a_restarted_broker(tmp_path: Path) -> None:
+    # the world's turns after the restart (token 4) must still reach the driver, once
+    scenario = parse_scenario(
+        {**SCENARIO, "traces": [{"at_token": 4, "link": ["a", "b"], "bandwidth_mbit": 50}]},
+        "split",
+    )
+    with Mosquitto() as broker:
+
+        def restart_once(progress: proto.Progress) -> None:
+            # on the driver's loop, mid-generation: every role loses the broker, and the
+            # new one has no retained placement, status or session of the old one
+            if progress.token == 2:
+                broker.stop()
+                broker.start()
+
+        outcome, driver, controller, stderr = _run_split(tmp_path, scenario, broker, restart_once)
+    assert outcome.ok, outcome.error
+    result = outcome.result
+    assert result["output_token_ids"] == _reference(), stderr  # nothing lost, nothing twice
+    assert result["broker_losses"] == 1 and driver.broker_losses == 1
+    assert result["recoveries"] == 0
     assert controller.returncode == 0

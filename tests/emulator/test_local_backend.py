@@ -49,11 +49,11 @@ def _scenario(**changes):
 
 
 @cache
-def _reference() -> list[int]:
+def _reference(tokens: int = SCENARIO["generate_tokens"]) -> list[int]:
     opened = open_model("smollm2-135m")
     ids = prompt_ids(_scenario(), opened.tokenizer)
     model = monolithic(opened.source, opened.arch)
-    return model.greedy(ids, SCENARIO["generate_tokens"])
+    return model.greedy(ids, tokens)
 
 
 def _session(pid: int) -> int | None:
@@ -127,6 +127,60 @@ def test_a_device_killed_mid_generation_is_recovered(tmp_path: Path) -> None:
     run = run_local(scenario, "myopic", telemetry="configured", work_dir=tmp_path)
     assert run.result.recoveries == 1
     assert run.result.output_token_ids == _reference()
+    _assert_no_orphans(run.pids)
+
+
+JOIN_DEVICES = [
+    {"name": "a", "compute_gflops": 1.0, "memory_mib": 300, "source": True},
+    {"name": "b", "compute_gflops": 1.0, "memory_mib": 360},
+    {"name": "c", "compute_gflops": 4.0, "memory_mib": 200},
+]
+
+
+def test_a_device_that_joins_late_is_used_from_the_next_replan(tmp_path: Path) -> None:
+    # c, the fastest, is not there at the start: a and b hold the model until it joins
+    scenario = _scenario(
+        devices=JOIN_DEVICES, traces=[{"at_token": 2, "device": "c", "join": True}]
+    )
+    run = run_local(scenario, "myopic", telemetry="configured", work_dir=tmp_path)
+    assert run.result.output_token_ids == _reference()
+    assert run.result.recoveries == 0
+    assert run.result.peak_memory_bytes["c"] > 0  # it held blocks: it was used
+    assert all(s.token >= 2 for s in run.result.switches)
+    _assert_no_orphans(run.pids)
+
+
+def test_a_device_back_after_a_fail_is_used_again(tmp_path: Path) -> None:
+    scenario = _scenario(
+        devices=JOIN_DEVICES,
+        traces=[
+            {"at_token": 2, "device": "c", "fail": True},
+            {"at_token": 4, "device": "c", "join": True},
+        ],
+    )
+    run = run_local(scenario, "myopic", telemetry="configured", work_dir=tmp_path)
+    assert run.result.output_token_ids == _reference()
+    assert run.result.recoveries == 1
+    # blocks moved after c came back: to c, the only device faster than the others
+    assert any(s.token >= 4 for s in run.result.switches)
+    _assert_no_orphans(run.pids)
+
+
+def test_a_device_cut_off_the_source_is_lost_then_used_again(tmp_path: Path) -> None:
+    # measured telemetry: the controller learns of the cut only from the source's probes
+    # (enough tokens after the restore for moving back to c to pay)
+    scenario = _scenario(
+        devices=JOIN_DEVICES,
+        generate_tokens=12,
+        traces=[
+            {"at_token": 2, "link": ["a", "c"], "bandwidth_mbit": 0},
+            {"at_token": 4, "link": ["a", "c"], "bandwidth_mbit": 1000},
+        ],
+    )
+    run = run_local(scenario, "myopic", work_dir=tmp_path)
+    assert run.result.output_token_ids == _reference(12)
+    assert run.result.recoveries == 1
+    assert any(s.token >= 4 for s in run.result.switches)  # c, the fastest, used again
     _assert_no_orphans(run.pids)
 
 

@@ -278,7 +278,7 @@ def test_unknown_key_nested(where, path):
          "links.pairs[0].bandwidth_mbit: must be > 0"),
         (lambda d: d["traces"][1].update(memory_mib=0), "traces[1].memory_mib: must be > 0"),
         (lambda d: d["traces"][2].update(bandwidth_mbit=-2),
-         "traces[2].bandwidth_mbit: must be > 0"),
+         "traces[2].bandwidth_mbit: must be >= 0"),  # 0 cuts the link
         (lambda d: d["traces"][0].update(background_load=1.0),
          "traces[0].background_load: must be < 1"),
         (lambda d: d["traces"][0].update(background_load=-0.1),
@@ -512,3 +512,54 @@ def test_model_validate_directly_also_rejects():
     d["devices"][0]["source"] = False
     with pytest.raises(ValidationError, match="no device has source"):
         Scenario.model_validate(d)
+
+
+def test_join_traces_bring_devices_in_late_or_back():
+    d = base()
+    d["traces"] += [
+        {"at_token": 60, "device": "d1", "join": True},  # back after its fail at 56
+        {"at_token": 10, "device": "d2", "join": True},  # new: offline until token 10
+    ]
+    s = parse_scenario(d, "x")
+    assert [t.kind for t in s.traces][-2:] == ["join", "join"]
+    assert s.offline_at_start == {"d2"}
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        (
+            [{"at_token": 10, "device": "d2", "join": True},
+             {"at_token": 12, "device": "d2", "join": True}],
+            "traces[5].join: d2 is already online at token 12",
+        ),
+        (
+            [{"at_token": 57, "device": "d1", "fail": True}],
+            "traces[4].fail: d1 is already offline at token 57",
+        ),
+        (
+            [{"at_token": 5, "device": "d0", "join": True}],
+            "traces[4].join: the source device is online from the start",
+        ),
+        (
+            [{"at_s": 5.0, "device": "d2", "fail": True},
+             {"at_token": 9, "device": "d2", "join": True}],
+            "traces[4].at_s: d2 has a join trace: its fail and join traces need at_token",
+        ),
+    ],
+)
+def test_fail_and_join_must_alternate(changes, problem):
+    d = base()
+    d["traces"] += changes
+    assert problem in error_of(d)
+
+
+def test_only_a_link_with_the_source_can_be_cut():
+    d = base()
+    d["traces"].append({"at_token": 30, "link": ["d0", "d2"], "bandwidth_mbit": 0})
+    assert parse_scenario(d, "x").traces[-1].bandwidth_mbit == 0
+    d = base()
+    d["traces"].append({"at_token": 30, "link": ["d1", "d2"], "bandwidth_mbit": 0})
+    assert "traces[4].bandwidth_mbit: 0 cuts a link, and only a link with the source" in (
+        error_of(d)
+    )

@@ -222,3 +222,57 @@ def test_source_death_stops_generation(scenario_data, algorithm):
     assert result.failure is not None and result.failure.startswith("token 3:")
     assert len(result.per_token_s) == 3
     assert all(np.isfinite(result.per_token_s))
+
+
+def _placements_by_token(result: SimResult) -> dict[int, np.ndarray]:
+    """The placement decided before each token (0: the first)."""
+    tokens = [0] + [d.token for d in result.decisions]
+    return dict(zip(tokens, result.placements, strict=True))
+
+
+def test_a_device_is_used_only_once_it_joins(scenario_data):
+    # a is the fast device but joins at token 6; the source would rather hand it work
+    data = scenario_data(
+        links=FAST_LINKS,
+        traces=[
+            {"at_token": 1, "device": "s", "background_load": 0.9},
+            {"at_token": 6, "device": "a", "join": True},
+        ],
+    )
+    result = run(data, "myopic")
+    by_token = _placements_by_token(result)
+    used = [t for t, p in by_token.items() if (p == 1).any()]
+    assert used and min(used) >= 6
+
+
+def test_a_device_back_after_a_fail_is_used_again(scenario_data):
+    data = scenario_data(
+        links=FAST_LINKS,
+        traces=[
+            {"at_token": 1, "device": "s", "background_load": 0.9},
+            {"at_token": 4, "device": "a", "fail": True},
+            {"at_token": 10, "device": "a", "join": True},
+        ],
+    )
+    result = run(data, "myopic")
+    by_token = _placements_by_token(result)
+    assert (by_token[min(t for t in by_token if t >= 1)] == 1).any()  # used before the fail
+    assert not any((p == 1).any() for t, p in by_token.items() if 4 <= t < 10)
+    assert any((p == 1).any() for t, p in by_token.items() if t >= 10)
+
+
+def test_a_device_cut_off_the_source_is_lost_until_the_link_is_back(scenario_data):
+    data = scenario_data(
+        links=FAST_LINKS,
+        traces=[
+            {"at_token": 1, "device": "s", "background_load": 0.9},
+            {"at_token": 4, "link": ["s", "a"], "bandwidth_mbit": 0},
+            {"at_token": 10, "link": ["s", "a"], "bandwidth_mbit": 1000},
+        ],
+    )
+    result = run(data, "myopic")
+    by_token = _placements_by_token(result)
+    assert (by_token[min(t for t in by_token if t >= 1)] == 1).any()  # used before the cut
+    assert [d.token for d in result.decisions if d.forced] == [4]  # the cut forced recovery
+    assert not any((p == 1).any() for t, p in by_token.items() if 4 <= t < 10)
+    assert any((p == 1).any() for t, p in by_token.items() if t >= 10)

@@ -143,3 +143,48 @@ def test_at_s_traces_apply_the_same_way(scenario_data):
     w = WorldState.from_scenario(sc)
     w.apply(sc.traces[0])
     np.testing.assert_allclose(w.available_gflops, [20, 10, 2.5])
+
+
+def test_a_late_device_is_offline_until_its_join(scenario_data):
+    s = parse_scenario(
+        scenario_data(
+            traces=[
+                {"at_token": 2, "device": "b", "join": True},
+                {"at_token": 4, "device": "b", "fail": True},
+                {"at_token": 6, "device": "b", "join": True},
+            ]
+        ),
+        "join-test",
+    )
+    state = WorldState.from_scenario(s)
+    b = state.index("b")
+    seen = [bool(state.alive[b])]
+    for trace in s.traces:
+        state.apply(trace)
+        seen.append(bool(state.alive[b]))
+        view = state.view(s, WINDOW)
+        assert (view.compute_gflops[b] > 0) == seen[-1]
+    assert seen == [False, True, False, True]
+
+
+def test_a_cut_link_to_the_source_loses_the_device_until_restored(scenario_data):
+    s = parse_scenario(
+        scenario_data(
+            traces=[
+                {"at_token": 2, "link": ["a", "s"], "bandwidth_mbit": 0},
+                {"at_token": 4, "link": ["s", "a"], "bandwidth_mbit": 50},
+            ]
+        ),
+        "cut-test",
+    )
+    state = WorldState.from_scenario(s)
+    a = state.index("a")
+    before = state.view(s, WINDOW)
+    state.apply(s.traces[0])
+    cut = state.view(s, WINDOW)
+    assert not cut.alive[a] and cut.compute_gflops[a] == 0 and cut.memory_bytes[a] == 0
+    assert cut.bandwidth_mbit[a, 0] == before.bandwidth_mbit[a, 0]  # no zero rate to plan on
+    assert cut.alive[state.index("b")]
+    state.apply(s.traces[1])
+    back = state.view(s, WINDOW)
+    assert back.alive[a] and back.bandwidth_mbit[a, 0] == back.bandwidth_mbit[0, a] == 50
