@@ -323,13 +323,6 @@ def _emulate_docker(sc: Scenario, path: Path, name: str, quiet: bool):
     from emulator.backends.local import LocalBackendError
 
     _model_ref(sc)  # exit 2 now for a model the image cannot run
-    joins = [i for i, t in enumerate(sc.traces) if t.kind == "join"]
-    if joins:
-        raise _fail(
-            f"traces[{joins[0]}].join: the docker backend cannot start devices during a run "
-            "yet (the local and sim backends can)",
-            2,
-        )
     say = (lambda _m: None) if quiet else (lambda m: err.print(f"    {m}", highlight=False))
     if not quiet:
         err.rule(f"{sc.name}: {name} on docker ({sc.generate_tokens} tokens)")
@@ -687,7 +680,7 @@ def testbed_drive(
 ) -> None:
     """The emulator driver (the testbed service): applies traces, prints and saves results."""
     from controller.orchestrator import RunResult
-    from emulator.driver import DriverError, docker_kill, drive, save_outcome
+    from emulator.driver import DriverError, docker_kill, docker_start, drive, save_outcome
     from emulator.report import comparison_table
     from llm.loader import open_model
 
@@ -705,7 +698,15 @@ def testbed_drive(
         )
 
     try:
-        outcome = drive(sc, broker, testbed, docker_kill(project or testbed), on_token, auth)
+        outcome = drive(
+            sc,
+            broker,
+            testbed,
+            docker_kill(project or testbed),
+            on_token,
+            auth,
+            docker_start(project or testbed),
+        )
     except DriverError as exc:
         raise _fail(str(exc), 1) from None
     if not outcome.ok:

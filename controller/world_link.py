@@ -79,3 +79,5 @@ class RemoteWorld:
             raise ControllerError(f"the emulator driver failed at token {token}: {ready.error}")
         for device in ready.failed:
             await ctl.until_gone(device)
+        for device in ready.joined:
+            await ctl.until_online(device)

@@ -33,6 +33,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the parent dies")
     p.add_argument(
+        "--join-file",
+        help="join only once this file exists (a device that joins later; the driver makes it)",
+    )
+    p.add_argument(
         "--dataplane-key",
         type=Path,
         help="file holding the testbed's data-plane secret (peers must prove they know it)",
@@ -90,6 +94,7 @@ def config_from_args(argv: list[str] | None = None) -> AgentConfig:
         exit_with_parent=args.exit_with_parent,
         shaping=args.shaping,
         dataplane_key=key,
+        join_file=args.join_file,
     )
 
 

@@ -67,6 +67,7 @@ STOP_GRACE_S = 3.0  # longest orderly shutdown after SIGTERM before the process 
 #: latency probes per telemetry period (to that many peers in turn)
 PROBES_PER_PERIOD = 4
 GIL_SWITCH_INTERVAL_S = 0.0005  # s; see run_agent
+JOIN_POLL_S = 0.1  # how often a device that joins later looks for its join file (s)
 PACE_MIN_SLEEP_S = 0.0005  # shorter dilation waits are owed, not slept (s)
 #: decode steps whose compute speed is averaged into the measured GFLOP/s
 SPEED_WINDOW = 64
@@ -93,6 +94,8 @@ class AgentConfig:
     broker_auth: mqtt.BrokerAuth | None = None  # None: anonymous (a broker on loopback)
     #: the testbed's shared data-plane secret: peers prove themselves with it (None: by name)
     dataplane_key: bytes | None = None
+    #: a device that joins later: it joins once this file exists (None: at once)
+    join_file: str | None = None
 
 
 @dataclass
@@ -232,6 +235,8 @@ class Agent:
             # beside the data plane: all interfaces in a container, loopback on a laptop
             listen_host = self.config.listen.rpartition(":")[0] or "127.0.0.1"
             self.metrics.serve(self.config.metrics_port, listen_host)
+        if self.config.join_file is not None:
+            await self._until_told_to_join(self.config.join_file)
         testbed = self.config.testbed
         status_topic = proto.device_topic(testbed, self.name, "status")
         offline = proto.Status(name=self.name, state="offline")
@@ -268,6 +273,14 @@ class Agent:
                     delay = min(2 * delay, 2.0)
         finally:
             await self._shutdown()
+
+    async def _until_told_to_join(self, path: str) -> None:
+        """Wait (as long as it takes: a join may come late in a long run) for the file that
+        lets this device join."""
+        if not os.path.exists(path):
+            log.info("%s: waiting for %s before joining", self.name, path)
+        while not os.path.exists(path):
+            await asyncio.sleep(JOIN_POLL_S)
 
     async def _serve(self, client: aiomqtt.Client, status_topic: str) -> None:
         testbed = self.config.testbed

@@ -35,6 +35,9 @@ MAX_PAYLOAD_BYTES = 1 << 20
 #: structures only risk the recursion limit of whoever walks them next
 MAX_JSON_DEPTH = 32
 MAX_REASON_CHARS = 300  # a Malformed reason is cut to this (it goes to logs)
+#: in a device container: the file an agent that joins later waits for before it joins
+#: (``edgepart agent --join-file``; the emulator driver makes it at the join trace)
+JOIN_FILE = "/tmp/edgepart-join"
 
 #: MQTT client sockets send at once: a control message per token must not wait ~40 ms for
 #: Nagle's algorithm to meet the broker's delayed ACK
@@ -214,6 +217,7 @@ class WorldReady(_Message):
     ok: bool = True
     error: str = ""
     failed: tuple[DeviceName, ...] = ()  # devices it killed, for the controller to see gone
+    joined: tuple[DeviceName, ...] = ()  # devices it started, for the controller to see online
 
 
 class Progress(_Message):

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from device_agent import protocol as proto
 from emulator import testbed_secrets as sec
 from emulator.scenario import GgufModel, HfModel, PresetModel, Scenario
 
@@ -124,11 +125,13 @@ def render(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
         },
         "broker": _broker(options),
     }
+    late = scenario.offline_at_start
     for d in scenario.devices:
         agent = [
             "agent", "--name", d.name, "--broker", broker,
             *_broker_auth(sec.agent_user(d.name)),
             "--dataplane-key", f"{sec.MOUNT_DIR}/{sec.DATAPLANE_KEY}",
+            *(["--join-file", proto.JOIN_FILE] if d.name in late else []),
             "--listen", f"0.0.0.0:{DATA_PORT}", "--advertise", f"{d.name}:{DATA_PORT}",
             "--testbed", testbed, "--model", model,
             "--memory-mib", _number(d.memory_mib), "--cpu-share", _number(shares[d.name]),

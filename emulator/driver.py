@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import json
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -22,7 +23,7 @@ import aiomqtt
 
 from device_agent import mqtt
 from device_agent import protocol as proto
-from emulator.live_world import KillDevice, World
+from emulator.live_world import KillDevice, StartDevice, World
 from emulator.scenario import Scenario
 
 log = logging.getLogger("edgepart.driver")
@@ -32,6 +33,7 @@ MQTT_TIMEOUT_S = 30  # per MQTT operation, s
 CONNECT_WINDOW_S = 90.0  # how long the driver retries the broker while the testbed starts, s
 #: how long (s) the driver keeps reconnecting to a broker it lost mid-run (a restart)
 BROKER_LOST_WINDOW_S = 60.0
+JOIN_TIMEOUT_S = 120.0  # for a started device's agent to come online, s
 #: longest whole run (s) before the driver gives up on the controller
 RUN_TIMEOUT_S = 6 * 3600.0
 
@@ -51,13 +53,18 @@ class Driver:
         kill: KillDevice,
         on_token: Callable[[proto.Progress], None] | None = None,
         auth: mqtt.BrokerAuth | None = None,
+        start: StartDevice | None = None,
     ) -> None:
+        """The driver of a scenario's world; ``kill`` and ``start`` act on a device (its
+        process or container) for fail and join traces."""
         self.scenario = scenario
         self.broker = broker
         self.auth = auth
         self.testbed = testbed
         self.on_token = on_token
-        self.world = World(scenario, self._command, kill)
+        self._start = start
+        self.world = World(scenario, self._command, kill, None if start is None else self._join)
+        self._online_at: dict[str, float] = {}  # device -> when it was last seen online
         self.client: aiomqtt.Client | None = None
         self._replies: dict[str, asyncio.Future] = {}
         self._ids = (f"t{i}" for i in itertools.count())
@@ -112,7 +119,7 @@ class Driver:
             )
             try:
                 async with client:
-                    for kind in ("world", "progress", "result", "reply"):
+                    for kind in ("world", "progress", "result", "reply", "status"):
                         await client.subscribe(proto.subscription(self.testbed, kind), qos=1)
                     self.client = client
                     self.connection.set()
@@ -140,6 +147,9 @@ class Driver:
             decoded = proto.decode(topic.kind, payload)
             if isinstance(decoded, proto.Malformed):
                 self._drop_message(decoded)
+            elif isinstance(decoded, proto.Status):
+                if decoded.state == "online":
+                    self._online_at[decoded.name] = time.monotonic()
             elif isinstance(decoded, proto.Reply):
                 fut = self._replies.get(decoded.id)
                 if fut is not None and not fut.done():
@@ -161,6 +171,18 @@ class Driver:
                 "ignored a malformed %s message (%s); logged once per kind", bad.kind, bad.reason
             )
         self.dropped_messages[bad.kind] += 1
+
+    async def _join(self, device: str) -> None:
+        """Start a device and return once its agent says it is online (it then takes the
+        commands that give it the world's state)."""
+        assert self._start is not None
+        started = time.monotonic()
+        await self._start(device)
+        deadline = started + JOIN_TIMEOUT_S
+        while self._online_at.get(device, -math.inf) < started:
+            if time.monotonic() > deadline:
+                raise DriverError(f"{device} not online {JOIN_TIMEOUT_S:.0f} s after its start")
+            await asyncio.sleep(0.05)
 
     def _take_turn(self, token: int) -> None:
         """Queue a turn once: a turn asked again (the controller resends what a lost broker
@@ -185,12 +207,14 @@ class Driver:
         while True:
             token = await self._turns.get()
             try:
+                joined_before = len(self.world.joined)
                 if token == 0:
                     await self.world.setup()
                     killed: list[str] = []
                 else:
                     killed = await self.world.before_token(token)
-                ready = proto.WorldReady(token=token, failed=tuple(killed))
+                joined = tuple(self.world.joined[joined_before:])
+                ready = proto.WorldReady(token=token, failed=tuple(killed), joined=joined)
             except (DriverError, RuntimeError, OSError) as exc:
                 log.error("token %d: %s", token, exc)
                 ready = proto.WorldReady(token=token, ok=False, error=str(exc))
@@ -266,6 +290,44 @@ def docker_kill(project: str) -> KillDevice:
     return kill
 
 
+def docker_start(project: str) -> StartDevice:
+    """Start a device's container (stopped by a kill) and let its agent join: a device that
+    joins later waits for proto.JOIN_FILE (``edgepart agent --join-file``), made here. Compose
+    projects only: a swarm restarts a killed task by itself."""
+
+    async def start(device: str) -> None:
+        import docker
+
+        def run() -> None:
+            client = docker.from_env()
+            try:
+                found = client.containers.list(
+                    all=True,
+                    filters={
+                        "label": [
+                            f"com.docker.compose.project={project}",
+                            f"com.docker.compose.service={device}",
+                        ]
+                    },
+                )
+                if not found:
+                    raise DriverError(f"no container of device {device} in {project}")
+                for container in found:
+                    if container.status != "running":
+                        container.start()
+                    result = container.exec_run(["touch", proto.JOIN_FILE])
+                    if result.exit_code != 0:
+                        raise DriverError(
+                            f"{device}: cannot make {proto.JOIN_FILE}: {result.output!r}"
+                        )
+            finally:
+                client.close()
+
+        await asyncio.to_thread(run)
+
+    return start
+
+
 def save_outcome(outcome: proto.RunOutcome, text: str, out_dir: Path) -> Path:
     """Write the run's JSON (DESIGN's emulate keys plus the text) to out_dir/result.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -284,6 +346,7 @@ def drive(
     kill: KillDevice,
     on_token: Callable[[proto.Progress], None] | None = None,
     auth: mqtt.BrokerAuth | None = None,
+    start: StartDevice | None = None,
 ) -> proto.RunOutcome:
     """Run the driver to the end of the controller's generation (blocking)."""
-    return asyncio.run(Driver(scenario, broker, testbed, kill, on_token, auth).run())
+    return asyncio.run(Driver(scenario, broker, testbed, kill, on_token, auth, start).run())

@@ -158,6 +158,7 @@ def acl(testbed: str, devices: Sequence[str]) -> str:
         DRIVER: [
             ("write", device(any_device, "cmd")),  # the traces: burners, budgets, link rates
             ("read", device(any_device, "reply")),
+            ("read", device(any_device, "status")),  # a device it started is online
             ("read", run("world")),
             ("write", run("world_ready")),
             ("read", run("progress")),

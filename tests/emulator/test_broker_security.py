@@ -307,6 +307,7 @@ def test_an_agent_can_only_do_its_own_part(tmp_path: Path) -> None:
                 driver,
                 *(proto.subscription(TESTBED, k) for k in ("world", "progress", "result")),
                 proto.subscription(TESTBED, "reply"),
+                proto.subscription(TESTBED, "status"),
             )
 
             # agent a: commands to b and to itself, the placement, b's status and reply, a
@@ -332,7 +333,8 @@ def test_an_agent_can_only_do_its_own_part(tmp_path: Path) -> None:
                 (_device("a", "reply"), b"marker-a-reply"),
             ]
             assert await _until(driver, b"marker-a-reply") == [
-                (_device("a", "reply"), b"marker-a-reply")
+                (_device("a", "status"), b"marker-a"),
+                (_device("a", "reply"), b"marker-a-reply"),
             ]
 
             # what the controller sends reaches b, and b's own (allowed) output reaches the

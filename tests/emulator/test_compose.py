@@ -193,3 +193,18 @@ def test_the_project_holds_the_secrets_but_no_password_is_in_its_files(tmp_path:
     write_project(scenario, DEMO.read_text(), tmp_path, options, rotate_secrets=True)
     rotated = {n: json.loads((secrets_dir / n).read_text())["password"] for n in passwords}
     assert all(rotated[n] != passwords[n] for n in passwords)
+
+
+def test_a_device_that_joins_later_waits_for_its_join_file() -> None:
+    scenario, options = _demo()
+    late = parse_scenario(
+        {
+            **yaml.safe_load(scenario.to_yaml()),
+            "traces": [{"at_token": 5, "device": "pi4", "join": True}],
+        },
+        "late",
+    )
+    services = render(late, options)["services"]
+    command = services["pi4"]["command"]
+    assert command[command.index("--join-file") + 1] == "/tmp/edgepart-join"
+    assert all("--join-file" not in services[d]["command"] for d in ("laptop", "minipc"))

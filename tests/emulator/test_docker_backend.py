@@ -103,3 +103,54 @@ def test_a_restarted_broker_container_loses_and_repeats_nothing(tmp_path: Path, 
     assert run.result.output_token_ids == _reference()  # nothing lost, nothing twice
     assert run.result.recoveries == 0
     assert project_resources(run.project) == {"containers": [], "networks": [], "volumes": []}
+
+
+def test_devices_join_in_containers(tmp_path: Path, image: str) -> None:
+    # d's agent waits in its container until its join; c's container is killed, then
+    # started again (a fresh agent, holding nothing)
+    scenario = parse_scenario(
+        {
+            **SCENARIO,
+            "devices": [
+                {"name": "a", "compute_gflops": 1.0, "memory_mib": 300, "source": True},
+                {"name": "b", "compute_gflops": 1.0, "memory_mib": 360},
+                {"name": "c", "compute_gflops": 4.0, "memory_mib": 200},
+                {"name": "d", "compute_gflops": 4.0, "memory_mib": 200},
+            ],
+            "traces": [
+                {"at_token": 2, "device": "d", "join": True},
+                {"at_token": 3, "device": "c", "fail": True},
+                {"at_token": 4, "device": "c", "join": True},
+            ],
+        },
+        "e2e-join",
+    )
+    run = _run(scenario, "myopic", tmp_path, image)
+    assert run.result.output_token_ids == _reference()
+    assert run.result.recoveries <= 1  # c's loss, if it held blocks then
+    assert run.result.detection_s  # the controller saw c go
+    assert "d" in run.result.peak_memory_bytes  # d reported once it joined
+
+
+def test_a_container_cut_off_the_source_is_recovered(tmp_path: Path, image: str) -> None:
+    # the driver cuts the a-c link (frames held in the agents); the controller learns of
+    # it only from a's probes, takes c for lost, and uses it again once the link is back
+    scenario = parse_scenario(
+        {
+            **SCENARIO,
+            "generate_tokens": 12,
+            "devices": [
+                {"name": "a", "compute_gflops": 1.0, "memory_mib": 300, "source": True},
+                {"name": "b", "compute_gflops": 1.0, "memory_mib": 360},
+                {"name": "c", "compute_gflops": 4.0, "memory_mib": 200},
+            ],
+            "traces": [
+                {"at_token": 2, "link": ["a", "c"], "bandwidth_mbit": 0},
+                {"at_token": 4, "link": ["a", "c"], "bandwidth_mbit": 1000},
+            ],
+        },
+        "e2e-cut",
+    )
+    run = _run(scenario, "myopic", tmp_path, image)
+    assert run.result.output_token_ids == _reference(12)
+    assert run.result.recoveries == 1
