@@ -18,6 +18,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_wire import tensors
 
 from device_agent.program import Routes, activation_problem, groups_name
 from device_agent.wire import (
@@ -58,21 +59,6 @@ payloads = st.binary(max_size=96)
 frames = st.builds(Frame, frame_kinds, u32, u32, names, payloads)
 DTYPES = list(DTYPE_CODES)
 SLOW = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@st.composite
-def tensors(draw: st.DrawFn) -> torch.Tensor:
-    """Tensors of every wire dtype, 0..4 dims (empty dims included), from raw bits."""
-    dtype = draw(st.sampled_from(DTYPES))
-    shape = draw(st.lists(st.integers(0, 5), max_size=4))
-    count = 1
-    for s in shape:
-        count *= s
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    raw = bytearray(draw(st.binary(min_size=count * itemsize, max_size=count * itemsize)))
-    if not raw:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape)
 
 
 def kind_of(exc: FrameError) -> str:
