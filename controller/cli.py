@@ -336,6 +336,19 @@ def _emulate_docker(sc: Scenario, path: Path, name: str, quiet: bool):
         raise _fail(str(exc), 1) from None
 
 
+def _keep_partial(exc, json_out: bool) -> None:
+    """Show what a stopped run generated (stderr; with --json also its JSON, plus "error")."""
+    partial = exc.partial
+    if partial is None or not partial.output_token_ids:
+        return
+    err.print(
+        f"partial output ({len(partial.output_token_ids)} tokens): {exc.partial_text}",
+        highlight=False,
+    )
+    if json_out:
+        print(json.dumps({**partial.summary(), "text": exc.partial_text, "error": str(exc)}))
+
+
 def _emulate_local(sc: Scenario, name: str, broker, telemetry, metrics_port, quiet: bool):
     from controller.orchestrator import ControllerError
     from emulator.backends.local import LocalBackendError, run_local
@@ -374,7 +387,10 @@ def _emulate_local(sc: Scenario, name: str, broker, telemetry, metrics_port, qui
             )
         except LocalBackendError as exc:
             raise _fail(str(exc), 2) from None
-        except (ControllerError, RuntimeError, OSError) as exc:
+        except ControllerError as exc:
+            _keep_partial(exc, json_out=quiet)
+            raise _fail(f"{name}: {exc}", 1) from None
+        except (RuntimeError, OSError) as exc:
             raise _fail(f"{name}: {exc}", 1) from None
         bar.update(task, info=f"done in {time.monotonic() - started:.0f} s")
     return run

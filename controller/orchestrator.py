@@ -227,7 +227,13 @@ class _Device:
 
 
 class ControllerError(RuntimeError):
-    """The live run cannot go on (an agent refused, failed or vanished)."""
+    """The live run cannot go on (an agent refused, failed or vanished).
+
+    ``partial`` holds what the run measured and generated until it stopped (set when the
+    generation itself stops; None before it began)."""
+
+    partial: RunResult | None = None
+    partial_text: str = ""  # the partial output decoded (where a tokenizer was at hand)
 
 
 class DevicesLost(Exception):
@@ -338,8 +344,12 @@ class Controller:
         try:
             await self._generate()
         except (ControllerError, NoFeasiblePlacement) as exc:
+            self._finish(start)
             if self.config.announce:
-                await self._announce(proto.RunOutcome(ok=False, error=str(exc)))
+                outcome = proto.RunOutcome(ok=False, error=str(exc), result=self.result.summary())
+                await self._announce(outcome)
+            if isinstance(exc, ControllerError):
+                exc.partial = self.result  # the tokens generated until then are kept
             raise
         self._finish(start)
         if self.config.announce:

@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from controller.orchestrator import Controller, ControllerConfig, RunResult, TelemetryMode
+from controller.orchestrator import (
+    Controller,
+    ControllerConfig,
+    ControllerError,
+    RunResult,
+    TelemetryMode,
+)
 from emulator.live_world import World
 from emulator.scenario import (
     GgufModel,
@@ -327,7 +333,14 @@ def run_local(
             controller.on_joined = world.setup
             if cgroups:
                 controller.on_joined = _with_memory_limits(world, agents)
-            result = asyncio.run(_run(controller, agents))
+            try:
+                result = asyncio.run(_run(controller, agents))
+            except ControllerError as exc:
+                if exc.partial is not None:  # the text generated until the run stopped
+                    exc.partial_text = opened.tokenizer.decode(
+                        exc.partial.output_token_ids, skip_special_tokens=True
+                    )
+                raise
             if on_finished is not None:
                 on_finished(result)
         finally:

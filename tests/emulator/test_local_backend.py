@@ -16,7 +16,9 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from controller.cli import app
 from emulator.backends.local import LocalBackendError, prompt_ids, run_local
 from emulator.broker import Mosquitto, mosquitto_available
 from emulator.scenario import parse_scenario
@@ -310,3 +312,27 @@ def test_a_device_killed_by_hand_during_a_token_is_recovered(tmp_path: Path) -> 
     assert run.result.recoveries == 1
     assert run.result.output_token_ids == _reference()
     _assert_no_orphans(run.pids)
+
+
+def test_survivors_too_small_stop_with_a_clear_error_and_keep_the_output(tmp_path: Path) -> None:
+    # without c, a and b hold less than the model's weights
+    data = {
+        **SCENARIO,
+        "devices": [
+            {"name": "a", "compute_gflops": 1.0, "memory_mib": 300, "source": True},
+            {"name": "b", "compute_gflops": 1.0, "memory_mib": 150},
+            {"name": "c", "compute_gflops": 2.0, "memory_mib": 300},
+        ],
+        "traces": [{"at_token": 3, "device": "c", "fail": True}],
+    }
+    path = tmp_path / "small.yaml"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    result = CliRunner().invoke(
+        app, ["emulate", str(path), "--backend", "local", "--algorithm", "myopic", "--json"]
+    )
+    assert result.exit_code == 1
+    assert "the surviving devices cannot hold the model" in result.stderr
+    partial = json.loads(result.stdout)
+    assert "cannot hold" in partial["error"]
+    assert partial["output_token_ids"] == _reference()[:3]  # the tokens before the loss
+    assert partial["text"] and "partial output (3 tokens)" in result.stderr
