@@ -595,7 +595,7 @@ class Agent:
         self.done_positions.clear()
 
         def reset_caches() -> None:
-            for block in self.host.blocks.values():
+            for block in self.host.held():
                 if isinstance(block, KVGroupBlock):
                     block.reset()
 

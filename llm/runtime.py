@@ -116,11 +116,17 @@ class BlockHost:
 
     def weight_bytes(self) -> int:
         """Bytes of all weights held."""
-        return sum(b.weight_bytes() for b in self.blocks.values())
+        return sum(b.weight_bytes() for b in self.held())
 
     def cache_bytes(self) -> int:
         """Bytes of all KV caches held (used positions)."""
-        return sum(b.cache_bytes() for b in self.blocks.values() if isinstance(b, KVGroupBlock))
+        return sum(b.cache_bytes() for b in self.held() if isinstance(b, KVGroupBlock))
+
+    def held(self) -> list[AnyBlock]:
+        """The blocks held now, as a list taken at once: a device agent adds and drops blocks
+        in one thread while another reports on them, and a dict iterated while it changes
+        raises."""
+        return list(self.blocks.values())
 
 
 @dataclass
