@@ -616,16 +616,17 @@ class Controller:
         now = time.monotonic()
         source = self.devices[self.config.source].telemetry
         cut_off = set(source.unreachable_peers) if source is not None else set()
-        return np.array(
-            [
+        alive = []
+        for name in self.config.devices:
+            d = self.devices[name]
+            alive.append(
                 d.telemetry is not None
                 and d.status is not None
                 and d.status.state == "online"
                 and now - d.telemetry_at <= TELEMETRY_STALE_S
                 and name not in cut_off
-                for name, d in ((name, self.devices[name]) for name in self.config.devices)
-            ]
-        )
+            )
+        return np.array(alive)
 
     def _resources(self, window: PlanningWindow) -> ResourceView:
         alive = self._alive()

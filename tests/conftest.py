@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -143,6 +144,28 @@ def scenario_data() -> Callable[..., dict[str, Any]]:
         return data
 
     return make
+
+
+class ReplayedMessages:
+    """What an MQTT reading loop uses of a client: these (topic, payload) messages, in order;
+    publishing does nothing (for feeding a loop exact bytes no broker would reorder)."""
+
+    def __init__(self, messages: list[tuple[str, bytes]]) -> None:
+        self.messages = self._iterate(messages)
+
+    @staticmethod
+    async def _iterate(messages: list[tuple[str, bytes]]):
+        for topic, payload in messages:
+            yield SimpleNamespace(topic=SimpleNamespace(value=topic), payload=payload)
+
+    async def publish(self, *args: Any, **kwargs: Any) -> None:
+        """Dropped: the loops under test only read."""
+
+
+@pytest.fixture
+def replayed() -> type[ReplayedMessages]:
+    """Factory: a client-like object replaying messages to a reading loop."""
+    return ReplayedMessages
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,21 +19,6 @@ from device_agent import protocol as proto
 
 TESTBED = "tb"
 DEVICES = ("d0", "d1")
-
-
-class _Client:
-    """What the reading loop uses of an MQTT client: the messages, in order."""
-
-    def __init__(self, messages: list[tuple[str, bytes]]) -> None:
-        self.messages = self._iterate(messages)
-
-    @staticmethod
-    async def _iterate(messages: list[tuple[str, bytes]]):
-        for topic, payload in messages:
-            yield SimpleNamespace(topic=SimpleNamespace(value=topic), payload=payload)
-
-    async def publish(self, *args, **kwargs) -> None:
-        pass
 
 
 def _controller() -> Controller:
@@ -71,7 +55,7 @@ def _telemetry(name: str) -> bytes:
 
 
 def test_malformed_messages_are_counted_per_kind_and_logged_once(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, replayed
 ) -> None:
     topic = proto.device_topic
     bad = [
@@ -90,7 +74,7 @@ def test_malformed_messages_are_counted_per_kind_and_logged_once(
     seen: list[object] = []
     controller.on_run_message = seen.append
     with caplog.at_level(logging.WARNING, logger="edgepart.controller"):
-        asyncio.run(controller._read(_Client(bad + good)))
+        asyncio.run(controller._read(replayed(bad + good)))
 
     want = {"telemetry": 3, "status": 1, "reply": 2, "world_ready": 1}
     assert dict(controller.dropped_by_kind) == want

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from types import SimpleNamespace
 
 import pytest
 
@@ -29,24 +28,12 @@ SCENARIO = {
 }
 
 
-class _Client:
-    """What the reading loop uses of an MQTT client: the messages, in order."""
-
-    def __init__(self, messages: list[tuple[str, bytes]]) -> None:
-        self.messages = self._iterate(messages)
-
-    @staticmethod
-    async def _iterate(messages: list[tuple[str, bytes]]):
-        for topic, payload in messages:
-            yield SimpleNamespace(topic=SimpleNamespace(value=topic), payload=payload)
-
-
 async def _no_kill(device: str) -> None:
     raise AssertionError("nothing is killed here")
 
 
 def test_malformed_messages_are_counted_per_kind_and_logged_once(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, replayed
 ) -> None:
     run = proto.run_topic
     bad = [
@@ -70,7 +57,7 @@ def test_malformed_messages_are_counted_per_kind_and_logged_once(
             parse_scenario(SCENARIO, "driver"), "127.0.0.1:1883", TESTBED, _no_kill, tokens.append
         )
         driver._outcome = asyncio.get_running_loop().create_future()
-        await driver._read(_Client(bad + good))
+        await driver._read(replayed(bad + good))
         assert driver._turns.get_nowait() == 2
         assert driver._outcome.result() == outcome
         return driver
