@@ -25,7 +25,7 @@ decode step at the same n (median over --reps steps, caches rolled back after ea
 The embedding lookup and the orchestration between blocks carry no FLOPs, so they are
 what the prediction leaves out.
 
-Run: ``.venv/bin/python benchmarks/block_calibration.py [--quick] [--reps R] [--warmup W]
+Run: ``.venv/bin/python -m benchmarks.block_calibration [--quick] [--reps R] [--warmup W]
 [--contexts N ...] [--threads T] [--out DIR]``.
 Writes DIR/block_calibration.json; its top-level ``cpu``, ``threads`` and ``gflops``
 ({"group": {"<n>": x, ...}, "proj": x, "ffn": x, "head": x}) are what a cost model loads.
@@ -33,24 +33,20 @@ Writes DIR/block_calibration.json; its top-level ``cpu``, ``threads`` and ``gflo
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import os
 from typing import Any
 
 import numpy as np
 import torch
 
 from benchmarks.common import (
+    BenchParser,
+    ByMode,
     console,
     environment,
-    make_parser,
+    load1,
+    load_note,
+    load_span,
     num,
-    parse,
     print_table,
     stats,
     write_json,
@@ -63,10 +59,11 @@ from llm.runtime import monolithic
 
 NAME = "block_calibration"
 MODEL = "smollm2-135m"
-CONTEXTS = (32, 128, 512, 1024)
-CONTEXTS_QUICK = (32, 128)
-REPS, REPS_QUICK = 30, 5
-WARMUP, WARMUP_QUICK = 3, 1
+DEFAULTS = {
+    "contexts": ByMode((32, 128, 512, 1024), (32, 128)),
+    "reps": ByMode(30, 5),
+    "warmup": ByMode(3, 1),
+}
 FOCUS_CONTEXT = 128
 
 
@@ -87,35 +84,27 @@ def predict_token_s(spec, counts: dict[str, int], gflops: dict[str, Any], n: int
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns what it writes to DIR/block_calibration.json."""
-    parser = make_parser(__doc__.splitlines()[0], default_seeds=1, quick_seeds=1)
+    parser = BenchParser(NAME, __doc__.splitlines()[0], DEFAULTS)
     parser.add_argument(
-        "--reps", type=int, default=None,
-        help=f"timed passes per point ({REPS}; quick {REPS_QUICK})",
+        "--reps", type=int, default=None, help=f"timed passes per point ({DEFAULTS['reps']})"
     )
     parser.add_argument(
         "--warmup", type=int, default=None,
-        help=f"untimed passes before each point ({WARMUP}; quick {WARMUP_QUICK})",
+        help=f"untimed passes before each point ({DEFAULTS['warmup']})",
     )
     parser.add_argument(
         "--contexts", type=int, nargs="+", default=None,
-        help=f"KV-group context lengths ({' '.join(map(str, CONTEXTS))}; quick "
-        f"{' '.join(map(str, CONTEXTS_QUICK))})",
+        help=f"KV-group context lengths ({DEFAULTS['contexts']})",
     )
-    parser.add_argument(
-        "--threads", type=int, default=None,
-        help="torch threads (default: torch.get_num_threads())",
-    )
-    args = parse(parser, argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    reps = args.reps or (REPS_QUICK if args.quick else REPS)
-    warmup = args.warmup if args.warmup is not None else (WARMUP_QUICK if args.quick else WARMUP)
-    contexts = tuple(sorted(set(args.contexts or (CONTEXTS_QUICK if args.quick else CONTEXTS))))
+    parser.add_threads_option()
+    args = parser.parse(argv)
+    reps, warmup = args.reps, args.warmup
+    contexts = tuple(sorted(set(args.contexts)))
     if min(contexts) < 1:
         parser.error("--contexts must be at least 1")
     threads = torch.get_num_threads()
     cpu = cpu_name()
-    load_start = os.getloadavg()
+    load_start = load1()
 
     console.rule(f"loading {MODEL}")
     om = open_model(MODEL)
@@ -164,8 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows,
         caption="block FLOPs from llm.blocks; counters "
         + ("agree" if counters_agree else "DISAGREE")
-        + f"; machine load not controlled (1-min load average {load_start[0]:.2f} at the "
-        f"start, {os.getloadavg()[0]:.2f} now)",
+        + f"; {load_note(load_start)}",
     )
 
     console.print(
@@ -209,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": MODEL,
         "dtype": "float32",
         "environment": environment(),
-        "load_average_1min": {"start": load_start[0], "end": os.getloadavg()[0]},
+        "load_average_1min": load_span(load_start),
         "setup": {
             "contexts": list(contexts),
             "reps": reps,

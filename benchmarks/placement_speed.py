@@ -12,33 +12,29 @@ MILP: optimal.solve on 5 devices x the 2-layer, 8-head small model of placement_
 (its instances 0..seeds-1, a third memory-tight), fresh and after the same load change;
 median over the seeds.
 
-Run: ``.venv/bin/python benchmarks/placement_speed.py [--quick] [--seeds N] [--out DIR]``
+Run: ``.venv/bin/python -m benchmarks.placement_speed [--quick] [--seeds N] [--out DIR]``
 Writes DIR/placement_speed.json and DIR/placement_speed.png.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks.common import (
+    BenchParser,
+    ByMode,
     console,
     environment,
-    make_parser,
     ms,
     num,
-    parse,
     print_table,
     print_targets,
     pyplot,
+    save_figure,
     stats,
     target,
     timed,
@@ -56,8 +52,11 @@ from llm.blocks import BlockTable, block_table
 from llm.model import ModelSpec, preset, with_kv_heads
 
 NAME = "placement_speed"
-DEVICES = (5, 10, 25, 50, 100)
-DEVICES_QUICK = (5, 10)
+DEFAULTS = {
+    "seeds": ByMode(5, 2),
+    "runs": ByMode(5, 1),
+    "devices": ByMode((5, 10, 25, 50, 100), (5, 10)),
+}
 PROMPT, GENERATE, REPLAN_EVERY = 128, 256, 8
 BANDWIDTH_MBIT = (100.0, 1000.0)
 LATENCY_MS = (0.5, 5.0)
@@ -205,25 +204,24 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("myopic placement time")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    console.print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns what it writes to DIR/placement_speed.json."""
-    parser = make_parser(__doc__.splitlines()[0], default_seeds=5, quick_seeds=2)
-    parser.add_argument("--runs", type=int, default=None, help="timed runs per point (5; quick 1)")
+    parser = BenchParser(NAME, __doc__.splitlines()[0], DEFAULTS)
     parser.add_argument(
-        "--devices", type=int, nargs="+", default=None, help="device counts (5 10 25 50 100)"
+        "--runs", type=int, default=None, help=f"timed runs per point ({DEFAULTS['runs']})"
+    )
+    parser.add_argument(
+        "--devices", type=int, nargs="+", default=None,
+        help=f"device counts ({DEFAULTS['devices']})",
     )
     parser.add_argument(
         "--milp-time-limit", type=float, default=60.0, help="HiGHS time limit per solve (s)"
     )
-    args = parse(parser, argv)
-    runs = args.runs or (1 if args.quick else 5)
-    devices = tuple(args.devices or (DEVICES_QUICK if args.quick else DEVICES))
+    args = parser.parse(argv)
+    runs, devices = args.runs, tuple(args.devices)
 
     console.rule("myopic decision time")
     results = []

@@ -40,50 +40,53 @@ blocks.
 The machine's load is not controlled (other processes may share the CPU; the 1-minute
 load average is recorded); every wait is bounded.
 
-Run: ``.venv/bin/python benchmarks/runtime_overhead.py [--quick] [--rounds N]
+Run: ``.venv/bin/python -m benchmarks.runtime_overhead [--quick] [--rounds N]
 [--tokens N] [--devices N ...] [--mono-rounds R] [--out DIR]``. Writes
 DIR/runtime_overhead.json; agent logs go under DIR/local/.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import asyncio
 import itertools
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from benchmarks.common import (
+    BenchParser,
+    ByMode,
     console,
     environment,
-    make_parser,
+    line_printer,
+    load1,
+    load_span,
     ms,
     num,
-    parse,
     print_table,
     print_targets,
+    quiet_cancelled,
     stats,
     target,
+    tokens_per_s,
     write_json,
 )
+from emulator.scenario import MIB
 
 NAME = "runtime_overhead"
 MODEL = "smollm2-135m"
-ROUNDS, ROUNDS_QUICK = 2000, 200
+DEFAULTS = {
+    "rounds": ByMode(2000, 200),
+    "tokens": ByMode(24, 8),
+    "devices": ByMode([1, 2, 4], [1, 2]),
+    "mono_rounds": ByMode(2, 1),
+}
 WARMUP_ROUNDS = 50
-TOKENS, TOKENS_QUICK = 24, 8
-DEVICES, DEVICES_QUICK = [1, 2, 4], [1, 2]
-MONO_ROUNDS, MONO_ROUNDS_QUICK = 2, 1
 TOTAL_GFLOPS = 7.0
 MEMORY_MIB = 1024
 PROMPT_TOKENS = 32
@@ -94,18 +97,6 @@ LISTENER_TIMEOUT_S = 10.0  # for the reply listener to subscribe, stop or catch 
 
 def _p90(values: list[float]) -> float | None:
     return float(np.percentile(values, 90)) if values else None
-
-
-def quiet_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """Loop exception handler: drop the CancelledError asyncio's stream callback logs.
-
-    ``DataPlane.close`` cancels its connection readers; on Python 3.11 asyncio's
-    StreamReaderProtocol then calls ``exception()`` on the cancelled task in a callback and
-    logs the resulting CancelledError with a traceback. Anything else goes to the default.
-    """
-    if isinstance(context.get("exception"), asyncio.CancelledError):
-        return
-    loop.default_exception_handler(context)
 
 
 # ---------------------------------------------------------------- (a) hop latency
@@ -296,7 +287,7 @@ def local_run(devices: int, tokens: int, work_dir: Path, listen: bool) -> dict[s
             with DecodeReplies(broker.endpoint, scenario.source_name) as replies:
                 run = run_local(
                     scenario, "myopic", broker=broker.endpoint, work_dir=work_dir,
-                    status=lambda m: console.print(f"    {m}"),
+                    status=line_printer("    "),
                 )  # fmt: skip
                 # the prefill's reply, then one per timed token
                 expected = len(run.result.per_token_s) + 1
@@ -309,21 +300,20 @@ def local_run(devices: int, tokens: int, work_dir: Path, listen: bool) -> dict[s
         else:
             run = run_local(
                 scenario, "myopic", broker=broker.endpoint, work_dir=work_dir,
-                status=lambda m: console.print(f"    {m}"),
+                status=line_printer("    "),
             )  # fmt: skip
     finally:
         broker.stop()
     r = run.result
-    decode_s = sum(r.per_token_s)
     return {
         "devices": devices,
         "compute_gflops_each": TOTAL_GFLOPS / devices,
         "tokens": len(r.per_token_s),
         "per_token_s": stats(r.per_token_s),
-        "tokens_per_s": len(r.per_token_s) / decode_s if decode_s > 0 else None,
+        "tokens_per_s": tokens_per_s(r.per_token_s),
         "total_s": r.total_s,
         "migrations": r.migrations,
-        "peak_memory_mib": {k: v / 2**20 for k, v in r.peak_memory_bytes.items()},
+        "peak_memory_mib": {k: v / MIB for k, v in r.peak_memory_bytes.items()},
         "cpu_share": run.shares,
         "share_total": sum(run.shares.values()),
         "isolation": run.isolation,
@@ -392,33 +382,31 @@ def monolithic_reference(tokens: int, rounds: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns what it writes to DIR/runtime_overhead.json."""
-    parser = make_parser(__doc__.splitlines()[0], default_seeds=1, quick_seeds=1)
+    parser = BenchParser(NAME, __doc__.splitlines()[0], DEFAULTS)
     parser.add_argument(
         "--rounds", type=int, default=None,
-        help=f"timed ping-pong round trips ({ROUNDS}; quick {ROUNDS_QUICK})",
+        help=f"timed ping-pong round trips ({DEFAULTS['rounds']})",
     )
     parser.add_argument(
         "--tokens", type=int, default=None,
-        help=f"tokens per local run and monolithic round ({TOKENS}; quick {TOKENS_QUICK})",
+        help=f"tokens per local run and monolithic round ({DEFAULTS['tokens']})",
     )
     parser.add_argument(
         "--devices", type=int, nargs="+", default=None,
-        help=f"device counts for (c) ({DEVICES}; quick {DEVICES_QUICK}); 1 is always run",
+        help=f"device counts for (c) ({DEFAULTS['devices']}); 1 is always run",
     )
     parser.add_argument(
         "--mono-rounds", type=int, default=None,
-        help=f"timed monolithic generations ({MONO_ROUNDS}; quick {MONO_ROUNDS_QUICK})",
+        help=f"timed monolithic generations ({DEFAULTS['mono_rounds']})",
     )
-    args = parse(parser, argv)
-    rounds = args.rounds or (ROUNDS_QUICK if args.quick else ROUNDS)
-    tokens = args.tokens or (TOKENS_QUICK if args.quick else TOKENS)
-    counts = sorted({1, *(args.devices or (DEVICES_QUICK if args.quick else DEVICES))})
-    mono_rounds = args.mono_rounds or (MONO_ROUNDS_QUICK if args.quick else MONO_ROUNDS)
+    args = parser.parse(argv)
+    rounds, tokens, mono_rounds = args.rounds, args.tokens, args.mono_rounds
+    counts = sorted({1, *args.devices})
     if tokens < 3:
         parser.error("--tokens must be at least 3 (two decode steps after the prefill)")
     if any(n < 1 for n in counts):
         parser.error("--devices must be positive")
-    load_start = os.getloadavg()
+    load_start = load1()
     work_dir = args.out / "local"
 
     from llm.host_profile import host_profile
@@ -479,22 +467,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{hop['rounds']} round trips",
         ["measure", "median", "p90", "p95", "min", "max"],
         [
-            (
-                "one-way (round trip / 2)",
-                f"{1e3 * hop['one_way_s']['median']:.3f} ms",
-                f"{1e3 * hop['one_way_p90_s']:.3f} ms",
-                f"{1e3 * hop['one_way_s']['p95']:.3f} ms",
-                f"{1e3 * hop['one_way_s']['min']:.3f} ms",
-                f"{1e3 * hop['one_way_s']['max']:.3f} ms",
-            ),
-            (
-                "round trip",
-                f"{1e3 * hop['round_trip_s']['median']:.3f} ms",
-                f"{1e3 * hop['round_trip_p90_s']:.3f} ms",
-                f"{1e3 * hop['round_trip_s']['p95']:.3f} ms",
-                f"{1e3 * hop['round_trip_s']['min']:.3f} ms",
-                f"{1e3 * hop['round_trip_s']['max']:.3f} ms",
-            ),
+            (label, *(f"{1e3 * v:.3f} ms"
+                      for v in (s["median"], p90, s["p95"], s["min"], s["max"])))
+            for label, s, p90 in (
+                ("one-way (round trip / 2)", hop["one_way_s"], hop["one_way_p90_s"]),
+                ("round trip", hop["round_trip_s"], hop["round_trip_p90_s"]),
+            )
         ],
         caption="includes serialising, framing, TCP on loopback, reading and parsing",
     )
@@ -564,7 +542,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "ping_pong_warmup": WARMUP_ROUNDS,
             "monolithic_rounds": mono_rounds,
         },
-        "load_average_1min": {"start": load_start[0], "end": os.getloadavg()[0]},
+        "load_average_1min": load_span(load_start),
         "hop": hop,
         "control": control,
         "control_fallback": fallback,
