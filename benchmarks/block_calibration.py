@@ -43,6 +43,7 @@ from benchmarks.common import (
     ByMode,
     console,
     environment,
+    line_printer,
     load1,
     load_note,
     load_span,
@@ -82,8 +83,8 @@ def predict_token_s(spec, counts: dict[str, int], gflops: dict[str, Any], n: int
     )
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns what it writes to DIR/block_calibration.json."""
+def make_parser() -> BenchParser:
+    """The command line: the common options, passes, contexts and threads."""
     parser = BenchParser(NAME, __doc__.splitlines()[0], DEFAULTS)
     parser.add_argument(
         "--reps", type=int, default=None, help=f"timed passes per point ({DEFAULTS['reps']})"
@@ -97,6 +98,90 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help=f"KV-group context lengths ({DEFAULTS['contexts']})",
     )
     parser.add_threads_option()
+    return parser
+
+
+def summarise(measured: dict[str, Any], contexts: tuple[int, ...]) -> dict[str, Any]:
+    """measure_gflops' result for the JSON: blocks and whole-token steps with their times as
+    statistics, the KV group's time fitted against n, whether the FLOP counters agree."""
+    raw = measured["blocks"]
+    blocks = {
+        "group": {n: summarised(e) for n, e in raw["group"].items()},
+        **{kind: summarised(e) for kind, e in raw.items() if kind != "group"},
+    }
+    whole_token = {
+        n: {"step_s": stats(e["step_s"]), "median_s": e["median_s"]}
+        for n, e in measured["whole_token"].items()
+    }
+    # Per-call time of a KV group against n: mostly fixed, a cost model can interpolate with it.
+    ns = np.array(contexts, dtype=float)
+    ts = np.array([blocks["group"][str(n)]["block_s"] for n in contexts])
+    per_context, fixed = np.polyfit(ns, ts, 1) if len(ns) > 1 else (0.0, float(ts[0]))
+    counters_agree = all(
+        e["flops"] == e["flops_counter"]
+        for e in (*blocks["group"].values(), blocks["proj"], blocks["ffn"], blocks["head"])
+    )
+    return {
+        "blocks": blocks,
+        "group_time_fit": {"fixed_s": float(fixed), "per_context_s": float(per_context)},
+        "flops_counters_agree": counters_agree,
+        "whole_token": whole_token,
+    }
+
+
+def print_blocks(title: str, blocks: dict[str, Any], gflops: dict[str, Any], caption: str) -> None:
+    """One line per block type (a KV group per context): FLOPs, time per block, GFLOP/s."""
+    rows = [
+        (f"KV group, n={n}", e["flops"], f"{1e6 * e['block_s']:.1f} us",
+         num(gflops["group"][str(n)], ".2f"))
+        for n, e in blocks["group"].items()
+    ]  # fmt: skip
+    for kind, label in (("proj", "projection"), ("ffn", "FFN"), ("head", "LM head")):
+        e = blocks[kind]
+        rows.append((label, e["flops"], f"{1e6 * e['block_s']:.1f} us", num(gflops[kind], ".2f")))
+    rows.append(("embedding (no FLOPs)", 0, f"{1e6 * blocks['embed']['block_s']:.1f} us", "-"))
+    print_table(title, ["block", "FLOPs", "time / block", "GFLOP/s"], rows, caption=caption)
+
+
+def predict(spec, counts: dict[str, int], gflops: dict[str, Any],
+            whole_token: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Per context: the cost model's token time against the measured decode step (s)."""
+    prediction = {}
+    for n, step in whole_token.items():
+        predicted = predict_token_s(spec, counts, gflops, int(n))
+        prediction[n] = {
+            "predicted_s": predicted,
+            "measured_s": step["median_s"],
+            "predicted_over_measured": predicted / step["median_s"],
+        }
+    return prediction
+
+
+def print_prediction(prediction: dict[str, Any]) -> None:
+    """The cost model against the measured step per context, FOCUS_CONTEXT's in a line too."""
+    print_table(
+        "cost model vs measured monolithic decode step",
+        ["context n", "predicted", "measured", "predicted / measured"],
+        [
+            (f"{n}{' *' if int(n) == FOCUS_CONTEXT else ''}",
+             f"{1000 * p['predicted_s']:.2f} ms", f"{1000 * p['measured_s']:.2f} ms",
+             num(p["predicted_over_measured"], ".3f"))
+            for n, p in prediction.items()
+        ],
+        caption="predicted = sum over blocks of FLOPs / GFLOP/s of the block's type; the "
+        "embedding and hand-offs are not in it",
+    )  # fmt: skip
+    if str(FOCUS_CONTEXT) in prediction:
+        p = prediction[str(FOCUS_CONTEXT)]
+        console.print(
+            f"n={FOCUS_CONTEXT}: cost model {1000 * p['predicted_s']:.2f} ms vs measured "
+            f"{1000 * p['measured_s']:.2f} ms per token ({p['predicted_over_measured']:.3f}x)"
+        )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns what it writes to DIR/block_calibration.json."""
+    parser = make_parser()
     args = parser.parse(argv)
     reps, warmup = args.reps, args.warmup
     contexts = tuple(sorted(set(args.contexts)))
@@ -109,84 +194,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     console.rule(f"loading {MODEL}")
     om = open_model(MODEL)
     model = monolithic(om.source, om.arch)
-    spec = om.arch.spec
     console.print(f"  {om.file.path.name} on {cpu}, {threads} torch threads")
     console.rule(f"decode-mode block times: {warmup} warm-up + {reps} timed passes each")
     measured = measure_gflops(
-        model, contexts, warmup, reps, whole_token=True, progress=lambda m: console.print(f"  {m}")
+        model, contexts, warmup, reps, whole_token=True, progress=line_printer("  ")
     )
     gflops = gflops_only(measured)
     counts = measured["block_counts"]
     # The JSON keeps summaries of the raw pass and step times, not the times themselves.
-    raw = measured["blocks"]
-    blocks = {
-        "group": {n: summarised(e) for n, e in raw["group"].items()},
-        **{kind: summarised(e) for kind, e in raw.items() if kind != "group"},
-    }
-    whole_token = {
-        n: {"step_s": stats(e["step_s"]), "median_s": e["median_s"]}
-        for n, e in measured["whole_token"].items()
-    }
-
-    # Per-call time of a KV group against n: mostly fixed, a cost model can interpolate with it.
-    ns = np.array(contexts, dtype=float)
-    ts = np.array([blocks["group"][str(n)]["block_s"] for n in contexts])
-    per_context, fixed = np.polyfit(ns, ts, 1) if len(ns) > 1 else (0.0, float(ts[0]))
-    group_fit = {"fixed_s": float(fixed), "per_context_s": float(per_context)}
-    counters_agree = all(
-        e["flops"] == e["flops_counter"]
-        for e in (*blocks["group"].values(), blocks["proj"], blocks["ffn"], blocks["head"])
-    )
-
-    rows = [
-        (f"KV group, n={n}", e["flops"], f"{1e6 * e['block_s']:.1f} us",
-         num(gflops["group"][str(n)], ".2f"))
-        for n, e in blocks["group"].items()
-    ]
-    for kind, label in (("proj", "projection"), ("ffn", "FFN"), ("head", "LM head")):
-        e = blocks[kind]
-        rows.append((label, e["flops"], f"{1e6 * e['block_s']:.1f} us", num(gflops[kind], ".2f")))
-    rows.append(("embedding (no FLOPs)", 0, f"{1e6 * blocks['embed']['block_s']:.1f} us", "-"))
-    print_table(
+    summary = summarise(measured, contexts)
+    print_blocks(
         f"{MODEL} decode-mode blocks on {cpu}, {threads} threads (median of {reps})",
-        ["block", "FLOPs", "time / block", "GFLOP/s"],
-        rows,
+        summary["blocks"],
+        gflops,
         caption="block FLOPs from llm.blocks; counters "
-        + ("agree" if counters_agree else "DISAGREE")
+        + ("agree" if summary["flops_counters_agree"] else "DISAGREE")
         + f"; {load_note(load_start)}",
     )
-
+    fit = summary["group_time_fit"]
     console.print(
-        f"KV group time ~ {1e6 * fixed:.1f} us + {1e9 * per_context:.1f} ns x n "
-        "(least squares over the contexts)"
+        f"KV group time ~ {1e6 * fit['fixed_s']:.1f} us + {1e9 * fit['per_context_s']:.1f} ns "
+        "x n (least squares over the contexts)"
     )
-    prediction = {}
-    for n in contexts:
-        predicted = predict_token_s(spec, counts, gflops, n)
-        step_s = whole_token[str(n)]["median_s"]
-        prediction[str(n)] = {
-            "predicted_s": predicted,
-            "measured_s": step_s,
-            "predicted_over_measured": predicted / step_s,
-        }
-    print_table(
-        "cost model vs measured monolithic decode step",
-        ["context n", "predicted", "measured", "predicted / measured"],
-        [
-            (f"{n}{' *' if int(n) == FOCUS_CONTEXT else ''}",
-             f"{1000 * p['predicted_s']:.2f} ms", f"{1000 * p['measured_s']:.2f} ms",
-             num(p["predicted_over_measured"], ".3f"))
-            for n, p in prediction.items()
-        ],
-        caption="predicted = sum over blocks of FLOPs / GFLOP/s of the block's type; the "
-        "embedding and hand-offs are not in it",
-    )
-    if str(FOCUS_CONTEXT) in prediction:
-        p = prediction[str(FOCUS_CONTEXT)]
-        console.print(
-            f"n={FOCUS_CONTEXT}: cost model {1000 * p['predicted_s']:.2f} ms vs measured "
-            f"{1000 * p['measured_s']:.2f} ms per token ({p['predicted_over_measured']:.3f}x)"
-        )
+    prediction = predict(om.arch.spec, counts, gflops, summary["whole_token"])
+    print_prediction(prediction)
 
     data = {
         "benchmark": NAME,
@@ -209,10 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "machine load not controlled"
             ),
         },
-        "blocks": blocks,
-        "group_time_fit": group_fit,
-        "flops_counters_agree": counters_agree,
-        "whole_token": whole_token,
+        **summary,
         "prediction": prediction,
     }
     write_json(args.out, NAME, data)

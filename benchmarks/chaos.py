@@ -151,19 +151,10 @@ def run_round(seed: int, tokens: int, work_dir: Path) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the rounds; returns what it writes to DIR/chaos.json."""
-    parser = BenchParser(NAME, __doc__.splitlines()[0], DEFAULTS)
-    parser.add_argument(
-        "--tokens", type=int, default=None, help=f"tokens per round ({DEFAULTS['tokens']})"
-    )
-    args = parser.parse(argv)
-    tokens = args.tokens
-    if tokens < 4:
-        parser.error("--tokens must be at least 4 (room for three faults)")
-    oom_before = kernel_oom_kills()
+def run_rounds(count: int, tokens: int, out: Path) -> list[dict[str, Any]]:
+    """Rounds 0..count-1, each announced and summed up on the console as it ends."""
     rounds = []
-    for seed in range(args.seeds):
+    for seed in range(count):
         plan = round_plan(seed, tokens)
         console.rule(
             f"round {seed}: kill {plan['kill']['device']} at {plan['kill']['at_token']}, "
@@ -171,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{'-'.join(plan['collapse']['link'])} to {plan['collapse']['bandwidth_mbit']:.0f} "
             f"Mbit/s at {plan['collapse']['at_token']}"
         )
-        result = run_round(seed, tokens, args.out / NAME / str(seed))
+        result = run_round(seed, tokens, out / NAME / str(seed))
         if result["survived"]:
             console.print(
                 f"  ids identical: {result['ids_identical']}, recovery "
@@ -181,8 +172,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             console.print(f"  [red]failed[/]: {result['error']}")
         rounds.append(result)
+    return rounds
 
-    survived = [r for r in rounds if r["survived"]]
+
+def print_rounds(rounds: list[dict[str, Any]]) -> None:
+    """One line per round: survived, ids, broker losses, recoveries and their times."""
     print_table(
         "chaos rounds",
         [
@@ -209,6 +203,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for r in rounds
         ],
     )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the rounds; returns what it writes to DIR/chaos.json."""
+    parser = BenchParser(NAME, __doc__.splitlines()[0], DEFAULTS)
+    parser.add_argument(
+        "--tokens", type=int, default=None, help=f"tokens per round ({DEFAULTS['tokens']})"
+    )
+    args = parser.parse(argv)
+    tokens = args.tokens
+    if tokens < 4:
+        parser.error("--tokens must be at least 4 (room for three faults)")
+    oom_before = kernel_oom_kills()
+    rounds = run_rounds(args.seeds, tokens, args.out)
+    print_rounds(rounds)
+
+    survived = [r for r in rounds if r["survived"]]
     without = stats(r["recovery_without_reprefill_s"] for r in survived if r["recoveries"])
     detection = stats(d for r in survived for d in r["detection_s"])
     all_ok = len(survived) == len(rounds) and all(r["ids_identical"] for r in survived)

@@ -316,8 +316,8 @@ def shaped_goodput(rates: list[float], seconds: float) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns what it writes to DIR/emulation_fidelity.json."""
+def make_parser() -> BenchParser:
+    """The command line: the common options, what runs and the goodput's traffic."""
     parser = BenchParser(NAME, __doc__.splitlines()[0], DEFAULTS)
     parser.add_argument(
         "--scenarios", nargs="+", default=None,
@@ -339,23 +339,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--seconds", type=float, default=None,
         help=f"traffic per shaped rate (s; {DEFAULTS['seconds']})",
     )
-    args = parser.parse(argv)
-    scenarios, algorithms = args.scenarios, args.algorithms
-    tokens, seconds = args.tokens, args.seconds
-    if tokens is not None and tokens < 2:
-        parser.error("--tokens must be at least 2 (one decode step after the prefill)")
-    load_start = load1()
-    work_dir = args.out / "local"
+    return parser
 
-    results = [
-        run_scenario(repo_path(s), algorithms, tokens, args.telemetry, work_dir) for s in scenarios
-    ]
-    console.rule("shaped goodput on loopback")
-    goodput = shaped_goodput(RATES_MBIT, seconds)
 
-    ok_runs = [r for sc in results for r in sc["runs"] if r["ok"]]
-    medians = [r["fidelity_median"] for r in ok_runs]
-    targets = [
+def targets_of(results: list[dict[str, Any]], goodput: list[dict[str, Any]]) -> list[dict]:
+    """The fidelity targets over the runs that finished, and the goodput's per rate."""
+    medians = [r["fidelity_median"] for sc in results for r in sc["runs"] if r["ok"]]
+    return [
         target(
             "fidelity median, worst run",
             max(medians) if medians else None,
@@ -370,7 +360,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         target(f"goodput error at {g['rate_mbit']:g} Mbit/s", abs(g["relative_error"]),
                GOODPUT_TARGET)
         for g in goodput
+    ]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns what it writes to DIR/emulation_fidelity.json."""
+    parser = make_parser()
+    args = parser.parse(argv)
+    scenarios, algorithms = args.scenarios, args.algorithms
+    tokens, seconds = args.tokens, args.seconds
+    if tokens is not None and tokens < 2:
+        parser.error("--tokens must be at least 2 (one decode step after the prefill)")
+    load_start = load1()
+    work_dir = args.out / "local"
+
+    results = [
+        run_scenario(repo_path(s), algorithms, tokens, args.telemetry, work_dir) for s in scenarios
     ]
+    console.rule("shaped goodput on loopback")
+    goodput = shaped_goodput(RATES_MBIT, seconds)
+    targets = targets_of(results, goodput)
 
     print_fidelity(results)
     print_headline(results)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -54,6 +55,7 @@ from benchmarks.common import (
     print_targets,
     stats,
     target,
+    timed,
     write_json,
 )
 from llm.loader import OpenModel, open_model
@@ -139,8 +141,8 @@ def decode_steps(stamps: list[float]) -> list[float]:
     return [b - a for a, b in itertools.pairwise(stamps)]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns what it writes to DIR/engine_overhead.json."""
+def make_parser() -> BenchParser:
+    """The command line: the common options, rounds, new tokens and threads."""
     parser = BenchParser(NAME, __doc__.splitlines()[0], DEFAULTS)
     parser.add_argument(
         "--rounds", type=int, default=None,
@@ -151,33 +153,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help=f"new tokens per generation ({DEFAULTS['new_tokens']})",
     )
     parser.add_threads_option("torch threads for both engines")
-    args = parser.parse(argv)
-    rounds, n_new = args.rounds, args.new_tokens
-    if n_new < 2:
-        parser.error("--new-tokens must be at least 2 (one decode step)")
-    threads = torch.get_num_threads()
-    load_start = load1()
+    return parser
 
-    console.rule(f"loading {MODEL}")
-    om = open_model(MODEL)
-    prompt = prompt_ids(om)
-    eos = om.tokenizer.eos_id
-    t0 = time.perf_counter()
-    ours = monolithic(om.source, om.arch)
-    ours_load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    hf = load_transformers(om)
-    hf_load_s = time.perf_counter() - t0
-    console.print(
-        f"  {om.file.path.name}: edgepart blocks loaded in {ours_load_s:.1f} s, "
-        f"transformers in {hf_load_s:.1f} s; {threads} torch threads"
-    )
 
-    engines = {
-        "edgepart": lambda: run_edgepart(ours, prompt, n_new, eos),
-        "transformers": lambda: run_transformers(hf, prompt, n_new, eos),
-    }
-    console.rule(f"warm-up, then {rounds} round(s) of {n_new} new tokens")
+Engine = Callable[[], tuple[list[int], list[float]]]
+
+
+def alternate(engines: dict[str, Engine], rounds: int) -> tuple[dict, dict, dict]:
+    """A warm-up generation per engine, then rounds in alternating order; per engine the
+    ids of every generation, the pooled decode steps (s) and each round's first stamp (s)."""
     ids: dict[str, list[list[int]]] = {k: [] for k in engines}
     steps: dict[str, list[float]] = {k: [] for k in engines}
     first: dict[str, list[float]] = {k: [] for k in engines}
@@ -196,17 +180,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"  round {r + 1} {name}: {len(got)} tokens, median step "
                     f"{1000 * stats(decode_steps(stamps))['median']:.1f} ms"
                 )
+    return ids, steps, first
 
-    reference = ids["transformers"][0]
-    identical = all(run == reference for runs in ids.values() for run in runs)
-    deterministic = {k: all(run == runs[0] for run in runs) for k, runs in ids.items()}
-    per_token = {k: stats(v) for k, v in steps.items()}
-    ratio = per_token["edgepart"]["median"] / per_token["transformers"]["median"]
-    targets = [target("edgepart / transformers per-token time", ratio, TARGET_RATIO)]
 
+def print_per_token(title: str, per_token: dict[str, Any], first: dict[str, list[float]],
+                    caption: str) -> None:  # fmt: skip
+    """One line per engine: decode step statistics, tokens/s and the first token's time."""
     print_table(
-        f"decode time per token, {MODEL}, prompt {len(prompt)} tokens, {threads} threads "
-        f"(median over {len(steps['edgepart'])} steps)",
+        title,
         ["engine", "median", "p95", "min", "tokens/s", "first token"],
         [
             (
@@ -219,6 +200,50 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             for name, s in per_token.items()
         ],
+        caption=caption,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns what it writes to DIR/engine_overhead.json."""
+    parser = make_parser()
+    args = parser.parse(argv)
+    rounds, n_new = args.rounds, args.new_tokens
+    if n_new < 2:
+        parser.error("--new-tokens must be at least 2 (one decode step)")
+    threads = torch.get_num_threads()
+    load_start = load1()
+
+    console.rule(f"loading {MODEL}")
+    om = open_model(MODEL)
+    prompt = prompt_ids(om)
+    eos = om.tokenizer.eos_id
+    ours, ours_load_s = timed(monolithic, om.source, om.arch)
+    hf, hf_load_s = timed(load_transformers, om)
+    console.print(
+        f"  {om.file.path.name}: edgepart blocks loaded in {ours_load_s:.1f} s, "
+        f"transformers in {hf_load_s:.1f} s; {threads} torch threads"
+    )
+
+    engines: dict[str, Engine] = {
+        "edgepart": lambda: run_edgepart(ours, prompt, n_new, eos),
+        "transformers": lambda: run_transformers(hf, prompt, n_new, eos),
+    }
+    console.rule(f"warm-up, then {rounds} round(s) of {n_new} new tokens")
+    ids, steps, first = alternate(engines, rounds)
+
+    reference = ids["transformers"][0]
+    identical = all(run == reference for runs in ids.values() for run in runs)
+    deterministic = {k: all(run == runs[0] for run in runs) for k, runs in ids.items()}
+    per_token = {k: stats(v) for k, v in steps.items()}
+    ratio = per_token["edgepart"]["median"] / per_token["transformers"]["median"]
+    targets = [target("edgepart / transformers per-token time", ratio, TARGET_RATIO)]
+
+    print_per_token(
+        f"decode time per token, {MODEL}, prompt {len(prompt)} tokens, {threads} threads "
+        f"(median over {len(steps['edgepart'])} steps)",
+        per_token,
+        first,
         caption=f"{load_note(load_start)}; 'first token' includes the prefill",
     )
     console.print(

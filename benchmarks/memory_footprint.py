@@ -201,6 +201,46 @@ def mib(v: float | None) -> str:
     return "-" if v is None else f"{to_mib(v):.1f}"
 
 
+def run_cases(cases: tuple[str, ...], jobs: int) -> dict[str, dict[str, Any]]:
+    """Every case's probe, jobs at a time, in the order of cases; each said on the console."""
+    console.rule(f"{MODEL}: one fresh process per case")
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        done = dict(zip(cases, pool.map(run_probe, cases), strict=True))
+    results: dict[str, dict[str, Any]] = {}
+    for case in cases:
+        r = results[case] = done[case]
+        console.print(
+            f"  {case}: {r['blocks']} blocks, {mib(r['weight_bytes'])} MiB of weights, "
+            f"peak RSS {mib(r['peak_rss_bytes'])} MiB"
+        )
+    return results
+
+
+def print_memory(results: dict[str, dict[str, Any]], ratios: dict[str, Any]) -> None:
+    """The memory of each case, then the quarter's share of each measure."""
+    print_table(
+        f"{MODEL} memory per process (MiB; float32 blocks)",
+        ["case", "blocks", "weights", "peak RSS", "peak since open", "RSS at end",
+         "anonymous", "file-backed"],
+        [
+            (c, r["blocks"], mib(r["weight_bytes"]), mib(r["peak_rss_bytes"]),
+             mib(r["peak_since_open_bytes"]), mib(r["end_rss_bytes"]), mib(r["end_anon_bytes"]),
+             mib(r["end_file_bytes"]))
+            for c, r in results.items()
+        ],
+        caption="peak RSS = VmHWM of the fresh process; file-backed = touched pages of "
+        "shared libraries and of the memory-mapped GGUF",
+    )  # fmt: skip
+    print_table(
+        "quarter (device d0 of 4, head-spread) against all blocks, baseline 'none' subtracted",
+        ["measure", "(quarter-none)/(all-none)", "(quarter-none)/(layers-none)"],
+        [
+            (name, num(r["quarter_vs_all"], ".3f"), num(r["quarter_vs_layers"], ".3f"))
+            for name, r in ratios.items()
+        ],
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns what it writes to DIR/memory_footprint.json."""
     if argv is None:
@@ -217,17 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
     cases = args.cases
-
-    console.rule(f"{MODEL}: one fresh process per case")
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        done = dict(zip(cases, pool.map(run_probe, cases), strict=True))
-    results: dict[str, dict[str, Any]] = {}
-    for case in cases:
-        r = results[case] = done[case]
-        console.print(
-            f"  {case}: {r['blocks']} blocks, {mib(r['weight_bytes'])} MiB of weights, "
-            f"peak RSS {mib(r['peak_rss_bytes'])} MiB"
-        )
+    results = run_cases(cases, args.jobs)
 
     measures = {
         "peak_rss": "peak_rss_bytes",
@@ -244,27 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name, key in measures.items()
     }
     # Weight bytes have no baseline to subtract: it holds none.
-    print_table(
-        f"{MODEL} memory per process (MiB; float32 blocks)",
-        ["case", "blocks", "weights", "peak RSS", "peak since open", "RSS at end",
-         "anonymous", "file-backed"],
-        [
-            (c, r["blocks"], mib(r["weight_bytes"]), mib(r["peak_rss_bytes"]),
-             mib(r["peak_since_open_bytes"]), mib(r["end_rss_bytes"]), mib(r["end_anon_bytes"]),
-             mib(r["end_file_bytes"]))
-            for c, r in results.items()
-        ],
-        caption="peak RSS = VmHWM of the fresh process; file-backed = touched pages of "
-        "shared libraries and of the memory-mapped GGUF",
-    )
-    print_table(
-        "quarter (device d0 of 4, head-spread) against all blocks, baseline 'none' subtracted",
-        ["measure", "(quarter-none)/(all-none)", "(quarter-none)/(layers-none)"],
-        [
-            (name, num(r["quarter_vs_all"], ".3f"), num(r["quarter_vs_layers"], ".3f"))
-            for name, r in ratios.items()
-        ],
-    )
+    print_memory(results, ratios)
     headline = ratios["peak_rss"]["quarter_vs_all"]
     console.print(
         f"peak RSS ratio (quarter - none) / (all - none): [bold]{num(headline, '.3f')}[/]"

@@ -207,8 +207,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns what it writes to DIR/placement_speed.json."""
+def make_parser() -> BenchParser:
+    """The command line: the common options, runs, device counts and the MILP's limit."""
     parser = BenchParser(NAME, __doc__.splitlines()[0], DEFAULTS)
     parser.add_argument(
         "--runs", type=int, default=None, help=f"timed runs per point ({DEFAULTS['runs']})"
@@ -220,10 +220,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--milp-time-limit", type=float, default=60.0, help="HiGHS time limit per solve (s)"
     )
-    args = parser.parse(argv)
-    runs, devices = args.runs, tuple(args.devices)
+    return parser
 
-    console.rule("myopic decision time")
+
+def time_myopic_all(devices: tuple[int, ...], runs: int) -> list[dict[str, Any]]:
+    """time_myopic for both models at every device count, each point said on the console."""
     results = []
     for label, spec in models().items():
         table = block_table(spec)
@@ -235,9 +236,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"  {label} ({table.size} blocks) x {n} devices: fresh "
                 f"{ms(r['fresh_s']['median'])}, re-plan {ms(r['replan_s']['median'])}"
             )
-    console.rule("MILP (HiGHS) time")
-    milp = time_milp(args.seeds, args.milp_time_limit)
+    return results
 
+
+def targets_of(results: list[dict[str, Any]], milp: dict[str, Any]) -> list[dict[str, Any]]:
+    """The re-plan targets of myopic (None where its point was not run) and the MILP's."""
     targets = []
     for label, n, limit in REPLAN_TARGETS:
         hit = next((r for r in results if r["model"] == label and r["devices"] == n), None)
@@ -247,8 +250,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     targets.append(target("MILP, 5 devices x 2 layers x 8 heads (median, fresh)",
                           milp["fresh_wall_s"]["median"], MILP_TARGET_S))
     targets.append(target("MILP, 5 devices x 2 layers x 8 heads (median, re-plan)",
-                          milp["replan_wall_s"]["median"], MILP_TARGET_S))
+                          milp["replan_wall_s"]["median"], MILP_TARGET_S))  # fmt: skip
+    return targets
 
+
+def print_times(results: list[dict[str, Any]], milp: dict[str, Any], runs: int) -> None:
+    """Myopic's decision times per model and device count, then the MILP's."""
     limits = {(label, n): limit for label, n, limit in REPLAN_TARGETS}
     print_table(
         f"myopic decision time (median of {runs} run{'s' if runs > 1 else ''})",
@@ -283,6 +290,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for kind, key in (("fresh", "fresh_wall_s"), ("re-plan", "replan_wall_s"))
         ],
     )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns what it writes to DIR/placement_speed.json."""
+    args = make_parser().parse(argv)
+    runs, devices = args.runs, tuple(args.devices)
+    console.rule("myopic decision time")
+    results = time_myopic_all(devices, runs)
+    console.rule("MILP (HiGHS) time")
+    milp = time_milp(args.seeds, args.milp_time_limit)
+    targets = targets_of(results, milp)
+    print_times(results, milp, runs)
     print_targets(targets, fmt=ms)
     plot(results, args.out / "placement_speed.png")
     data = {

@@ -380,8 +380,8 @@ def monolithic_reference(tokens: int, rounds: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns what it writes to DIR/runtime_overhead.json."""
+def make_parser() -> BenchParser:
+    """The command line: the common options, round trips, tokens, devices, monolithic rounds."""
     parser = BenchParser(NAME, __doc__.splitlines()[0], DEFAULTS)
     parser.add_argument(
         "--rounds", type=int, default=None,
@@ -399,28 +399,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--mono-rounds", type=int, default=None,
         help=f"timed monolithic generations ({DEFAULTS['mono_rounds']})",
     )
-    args = parser.parse(argv)
-    rounds, tokens, mono_rounds = args.rounds, args.tokens, args.mono_rounds
-    counts = sorted({1, *args.devices})
-    if tokens < 3:
-        parser.error("--tokens must be at least 3 (two decode steps after the prefill)")
-    if any(n < 1 for n in counts):
-        parser.error("--devices must be positive")
-    load_start = load1()
-    work_dir = args.out / "local"
+    return parser
 
-    from llm.host_profile import host_profile
 
-    console.rule(f"monolithic {MODEL}, 1 thread, {tokens} tokens")
-    reference_gflops = host_profile(MODEL, threads=1).reference_gflops
-    mono = monolithic_reference(tokens, mono_rounds)
-    mono_step = mono["per_token_s"]["median"]
-    console.print(f"  median decode step {1000 * mono_step:.1f} ms")
-
-    console.rule(f"data-plane ping-pong, {rounds} round trips")
-    hop = hop_latency(rounds, WARMUP_ROUNDS, mono["d_model"])
-    console.print(f"  median one-way {1e3 * hop['one_way_s']['median']:.3f} ms")
-
+def local_runs(counts: list[int], tokens: int, work_dir: Path) -> list[dict[str, Any]]:
+    """local_run for each device count (the source's replies heard on the one-device run)."""
     runs: list[dict[str, Any]] = []
     for n in counts:
         console.rule(f"local backend, {n} device(s) x {TOTAL_GFLOPS / n:g} GFLOP/s, myopic")
@@ -430,38 +413,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"median {1000 * run['per_token_s']['median']:.1f} ms"
         )
         runs.append(run)
-    one = runs[0]
-    control = control_overhead(one)
-    share_one = TOTAL_GFLOPS / reference_gflops
-    expected_one = mono_step / share_one
-    fallback = {
-        "share": share_one,
+    return runs
+
+
+def against_monolithic(one: dict[str, Any], mono_step: float, share: float) -> dict[str, Any]:
+    """The one-device run's median token time against the monolithic step / its CPU share."""
+    expected = mono_step / share
+    measured = one["per_token_s"]["median"]
+    return {
+        "share": share,
         "monolithic_per_token_s": mono_step,
-        "expected_per_token_s": expected_one,
-        "measured_per_token_s": one["per_token_s"]["median"],
-        "difference_s": one["per_token_s"]["median"] - expected_one,
-        "ratio": one["per_token_s"]["median"] / expected_one,
+        "expected_per_token_s": expected,
+        "measured_per_token_s": measured,
+        "difference_s": measured - expected,
+        "ratio": measured / expected,
     }
-    ids_identical = one["run"]["output_token_ids"] == mono["token_ids"]
-    scaling = []
-    for run in runs:
-        share = TOTAL_GFLOPS / reference_gflops  # equal to sum(run["cpu_share"].values())
-        mono_tps = share / mono_step
-        scaling.append(
-            {
-                "devices": run["devices"],
-                "compute_gflops_each": run["compute_gflops_each"],
-                "share_total": share,
-                "tokens_per_s": run["tokens_per_s"],
-                "monolithic_tokens_per_s": mono_tps,
-                "efficiency": run["tokens_per_s"] / mono_tps if run["tokens_per_s"] else None,
-                "peak_memory_mib": run["peak_memory_mib"],
-            }
-        )
 
-    hop_median = hop["one_way_s"]["median"]
-    targets = [target("one-way hop latency, median", hop_median, HOP_TARGET_S)]
 
+def scaling_of(runs: list[dict[str, Any]], mono_step: float, share: float) -> list[dict]:
+    """Each run's tokens/s against the monolithic model's at the same total share."""
+    mono_tps = share / mono_step  # share: equal to sum(run["cpu_share"].values()) in each run
+    return [
+        {
+            "devices": run["devices"],
+            "compute_gflops_each": run["compute_gflops_each"],
+            "share_total": share,
+            "tokens_per_s": run["tokens_per_s"],
+            "monolithic_tokens_per_s": mono_tps,
+            "efficiency": run["tokens_per_s"] / mono_tps if run["tokens_per_s"] else None,
+            "peak_memory_mib": run["peak_memory_mib"],
+        }
+        for run in runs
+    ]
+
+
+def print_hop(hop: dict[str, Any]) -> None:
+    """(a): one-way and round-trip latency statistics."""
     print_table(
         f"(a) data-plane hop on loopback: {hop['shape']} float32, {hop['frame_bytes']} B frame, "
         f"{hop['rounds']} round trips",
@@ -475,7 +462,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         ],
         caption="includes serialising, framing, TCP on loopback, reading and parsing",
-    )
+    )  # fmt: skip
+
+
+def print_control(one: dict[str, Any], control: dict[str, Any], mono: dict[str, Any],
+                  fallback: dict[str, Any], ids_identical: bool) -> None:  # fmt: skip
+    """(b): the control plane's cost per token, and the run against the monolithic model."""
     rows = [
         ("controller per-token time (median)", ms(one["per_token_s"]["median"])),
     ]
@@ -492,18 +484,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         rows.append(("source agent's decode time", "not seen on the bus"))
     rows += [
-        (f"monolithic step, 1 thread (median of {mono['per_token_s']['count']})", ms(mono_step)),
-        (f"expected at share {share_one:.3f} (monolithic / share)", ms(expected_one)),
+        (f"monolithic step, 1 thread (median of {mono['per_token_s']['count']})",
+         ms(fallback["monolithic_per_token_s"])),
+        (f"expected at share {fallback['share']:.3f} (monolithic / share)",
+         ms(fallback["expected_per_token_s"])),
         ("measured - expected", f"{1e3 * fallback['difference_s']:.1f} ms"),
         ("measured / expected", f"{fallback['ratio']:.3f}x"),
         ("greedy ids equal to monolithic", "yes" if ids_identical else "[red]NO[/]"),
-    ]
+    ]  # fmt: skip
     print_table(
         f"(b) per-token control overhead: 1 device x {TOTAL_GFLOPS:g} GFLOP/s, "
         f"{one['tokens']} tokens, local backend ({one['isolation']})",
         ["measure", "value"],
         rows,
     )
+
+
+def print_scaling(scaling: list[dict[str, Any]], mono_step: float, reference_gflops: float
+                  ) -> None:  # fmt: skip
+    """(c): tokens/s per device count against the monolithic model at the same share."""
     print_table(
         f"(c) tokens/s over devices: {TOTAL_GFLOPS:g} GFLOP/s in total, unshaped, myopic",
         ["devices", "GFLOP/s each", "tokens/s", "monolithic at same share", "efficiency",
@@ -521,7 +520,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ],
         caption=f"monolithic tokens/s at share = share / monolithic step ({ms(mono_step)} at "
         f"1 thread); share = {TOTAL_GFLOPS:g} / {reference_gflops:.2f} GFLOP/s per core",
-    )
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns what it writes to DIR/runtime_overhead.json."""
+    parser = make_parser()
+    args = parser.parse(argv)
+    rounds, tokens, mono_rounds = args.rounds, args.tokens, args.mono_rounds
+    counts = sorted({1, *args.devices})
+    if tokens < 3:
+        parser.error("--tokens must be at least 3 (two decode steps after the prefill)")
+    if any(n < 1 for n in counts):
+        parser.error("--devices must be positive")
+    load_start = load1()
+
+    from llm.host_profile import host_profile
+
+    console.rule(f"monolithic {MODEL}, 1 thread, {tokens} tokens")
+    reference_gflops = host_profile(MODEL, threads=1).reference_gflops
+    mono = monolithic_reference(tokens, mono_rounds)
+    mono_step = mono["per_token_s"]["median"]
+    console.print(f"  median decode step {1000 * mono_step:.1f} ms")
+
+    console.rule(f"data-plane ping-pong, {rounds} round trips")
+    hop = hop_latency(rounds, WARMUP_ROUNDS, mono["d_model"])
+    console.print(f"  median one-way {1e3 * hop['one_way_s']['median']:.3f} ms")
+
+    runs = local_runs(counts, tokens, args.out / "local")
+    one = runs[0]
+    control = control_overhead(one)
+    share = TOTAL_GFLOPS / reference_gflops
+    fallback = against_monolithic(one, mono_step, share)
+    ids_identical = one["run"]["output_token_ids"] == mono["token_ids"]
+    scaling = scaling_of(runs, mono_step, share)
+    targets = [target("one-way hop latency, median", hop["one_way_s"]["median"], HOP_TARGET_S)]
+
+    print_hop(hop)
+    print_control(one, control, mono, fallback, ids_identical)
+    print_scaling(scaling, mono_step, reference_gflops)
     print_targets(targets, fmt=lambda v: "-" if v is None else f"{1e3 * v:.3f} ms")
 
     data = {
