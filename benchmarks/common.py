@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import math
 import os
@@ -113,12 +114,12 @@ class BenchParser(argparse.ArgumentParser):
         """Parse argv, apply the defaults of the mode and create the output folder."""
         args = self.parse_args(argv)
         for name, default in self.mode_defaults.items():
-            if getattr(args, name, None) is None:
-                setattr(args, name, default.pick(args.quick))
+            if getattr(args, name, None) is None:  # a copy: the table outlives this run
+                setattr(args, name, copy.copy(default.pick(args.quick)))
         if args.seeds < 1:
             self.error("--seeds must be at least 1")
         if self._sets_threads and args.threads is not None:
-            import torch  # here: not every benchmark needs it (memory_footprint's probes)
+            import torch  # here, not at the top: importing common stays light
 
             torch.set_num_threads(args.threads)
         args.out.mkdir(parents=True, exist_ok=True)
