@@ -49,7 +49,7 @@ from benchmarks.common import (
     target,
     write_json,
 )
-from device_agent.limits import kernel_oom_kills
+from emulator.host_limits import kernel_oom_kills
 
 NAME = "chaos"
 TOKENS = 32

@@ -30,7 +30,9 @@ import torch
 from device_agent import mqtt
 from device_agent import protocol as proto
 from device_agent.ballast import CGROUP_MARGIN_BYTES, Ballast, BallastError, cgroup_room_bytes
+from device_agent.burners import Burners
 from device_agent.dataplane import DataPlane, RecentMean
+from device_agent.pacing import Pacer
 from device_agent.program import Routes, Step, activation_problem
 from device_agent.tc import TcShaper, TcUnavailable, interface_for
 from device_agent.wire import Frame, FrameError, Kind, payload_to_tensor, tensor_to_payload
@@ -68,7 +70,6 @@ STOP_GRACE_S = 3.0  # longest orderly shutdown after SIGTERM before the process 
 PROBES_PER_PERIOD = 4
 GIL_SWITCH_INTERVAL_S = 0.0005  # s; see run_agent
 JOIN_POLL_S = 0.1  # how often a device that joins later looks for its join file (s)
-PACE_MIN_SLEEP_S = 0.0005  # shorter dilation waits are owed, not slept (s)
 #: decode steps whose compute speed is averaged into the measured GFLOP/s
 SPEED_WINDOW = 64
 
@@ -178,11 +179,9 @@ class Agent:
         self.table: BlockTable = block_table(self.spec)
         self.timed = calibrated_table(self.table, config.profile) if config.profile else self.table
         self.budget = int(config.memory_bytes)
-        self.pace_debt_s = 0.0  # time dilation owed (s), negative when a sleep overshot
         self.incoming = 0  # bytes of blocks being adopted (admitted, not yet held)
-        self.share = config.cpu_share
-        self.background = 0.0
-        self.burners = None  # device_agent.limits.Burners, created on first inject_load
+        self.pacer = Pacer(config.cpu_share)  # the device's CPU share and background load
+        self.burners: Burners | None = None  # created on the first inject_load
         self.epochs: dict[int, _Epoch] = {}
         self.epoch_changed = asyncio.Event()
         self.current_epoch = -1
@@ -678,25 +677,19 @@ class Agent:
                 self.occupied_target = self.ballast.held_bytes  # not again every period
 
     async def _inject_load(self, cmd: proto.InjectLoad) -> None:
-        from device_agent.limits import Burners
-
-        self.background = cmd.fraction
+        self.pacer.set_background(cmd.fraction)
         # what was measured before is not the device under this load
         self.speed = _Speed()
         self.efficiency = 1.0
-        if self.share is None:
+        if self.pacer.share is None:
             return  # an unpaced device has no share to take a fraction of
         if self.burners is None:
-            self.burners = Burners(self.share)
+            self.burners = Burners(self.pacer.share)
         self.burners.set_load(cmd.fraction)
-
-    def effective_share(self) -> float | None:
-        """Cores left to edgepart after background load (None: unpaced)."""
-        return None if self.share is None else self.share * (1.0 - self.background)
 
     def nominal_available_gflops(self) -> float:
         """The configured speed after background load (GFLOP/s), 0 when unknown."""
-        return (self.config.nominal_gflops or 0.0) * (1.0 - self.background)
+        return (self.config.nominal_gflops or 0.0) * (1.0 - self.pacer.background)
 
     async def _migrate(self, cmd: proto.Migrate) -> dict:
         """Stream a block (a group's KV cache, weights if asked) to the target; done when it
@@ -889,7 +882,7 @@ class Agent:
             cpu0 = time.thread_time()
             with torch.no_grad():
                 out = self._forward(step, inputs, run.tokens, run.position, run.epoch)
-            self._pace(time.thread_time() - cpu0, time.perf_counter() - start)
+            self.pacer.pace(time.thread_time() - cpu0, time.perf_counter() - start)
             took = time.perf_counter() - start
             rows = inputs[0].shape[0] if inputs else len(run.tokens or ())
             if rows == 1 and step.kind != "embed":
@@ -914,22 +907,6 @@ class Agent:
         received = [t for t in arrived if t is not None]
         if received:
             self.wakeup.add(time.monotonic() - max(received))
-
-    def _pace(self, cpu_s: float, elapsed_s: float) -> None:
-        """Stretch a step that used cpu_s of CPU to cpu_s / share (time dilation).
-
-        Sleeps shorter than PACE_MIN_SLEEP_S are owed and what a sleep overshoots is
-        credited back, so the device's speed is right on average, not only per call.
-        """
-        share = self.effective_share()
-        if share is None or share <= 0:
-            return
-        self.pace_debt_s += max(0.0, cpu_s / share - elapsed_s)
-        if self.pace_debt_s < PACE_MIN_SLEEP_S:
-            return
-        start = time.perf_counter()
-        time.sleep(self.pace_debt_s)
-        self.pace_debt_s -= time.perf_counter() - start
 
     def _timed_flops(self, step: Step, context: int) -> float:
         if step.kind == "head":
@@ -1008,7 +985,7 @@ class Agent:
         wall = now - last_wall
         if wall <= 0:
             return 0.0
-        return max(0.0, min(1.0, (cpu - last_cpu) / (wall * (self.share or 1.0))))
+        return max(0.0, min(1.0, (cpu - last_cpu) / (wall * (self.pacer.share or 1.0))))
 
     async def _telemetry_loop(self) -> None:
         while True:
