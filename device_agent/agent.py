@@ -554,7 +554,7 @@ class Agent:
         except UnicodeDecodeError:
             requester = ""
         if frame.token == 0 or not requester or requester == self.name:
-            self.plane._count_bad(f"fetch: bad request (token {frame.token}, {frame.payload!r})")
+            self.plane.count_bad(f"fetch: bad request (token {frame.token}, {frame.payload!r})")
             return
         loop = asyncio.get_running_loop()
         try:
@@ -726,7 +726,7 @@ class Agent:
             leaving = await self._epoch(frame.epoch - 1)
             sender = leaving.placement[frame.name]
         except (TimeoutError, KeyError):  # no one to answer: counted as bad input
-            self.plane._count_bad(
+            self.plane.count_bad(
                 f"block state: {frame.name[:40]!r} has no sender in epoch {frame.epoch - 1}"
             )
             return
@@ -751,7 +751,7 @@ class Agent:
         except (CommandRefused, ValueError, KeyError) as exc:
             error = str(exc)
             if not isinstance(exc, CommandRefused):  # a bad blob, not a refusal: count it
-                self.plane._count_bad(f"block state: {error}")
+                self.plane.count_bad(f"block state: {error}")
         kind = Kind.ERROR if error else Kind.ACK
         await self.plane.send(
             sender, Frame(kind, frame.epoch, 0, frame.name, error.encode()), SEND_TIMEOUT_S
@@ -771,14 +771,14 @@ class Agent:
             try:
                 tensor = payload_to_tensor(frame.payload)
             except FrameError as exc:
-                self.plane._count_bad(str(exc))
+                self.plane.count_bad(str(exc))
                 return
             if tensor.dtype != self.host.dtype:
                 problem = f"{frame.name[:40]} is {tensor.dtype}, want {self.host.dtype}"
             else:
                 problem = activation_problem(frame.name, tuple(tensor.shape), self.spec)
             if problem is not None:
-                self.plane._count_bad(f"activation: {problem}")
+                self.plane.count_bad(f"activation: {problem}")
                 return
             if frame.token in self.done_positions:
                 self.errors["late_frame"] += 1
