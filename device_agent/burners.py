@@ -209,3 +209,33 @@ class Burners:
     def __exit__(self, *exc: object) -> None:
         """Stop every burner."""
         self.stop()
+
+
+class BackgroundLoad:
+    """The CPU load a trace puts on the device: that fraction of its share, burnt.
+
+    The burners start with the first load; an unpaced device (no share) burns nothing, as
+    it has no share to take a fraction of.
+    """
+
+    def __init__(self, cores: float | None) -> None:
+        """Load on a device of cores CPU cores (None: unpaced)."""
+        self.cores = cores
+        self._burners: Burners | None = None
+
+    def set(self, fraction: float) -> None:
+        """Burn fraction (0..1) of the device's cores from now on (blocks while burners start)."""
+        if self.cores is None:
+            return
+        if self._burners is None:
+            self._burners = Burners(self.cores)
+        self._burners.set_load(fraction)
+
+    def cpu_seconds(self) -> float:
+        """CPU time (s) the burners have used so far."""
+        return self._burners.cpu_seconds() if self._burners is not None else 0.0
+
+    def stop(self) -> None:
+        """Stop every burner (the agent stops)."""
+        if self._burners is not None:
+            self._burners.stop()

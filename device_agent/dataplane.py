@@ -41,6 +41,7 @@ from device_agent.wire import (
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
+SEND_TIMEOUT_S = 120.0  # longest (s) one frame may take on a shaped link (a migration at 1 Mbit)
 #: for a connecting peer to answer the challenge (and for the challenge to come), s
 HANDSHAKE_TIMEOUT_S = 5.0
 NONCE_BYTES = 16
