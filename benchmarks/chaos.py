@@ -44,7 +44,7 @@ from benchmarks.common import (
     traceback_text,
     write_json,
 )
-from device_agent.limits import kernel_oom_kills
+from emulator.host_limits import kernel_oom_kills
 
 NAME = "chaos"
 DEFAULTS = {"seeds": ByMode(5, 2), "tokens": ByMode(32, 12)}  # seeds: rounds

@@ -156,8 +156,8 @@ def run_docker(
     project is up (e.g. for a Prometheus on this host to scrape them); ``on_finished`` is
     called when the driver is done, before anything is removed.
     """
-    from device_agent.limits import host_cores
     from emulator.backends.local import cpu_shares
+    from emulator.host_limits import host_cores
     from emulator.images import ImageBuildError, build_image, image_exists, image_is_current
     from llm.host_profile import cache_path, host_profile
 

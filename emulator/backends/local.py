@@ -258,7 +258,7 @@ def run_local(
     generation is done and before anything is stopped, so every endpoint still serves
     (e.g. for a Prometheus to scrape them).
     """
-    from device_agent.limits import CgroupLimits, host_cores
+    from emulator.host_limits import CgroupLimits, host_cores
     from llm.blocks import block_table
     from llm.calibration import calibrated_table
     from llm.host_profile import cache_path, host_profile
