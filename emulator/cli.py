@@ -194,9 +194,7 @@ def testbed_drive(
     project: Annotated[
         str, typer.Option(help="Compose project (or stack) whose containers `fail` kills.")
     ] = "",
-    out_dir: Annotated[Path, typer.Option("--out", help="Where result.json goes.")] = Path(
-        "out"
-    ),
+    out_dir: Annotated[Path, typer.Option("--out", help="Where result.json goes.")] = Path("out"),
 ) -> None:
     """The emulator driver (the testbed service): applies traces, prints and saves results."""
     from controller.orchestrator import RunResult

@@ -3,8 +3,8 @@
 - Labels and commands (pure): the labels docker compose puts on a project's containers,
   networks and volumes (``project_label``, ``service_labels``; a swarm stack's
   ``stack_service_label``), their filters for the CLI (``label_filters``) and the SDK
-  (``sdk_filters``), and the command lines of ``docker compose``, ``docker stack`` and
-  ``docker ps``.
+  (``sdk_filters``), and the command lines of ``docker compose``, ``docker stack``,
+  ``docker ps`` and ``docker exec``.
 - The runner (I/O): ``run`` for a short call whose output is captured, ``stream`` for a long
   one whose lines go to a callback as they come (also the image build's pip and bash steps),
   ``run_attached`` for one whose output goes to this terminal. Each has a timeout, leaves
@@ -99,6 +99,15 @@ def stack_rm_command(stack: str) -> list[str]:
 def ps_command(labels: Iterable[str], *options: str) -> list[str]:
     """``docker ps -a`` of the containers carrying every label (options: --format, -q...)."""
     return ["docker", "ps", "-a", *options, *label_filters(labels)]
+
+
+def exec_command(
+    container: str, *argv: str, interactive: bool = False, detach: bool = False
+) -> list[str]:
+    """``docker exec`` of argv in a running container (interactive: its stdin stays open,
+    for a process fed commands; detach: started in the background)."""
+    options = ["-i"] * interactive + ["-d"] * detach
+    return ["docker", "exec", *options, container, *argv]
 
 
 def tail(lines: str | Iterable[str], n: int) -> str:

@@ -38,6 +38,9 @@ def test_command_lines():
         "docker", "stack", "deploy", "--compose-file", "/x/compose.yaml", "s",
     ]  # fmt: skip
     assert docker_cli.stack_rm_command("s") == ["docker", "stack", "rm", "s"]
+    assert docker_cli.exec_command("c", "cat", "f") == ["docker", "exec", "c", "cat", "f"]
+    assert docker_cli.exec_command("c", "sh", interactive=True)[:3] == ["docker", "exec", "-i"]
+    assert docker_cli.exec_command("c", "iperf3", detach=True)[:3] == ["docker", "exec", "-d"]
     assert docker_cli.ps_command(["a=1"], "-q") == [
         "docker", "ps", "-a", "-q", "--filter", "label=a=1",
     ]  # fmt: skip
