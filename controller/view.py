@@ -11,6 +11,8 @@ from typing import Literal
 
 import numpy as np
 
+from llm.blocks import BlockKind
+
 WeightsFrom = Literal["disk", "peer"]
 
 
@@ -59,7 +61,10 @@ class ResourceView:
     compute_gflops: available GFLOP/s per device (after background load);
     memory_bytes: memory available to edgepart per device (bytes);
     bandwidth_mbit, latency_s: per ordered device pair (Mbit/s, s), diagonal unused;
-    move_s_per_block: install time of a migrated block on each device (s).
+    move_s_per_block: install time of a migrated block on each device (s);
+    install_s: (D, kinds) time (s) each device takes to build one block of each
+    ``llm.blocks.BlockKind`` from its weights, at its current load (a switch's prepare);
+    control_rtt_s: one command and its reply over the broker (s), paid once per commit.
     """
 
     devices: tuple[str, ...]
@@ -75,6 +80,8 @@ class ResourceView:
     #: the block and acknowledges), in sequence with the other blocks on its link; a float
     #: means the same on every device; 0: bytes only
     move_s_per_block: np.ndarray | float = 0.0
+    install_s: np.ndarray | float = 0.0
+    control_rtt_s: float = 0.0
 
     def __post_init__(self) -> None:
         d = len(self.devices)
@@ -82,6 +89,10 @@ class ResourceView:
             object.__setattr__(self, "alive", np.ones(d, dtype=bool))
         move = np.broadcast_to(np.asarray(self.move_s_per_block, dtype=np.float64), (d,))
         object.__setattr__(self, "move_s_per_block", move)
+        kinds = len(BlockKind)
+        install = np.asarray(self.install_s, dtype=np.float64)
+        install = np.broadcast_to(install[:, None] if install.ndim == 1 else install, (d, kinds))
+        object.__setattr__(self, "install_s", install)
         for name, shape in (
             ("compute_gflops", (d,)),
             ("memory_bytes", (d,)),
