@@ -24,7 +24,10 @@ class PlanningWindow:
     ``interval_tokens`` tokens (until the next re-plan); generation ends at
     ``final_context`` cached positions. A switch must pay for its migrations within
     ``horizon_tokens``: the interval (the paper's myopic rule), or more tokens when
-    ``payback_tokens`` says so, since a placement is kept until something changes.
+    ``payback_tokens`` says so (how long the change is expected to last, since a
+    placement is kept until something changes). Decode delay is weighed and memory
+    checked over the whole horizon: a placement that fits only until the next re-plan
+    would have to move again, at a cost the decision did not see.
     """
 
     context_tokens: int
@@ -40,18 +43,21 @@ class PlanningWindow:
 
     @property
     def mean_context(self) -> float:
-        """Mean context length of the tokens in the interval (positions)."""
-        return self.context_tokens + (self.interval_tokens + 1) / 2
+        """Mean context length of the tokens in the horizon (positions)."""
+        return self.context_tokens + (self.horizon_tokens + 1) / 2
 
     @property
     def horizon_tokens(self) -> int:
-        """Tokens whose decode delay a decision weighs against its migrations."""
-        return max(self.interval_tokens, self.payback_tokens)
+        """Tokens whose decode delay a decision weighs against its migrations: at least the
+        interval (a placement is kept that long), never beyond the generation's end."""
+        left = max(1, self.final_context - self.context_tokens)
+        return min(left, max(self.interval_tokens, self.payback_tokens))
 
     @property
     def interval_end_context(self) -> int:
-        """Context length at the last token before the next re-plan (positions)."""
-        return min(self.context_tokens + self.interval_tokens, self.final_context)
+        """Context length at the horizon's last token (positions): memory must hold until
+        then."""
+        return min(self.context_tokens + self.horizon_tokens, self.final_context)
 
 
 @dataclass(frozen=True)
