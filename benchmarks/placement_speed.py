@@ -12,12 +12,24 @@ MILP: optimal.solve on 5 devices x the 2-layer, 8-head small model of placement_
 (its instances 0..seeds-1, a third memory-tight), fresh and after the same load change;
 median over the seeds.
 
-Run: ``.venv/bin/python -m benchmarks.placement_speed [--quick] [--seeds N] [--out DIR]``
+Tight: held-out memory-tight instances, 3-6 devices x placement_quality's small model (20
+blocks, where the exact solver is fast) and x smollm2-135m (150 blocks): a fresh myopic
+decision against optimal.solve on each (wall and CPU time, the two alternated; the MILP
+under --tight-milp-limit), and myopic's objective gap to the MILP's (and to its bound). Devices
+from the paper's tiers, links per pair uniform or log-uniform in placement_quality's
+regimes, memory rescaled (drawn proportions kept) so the blocks at the horizon's last
+token fill U(0.6, 0.9) of what is left after the source's pinned part; draws no placement
+fits (the MILP proves it) are redrawn. The decision window is the live controller's at
+the prompt's end (controller.replan.planning_window).
+
+Run: ``.venv/bin/python -m benchmarks.placement_speed [--quick] [--seeds N] [--out DIR]
+[--part all|scale|tight]``
 Writes DIR/placement_speed.json and DIR/placement_speed.png.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +43,7 @@ from benchmarks.common import (
     environment,
     ms,
     num,
+    pct,
     print_table,
     print_targets,
     pyplot,
@@ -38,13 +51,25 @@ from benchmarks.common import (
     stats,
     target,
     timed,
+    verdict,
     write_json,
 )
-from benchmarks.placement_quality import small_instance
+from benchmarks.placement_quality import (
+    GAP_MAX_TARGET,
+    GAP_MEDIAN_TARGET,
+    MAX_REDRAWS,
+    SMALL_GENERATE,
+    SMALL_MODEL,
+    SMALL_PROMPT,
+    SMALL_REGIMES,
+    TIGHT_FILL,
+    small_instance,
+)
 from controller import cost
-from controller.placement.base import Placement
+from controller.placement.base import NoFeasiblePlacement, Placement
 from controller.placement.myopic import MyopicPlanner
 from controller.placement.optimal import solve
+from controller.replan import planning_window
 from controller.view import PlanningWindow, ResourceView
 from emulator.generators import device_tiers, sample_devices
 from emulator.world import WorldState
@@ -56,6 +81,8 @@ DEFAULTS = {
     "seeds": ByMode(5, 2),
     "runs": ByMode(5, 1),
     "devices": ByMode((5, 10, 25, 50, 100), (5, 10)),
+    "tight_seeds": ByMode(8, 3),
+    "tight_runs": ByMode(3, 1),
 }
 PROMPT, GENERATE, REPLAN_EVERY = 128, 256, 8
 BANDWIDTH_MBIT = (100.0, 1000.0)
@@ -65,6 +92,22 @@ LOAD_CHANGE = 0.5  # fraction of compute the busiest device loses before the re-
 # (model label, devices, re-plan limit s)
 REPLAN_TARGETS = (("smollm2-135m", 50, 0.050), ("llama3-8b-kv32", 50, 0.200))
 MILP_TARGET_S = 10.0
+TIGHT_DEVICES = (3, 4, 5, 6)
+#: label -> (model, prompt tokens, generated tokens): placement_quality's small model (20
+#: blocks, where the MILP is fast) and smollm2-135m (150 blocks)
+TIGHT_MODELS: dict[str, tuple[ModelSpec, int, int]] = {
+    "small-2x8": (
+        ModelSpec("small-2x8", **SMALL_MODEL),
+        SMALL_PROMPT,
+        SMALL_GENERATE,
+    ),
+    "smollm2-135m": (preset("smollm2-135m"), PROMPT, GENERATE),
+}
+TIGHT_MILP_LIMIT_S = 10.0
+#: first entropy word of the tight instances' draws: a stream no test or benchmark uses
+TIGHT_SEED = 7717
+#: a fresh myopic decision, median over one model's tight instances (s)
+TIGHT_TIME_TARGETS_S = {"smollm2-135m": 0.050}
 
 
 def models() -> dict[str, ModelSpec]:
@@ -181,6 +224,212 @@ def time_milp(seeds: int, time_limit_s: float) -> dict[str, Any]:
     }
 
 
+def _symmetric(g: np.random.Generator, n: int, low: float, high: float, log: bool) -> np.ndarray:
+    """A symmetric (n, n) draw per device pair, uniform or log-uniform in [low, high]."""
+    if log:
+        draw = np.exp(g.uniform(np.log(low), np.log(high), (n, n)))
+    else:
+        draw = g.uniform(low, high, (n, n))
+    upper = np.triu(draw, 1)
+    return upper + upper.T
+
+
+def _feasible(view: ResourceView, table: BlockTable, time_limit_s: float) -> bool:
+    """Whether some placement fits: myopic finding one shows it, else the MILP decides."""
+    try:
+        MyopicPlanner().place(view, table, None)
+        return True
+    except NoFeasiblePlacement:
+        pass
+    try:
+        solve(view, table, None, time_limit_s)
+    except NoFeasiblePlacement:
+        return False
+    return True
+
+
+def tight_view(
+    label: str, n: int, k: int, time_limit_s: float
+) -> tuple[ResourceView, dict[str, Any]]:
+    """Held-out tight instance k of n devices x a TIGHT_MODELS model, and its facts.
+
+    The fresh decision at the prompt's end; regime k mod 3 of placement_quality's; memory so
+    tight that the blocks at the horizon's last token fill U(0.6, 0.9) of the non-pinned
+    memory; redrawn until some placement fits.
+    """
+    spec, prompt, generate = TIGHT_MODELS[label]
+    table = block_table(spec)
+    window = planning_window(prompt, REPLAN_EVERY, prompt + generate)
+    need = float(table.memory_bytes(window.interval_end_context).sum())
+    regime, low, high, log = SMALL_REGIMES[k % len(SMALL_REGIMES)]
+    for attempt in range(MAX_REDRAWS):
+        g = np.random.default_rng([TIGHT_SEED, table.size, n, k, attempt])
+        draws = sample_devices(g, device_tiers(n))
+        fill = float(g.uniform(*TIGHT_FILL))
+        drawn = np.array([d.memory_mib for d in draws], dtype=float)
+        memory = drawn / drawn.sum() * need / fill
+        memory[0] += table.source_weight_bytes
+        view = ResourceView(
+            devices=tuple(d.name for d in draws),
+            compute_gflops=np.array([d.compute_gflops for d in draws]),
+            memory_bytes=memory,
+            bandwidth_mbit=_symmetric(g, n, low, high, log),
+            latency_s=_symmetric(g, n, *LATENCY_MS, False) / 1000.0,
+            source=0,
+            window=window,
+        )
+        if _feasible(view, table, time_limit_s):
+            facts = {"model": label, "devices": n, "index": k, "regime": regime,
+                     "fill": fill, "redraws": attempt}
+            return view, facts
+    raise RuntimeError(f"no feasible tight draw of {label} on {n} devices, k={k}")
+
+
+def _clocked(fn, *args) -> tuple[Any, float, float]:
+    """fn's result, its wall time and the process's CPU time during it (s)."""
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - wall0, time.process_time() - cpu0
+
+
+def time_tight_instance(
+    view: ResourceView, table: BlockTable, runs: int, time_limit_s: float
+) -> dict[str, Any]:
+    """Fresh myopic decisions and MILP solves on one view, alternated; medians and the gap.
+
+    Every run sees a fresh copy of the view (nothing a planner might keep per view
+    carries over). A MILP stopped by its time limit is not run again: its time is the limit.
+    """
+    times: dict[str, list[float]] = {"myopic_wall_s": [], "myopic_cpu_s": [],
+                                     "milp_wall_s": [], "milp_cpu_s": []}
+    exact = None
+    for _ in range(runs):
+        mine, wall, cpu = _clocked(MyopicPlanner().place, replace(view), table, None)
+        times["myopic_wall_s"].append(wall)
+        times["myopic_cpu_s"].append(cpu)
+        if exact is not None and not exact.proven_optimal:
+            continue
+        exact, wall, cpu = _clocked(solve, replace(view), table, None, time_limit_s)
+        times["milp_wall_s"].append(wall)
+        times["milp_cpu_s"].append(cpu)
+    assert exact is not None
+    myopic_s = float(cost.interval_objective_s(table, view, mine.assignment, None))
+    return {
+        **{key: float(np.median(values)) for key, values in times.items()},
+        "myopic_objective_s": myopic_s,
+        "milp_objective_s": exact.objective_s,
+        "milp_bound_s": exact.bound_s,
+        "milp_proven_optimal": exact.proven_optimal,
+        "gap": myopic_s / exact.objective_s - 1 if exact.proven_optimal else None,
+        # myopic against the solver's lower bound: an upper bound of the gap where the
+        # MILP did not finish
+        "gap_to_bound": myopic_s / exact.bound_s - 1 if exact.bound_s > 0 else None,
+        # against the best the MILP found in its time (negative: myopic found better)
+        "gap_to_incumbent": myopic_s / exact.objective_s - 1,
+        "same_placement": mine == exact.placement,
+    }
+
+
+TIGHT_KEYS = ("myopic_wall_s", "myopic_cpu_s", "milp_wall_s", "milp_cpu_s", "gap",
+              "gap_to_bound", "gap_to_incumbent")
+
+
+def time_tight(label: str, seeds: int, runs: int, time_limit_s: float) -> dict[str, Any]:
+    """Every held-out tight instance of one model: myopic against the MILP, summarised."""
+    table = block_table(TIGHT_MODELS[label][0])
+    rows = []
+    for n in TIGHT_DEVICES:
+        for k in range(seeds):
+            view, facts = tight_view(label, n, k, time_limit_s)
+            row = {**facts, **time_tight_instance(view, table, runs, time_limit_s)}
+            rows.append(row)
+            console.print(
+                f"  {label} n={n} k={k} {facts['regime']:>12}: myopic {ms(row['myopic_wall_s'])}"
+                f" (cpu {ms(row['myopic_cpu_s'])}), MILP {ms(row['milp_wall_s'])}"
+                f" (cpu {ms(row['milp_cpu_s'])}{'' if row['milp_proven_optimal'] else ', limit'})"
+                f", gap {pct(row['gap'])} (to bound {pct(row['gap_to_bound'])}, to incumbent"
+                f" {pct(row['gap_to_incumbent'])})"
+            )
+    return {
+        "model": label,
+        "blocks": table.size,
+        "devices": list(TIGHT_DEVICES),
+        "seeds": seeds,
+        "runs": runs,
+        "milp_time_limit_s": time_limit_s,
+        "fill": list(TIGHT_FILL),
+        **{key: stats(r[key] for r in rows) for key in TIGHT_KEYS},
+        "by_devices": {
+            str(n): {key: stats(r[key] for r in rows if r["devices"] == n) for key in TIGHT_KEYS}
+            for n in TIGHT_DEVICES
+        },
+        "not_proven_optimal": sum(1 for r in rows if not r["milp_proven_optimal"]),
+        "same_placement": sum(1 for r in rows if r["same_placement"]),
+        "instances": rows,
+    }
+
+
+def tight_targets(tight: dict[str, Any]) -> list[dict[str, Any]]:
+    """Myopic within its time target (if the model has one), no slower than the MILP
+    (medians), and its gap; each line says its unit (s, ratio or gap)."""
+    mine, exact = tight["myopic_wall_s"]["median"], tight["milp_wall_s"]["median"]
+    label = f"3-6 devices x {tight['model']} ({tight['blocks']} blocks), tight"
+    lines = []
+    if tight["model"] in TIGHT_TIME_TARGETS_S:
+        lines.append({**target(f"myopic fresh, {label} (median)", mine,
+                               TIGHT_TIME_TARGETS_S[tight["model"]]), "unit": "s"})
+    ratio = None if mine is None or not exact else mine / exact
+    lines.append({**target(f"myopic / MILP fresh time, {label} (medians)", ratio, 1.0),
+                  "unit": "ratio"})
+    for kind in ("median", "max"):
+        limit = GAP_MEDIAN_TARGET if kind == "median" else GAP_MAX_TARGET
+        lines.append({**target(f"myopic gap to the MILP, {label} ({kind})",
+                               tight["gap"][kind], limit), "unit": "gap"})
+    return lines
+
+
+#: how a target line's value reads, by its unit
+TIGHT_FORMATS = {"s": ms, "ratio": num, "gap": pct}
+
+
+def print_tight_targets(targets: list[dict[str, Any]]) -> None:
+    """The tight instances' target lines, each value in its own unit."""
+    rows = []
+    for t in targets:
+        fmt = TIGHT_FORMATS[t["unit"]]
+        rows.append((t["target"], fmt(t["value"]), f"{t['op']} {fmt(t['limit'])}",
+                     verdict(t["met"])))
+    print_table("Targets (tight instances)", ["target", "value", "limit", "verdict"], rows)
+
+
+def print_tight(tight: dict[str, Any]) -> None:
+    """Myopic against the MILP on one model's tight instances, per device count and overall."""
+    groups = [*tight["by_devices"].items(), ("all", tight)]
+    print_table(
+        f"fresh decision on tight instances, {tight['model']} ({tight['blocks']} blocks), "
+        f"{tight['seeds']} per device count, MILP limit {tight['milp_time_limit_s']:g} s "
+        f"({tight['not_proven_optimal']} not proven)",
+        ["devices", "myopic med", "myopic max", "myopic cpu med", "MILP med", "MILP max",
+         "MILP cpu med", "gap med", "gap max", "to bound max", "to incumbent max"],
+        [
+            (
+                label,
+                ms(g["myopic_wall_s"]["median"]),
+                ms(g["myopic_wall_s"]["max"]),
+                ms(g["myopic_cpu_s"]["median"]),
+                ms(g["milp_wall_s"]["median"]),
+                ms(g["milp_wall_s"]["max"]),
+                ms(g["milp_cpu_s"]["median"]),
+                pct(g["gap"]["median"]),
+                pct(g["gap"]["max"]),
+                pct(g["gap_to_bound"]["max"]),
+                pct(g["gap_to_incumbent"]["max"]),
+            )
+            for label, g in groups
+        ],
+    )
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     """Myopic decision time against devices, one line per model and kind of decision."""
     plt = pyplot()
@@ -219,6 +468,26 @@ def make_parser() -> BenchParser:
     )
     parser.add_argument(
         "--milp-time-limit", type=float, default=60.0, help="HiGHS time limit per solve (s)"
+    )
+    parser.add_argument(
+        "--tight-seeds", type=int, default=None,
+        help=f"tight instances per device count ({DEFAULTS['tight_seeds']})",
+    )
+    parser.add_argument(
+        "--tight-runs", type=int, default=None,
+        help=f"timed runs per tight instance ({DEFAULTS['tight_runs']})",
+    )
+    parser.add_argument(
+        "--tight-milp-limit", type=float, default=TIGHT_MILP_LIMIT_S,
+        help="HiGHS time limit per solve on the tight instances (s)",
+    )
+    parser.add_argument(
+        "--tight-models", nargs="+", choices=tuple(TIGHT_MODELS), default=tuple(TIGHT_MODELS),
+        help="models of the tight instances (all)",
+    )
+    parser.add_argument(
+        "--part", choices=("scale", "tight", "all"), default="all",
+        help="the at-scale myopic and small MILP timings, the tight instances, or both",
     )
     return parser
 
@@ -296,17 +565,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns what it writes to DIR/placement_speed.json."""
     args = make_parser().parse(argv)
     runs, devices = args.runs, tuple(args.devices)
-    console.rule("myopic decision time")
-    results = time_myopic_all(devices, runs)
-    console.rule("MILP (HiGHS) time")
-    milp = time_milp(args.seeds, args.milp_time_limit)
-    targets = targets_of(results, milp)
-    print_times(results, milp, runs)
-    print_targets(targets, fmt=ms)
-    plot(results, args.out / "placement_speed.png")
-    data = {
+    data: dict[str, Any] = {
         "benchmark": NAME,
         "quick": args.quick,
+        "part": args.part,
         "runs": runs,
         "seeds": args.seeds,
         "environment": environment(),
@@ -318,12 +580,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "latency_ms": list(LATENCY_MS),
             "memory_factor": MEMORY_FACTOR,
             "load_change": LOAD_CHANGE,
-            "timing": "time.perf_counter around MyopicPlanner().place / optimal.solve",
+            "timing": "time.perf_counter around MyopicPlanner().place / optimal.solve; "
+            "tight: also time.process_time (CPU)",
         },
-        "myopic": results,
-        "milp": milp,
-        "targets": targets,
+        "targets": [],
     }
+    if args.part in ("scale", "all"):
+        console.rule("myopic decision time")
+        results = time_myopic_all(devices, runs)
+        console.rule("MILP (HiGHS) time")
+        milp = time_milp(args.seeds, args.milp_time_limit)
+        print_times(results, milp, runs)
+        plot(results, args.out / "placement_speed.png")
+        data.update(myopic=results, milp=milp)
+        data["targets"] += targets_of(results, milp)
+    if args.part in ("tight", "all"):
+        console.rule("tight instances: myopic against the MILP")
+        data["tight"] = []
+        for label in args.tight_models:
+            tight = time_tight(label, args.tight_seeds, args.tight_runs, args.tight_milp_limit)
+            print_tight(tight)
+            data["tight"].append(tight)
+        tight_lines = [line for tight in data["tight"] for line in tight_targets(tight)]
+        print_tight_targets(tight_lines)
+        data["targets"] += tight_lines
+    if args.part in ("scale", "all"):
+        print_targets(data["targets"][: len(REPLAN_TARGETS) + 2], fmt=ms)
     write_json(args.out, NAME, data)
     return data
 

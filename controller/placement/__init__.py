@@ -4,7 +4,9 @@
 - Planners: ``myopic`` (the paper's policy, re-planned), ``optimal`` (the same decision as
   a MILP on HiGHS), ``static_heads``, ``edgeshard``, ``memory_proportional``, ``galaxy``.
 - The myopic planner's parts: ``seeds`` (placements built directly), ``scored_placement``
-  (incremental pricing of moves) and ``local_search`` (the descent from each seed).
+  (incremental pricing of moves), ``local_search`` (the descent from each seed) and
+  ``forced`` (forced re-plans relocate the fewest bytes within a slack of the best; shared
+  with ``optimal``).
 - ``layers``: contiguous layer splits, shared by the layer baselines and the myopic seeds.
 """
 

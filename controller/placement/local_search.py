@@ -13,11 +13,11 @@ import numpy as np
 
 from controller import cost
 from controller.placement.scored_placement import MEMORY_SLACK_BYTES, ScoredPlacement
-from controller.placement.seeds import group_gather_s, groups_from_counts
+from controller.placement.seeds import spread_groups, spread_to_groups
 from controller.view import ResourceView
 from llm.blocks import BlockTable
 
-__all__ = ["MIN_GAIN", "improve", "repair_memory"]
+__all__ = ["MIN_GAIN", "improve", "repair_memory", "respread_candidates"]
 
 #: Smallest objective change (s) that counts as a gain; the search scales it by the objective
 #: (at least 1 s). Changes within float rounding must not count, or moves between placements
@@ -122,45 +122,99 @@ def _rebalance_pass(search: ScoredPlacement, layers: np.ndarray) -> np.ndarray:
     """Re-spread each layer's KV groups exactly (min-max in memory) per projection device.
 
     For a fixed layer input and projection device the best spread of the groups is
-    exact (``group_gather_s``); trying it for each projection device moves a
-    layer's heads as a whole, which single moves cannot (each alone adds a hop).
+    exact (``spread_groups``); trying it for each projection device moves a
+    layer's heads as a whole, which single moves cannot (each alone adds a hop). Every
+    layer's candidates are priced in one batch against the state the pass starts from;
+    once a layer has changed, the next is priced again exactly before it is applied.
     """
     t = search.table
     changed = np.zeros(t.spec.layers, dtype=bool)
-    for ell in layers:
-        gids = t.group_ids(int(ell))
-        pid = t.proj_id(int(ell))
-        blocks = np.r_[gids, pid]
-        prev = search.x[t.ffn_id(int(ell) - 1)] if ell > 0 else search.view.source
-        # memory as if this layer's groups and projection were lifted off their devices
-        room = search.cap - search.used
-        room += np.bincount(
-            search.x[blocks], weights=search.block_mem[blocks], minlength=search.view.size
-        )
-        g_mem = search.block_mem[gids[0]]
-        caps = np.floor(np.maximum(room, 0.0) / g_mem).astype(np.int64)
-        # projection devices worth trying: where it is, the layer input and the
-        # fastest devices with room for it
-        speed = search.view.compute_gflops * search.usable * (room >= search.block_mem[pid])
-        tries = np.unique(np.r_[search.x[pid], prev, np.argsort(-speed)[:4]])
-        _, counts = group_gather_s(
-            t, search.view, search.n, np.array([prev]), caps, tries, search.links
-        )
-        keep = counts[0].sum(axis=1) == gids.size
-        tries, counts = tries[keep], counts[0, keep]
-        if tries.size == 0:
-            continue
-        rows = np.empty((tries.size, blocks.size), dtype=np.int64)
-        for i, p in enumerate(tries):
-            # keep groups where they are when the spread allows, to move as few as possible
-            rows[i, :-1] = groups_from_counts(counts[i], gids, search.x)
-            rows[i, -1] = p
-        delta = search.score(blocks, rows)
-        i = int(np.argmin(delta))
-        if _is_gain(search, delta[i]):
-            search.apply(blocks, rows[i])
-            changed[ell] = True
+    if layers.size == 0:
+        return changed
+    rows, delta = respread_candidates(search, layers)
+    best = delta.argmin(axis=1)
+    gains = delta[np.arange(layers.size), best]
+    for i in np.argsort(gains, kind="stable"):
+        if not _is_gain(search, gains[i]):
+            break
+        ell = int(layers[i])
+        blocks = np.r_[t.group_ids(ell), t.proj_id(ell)]
+        row = rows[i, best[i]]
+        if changed.any() and not _is_gain(search, search.score(blocks, row[None])[0]):
+            continue  # an earlier change took its room or moved the migration maximum
+        search.apply(blocks, row)
+        changed[ell] = True
     return changed
+
+
+#: projection devices a re-spread tries per layer: where it is, the layer input and the
+#: fastest devices with room for it
+_RESPREAD_FASTEST = 4
+
+
+def respread_candidates(
+    search: ScoredPlacement, layers: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each layer's re-spread candidates and their exact objective change (s).
+
+    Returns rows (R, T, G + 1): the devices of the layer's groups and projection; and
+    delta (R, T), inf where a candidate does not fit.
+    """
+    t, view = search.table, search.view
+    r_count, d_count, g = layers.size, view.size, t.groups
+    gids = layers[:, None] * t.per_layer + np.arange(g)  # (R, G)
+    pids = layers * t.per_layer + g
+    ffns = pids + 1
+    blocks = np.concatenate([gids, pids[:, None]], axis=1)  # (R, G + 1)
+    prev = np.where(layers > 0, search.x[np.maximum(ffns - t.per_layer, 0)], view.source)
+    # memory as if each layer's groups and projection were lifted off their devices
+    lifted = np.zeros((r_count, d_count))
+    np.add.at(lifted, (np.arange(r_count)[:, None], search.x[blocks]), search.block_mem[blocks])
+    room = (search.cap - search.used)[None, :] + lifted  # (R, D)
+    g_mem, p_mem = search.block_mem[gids[0, 0]], search.block_mem[pids[0]]
+    caps = np.floor(np.maximum(room, 0.0) / g_mem).astype(np.int64)
+    speed = view.compute_gflops * search.usable * (room >= p_mem)  # (R, D)
+    fastest = np.argsort(-speed, axis=1, kind="stable")[:, :_RESPREAD_FASTEST]
+    tries = np.concatenate([search.x[pids][:, None], prev[:, None], fastest], axis=1)
+    gather, counts = spread_groups(
+        t, view, search.n, prev[:, None], tries, caps[:, None, :], search.links
+    )
+    # the layer's new delay: gather, then projection, hop to the FFN and FFN (which stays)
+    f = search.x[ffns][:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        speed_flops = view.compute_gflops * cost.GFLOP
+        proj_s = t.flops_fixed[pids[0]] / speed_flops
+        ffn_s = t.flops_fixed[ffns[0]] / speed_flops
+        new_layer = gather + proj_s[tries] + search.links.hidden_hop_s[tries, f] + ffn_s[f]
+    delta = search.k * (new_layer - search.layer_s[layers][:, None])
+    # memory after: the groups and the projection land, nothing else moves
+    after = room[:, None, :] - counts * g_mem
+    after[np.arange(r_count)[:, None], np.arange(tries.shape[1]), tries] -= p_mem
+    used = search.cap[None, None, :] - after
+    fits = (used <= search.cap + MEMORY_SLACK_BYTES) | (used <= search.used + MEMORY_SLACK_BYTES)
+    ok = fits.all(axis=2) & (counts.sum(axis=2) == g) & np.isfinite(gather)
+    rows = np.empty((*tries.shape, g + 1), dtype=np.int64)
+    # keep groups where they are when the spread allows, to move as few as possible
+    present = search.x[gids][:, None, :]
+    rows[..., :g] = np.where(ok[..., None], spread_to_groups(counts, present), present)
+    rows[..., g] = tries
+    if search.cur is not None:
+        delta = delta + _migration_change_s(search, blocks, rows)
+    return rows, np.where(ok, delta, np.inf)
+
+
+def _migration_change_s(
+    search: ScoredPlacement, blocks: np.ndarray, rows: np.ndarray
+) -> np.ndarray:
+    """Migration-delay change (s) of giving blocks[i] the devices rows[i, j]: (R, T)."""
+    r_count, t_count = rows.shape[:2]
+    xs = np.broadcast_to(search.x, (r_count, t_count, search.x.size)).copy()
+    xs[np.arange(r_count)[:, None, None], np.arange(t_count)[:, None], blocks[:, None, :]] = rows
+    w = search.view.window
+    mig = cost.migration_s(
+        search.table, search.view, search.cur, xs.reshape(-1, search.x.size), w.context_tokens
+    )
+    return np.asarray(mig).reshape(r_count, t_count) - search.mig_s
 
 
 def _device_pass(search: ScoredPlacement, limit: int = 60) -> np.ndarray:
@@ -214,9 +268,7 @@ def _swap_pass(search: ScoredPlacement, budget: int) -> np.ndarray:
             continue
         partners = partners[: budget - scored]
         scored += partners.size
-        deltas = np.array(
-            [search.score(np.array([b, p]), np.array([[search.x[p], db]]))[0] for p in partners]
-        )
+        deltas = _swap_deltas(search, int(b), partners)
         i = int(np.argmin(deltas))
         if _is_gain(search, deltas[i]):
             p = int(partners[i])
@@ -224,6 +276,20 @@ def _swap_pass(search: ScoredPlacement, budget: int) -> np.ndarray:
             search.apply(np.array([b, p]), np.array([search.x[p], db]))
             tight = search.cap - search.used < search.block_mem.max()
     return changed
+
+
+def _swap_deltas(search: ScoredPlacement, b: int, partners: np.ndarray) -> np.ndarray:
+    """Objective change (s) of exchanging block b's device with each partner's, in one batch.
+
+    Every swap touches other layers, so each candidate is priced on the whole objective
+    (``controller.cost``), vectorised over the partners.
+    """
+    xs = np.broadcast_to(search.x, (partners.size, search.x.size)).copy()
+    rows = np.arange(partners.size)
+    xs[rows, b] = search.x[partners]
+    xs[rows, partners] = search.x[b]
+    objective = cost.interval_objective_s(search.table, search.view, xs, search.cur)
+    return np.atleast_1d(objective) - search.objective()
 
 
 def repair_memory(

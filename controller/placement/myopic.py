@@ -1,18 +1,24 @@
 """The myopic planner: resource-aware head-level placement with migration on re-plans.
 
 The policy of arXiv 2505.02533 — at every re-plan, choose the placement that
-minimises migration delay now plus predicted decode delay until the next re-plan,
-under the devices' memory until then — made stronger:
+minimises migration delay now plus predicted decode delay over the horizon,
+under the devices' memory until its end — made stronger:
 
 1. Seeds (``seeds``): the exact latency optimum without memory limits (a DP over
    layers), repaired for memory; a resource-aware greedy along the layers; the
-   current placement (no migration) and the layer splits (EdgeShard,
-   memory-proportional), so the result is never worse than any of them.
+   current placement (no migration), or a repair of it when it no longer fits, and the
+   layer splits (EdgeShard, memory-proportional), so the result is never worse than any
+   of them.
 2. Local search (``local_search``, scoring with ``scored_placement``) from each seed
-   on the exact objective of ``controller.cost``. Small instances add random kicks
+   on the exact objective of ``controller.cost``.
+3. Tiny instances: the exact MILP (``optimal``), warm-started with the local search's
+   result, under a node budget; where it does not prove the optimum, random kicks
    (iterated local search) with a fixed seed, so decisions are deterministic.
+4. A forced re-plan (blocks lost, or memory no longer holds) relocates the fewest bytes
+   among the placements within ``forced.FORCED_SLACK`` of the best (``forced``).
 
-This module is the policy: which seeds, how much search each gets, when to kick.
+This module is the policy: which seeds, how much search each gets, when to kick, when
+the exact solver decides.
 """
 
 from __future__ import annotations
@@ -24,8 +30,15 @@ import numpy as np
 
 from controller import cost
 from controller.placement.base import NoFeasiblePlacement, Placement
+from controller.placement.forced import (
+    FORCED_SLACK,
+    alive_current,
+    is_forced,
+    least_relocation,
+)
 from controller.placement.layers import layer_split_candidates
 from controller.placement.local_search import MIN_GAIN, improve, repair_memory
+from controller.placement.optimal import solve, solve_least_moves
 from controller.placement.scored_placement import ScoredPlacement
 from controller.placement.seeds import chain_optimum, greedy_chain, group_gather_s, sequential_fix
 from controller.view import ResourceView
@@ -46,25 +59,72 @@ class MyopicPlanner:
     #: blocks x devices up to which an instance counts as small: every seed is searched
     small_size: int = 4000
     #: blocks x devices up to which the planner also spends on a quadratic greedy
-    #: construction, random kicks and many swaps (tiny instances, where they pay off)
+    #: construction, random kicks and many swaps (tiny instances, where they pay off), and
+    #: up to which the memory-blind optimum is always repaired into a seed
     tiny_size: int = 400
     max_kicks: int = 40
-    #: on large instances, repair the memory-blind optimum only if at most this fraction
-    #: of the model's bytes overflows (a bigger repair costs more than it tends to gain)
+    #: on larger instances, repair the memory-blind optimum only if at most this fraction
+    #: of the model's bytes overflows (a bigger repair costs more than it tends to gain:
+    #: on memory-tight instances it never won, and it cost a third of the decision)
     repair_limit: float = 0.25
+    #: tiny instances go to the exact MILP, warm-started with the local search's result;
+    #: its kicks run only where HiGHS does not prove the optimum within exact_nodes.
+    #: Measured (benchmarks/placement_speed.py, tight part): on 20 blocks x 3-6 devices
+    #: HiGHS proves the optimum in about 0.15 s where the kicks that close the heuristic's
+    #: last gaps (up to 14 % without them) take about 0.25 s; from 150 blocks on the MILP
+    #: does not finish in 10 s while the heuristic takes tens of ms.
+    exact: bool = True
+    #: branch-and-bound nodes the MILP may use: a budget independent of the machine's
+    #: load, so that a decision stays reproducible (tiny instances needed at most ~150)
+    exact_nodes: int = 200
+    #: a safety net only: on an idle host the node budget runs out long before
+    exact_time_limit_s: float = 2.0
     seed: int = 0
     last_objective_s: float = field(default=float("nan"), init=False)
 
     def place(self, view: ResourceView, model: BlockTable, current: Placement | None) -> Placement:
-        """Best placement found for the view's planning window (raises NoFeasiblePlacement)."""
+        """Best placement found for the view's planning window (raises NoFeasiblePlacement).
+
+        A forced re-plan (the current placement lost blocks or no longer fits) returns the
+        placement relocating the fewest bytes within FORCED_SLACK of the best objective.
+        """
         if not view.usable[view.source]:
             raise NoFeasiblePlacement(
                 f"source device {view.devices[view.source]} is down or has no resources left: "
                 "embedding, LM head and sampling cannot run"
             )
-        cur = None if current is None else _alive_current(view, current.assignment)
+        cur = None if current is None else alive_current(view, current.assignment)
+        forced = is_forced(model, view, cur)
+        best, candidates = self._search(view, model, cur, keep_starts=forced)
+        tiny = model.size * view.size <= self.tiny_size
+        exact = self._exact(view, model, cur, best) if tiny and self.exact else None
+        if exact is not None:
+            if best is None or exact.objective() < best.objective() - MIN_GAIN:
+                best = exact
+        elif best is not None:
+            best = self._kick(best, model, view, cur)
+        if best is None:
+            raise NoFeasiblePlacement(
+                f"no placement of {model.spec.name} fits the devices' memory up to context "
+                f"{view.window.interval_end_context}"
+            )
+        if forced:
+            assert cur is not None
+            best = self._least_relocation(view, model, cur, best, candidates, exact is not None)
+        self.last_objective_s = best.objective()
+        return Placement(best.x.copy())
+
+    def _search(
+        self, view: ResourceView, model: BlockTable, cur: np.ndarray | None, keep_starts: bool
+    ) -> tuple[ScoredPlacement | None, list[ScoredPlacement]]:
+        """Local search from every seed: the best result, and every start and result.
+
+        The starts are copied before their search only when keep_starts (a forced
+        re-plan picks among them by bytes relocated).
+        """
         starts = [ScoredPlacement(model, view, seed, cur) for seed in self._seeds(view, model, cur)]
         starts = sorted((s for s in starts if s.feasible()), key=ScoredPlacement.objective)
+        kept = [ScoredPlacement(model, view, s.x, cur) for s in starts] if keep_starts else []
         small = model.size * view.size <= self.small_size
         best: ScoredPlacement | None = None
         for search in starts:
@@ -75,15 +135,64 @@ class MyopicPlanner:
             improve(search, self.max_rounds, self._swap_budget(model, view))
             if best is None or search.objective() < best.objective() - MIN_GAIN:
                 best = search
-        if best is not None:
-            best = self._kick(best, model, view, cur)
-        if best is None:
-            raise NoFeasiblePlacement(
-                f"no placement of {model.spec.name} fits the devices' memory up to context "
-                f"{view.window.interval_end_context}"
+        return best, kept + starts
+
+    def _exact(
+        self,
+        view: ResourceView,
+        model: BlockTable,
+        cur: np.ndarray | None,
+        best: ScoredPlacement | None,
+    ) -> ScoredPlacement | None:
+        """The MILP's optimum when HiGHS proves it within the node budget, else None."""
+        try:
+            result = solve(
+                view,
+                model,
+                None if cur is None else Placement(cur.copy()),
+                self.exact_time_limit_s,
+                initial=None if best is None else Placement(best.x.copy()),
+                max_nodes=self.exact_nodes,
             )
-        self.last_objective_s = best.objective()
-        return Placement(best.x.copy())
+        except NoFeasiblePlacement:
+            return None
+        found = ScoredPlacement(model, view, result.placement.assignment, cur)
+        return found if result.proven_optimal and found.feasible() else None
+
+    def _least_relocation(
+        self,
+        view: ResourceView,
+        model: BlockTable,
+        cur: np.ndarray,
+        best: ScoredPlacement,
+        candidates: list[ScoredPlacement],
+        proven: bool,
+    ) -> ScoredPlacement:
+        """Among placements within FORCED_SLACK of the best, the one relocating fewest bytes.
+
+        Every start and search result, moved back towards the current placement as far as
+        the budget allows; where the best is the MILP's proven optimum, the MILP also
+        solves for the fewest bytes directly.
+        """
+        budget_s = (1 + FORCED_SLACK) * best.objective()
+        chosen = least_relocation([*candidates, best], budget_s)
+        if proven:
+            try:
+                result = solve_least_moves(
+                    view,
+                    model,
+                    Placement(cur.copy()),
+                    budget_s,
+                    self.exact_time_limit_s,
+                    initial=Placement(chosen.x.copy()),
+                    max_nodes=self.exact_nodes,
+                )
+            except NoFeasiblePlacement:
+                return chosen
+            exact = ScoredPlacement(model, view, result.placement.assignment, cur)
+            if exact.feasible() and exact.objective() <= budget_s:
+                chosen = least_relocation([chosen, exact], budget_s)
+        return chosen
 
     def _swap_budget(self, model: BlockTable, view: ResourceView) -> int:
         """How many swaps one local search may score: generous on small instances only."""
@@ -136,7 +245,7 @@ class MyopicPlanner:
     def _seeds(
         self, view: ResourceView, model: BlockTable, cur: np.ndarray | None
     ) -> Iterable[np.ndarray]:
-        small = model.size * view.size <= self.small_size
+        tiny = model.size * view.size <= self.tiny_size
         if cur is not None and (cur >= 0).all():
             yield cur.copy()
         free = group_gather_s(
@@ -150,16 +259,18 @@ class MyopicPlanner:
         greedy = greedy_chain(model, view, cur, free[0].min(axis=1))
         if greedy is not None:
             yield greedy
-        if small or _overflow_fraction(model, view, chain) <= self.repair_limit:
+        if tiny or _overflow_fraction(model, view, chain) <= self.repair_limit:
             repaired = repair_memory(model, view, chain, cur)
             if repaired is not None:
                 yield repaired
-        if cur is not None and not (cur >= 0).all():
+        if cur is not None and is_forced(model, view, cur):
+            # a forced re-plan starts from a repair of the current placement (lost blocks
+            # refilled from the memory-blind optimum)
             patched = np.where(cur >= 0, cur, chain)
             repaired = repair_memory(model, view, patched, cur)
             if repaired is not None:
                 yield repaired
-        if model.size * view.size <= self.tiny_size:
+        if tiny:
             fixed = sequential_fix(model, view, chain, cur)
             if fixed is not None:
                 yield fixed
@@ -173,10 +284,3 @@ def _overflow_fraction(table: BlockTable, view: ResourceView, x: np.ndarray) -> 
     n = view.window.interval_end_context
     over = cost.memory_use(table, view, x, n) - view.memory_bytes
     return float(np.clip(over, 0, None).sum() / table.memory_bytes(n).sum())
-
-
-def _alive_current(view: ResourceView, current: np.ndarray) -> np.ndarray:
-    """The current assignment with blocks on dead devices marked -1 (their state is lost)."""
-    cur = np.asarray(current, dtype=np.int64).copy()
-    cur[(cur >= 0) & ~view.alive[np.clip(cur, 0, None)]] = -1
-    return cur

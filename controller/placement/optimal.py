@@ -45,6 +45,7 @@ from controller.cost import (
     migration_bytes,
 )
 from controller.placement.base import NoFeasiblePlacement, Placement
+from controller.placement.forced import FORCED_SLACK, alive_current, is_forced
 from controller.view import ResourceView
 from llm.blocks import BlockTable, hidden_bytes
 
@@ -77,6 +78,9 @@ class MilpResult:
     proven_optimal: bool
     solve_s: float  # HiGHS run time (s)
     solver_objective_s: float = float("nan")  # HiGHS's own objective, for diagnostics
+    #: HiGHS's lower bound on the objective (s): no placement is better, proven or not
+    bound_s: float = float("nan")
+    nodes: int = 0  # branch-and-bound nodes HiGHS explored
 
 
 @dataclass
@@ -133,14 +137,25 @@ class _Model:
         self.row_upper.append(np.broadcast_to(np.asarray(upper, dtype=float), (r,)).copy())
         self.n_rows += r
 
+    def cost_vector(self) -> np.ndarray:
+        """The objective's coefficient of every column."""
+        cost = np.concatenate(self.cost)
+        for cols, values in self.extra_cost:
+            np.add.at(cost, cols, values)
+        return cost
+
+    def set_objective(self, cost: np.ndarray, offset: float) -> None:
+        """Replace the objective: these coefficients per column, plus offset."""
+        self.cost = [np.asarray(cost, dtype=float)]
+        self.extra_cost = []
+        self.offset = float(offset)
+
     def build(self, h: highspy.Highs) -> None:
         """Pass the model to HiGHS in bulk (columns, then rows as CSR)."""
         upper = np.concatenate(self.upper)
         if self.zero_cols:
             upper[np.concatenate(self.zero_cols)] = 0.0
-        cost = np.concatenate(self.cost)
-        for cols, values in self.extra_cost:
-            np.add.at(cost, cols, values)
+        cost = self.cost_vector()
         empty_i = np.zeros(0, dtype=np.int32)
         h.addCols(
             self.n_cols, cost, np.concatenate(self.lower), upper, 0,
@@ -573,21 +588,30 @@ def _highs(time_limit_s: float, mip_gap: float):
     return h
 
 
-def solve(
-    view: ResourceView,
-    model: BlockTable,
-    current: Placement | None,
-    time_limit_s: float = 60.0,
-    mip_gap: float = 0.0,
-    initial: Placement | None = None,
-) -> MilpResult:
-    """Exact placement minimising cost.interval_objective_s; raises NoFeasiblePlacement."""
+def _milp(
+    view: ResourceView, model: BlockTable, current: Placement | None
+) -> tuple[_Instance, _Model, _Columns]:
+    """The decision's MILP, objective included, ready to build."""
     p = _instance(view, model, current)
     m = _Model()
     columns = _add_variables(m, p)
     _add_constraints(m, p, columns)
     _add_objective(m, p, columns)
+    return p, m, columns
+
+
+def _run(
+    problem: tuple[_Instance, _Model, _Columns],
+    time_limit_s: float,
+    mip_gap: float,
+    initial: Placement | None,
+    max_nodes: int | None,
+) -> MilpResult:
+    """Solve a built MILP on HiGHS (from initial, when it is a valid start) and read it back."""
+    p, m, columns = problem
     h = _highs(time_limit_s, mip_gap)
+    if max_nodes is not None:
+        h.setOptionValue("mip_max_nodes", int(max_nodes))
     m.build(h)
     if initial is not None:
         start = _start_values(p, columns, initial)
@@ -595,6 +619,88 @@ def solve(
             h.setSolution(len(start[0]), start[0], start[1])
     h.run()
     return _read_solution(h, p, columns, time_limit_s)
+
+
+def solve(
+    view: ResourceView,
+    model: BlockTable,
+    current: Placement | None,
+    time_limit_s: float = 60.0,
+    mip_gap: float = 0.0,
+    initial: Placement | None = None,
+    max_nodes: int | None = None,
+) -> MilpResult:
+    """Exact placement minimising cost.interval_objective_s; raises NoFeasiblePlacement.
+
+    max_nodes caps HiGHS's branch and bound (a budget that, unlike the time limit, does
+    not depend on the machine's load): past it the result is the best found, not proven.
+    """
+    return _run(_milp(view, model, current), time_limit_s, mip_gap, initial, max_nodes)
+
+
+#: weight of the decision's objective next to the relocated bytes when least_moves breaks
+#: ties: all of the budget counts for this fraction of the smallest block's bytes
+_TIE_WEIGHT = 1e-4
+
+
+def solve_least_moves(
+    view: ResourceView,
+    model: BlockTable,
+    current: Placement,
+    budget_s: float,
+    time_limit_s: float = 60.0,
+    initial: Placement | None = None,
+    max_nodes: int | None = None,
+) -> MilpResult:
+    """The placement relocating the fewest bytes among those whose objective is <= budget_s.
+
+    Relocated bytes: ``forced.relocated_bytes`` (weights and KV of every block that leaves
+    its current device); among placements that relocate as much, the lower objective
+    wins. ``proven_optimal`` refers to the bytes. Raises NoFeasiblePlacement when no
+    placement meets the budget.
+    """
+    p, m, columns = _milp(view, model, current)
+    objective = m.cost_vector()
+    used = np.flatnonzero(objective)
+    # the decision's objective (tau units) within the budget, as a row
+    m.add_rows(used[None], objective[used][None], -INF, budget_s / p.tau - m.offset)
+    relocation, constant, unit = _relocation_cost(p, columns, m.n_cols)
+    tie = _TIE_WEIGHT * unit / max(budget_s / p.tau, 1e-12)
+    m.set_objective(relocation + tie * objective, constant + tie * m.offset)
+    return _run((p, m, columns), time_limit_s, 0.0, initial, max_nodes)
+
+
+def _relocation_cost(p: _Instance, c: _Columns, n_cols: int) -> tuple[np.ndarray, float, float]:
+    """Relocated bytes as a linear objective, in units of the model's largest block.
+
+    Returns (coefficients per column, constant, the smallest block in those units): a
+    block relocates its bytes unless its column for its current device is 1.
+    """
+    model, cur = p.model, p.cur
+    assert cur is not None
+    nbytes = model.memory_bytes(p.view.window.context_tokens)
+    scale = float(nbytes.max())
+    slot_of = np.full(p.view.size, -1)
+    slot_of[p.dev] = np.arange(p.n)
+    cost = np.zeros(n_cols)
+    constant = 0.0
+    stays: list[tuple[int, float, int]] = [  # (column of staying, bytes per unit, units)
+        (int(c.x[b][slot_of[cur[b]]]) if slot_of[cur[b]] >= 0 else -1, nbytes[b] / scale, 1)
+        for layer in range(model.spec.layers)
+        for b in (model.proj_id(layer), model.ffn_id(layer))
+        if cur[b] >= 0
+    ]
+    stays += [
+        (int(k[slot_of[key]]) if slot_of[key] >= 0 else -1, nbytes[gids[0]] / scale, len(gids))
+        for columns in c.layers
+        for key, gids, k in columns.classes
+        if key >= 0
+    ]
+    for col, size, units in stays:
+        constant += size * units
+        if col >= 0:
+            cost[col] -= size
+    return cost, constant, float(nbytes[nbytes > 0].min() / scale)
 
 
 def _read_solution(h, p: _Instance, c: _Columns, time_limit_s: float) -> MilpResult:
@@ -622,6 +728,8 @@ def _read_solution(h, p: _Instance, c: _Columns, time_limit_s: float) -> MilpRes
         proven_optimal=status == highspy.HighsModelStatus.kOptimal,
         solve_s=float(h.getRunTime()),
         solver_objective_s=float(info.objective_function_value) * p.tau,
+        bound_s=float(info.mip_dual_bound) * p.tau,
+        nodes=int(info.mip_node_count),
     )
 
 
@@ -663,9 +771,12 @@ class OptimalPlanner:
     name = "optimal"
     replans = True
 
-    def __init__(self, time_limit_s: float = 60.0, mip_gap: float = 0.0) -> None:
+    def __init__(
+        self, time_limit_s: float = 60.0, mip_gap: float = 0.0, forced_least_moves: bool = True
+    ) -> None:
         self.time_limit_s = time_limit_s
         self.mip_gap = mip_gap
+        self.forced_least_moves = forced_least_moves
         self.last_result: MilpResult | None = None
 
     @property
@@ -676,10 +787,25 @@ class OptimalPlanner:
     def place(
         self, view: ResourceView, model: BlockTable, current: Placement | None
     ) -> Placement:
-        """The placement minimising cost.interval_objective_s; raises NoFeasiblePlacement."""
+        """The placement minimising cost.interval_objective_s; raises NoFeasiblePlacement.
+
+        A forced re-plan (the current placement lost blocks or no longer fits) is solved
+        twice, as the myopic planner decides it: the optimum, then the placement relocating
+        the fewest bytes within FORCED_SLACK of it (a second MILP of the same size, cheap
+        where the first was). Blocks on dead devices count as lost, not moved.
+        """
+        cur = None if current is None else Placement(alive_current(view, current.assignment))
         # The current placement, when complete and usable, is a free incumbent.
-        result = solve(
-            view, model, current, self.time_limit_s, self.mip_gap, initial=current
-        )
+        result = solve(view, model, cur, self.time_limit_s, self.mip_gap, initial=cur)
+        if cur is not None and self.forced_least_moves and is_forced(model, view, cur.assignment):
+            budget_s = (1 + FORCED_SLACK) * result.objective_s
+            try:
+                least = solve_least_moves(
+                    view, model, cur, budget_s, self.time_limit_s, initial=result.placement
+                )
+            except NoFeasiblePlacement:
+                least = None
+            if least is not None and least.objective_s <= budget_s * (1 + 1e-9):
+                result = least
         self.last_result = result
         return result.placement

@@ -26,6 +26,8 @@ __all__ = [
     "group_gather_s",
     "groups_from_counts",
     "sequential_fix",
+    "spread_groups",
+    "spread_to_groups",
 ]
 
 
@@ -45,37 +47,57 @@ def group_gather_s(
     projection device projections[j] (default: every device); inf where the caps leave
     no room for all groups.
     """
+    if projections is None:
+        projections = np.arange(view.size)
+    return spread_groups(
+        table, view, n, np.asarray(inputs)[:, None], np.asarray(projections)[None, :], caps, links
+    )
+
+
+def spread_groups(
+    table: BlockTable,
+    view: ResourceView,
+    n: float,
+    inputs: np.ndarray,
+    projections: np.ndarray,
+    caps: np.ndarray,
+    links: cost.LinkTables | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best gather time (s) of one layer's KV groups for a batch of cases.
+
+    inputs and projections (device indices) broadcast to the batch's shape S; caps
+    (S..., D), or anything broadcasting to it, bounds the groups each device may take.
+    Returns (gather S, counts S + (D,)); gather is inf where the caps leave no room.
+    """
     d_count = view.size
     g = table.groups
     speed = view.compute_gflops * cost.GFLOP
     gid = table.group_ids(0)[0]
     if links is None:
         links = cost.LinkTables.of(view, hidden_bytes(table.spec))
-    if projections is None:
-        projections = np.arange(d_count)
+    inputs, projections = np.broadcast_arrays(np.asarray(inputs), np.asarray(projections))
     with np.errstate(divide="ignore", invalid="ignore"):
         g_s = table.flops(n)[gid] / speed  # (D,)
         k = np.arange(1, g + 1)
-        # finish[i, j, d, k-1]: when device d is done if it runs k groups
-        to_proj = links.latency_s.T[projections]  # (P, d)
-        fixed = links.hidden_hop_s[inputs][:, None, :] + to_proj[None, :, :]
-        slope = g_s[None, :] + table.output_bytes[gid] * links.s_per_byte.T[projections]
-        finish = fixed[..., None] + slope[None, :, :, None] * k
-    allowed = (k[None, :] <= caps[:, None]) & view.usable[:, None]  # (d, k)
-    finish = np.where(allowed[None, None], np.nan_to_num(finish, nan=np.inf), np.inf)
-    flat = finish.reshape(len(inputs), len(projections), d_count * g)
+        # finish[..., d, k-1]: when device d is done if it runs k groups
+        fixed = links.hidden_hop_s[inputs] + links.latency_s.T[projections]  # S + (D,)
+        slope = g_s + table.output_bytes[gid] * links.s_per_byte.T[projections]
+        finish = fixed[..., None] + slope[..., None] * k
+    allowed = (k <= np.asarray(caps)[..., None]) & view.usable[:, None]  # (..., D, G)
+    finish = np.where(allowed, np.nan_to_num(finish, nan=np.inf), np.inf)
+    flat = finish.reshape(*inputs.shape, d_count * g)
     kth = np.partition(flat, g - 1, axis=-1)[..., g - 1]  # the G-th smallest finish
     counts = (finish <= kth[..., None, None]).sum(axis=-1)
     # ties can count more than G groups; dropping any of them keeps the maximum at kth
     excess = counts.sum(axis=-1) - g
-    for i, p in zip(*np.nonzero(excess > 0), strict=True):
-        for d in np.argsort(-counts[i, p]):
-            take = min(counts[i, p, d], excess[i, p])
-            counts[i, p, d] -= take
-            excess[i, p] -= take
-            if excess[i, p] == 0:
+    for case in zip(*np.nonzero(excess > 0), strict=True):
+        for d in np.argsort(-counts[case]):
+            take = min(counts[case][d], excess[case])
+            counts[case][d] -= take
+            excess[case] -= take
+            if excess[case] == 0:
                 break
-    gather = np.maximum(kth, links.hidden_hop_s[np.ix_(inputs, projections)])
+    gather = np.maximum(kth, links.hidden_hop_s[inputs, projections])
     return gather, counts
 
 
@@ -196,17 +218,37 @@ def groups_from_counts(
     counts: np.ndarray, gids: np.ndarray, current: np.ndarray | None
 ) -> np.ndarray:
     """Give each group a device so devices get ``counts`` groups, keeping groups where they are."""
-    left = counts.copy()
-    out = np.full(len(gids), -1, dtype=np.int64)
-    if current is not None:
-        for i, b in enumerate(gids):
-            d = current[b]
-            if d >= 0 and left[d] > 0:
-                out[i] = d
-                left[d] -= 1
-    rest = np.repeat(np.arange(len(counts)), left)
-    out[out < 0] = rest
-    return out
+    return spread_to_groups(counts, None if current is None else current[gids])
+
+
+def spread_to_groups(counts: np.ndarray, present: np.ndarray | None) -> np.ndarray:
+    """Devices (..., G) for a layer's groups so that device d gets counts[..., d] of them.
+
+    A group stays on its present device (present[..., i], -1 for none) while that device
+    has count left, earlier groups first; the others fill the remaining counts in device
+    order. Vectorised over the leading axes (present broadcasts against counts').
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    d_count = counts.shape[-1]
+    g = int(counts.sum(axis=-1).max()) if present is None else np.shape(present)[-1]
+    if present is None:
+        keep = np.zeros((*counts.shape[:-1], g), dtype=bool)
+        out = np.zeros(keep.shape, dtype=np.int64)
+        left = counts
+    else:
+        present = np.broadcast_to(present, (*counts.shape[:-1], g))
+        earlier = np.tril(np.ones((g, g), dtype=bool), -1)  # [i, j]: j comes before i
+        same = present[..., :, None] == present[..., None, :]
+        rank = (same & earlier).sum(axis=-1)  # groups before i on i's device
+        room = np.take_along_axis(counts, np.clip(present, 0, None), axis=-1)
+        keep = (present >= 0) & (rank < room)
+        out = np.where(keep, present, 0)
+        kept = (keep[..., None] & (present[..., None] == np.arange(d_count))).sum(axis=-2)
+        left = counts - kept
+    # the q-th group not kept goes to the device whose share of the rest covers q
+    q = np.cumsum(~keep, axis=-1) - 1
+    filled = (left.cumsum(axis=-1)[..., None, :] <= q[..., :, None]).sum(axis=-1)
+    return np.where(keep, out, filled)
 
 
 def sequential_fix(

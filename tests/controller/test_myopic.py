@@ -11,10 +11,11 @@ import pytest
 from controller import cost
 from controller.placement import NoFeasiblePlacement, Placement
 from controller.placement.edgeshard import EdgeShardPlanner
+from controller.placement.local_search import respread_candidates
 from controller.placement.memory_proportional import MemoryProportionalPlanner
 from controller.placement.myopic import MyopicPlanner
 from controller.placement.scored_placement import ScoredPlacement
-from controller.placement.seeds import chain_optimum, group_gather_s
+from controller.placement.seeds import chain_optimum, group_gather_s, spread_to_groups
 from controller.placement.static_heads import StaticHeadsPlanner
 from controller.view import PlanningWindow, ResourceView
 from llm.blocks import block_table
@@ -60,8 +61,9 @@ def all_placements(table, devices: int) -> np.ndarray:
 ALL_3 = all_placements(TWO_LAYERS, 3)
 
 
+@pytest.mark.parametrize("exact", [True, False], ids=["portfolio", "heuristic"])
 @pytest.mark.parametrize("seed", range(16))
-def test_myopic_is_near_the_brute_force_optimum(seed):
+def test_myopic_is_near_the_brute_force_optimum(seed, exact):
     rng = np.random.default_rng(seed)
     view = random_view(
         rng,
@@ -75,9 +77,11 @@ def test_myopic_is_near_the_brute_force_optimum(seed):
     best = objective.min()
     if not np.isfinite(best):
         with pytest.raises(NoFeasiblePlacement):
-            MyopicPlanner().place(view, TWO_LAYERS, None if current is None else Placement(current))
+            MyopicPlanner(exact=exact).place(
+                view, TWO_LAYERS, None if current is None else Placement(current)
+            )
         return
-    planner = MyopicPlanner()
+    planner = MyopicPlanner(exact=exact)
     placement = planner.place(view, TWO_LAYERS, None if current is None else Placement(current))
     got = cost.interval_objective_s(TWO_LAYERS, view, placement.assignment, current)
     assert got == pytest.approx(planner.last_objective_s, rel=1e-9)
@@ -132,8 +136,9 @@ def test_group_gather_is_the_min_max_spread(seed):
             assert own == pytest.approx(best, rel=1e-12)
 
 
+@pytest.mark.parametrize("exact", [True, False], ids=["portfolio", "heuristic"])
 @pytest.mark.parametrize("seed", range(8))
-def test_myopic_is_never_worse_than_a_layer_split(seed):
+def test_myopic_is_never_worse_than_a_layer_split(seed, exact):
     rng = np.random.default_rng(300 + seed)
     table = block_table(
         ModelSpec("m", layers=6, d_model=1024, heads=8, kv_heads=4, d_ff=4096, vocab=5000)
@@ -142,7 +147,7 @@ def test_myopic_is_never_worse_than_a_layer_split(seed):
         rng, table, 6, tight=0.6 if seed % 2 else None, window=PlanningWindow(128, 8, 256)
     )
     mine = cost.interval_objective_s(
-        table, view, MyopicPlanner().place(view, table, None).assignment, None
+        table, view, MyopicPlanner(exact=exact).place(view, table, None).assignment, None
     )
     for baseline in (EdgeShardPlanner(), MemoryProportionalPlanner()):
         try:
@@ -190,11 +195,12 @@ def test_no_room_anywhere_raises():
         MyopicPlanner().place(tiny, TWO_LAYERS, None)
 
 
-def test_deterministic():
+@pytest.mark.parametrize("exact", [True, False], ids=["portfolio", "heuristic"])
+def test_deterministic(exact):
     rng = np.random.default_rng(9)
     view = random_view(rng, TWO_LAYERS, 3, tight=0.5)
-    first = MyopicPlanner().place(view, TWO_LAYERS, None)
-    assert MyopicPlanner().place(view, TWO_LAYERS, None) == first
+    first = MyopicPlanner(exact=exact).place(view, TWO_LAYERS, None)
+    assert MyopicPlanner(exact=exact).place(view, TWO_LAYERS, None) == first
 
 
 def _two_device_view(slow_gflops: float, bandwidth_mbit: float, interval: int) -> ResourceView:
@@ -250,6 +256,46 @@ def test_scorers_agree_with_each_other():
             expected = cost.interval_objective_s(table, view, search.x, current)
             assert search.objective() == pytest.approx(expected, rel=1e-9)
             assert search.objective() - before == pytest.approx(slow[b, d], rel=1e-6, abs=1e-12)
+
+
+def test_respread_batch_agrees_with_the_exact_score():
+    rng = np.random.default_rng(12)
+    table = block_table(
+        ModelSpec("t", layers=3, d_model=256, heads=4, kv_heads=2, d_ff=1024, vocab=100)
+    )
+    priced = 0
+    for trial in range(20):
+        view = random_view(rng, table, 4, tight=0.8, weights_from="peer" if trial % 2 else "disk")
+        view = replace(view, move_s_per_block=(0.0, 0.002, rng.uniform(0.0, 0.05, 4))[trial % 3])
+        current = rng.integers(-1, 4, table.size) if trial % 3 else None
+        search = ScoredPlacement(table, view, rng.integers(0, 4, table.size), current)
+        layers = np.arange(table.spec.layers)
+        rows, delta = respread_candidates(search, layers)
+        for i, ell in enumerate(layers):
+            blocks = np.r_[table.group_ids(ell), table.proj_id(ell)]
+            exact = search.score(blocks, rows[i])
+            offered = np.isfinite(delta[i])
+            assert np.isfinite(exact[offered]).all()
+            np.testing.assert_allclose(delta[i][offered], exact[offered], rtol=1e-9, atol=1e-12)
+            priced += offered.sum()
+    assert priced > 100
+
+
+def test_spread_to_groups_keeps_groups_where_their_device_has_room():
+    rng = np.random.default_rng(13)
+    for _ in range(300):
+        devices, groups = int(rng.integers(1, 6)), int(rng.integers(1, 8))
+        counts = np.bincount(rng.integers(0, devices, groups), minlength=devices)
+        present = rng.integers(-1, devices, groups)
+        # the reference: groups in order stay while their device has count left
+        left, want = counts.copy(), np.full(groups, -1)
+        for i, d in enumerate(present):
+            if d >= 0 and left[d] > 0:
+                want[i], left[d] = d, left[d] - 1
+        want[want < 0] = np.repeat(np.arange(devices), left)
+        assert (spread_to_groups(counts, present) == want).all()
+        batch = spread_to_groups(np.stack([counts, counts]), present)
+        assert (batch == want).all()
 
 
 def test_static_heads_fits_until_the_end_of_generation():
