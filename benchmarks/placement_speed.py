@@ -1,29 +1,31 @@
-"""Placement speed: how long myopic takes to decide, and the MILP on the small model.
+"""Placement speed: how long myopic takes to decide, and the exact MILP beside it.
 
-Myopic: a fresh decision (current=None) and, what matters while tokens are generated, a
-re-plan from that placement after a load change (the device carrying the most FLOPs loses
-half its compute, 8 tokens later), against 5, 10, 25, 50 and 100 devices and two block
-counts: smollm2-135m (150 blocks) and llama3-8b made MHA (kv_heads 32, float16: 1088
-blocks). Views are random full meshes (devices from the paper's tiers, 100-1000 Mbit/s,
+Myopic (--part scale): a fresh decision (current=None) and, what matters while tokens are
+generated, a re-plan from that placement after a load change (the device carrying the most
+FLOPs loses half its compute, 8 tokens later), against 5, 10, 25, 50 and 100 devices and
+two block counts: smollm2-135m (150 blocks) and llama3-8b made MHA (kv_heads 32, float16:
+1088 blocks). Views are random full meshes (devices from the paper's tiers, 100-1000 Mbit/s,
 0.5-5 ms) with 3x the model's memory (at the last token) spread evenly over the devices,
 the source's embedding and LM head on top. Median of --runs runs each (time.perf_counter).
 
-MILP: optimal.solve on 5 devices x the 2-layer, 8-head small model of placement_quality
-(its instances 0..seeds-1, a third memory-tight), fresh and after the same load change;
-median over the seeds.
+MILP (--part scale): optimal.solve on 5 devices x the 2-layer, 8-head small model of
+placement_quality (its instances 0..seeds-1, a third memory-tight), fresh and after the
+same load change; median over the seeds.
 
-Tight: held-out memory-tight instances, 3-6 devices x placement_quality's small model (20
-blocks, where the exact solver is fast) and x smollm2-135m (150 blocks): a fresh myopic
-decision against optimal.solve on each (wall and CPU time, the two alternated; the MILP
-under --tight-milp-limit), and myopic's objective gap to the MILP's (and to its bound). Devices
-from the paper's tiers, links per pair uniform or log-uniform in placement_quality's
-regimes, memory rescaled (drawn proportions kept) so the blocks at the horizon's last
-token fill U(0.6, 0.9) of what is left after the source's pinned part; draws no placement
-fits (the MILP proves it) are redrawn. The decision window is the live controller's at
-the prompt's end (controller.replan.planning_window).
+Tight (--part tight): held-out memory-tight instances, 3-6 devices x placement_quality's
+small model (20 blocks, where the exact solver is fast) and x smollm2-135m (150 blocks): a
+fresh myopic decision against optimal.solve on each (wall and CPU time, the two
+alternated; the MILP under --tight-milp-limit, not run again once it hits it), and
+myopic's objective gap to the MILP's (proven optima only; also against its bound and its
+incumbent). Devices from the paper's tiers, links per pair uniform or log-uniform in
+placement_quality's regimes, memory rescaled (drawn proportions kept) so the blocks at the
+horizon's last token fill U(0.6, 0.9) of what is left after the source's pinned part;
+draws no placement fits are redrawn (myopic finding one shows it fits, else the MILP
+decides). The decision window is the live controller's at the prompt's end
+(controller.replan.planning_window); draws use seed words no test or benchmark uses.
 
 Run: ``.venv/bin/python -m benchmarks.placement_speed [--quick] [--seeds N] [--out DIR]
-[--part all|scale|tight]``
+[--part all|scale|tight] [--tight-models ...]``
 Writes DIR/placement_speed.json and DIR/placement_speed.png.
 """
 
@@ -68,7 +70,7 @@ from benchmarks.placement_quality import (
 from controller import cost
 from controller.placement.base import NoFeasiblePlacement, Placement
 from controller.placement.myopic import MyopicPlanner
-from controller.placement.optimal import solve
+from controller.placement.optimal import MilpResult, solve
 from controller.replan import planning_window
 from controller.view import PlanningWindow, ResourceView
 from emulator.generators import device_tiers, sample_devices
@@ -83,6 +85,7 @@ DEFAULTS = {
     "devices": ByMode((5, 10, 25, 50, 100), (5, 10)),
     "tight_seeds": ByMode(8, 3),
     "tight_runs": ByMode(3, 1),
+    "tight_milp_limit": ByMode(10.0, 2.0),
 }
 PROMPT, GENERATE, REPLAN_EVERY = 128, 256, 8
 BANDWIDTH_MBIT = (100.0, 1000.0)
@@ -103,7 +106,6 @@ TIGHT_MODELS: dict[str, tuple[ModelSpec, int, int]] = {
     ),
     "smollm2-135m": (preset("smollm2-135m"), PROMPT, GENERATE),
 }
-TIGHT_MILP_LIMIT_S = 10.0
 #: first entropy word of the tight instances' draws: a stream no test or benchmark uses
 TIGHT_SEED = 7717
 #: a fresh myopic decision, median over one model's tight instances (s)
@@ -292,6 +294,18 @@ def _clocked(fn, *args) -> tuple[Any, float, float]:
     return out, time.perf_counter() - wall0, time.process_time() - cpu0
 
 
+def _timed_milp(
+    view: ResourceView, table: BlockTable, time_limit_s: float
+) -> tuple[MilpResult | None, float, float]:
+    """optimal.solve's result (None: no placement found within the limit), wall and CPU s."""
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    try:
+        result = solve(replace(view), table, None, time_limit_s)
+    except NoFeasiblePlacement:
+        result = None
+    return result, time.perf_counter() - wall0, time.process_time() - cpu0
+
+
 def time_tight_instance(
     view: ResourceView, table: BlockTable, runs: int, time_limit_s: float
 ) -> dict[str, Any]:
@@ -302,25 +316,32 @@ def time_tight_instance(
     """
     times: dict[str, list[float]] = {"myopic_wall_s": [], "myopic_cpu_s": [],
                                      "milp_wall_s": [], "milp_cpu_s": []}
-    exact = None
+    exact, finished = None, True
     for _ in range(runs):
         mine, wall, cpu = _clocked(MyopicPlanner().place, replace(view), table, None)
         times["myopic_wall_s"].append(wall)
         times["myopic_cpu_s"].append(cpu)
-        if exact is not None and not exact.proven_optimal:
+        if not finished:
             continue
-        exact, wall, cpu = _clocked(solve, replace(view), table, None, time_limit_s)
+        exact, wall, cpu = _timed_milp(view, table, time_limit_s)
         times["milp_wall_s"].append(wall)
         times["milp_cpu_s"].append(cpu)
-    assert exact is not None
+        finished = exact is not None and exact.proven_optimal
     myopic_s = float(cost.interval_objective_s(table, view, mine.assignment, None))
-    return {
+    row: dict[str, Any] = {
         **{key: float(np.median(values)) for key, values in times.items()},
         "myopic_objective_s": myopic_s,
+        "milp_found": exact is not None,
+        "milp_proven_optimal": finished,
+    }
+    if exact is None:
+        return {**row, "milp_objective_s": None, "milp_bound_s": None, "gap": None,
+                "gap_to_bound": None, "gap_to_incumbent": None, "same_placement": False}
+    return {
+        **row,
         "milp_objective_s": exact.objective_s,
         "milp_bound_s": exact.bound_s,
-        "milp_proven_optimal": exact.proven_optimal,
-        "gap": myopic_s / exact.objective_s - 1 if exact.proven_optimal else None,
+        "gap": myopic_s / exact.objective_s - 1 if finished else None,
         # myopic against the solver's lower bound: an upper bound of the gap where the
         # MILP did not finish
         "gap_to_bound": myopic_s / exact.bound_s - 1 if exact.bound_s > 0 else None,
@@ -364,6 +385,7 @@ def time_tight(label: str, seeds: int, runs: int, time_limit_s: float) -> dict[s
             for n in TIGHT_DEVICES
         },
         "not_proven_optimal": sum(1 for r in rows if not r["milp_proven_optimal"]),
+        "milp_found_nothing": sum(1 for r in rows if not r["milp_found"]),
         "same_placement": sum(1 for r in rows if r["same_placement"]),
         "instances": rows,
     }
@@ -478,8 +500,8 @@ def make_parser() -> BenchParser:
         help=f"timed runs per tight instance ({DEFAULTS['tight_runs']})",
     )
     parser.add_argument(
-        "--tight-milp-limit", type=float, default=TIGHT_MILP_LIMIT_S,
-        help="HiGHS time limit per solve on the tight instances (s)",
+        "--tight-milp-limit", type=float, default=None,
+        help=f"HiGHS limit per tight-instance solve, s ({DEFAULTS['tight_milp_limit']})",
     )
     parser.add_argument(
         "--tight-models", nargs="+", choices=tuple(TIGHT_MODELS), default=tuple(TIGHT_MODELS),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from controller import cost
-from controller.placement.scored_placement import ScoredPlacement
+from controller.placement.scored_placement import MEMORY_SLACK_BYTES, ScoredPlacement
 from controller.view import ResourceView
 from llm.blocks import BlockTable
 
@@ -70,8 +70,11 @@ def relocated_bytes(
 def move_back(search: ScoredPlacement, budget_s: float) -> None:
     """Return blocks to their current device while the objective stays within budget_s.
 
-    Most bytes first; each return is priced exactly (memory included) against the state
-    it meets. Repeated until no block can return (one return can make room for another).
+    Most bytes first, in passes: each pass prices every return's decode change in one
+    batch. A return only shortens its link's transfer, so the migration delay cannot grow
+    and the decode change bounds the objective's; returns in layers next to one already
+    made this pass are priced again exactly. Passes repeat while something returns (one
+    return can make room for another).
     """
     cur = search.cur
     assert cur is not None
@@ -81,17 +84,18 @@ def move_back(search: ScoredPlacement, budget_s: float) -> None:
         away = np.nonzero((search.x != cur) & (cur >= 0) & search.usable[home])[0]
         if away.size == 0:
             return
-        deltas = search.single_moves(away)[np.arange(away.size), home[away]]
-        returned = False
+        decode = search.decode_change_s(away, home[away])
+        touched = np.zeros(search.table.spec.layers, dtype=bool)
         for i in np.argsort(-nbytes[away], kind="stable"):
-            b = int(away[i])
-            delta = deltas[i]
-            if returned:  # an earlier return changed the state this price was taken in
+            b, ell = int(away[i]), int(search.block_layer[away[i]])
+            delta = decode[i]
+            if touched[max(ell - 1, 0) : ell + 2].any():
                 delta = search.score(np.array([b]), np.array([[cur[b]]]))[0]
-            if np.isfinite(delta) and search.objective() + delta <= budget_s:
+            room = search.cap[cur[b]] + MEMORY_SLACK_BYTES - search.used[cur[b]]
+            if search.block_mem[b] <= room and search.objective() + delta <= budget_s:
                 search.apply(np.array([b]), np.array([cur[b]]))
-                returned = True
-        if not returned:
+                touched[ell] = True
+        if not touched.any():
             return
 
 
@@ -104,9 +108,11 @@ def least_relocation(candidates: list[ScoredPlacement], budget_s: float) -> Scor
     """
     best: tuple[float, float] | None = None
     chosen = None
+    seen: set[bytes] = set()
     for search in candidates:
-        if not search.feasible() or search.objective() > budget_s:
-            continue
+        if search.x.tobytes() in seen or not search.feasible() or search.objective() > budget_s:
+            continue  # the same start twice (one left unsearched) is moved back once
+        seen.add(search.x.tobytes())
         move_back(search, budget_s)
         key = (
             relocated_bytes(search.table, search.view, search.x, search.cur),

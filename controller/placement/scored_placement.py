@@ -228,19 +228,23 @@ class ScoredPlacement:
                 reps.append(int(b))
         return reps
 
-    def _retarget_s(self, layers: np.ndarray, slot_mask: np.ndarray) -> np.ndarray:
+    def _retarget_s(
+        self, layers: np.ndarray, slot_mask: np.ndarray, targets: np.ndarray | None = None
+    ) -> np.ndarray:
         """Per-token delay change (s) of moving the masked slots of each layer to each device.
 
-        layers (R,), slot_mask (R, per_layer) -> (R, D). Covers the layer itself, and where
-        its FFN moves, the next layer's input (or the hop back to the LM head).
+        layers (R,), slot_mask (R, per_layer) -> (R, D), or (R, T) for given targets (R, T).
+        Covers the layer itself, and where its FFN moves, the next layer's input (or the hop
+        back to the LM head).
         """
         t = self.table
-        d_count = self.view.size
-        targets = np.arange(d_count)
+        if targets is None:
+            targets = np.broadcast_to(np.arange(self.view.size), (layers.size, self.view.size))
+        count = targets.shape[1]
         per = self.x.reshape(t.spec.layers, t.per_layer)
-        cfg = np.where(slot_mask[:, None, :], targets[None, :, None], per[layers][:, None, :])
+        cfg = np.where(slot_mask[:, None, :], targets[:, :, None], per[layers][:, None, :])
         prev = np.where(layers > 0, per[np.maximum(layers - 1, 0), t.groups + 1], self.view.source)
-        prev = np.repeat(prev[:, None], d_count, axis=1)
+        prev = np.repeat(prev[:, None], count, axis=1)
         new = cost.layer_delays(
             t,
             self.view,
@@ -256,12 +260,12 @@ class ScoredPlacement:
         inner = np.nonzero(ffn_moves & (layers < self.last_layer))[0]
         if inner.size:
             nxt = per[layers[inner] + 1]
-            shape = (inner.size, d_count)
+            shape = (inner.size, count)
             new_next = cost.layer_delays(
                 t,
                 self.view,
                 self.n,
-                np.broadcast_to(targets, shape)[..., None],
+                targets[inner][..., None],
                 np.broadcast_to(nxt[:, None, None, : t.groups], (*shape, 1, t.groups)),
                 np.broadcast_to(nxt[:, None, None, t.groups], (*shape, 1)),
                 np.broadcast_to(nxt[:, None, None, t.groups + 1], (*shape, 1)),
@@ -270,7 +274,7 @@ class ScoredPlacement:
             delta[inner] += new_next - self.layer_s[layers[inner] + 1][:, None]
         last = np.nonzero(ffn_moves & (layers == self.last_layer))[0]
         if last.size:
-            delta[last] += (cost.source_overhead_s(t, self.view, targets) - self.tail_s)[None, :]
+            delta[last] += cost.source_overhead_s(t, self.view, targets[last]) - self.tail_s
         return delta
 
     def single_moves(self, blocks: np.ndarray) -> np.ndarray:
@@ -294,6 +298,18 @@ class ScoredPlacement:
         delta = self.k * self._retarget_s(layer, slot_mask)
         delta += self._single_mig_delta(b)
         return np.where(ok, delta, np.inf)
+
+    def decode_change_s(self, blocks: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Decode-delay change (s, horizon) of moving each block alone to its target: (R,).
+
+        Migration and memory are left out (the caller prices them).
+        """
+        t = self.table
+        b = np.asarray(blocks, dtype=np.int64)
+        layer = self.block_layer[b]
+        slot_mask = np.zeros((b.size, t.per_layer), dtype=bool)
+        slot_mask[np.arange(b.size), b - layer * t.per_layer] = True
+        return self.k * self._retarget_s(layer, slot_mask, np.asarray(targets)[:, None])[:, 0]
 
     def layer_moves_latency(self, layers: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Decode-delay change (s, interval) of moving the given slots of each layer to each device.

@@ -52,7 +52,7 @@ def test_placement_quality_smoke(tmp_path: Path, finite, quick_json) -> None:
 
 def test_placement_speed_smoke(tmp_path: Path, finite, quick_json) -> None:
     placement_speed.main(
-        ["--quick", "--seeds", "1", "--devices", "5", "--out", str(tmp_path)]
+        ["--quick", "--part", "scale", "--seeds", "1", "--devices", "5", "--out", str(tmp_path)]
     )
     data = quick_json(tmp_path, "placement_speed")
     assert (tmp_path / "placement_speed.png").stat().st_size > 0
@@ -65,3 +65,18 @@ def test_placement_speed_smoke(tmp_path: Path, finite, quick_json) -> None:
     assert milp["devices"] == 5 and milp["seeds"] == 1
     assert finite(milp["fresh_wall_s"]["median"]) and finite(milp["replan_wall_s"]["median"])
     assert len(data["targets"]) == 4
+
+
+def test_placement_speed_tight_smoke(tmp_path: Path, finite, quick_json) -> None:
+    placement_speed.main(
+        ["--quick", "--part", "tight", "--tight-seeds", "1", "--tight-models", "small-2x8",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    data = quick_json(tmp_path, "placement_speed")
+    (tight,) = data["tight"]
+    assert tight["model"] == "small-2x8" and tight["blocks"] == 20
+    assert [r["devices"] for r in tight["instances"]] == [3, 4, 5, 6]
+    for r in tight["instances"]:
+        assert finite(r["myopic_wall_s"]) and finite(r["milp_wall_s"])
+        assert finite(r["myopic_objective_s"]) and finite(r["milp_objective_s"])
+    assert {t["unit"] for t in data["targets"]} == {"ratio", "gap"}
