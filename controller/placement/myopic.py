@@ -69,10 +69,10 @@ class MyopicPlanner:
     repair_limit: float = 0.25
     #: tiny instances go to the exact MILP, warm-started with the local search's result;
     #: its kicks run only where HiGHS does not prove the optimum within exact_nodes.
-    #: Measured (benchmarks/placement_speed.py, tight part): on 20 blocks x 3-6 devices
-    #: HiGHS proves the optimum in about 0.15 s where the kicks that close the heuristic's
-    #: last gaps (up to 14 % without them) take about 0.25 s; from 150 blocks on the MILP
-    #: does not finish in 10 s while the heuristic takes tens of ms.
+    #: Measured (benchmarks/placement_speed.py, tight part, 3-6 devices): on 20 blocks the
+    #: kicks that close the heuristic's last gaps (up to 14 % without them) took 0.5 s in
+    #: the median where HiGHS proves the optimum in 0.19 s (this portfolio: 0.14-0.18 s);
+    #: on 150 blocks HiGHS finds no optimum in 10 s while the heuristic takes 30-40 ms.
     exact: bool = True
     #: branch-and-bound nodes the MILP may use: a budget independent of the machine's
     #: load, so that a decision stays reproducible (tiny instances needed at most ~150)
@@ -95,14 +95,14 @@ class MyopicPlanner:
             )
         cur = None if current is None else alive_current(view, current.assignment)
         forced = is_forced(model, view, cur)
-        best, candidates = self._search(view, model, cur, keep_starts=forced)
-        tiny = model.size * view.size <= self.tiny_size
-        exact = self._exact(view, model, cur, best) if tiny and self.exact else None
-        if exact is not None:
-            if best is None or exact.objective() < best.objective() - MIN_GAIN:
-                best = exact
-        elif best is not None:
-            best = self._kick(best, model, view, cur)
+        everywhere = np.arange(view.size)
+        free = group_gather_s(
+            model, view, view.window.mean_context, everywhere, np.full(view.size, model.groups)
+        )
+        chain = chain_optimum(model, view, cur, free)
+        seeds = self._seeds(view, model, cur, chain, free[0])
+        best, candidates = self._search(view, model, cur, seeds, keep_starts=forced)
+        best, proven = self._finish(view, model, cur, best, chain)
         if best is None:
             raise NoFeasiblePlacement(
                 f"no placement of {model.spec.name} fits the devices' memory up to context "
@@ -110,19 +110,49 @@ class MyopicPlanner:
             )
         if forced:
             assert cur is not None
-            best = self._least_relocation(view, model, cur, best, candidates, exact is not None)
+            exact = proven and self.exact and model.size * view.size <= self.tiny_size
+            best = self._least_relocation(view, model, cur, best, candidates, exact)
         self.last_objective_s = best.objective()
         return Placement(best.x.copy())
 
+    def _finish(
+        self,
+        view: ResourceView,
+        model: BlockTable,
+        cur: np.ndarray | None,
+        best: ScoredPlacement | None,
+        chain: np.ndarray,
+    ) -> tuple[ScoredPlacement | None, bool]:
+        """After the local search, on tiny instances: the exact solver, else the kicks.
+
+        Returns the best placement and whether it is proven optimal. Nothing more is spent
+        when the search's result already decodes as fast as the memory-free optimum.
+        """
+        if best is not None and _at_latency_bound(best, model, view, chain):
+            return best, True
+        if model.size * view.size > self.tiny_size:
+            return best, False
+        exact = self._exact(view, model, cur, best) if self.exact else None
+        if exact is not None:
+            if best is None or exact.objective() < best.objective() - MIN_GAIN:
+                best = exact
+            return best, True
+        return (None if best is None else self._kick(best, model, view, cur)), False
+
     def _search(
-        self, view: ResourceView, model: BlockTable, cur: np.ndarray | None, keep_starts: bool
+        self,
+        view: ResourceView,
+        model: BlockTable,
+        cur: np.ndarray | None,
+        seeds: Iterable[np.ndarray],
+        keep_starts: bool,
     ) -> tuple[ScoredPlacement | None, list[ScoredPlacement]]:
         """Local search from every seed: the best result, and every start and result.
 
         The starts are copied before their search only when keep_starts (a forced
         re-plan picks among them by bytes relocated).
         """
-        starts = [ScoredPlacement(model, view, seed, cur) for seed in self._seeds(view, model, cur)]
+        starts = [ScoredPlacement(model, view, seed, cur) for seed in seeds]
         starts = sorted((s for s in starts if s.feasible()), key=ScoredPlacement.objective)
         kept = [ScoredPlacement(model, view, s.x, cur) for s in starts] if keep_starts else []
         small = model.size * view.size <= self.small_size
@@ -166,17 +196,17 @@ class MyopicPlanner:
         cur: np.ndarray,
         best: ScoredPlacement,
         candidates: list[ScoredPlacement],
-        proven: bool,
+        exact: bool,
     ) -> ScoredPlacement:
         """Among placements within FORCED_SLACK of the best, the one relocating fewest bytes.
 
         Every start and search result, moved back towards the current placement as far as
-        the budget allows; where the best is the MILP's proven optimum, the MILP also
-        solves for the fewest bytes directly.
+        the budget allows; where exact (the best is a proven optimum of a tiny instance),
+        the MILP also solves for the fewest bytes directly.
         """
         budget_s = (1 + FORCED_SLACK) * best.objective()
         chosen = least_relocation([*candidates, best], budget_s)
-        if proven:
+        if exact:
             try:
                 result = solve_least_moves(
                     view,
@@ -243,20 +273,19 @@ class MyopicPlanner:
         return best
 
     def _seeds(
-        self, view: ResourceView, model: BlockTable, cur: np.ndarray | None
+        self,
+        view: ResourceView,
+        model: BlockTable,
+        cur: np.ndarray | None,
+        chain: np.ndarray,
+        free_gather_s: np.ndarray,
     ) -> Iterable[np.ndarray]:
+        """Starts of the local search; chain is the memory-blind optimum, free_gather_s the
+        best gather time per (input, projection device) without memory limits."""
         tiny = model.size * view.size <= self.tiny_size
         if cur is not None and (cur >= 0).all():
             yield cur.copy()
-        free = group_gather_s(
-            model,
-            view,
-            view.window.mean_context,
-            np.arange(view.size),
-            np.full(view.size, model.groups),
-        )
-        chain = chain_optimum(model, view, cur, free)
-        greedy = greedy_chain(model, view, cur, free[0].min(axis=1))
+        greedy = greedy_chain(model, view, cur, free_gather_s.min(axis=1))
         if greedy is not None:
             yield greedy
         if tiny or _overflow_fraction(model, view, chain) <= self.repair_limit:
@@ -277,6 +306,18 @@ class MyopicPlanner:
         if self.layer_seeds:
             for placement in layer_split_candidates(view, model):
                 yield placement.assignment.copy()
+
+
+def _at_latency_bound(
+    best: ScoredPlacement | None, model: BlockTable, view: ResourceView, chain: np.ndarray
+) -> bool:
+    """Whether best already decodes as fast as the memory-free optimum (chain) and moves
+    nothing: no placement's objective is lower, so the exact solver has nothing to add."""
+    if best is None:
+        return False
+    w = view.window
+    bound = w.horizon_tokens * float(cost.per_token_s(model, view, chain, w.mean_context))
+    return best.objective() <= bound * (1 + 1e-9)
 
 
 def _overflow_fraction(table: BlockTable, view: ResourceView, x: np.ndarray) -> float:
