@@ -656,8 +656,9 @@ def solve_least_moves(
 
     Relocated bytes: ``forced.relocated_bytes`` (weights and KV of every block that leaves
     its current device); among placements that relocate as much, the lower objective
-    wins. ``proven_optimal`` refers to the bytes. Raises NoFeasiblePlacement when no
-    placement meets the budget.
+    wins. ``proven_optimal``, ``solver_objective_s`` and ``bound_s`` refer to the bytes
+    (the latter two in units of the largest block's, times tau: diagnostics only).
+    Raises NoFeasiblePlacement when no placement meets the budget.
     """
     p, m, columns = _milp(view, model, current)
     objective = m.cost_vector()

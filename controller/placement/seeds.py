@@ -5,9 +5,12 @@ chain (a layer only sees the device its input comes from), so a dynamic programm
 layers with the FFN device as state gives the unconstrained latency optimum
 (``chain_optimum``); for fixed input and projection devices the best spread of a layer's
 KV groups is a min-max allocation solved exactly by taking the G smallest per-device
-finish times (``group_gather_s``). A resource-aware greedy walks the layers with the
-memory left on each device (``greedy_chain``: the paper's greedy, made exact per layer),
-and on tiny instances a construction fixes blocks largest first (``sequential_fix``).
+finish times (``group_gather_s``; ``spread_groups`` for a batch of cases with their own
+memory caps, which the local search's re-spread uses, and ``spread_to_groups`` turns
+counts into devices, keeping groups where they are). A resource-aware greedy walks the
+layers with the memory left on each device (``greedy_chain``: the paper's greedy, made
+exact per layer), and on tiny instances a construction fixes blocks largest first
+(``sequential_fix``).
 
 Pure functions of the view and the block table; nothing here keeps state.
 """
