@@ -249,7 +249,7 @@ class DecodeReplies:
     async def _main(self) -> None:
         import aiomqtt
 
-        from device_agent import protocol as proto
+        from control_plane import protocol as proto
 
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
@@ -272,7 +272,7 @@ class DecodeReplies:
                 await asyncio.gather(reader, return_exceptions=True)
 
     async def _read(self, client) -> None:
-        from device_agent import protocol as proto
+        from control_plane import protocol as proto
 
         async for message in client.messages:
             payload = message.payload if isinstance(message.payload, bytes) else b""

@@ -22,12 +22,12 @@ from typing import Literal
 import aiomqtt
 import numpy as np
 
+from control_plane import mqtt
+from control_plane import protocol as proto
 from controller import cost
 from controller.placement import NoFeasiblePlacement, Placement, make_algorithm
 from controller.replan import planning_window, scheduled, worth_switching
 from controller.view import PlanningWindow, ResourceView, with_hop_overheads
-from device_agent import mqtt
-from device_agent import protocol as proto
 from llm.blocks import PINNED_BLOCKS, BlockTable
 
 log = logging.getLogger("edgepart.controller")

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 
+from control_plane import protocol as proto
 from controller.orchestrator import Controller, ControllerError
-from device_agent import protocol as proto
 
 #: longest wait (s) for the driver to apply a token's traces (shaping every link included)
 WORLD_TURN_TIMEOUT_S = 120.0

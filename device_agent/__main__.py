@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from control_plane.mqtt import load_auth
 from device_agent.agent import AgentConfig, run_agent
-from device_agent.mqtt import load_auth
 
 MIB = 2**20
 

@@ -27,8 +27,8 @@ from typing import Literal
 import aiomqtt
 import torch
 
-from device_agent import mqtt
-from device_agent import protocol as proto
+from control_plane import mqtt
+from control_plane import protocol as proto
 from device_agent.ballast import CGROUP_MARGIN_BYTES, Ballast, BallastError, cgroup_room_bytes
 from device_agent.dataplane import DataPlane, RecentMean
 from device_agent.program import Routes, Step, activation_problem

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from device_agent import protocol as proto
+from control_plane import protocol as proto
 from emulator import testbed_secrets as sec
 from emulator.scenario import GgufModel, HfModel, PresetModel, Scenario
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import aiomqtt
 
-from device_agent import mqtt
-from device_agent import protocol as proto
+from control_plane import mqtt
+from control_plane import protocol as proto
 from emulator.live_world import KillDevice, StartDevice, World
 from emulator.scenario import Scenario
 

@@ -55,7 +55,7 @@ STAMP = ".stamp"
 #: label of the image: the digest of the code it was built from (``source_digest``)
 SOURCE_LABEL = "org.edgepart.source"
 #: the packages the image carries
-PACKAGES = ("llm", "device_agent", "controller", "emulator")
+PACKAGES = ("llm", "control_plane", "device_agent", "controller", "emulator")
 
 Progress = Callable[[str], None]
 

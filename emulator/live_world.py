@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 
+from control_plane import protocol as proto
 from controller.view import PlanningWindow, ResourceView
-from device_agent import protocol as proto
 from emulator.backends.sim import apply_due_traces, initial_state
 from emulator.scenario import (
     FailTrace,

@@ -13,9 +13,9 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from control_plane import protocol as proto
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Controller, ControllerConfig
-from device_agent import protocol as proto
 
 TESTBED = "tb"
 DEVICES = ("d0", "d1")

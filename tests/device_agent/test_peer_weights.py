@@ -13,7 +13,7 @@ from functools import cache
 import pytest
 import torch
 
-from device_agent import protocol as proto
+from control_plane import protocol as proto
 from device_agent.agent import Agent, AgentConfig, CommandRefused
 from llm.blocks import block_table
 from llm.loader import OpenModel, open_model

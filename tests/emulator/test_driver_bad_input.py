@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from device_agent import protocol as proto
+from control_plane import protocol as proto
 from emulator.driver import Driver
 from emulator.scenario import parse_scenario
 

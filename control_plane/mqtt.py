@@ -18,7 +18,7 @@ from pathlib import Path
 
 import aiomqtt
 
-from device_agent import protocol as proto
+from control_plane import protocol as proto
 
 DEFAULT_KEEPALIVE_S = 60  # aiomqtt's default
 DEFAULT_TIMEOUT_S = 30.0  # per MQTT operation (s): an embedded broker on a loaded host is slow

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from device_agent.protocol import (
+from control_plane.protocol import (
     MAX_PAYLOAD_BYTES,
     Drop,
     InjectLoad,

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from device_agent import protocol as proto
-from device_agent.protocol import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, Malformed, decode, encode
+from control_plane import protocol as proto
+from control_plane.protocol import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, Malformed, decode, encode
 
 # -- valid messages, one strategy per schema ----------------------------------------------
 
