@@ -350,7 +350,7 @@ def _keep_partial(exc, json_out: bool) -> None:
 
 
 def _emulate_local(sc: Scenario, name: str, broker, telemetry, metrics_port, quiet: bool):
-    from controller.orchestrator import ControllerError
+    from controller.result import ControllerError
     from emulator.backends.local import LocalBackendError, run_local
 
     with Progress(
@@ -453,7 +453,9 @@ def controller_command(
     """The controller of a running testbed: plans, migrates and decodes over MQTT."""
     import asyncio
 
-    from controller.orchestrator import Controller, ControllerError
+    from controller.orchestrator import Controller
+    from controller.result import ControllerError
+    from controller.world_link import RemoteWorld
     from emulator.backends.local import (
         LocalBackendError,
         controller_config,
@@ -490,12 +492,10 @@ def controller_command(
     )  # fmt: skip
     config = dataclasses.replace(config, announce=True, metrics_host=metrics_host, broker_auth=auth)
     static = WorldState.from_scenario(sc)
-    ctl = Controller(config, configured_view=lambda window: static.view(sc, window))
-    if world_driver:
-        from controller.world_link import RemoteWorld
-
-        tokens = frozenset(t.at_token for t in sc.traces if t.at_token is not None)
-        RemoteWorld(ctl, tokens, every_token=any(t.at_s is not None for t in sc.traces))
+    tokens = frozenset(t.at_token for t in sc.traces if t.at_token is not None)
+    every_token = any(t.at_s is not None for t in sc.traces)
+    world = RemoteWorld(tokens, every_token) if world_driver else None
+    ctl = Controller(config, world, configured_view=lambda window: static.view(sc, window))
     try:
         result = asyncio.run(ctl.run())
     except ControllerError as exc:
@@ -695,8 +695,14 @@ def testbed_drive(
     ),
 ) -> None:
     """The emulator driver (the testbed service): applies traces, prints and saves results."""
-    from controller.orchestrator import RunResult
-    from emulator.driver import DriverError, docker_kill, docker_start, drive, save_outcome
+    from emulator.driver import (
+        DriverError,
+        docker_kill,
+        docker_start,
+        drive,
+        outcome_record,
+        save_outcome,
+    )
     from emulator.report import comparison_table
     from llm.loader import open_model
 
@@ -732,21 +738,8 @@ def testbed_drive(
     text = tokenizer.decode(outcome.result["output_token_ids"], skip_special_tokens=True)
     path = save_outcome(outcome, text, out_dir)
     out.print(text, markup=False, highlight=False)
-    run = _DriverRun(RunResult.from_summary(outcome.result), text)
-    out.print(comparison_table(sc, [run]))
+    out.print(comparison_table(sc, [outcome_record(outcome, text)]))
     err.print(f"wrote {path}")
-
-
-class _DriverRun:
-    """A testbed run as the report functions read it."""
-
-    backend = "docker"
-    isolation = "container cgroup + time dilation"
-    telemetry = "measured"
-
-    def __init__(self, result, text: str) -> None:
-        self.result = result
-        self.text = text
 
 
 def _model_ref(sc: Scenario) -> str:

@@ -17,13 +17,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 from docker.errors import DockerException
 
-from controller.orchestrator import RunResult
+from controller.result import RunRecord, RunResult
 from emulator.compose import (
     BROKER_IMAGE,
     IMAGE,
@@ -33,6 +32,7 @@ from emulator.compose import (
     project_name,
     write_project,
 )
+from emulator.driver import CONTAINER_ISOLATION
 from emulator.scenario import Scenario
 
 #: longest `docker compose up -d` (containers created, calibrate finished), s
@@ -48,31 +48,14 @@ class DockerBackendError(RuntimeError):
 
 
 @dataclass
-class DockerRun:
-    """What a docker-backend run measured, plus where its project lives."""
+class DockerRun(RunRecord):
+    """The record of a docker-backend run, plus where its project lives."""
 
-    backend: ClassVar[str] = "docker"
-    result: RunResult
-    text: str
-    project: str
-    directory: Path
-    shares: dict[str, float] = field(default_factory=dict)
-    start_s: float = 0.0  # from `compose up` to every container started, s
+    backend: str = "docker"
+    isolation: str = CONTAINER_ISOLATION
+    project: str = ""  # the compose project's name
+    directory: Path = Path()  # the rendered project
     logs: str = ""  # the driver's output
-    telemetry: str = "measured"
-    isolation: str = "container cgroup + time dilation"
-
-    def to_json(self) -> dict:
-        """The CLI's ``emulate --json`` object (DESIGN's keys)."""
-        return {
-            **self.result.summary(),
-            "backend": "docker",
-            "text": self.text,
-            "telemetry": self.telemetry,
-            "isolation": self.isolation,
-            "cpu_share": self.shares,
-            "start_s": self.start_s,
-        }
 
 
 def compose(directory: Path, project: str, *args: str, timeout_s: float = 120.0) -> str:
@@ -210,8 +193,15 @@ def run_docker(
     finally:
         if not keep:
             down(directory, project)
-    result = RunResult.from_summary(saved)
-    return DockerRun(result, saved.get("text", ""), project, directory, shares, start_s, logs)
+    return DockerRun(
+        RunResult.from_summary(saved),
+        text=saved.get("text", ""),
+        shares=shares,
+        start_s=start_s,
+        project=project,
+        directory=directory,
+        logs=logs,
+    )
 
 
 def _follow(

@@ -23,15 +23,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
-from controller.orchestrator import (
-    Controller,
-    ControllerConfig,
-    ControllerError,
-    RunResult,
-    TelemetryMode,
-)
+from controller.agent_link import AgentLink
+from controller.config import ControllerConfig, TelemetryMode
+from controller.orchestrator import Controller
+from controller.result import ControllerError, RunRecord, RunResult
 from emulator.live_world import World
 from emulator.scenario import (
     GgufModel,
@@ -117,30 +113,39 @@ class AgentProcess:
 
 
 @dataclass
-class LocalRun:
-    """The result of a local emulation: the controller's measurements plus the setup."""
+class LocalRun(RunRecord):
+    """The record of a local emulation, plus where its agents ran and logged."""
 
-    backend: ClassVar[str] = "local"
-    result: RunResult
-    text: str
-    shares: dict[str, float]
-    isolation: str  # "cgroup" or "time dilation"
-    telemetry: TelemetryMode
-    broker: str
-    dropped_messages: int = 0
+    backend: str = "local"
+    broker: str = ""  # the broker's host:port
+    dropped_messages: int = 0  # malformed MQTT messages the controller dropped
     logs: dict[str, str] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)  # the agent processes (all reaped)
 
-    def to_json(self) -> dict:
-        """The CLI's ``emulate --json`` object (DESIGN's keys)."""
-        return {
-            **self.result.summary(),
-            "backend": "local",
-            "text": self.text,
-            "telemetry": self.telemetry,
-            "isolation": self.isolation,
-            "cpu_share": self.shares,
-        }
+
+@dataclass
+class LocalWorld:
+    """The local backend's world around the controller (its WorldHooks): the scenario's
+    traces applied from this process, and (with cgroups) each agent's memory capped at
+    the setup."""
+
+    world: World
+    capped: dict[str, AgentProcess] | None = None  # the agents to cap, with cgroups
+    run_topics: tuple = ()
+
+    async def setup(self, link: AgentLink) -> None:
+        """Cap each agent's memory: budget + its measured runtime + slack; then the
+        world's setup (links shaped, traces due at the start applied)."""
+        for name, agent in (self.capped or {}).items():
+            _limit(agent, float(self.world.state.memory_bytes[self.world.state.index(name)]))
+        await self.world.setup()
+
+    async def before_token(self, link: AgentLink, token: int) -> None:
+        """The traces due before generated token ``token``."""
+        await self.world.before_token(token)
+
+    def on_run_message(self, message: object) -> None:
+        """No run topics are followed."""
 
 
 async def _kill_agent(agent: AgentProcess, controller: Controller | None) -> None:
@@ -149,7 +154,7 @@ async def _kill_agent(agent: AgentProcess, controller: Controller | None) -> Non
         os.killpg(agent.process.pid, signal.SIGKILL)
     agent.process.wait(timeout=AGENT_STOP_S)
     assert controller is not None
-    await controller.until_gone(agent.name)
+    await controller.link.until_gone(agent.name)
 
 
 def spawn_agent(
@@ -306,7 +311,7 @@ def run_local(
             async def join(name: str) -> None:
                 agent = launch(name)
                 assert controller is not None
-                await controller.until_online(name)
+                await controller.link.until_online(name)
                 if agent.cgroup is not None:
                     _limit(agent, float(world.state.memory_bytes[world.state.index(name)]))
 
@@ -315,24 +320,20 @@ def run_local(
                     launch(d.name)
             world = World(
                 scenario,
-                lambda device, cmd: controller.command(device, cmd, WORLD_COMMAND_TIMEOUT_S),
+                lambda device, cmd: controller.link.command(device, cmd, WORLD_COMMAND_TIMEOUT_S),
                 lambda device: _kill_agent(agents[device], controller),
                 join,
-                lambda device: controller.until_online(device),
+                lambda device: controller.link.until_online(device),
             )
             config = controller_config(
                 scenario, table, ids, endpoint, testbed, algorithm, telemetry, metrics_port
             )
             controller = Controller(
                 config,
-                before_token=world.before_token,
+                world=LocalWorld(world, agents if cgroups else None),
                 configured_view=world.view,
                 progress=progress,
             )
-            world.controller = controller
-            controller.on_joined = world.setup
-            if cgroups:
-                controller.on_joined = _with_memory_limits(world, agents)
             try:
                 result = asyncio.run(_run(controller, agents))
             except ControllerError as exc:
@@ -358,7 +359,7 @@ def run_local(
         isolation="cgroup + time dilation" if cgroups else "time dilation",
         telemetry=telemetry,
         broker=endpoint,
-        dropped_messages=controller.dropped_messages,
+        dropped_messages=controller.link.session.dropped.total,
         logs={n: str(a.log_path) for n, a in agents.items()},
         pids={n: a.process.pid for n, a in agents.items()},
     )
@@ -397,18 +398,6 @@ def controller_config(
     )
 
 
-def _with_memory_limits(world: World, agents: dict[str, AgentProcess]):
-    """Setup that puts each agent into its cgroup and caps its memory: budget + its
-    measured runtime + slack."""
-
-    async def setup() -> None:
-        for name, agent in agents.items():
-            _limit(agent, float(world.state.memory_bytes[world.state.index(name)]))
-        await world.setup()
-
-    return setup
-
-
 def _limit(agent: AgentProcess, budget_bytes: float) -> None:
     """Put a started agent into its cgroup, memory capped at its budget plus its measured
     runtime plus slack (bytes)."""
@@ -434,7 +423,7 @@ async def _run(controller: Controller, agents: dict[str, AgentProcess]) -> RunRe
     """Run the controller, failing fast if an agent process dies before it joins."""
     run = asyncio.create_task(controller.run())
     while not run.done():
-        dead = [a for a in agents.values() if not a.alive() and not controller.joined.is_set()]
+        dead = [a for a in agents.values() if not a.alive() and not controller.link.joined.is_set()]
         if dead:
             run.cancel()
             tail = dead[0].log_path.read_text(errors="replace")[-2000:]

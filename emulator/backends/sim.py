@@ -16,6 +16,7 @@ import numpy as np
 from controller import cost
 from controller.placement import NoFeasiblePlacement, Placement, PlacementAlgorithm
 from controller.replan import planning_window, scheduled
+from controller.result import RunRecord, RunResult, TokenRecord
 from controller.view import PlanningWindow, ResourceView
 from emulator.scenario import Scenario, Trace
 from emulator.world import WorldState
@@ -57,18 +58,24 @@ class SimResult:
         """Decode time plus migration stalls (s)."""
         return float(sum(self.per_token_s) + self.migration_s)
 
+    def record(self) -> RunRecord:
+        """The run as every backend records it (the cost model's prediction is the run)."""
+        tokens = [TokenRecord(0, float(t), float(t), 0, 0) for t in self.per_token_s]
+        result = RunResult(
+            self.algorithm,
+            tokens=tokens,
+            migrations=self.migrations,
+            migration_s=float(self.migration_s),
+            replans=self.replans,
+            failed_replans=self.failed_decisions,
+            peak_memory_bytes={k: float(v) for k, v in self.peak_memory_bytes.items()},
+            failure=self.failure,
+        )
+        return RunRecord(result, "sim", telemetry="configured")
+
     def to_json(self) -> dict:
         """The CLI's ``simulate --json`` object (DESIGN's keys, exactly)."""
-        return {
-            "algorithm": self.algorithm,
-            "backend": "sim",
-            "per_token_s": [float(t) for t in self.per_token_s],
-            "total_s": self.total_s,
-            "migrations": self.migrations,
-            "migration_s": float(self.migration_s),
-            "peak_memory_bytes": {k: float(v) for k, v in self.peak_memory_bytes.items()},
-            "replans": self.replans,
-        }
+        return self.record().to_json()
 
 
 def recovery_s(
@@ -206,7 +213,7 @@ def first_decision(scenario: Scenario, algorithm: PlacementAlgorithm) -> FirstDe
     )
     placement = algorithm.place(view, table, None)
     objective = float(cost.interval_objective_s(table, view, placement.assignment, None))
-    return FirstDecision(placement, objective, placement.to_dict(table, view))
+    return FirstDecision(placement, objective, placement.to_dict(table, view.devices, view.source))
 
 
 def place_model(
@@ -224,4 +231,4 @@ def place_model(
     state, _ = initial_state(scenario)
     window = PlanningWindow(prompt_tokens, scenario.replan_every, prompt_tokens + new_tokens)
     view = state.view(scenario, window)
-    return algorithm.place(view, table, None).to_dict(table, view)
+    return algorithm.place(view, table, None).to_dict(table, view.devices, view.source)
