@@ -7,9 +7,9 @@
   client per attempt (one whose connect failed is not reused) and exponential backoff.
   A broker that does not answer within START_WINDOW_S at the start, or stays away
   BROKER_LOST_WINDOW_S after a loss, ends it with the role's error.
-- After every connect: subscribe; after a *re*connect also the role's ``on_reconnected``
-  (what a restarted broker forgot, e.g. a retained message) and, in a task beside the
-  reading, its ``before_resend`` (e.g. wait until the agents are back), then every
+- After every connect: subscribe, then the role's ``on_connected`` (what a restarted broker
+  forgot, e.g. a retained message); after a *re*connect also, in a task beside the
+  reading, its ``before_resend`` (e.g. wait until the agents are back); then every
   request still unanswered goes out again, and the session is ready for publishing.
 - ``request(topic, command, timeout_s)``: publish a command and wait for the Reply with
   its id; until answered it is sent again after every reconnect (receivers carry out an
@@ -88,7 +88,7 @@ class MalformedCount:
 
 
 class Publish(Protocol):
-    """A publish on one connection (what ``on_reconnected`` gets)."""
+    """A publish on one connection (what ``on_connected`` gets)."""
 
     def __call__(
         self, topic: str, message: BaseModel | bytes, *, retain: bool = False
@@ -107,8 +107,9 @@ class SessionHooks:
     on_message: Callable[[proto.Topic, BaseModel], Awaitable[None]] = _ignore
     #: which topics the role reads at all (others are skipped unread: not counted)
     accepts: Callable[[proto.Topic], bool] | None = None
-    #: after a reconnect, before anything else: publish what a restarted broker forgot
-    on_reconnected: Callable[[Publish], Awaitable[None]] | None = None
+    #: after every connect, before anything is read: publish what a restarted broker
+    #: forgot (e.g. a retained message) or what a connect announces (an online status)
+    on_connected: Callable[[Publish], Awaitable[None]] | None = None
     #: after a reconnect, beside the reading: awaited before the unanswered requests go
     #: out again and the session is ready (e.g. until the agents are back)
     before_resend: Callable[[], Awaitable[None]] | None = None
@@ -212,8 +213,8 @@ class BrokerSession:
         reconnect = self.ever_connected
         self._client = client
         self.ever_connected = True
-        if reconnect and self.hooks.on_reconnected is not None:
-            await self.hooks.on_reconnected(self._publisher(client))
+        if self.hooks.on_connected is not None:
+            await self.hooks.on_connected(self._publisher(client))
         self._resume = asyncio.create_task(self._resend_when_ready(reconnect))
         try:
             await self.read(client)
@@ -271,7 +272,7 @@ class BrokerSession:
         """Publish once the session is ready. ``retry``: a failed publish is tried again (on
         the next connection if the broker went), PUBLISH_ATTEMPTS times at the most, then
         the role's error. Without it a failure is only logged: for what a reconnect sends
-        again anyway (requests, a retained message ``on_reconnected`` publishes)."""
+        again anyway (requests, a retained message ``on_connected`` publishes)."""
         payload = message if isinstance(message, bytes) else proto.encode(message)
         for attempt in itertools.count():
             client = await self.connected()

@@ -73,7 +73,7 @@ class AgentLink:
             hooks=SessionHooks(
                 on_message=self._on_message,
                 accepts=self._accepts,
-                on_reconnected=self._republish_epoch,
+                on_connected=self._republish_epoch,
                 before_resend=self._await_rejoin,
                 on_lost=self._on_lost,
                 on_dropped=self._count_dropped,
@@ -123,7 +123,7 @@ class AgentLink:
 
     async def _republish_epoch(self, publish: Publish) -> None:
         """After a reconnect the retained epoch goes out again at once (a restarted broker
-        forgot it, and the agents follow it)."""
+        forgot it, and the agents follow it); there is none yet at the first connect."""
         epoch = self.current_epoch()
         if epoch is not None:
             await publish(proto.placement_topic(self.config.testbed), epoch, retain=True)

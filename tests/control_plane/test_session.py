@@ -89,15 +89,15 @@ def test_a_request_is_answered() -> None:
 
 def test_a_request_is_sent_again_after_the_broker_restarts() -> None:
     """The command is lost with the broker (nobody was subscribed); after the restart the
-    session republishes the retained message, waits for the agent (before_resend) and
+    session publishes the retained message again, waits for the agent (before_resend) and
     sends the unanswered command again, which the agent then answers."""
     broker = EmbeddedBroker()
     events: list[str] = []
     subscribed, seen = asyncio.Event(), []
     agent: asyncio.Task | None = None
 
-    async def on_reconnected(publish: Publish) -> None:
-        events.append("reconnected")
+    async def on_connected(publish: Publish) -> None:
+        events.append("connected")
         await publish(proto.placement_topic(TESTBED), b"{}", retain=True)
 
     async def before_resend() -> None:
@@ -107,7 +107,7 @@ def test_a_request_is_sent_again_after_the_broker_restarts() -> None:
         await subscribed.wait()
 
     hooks = SessionHooks(
-        on_reconnected=on_reconnected,
+        on_connected=on_connected,
         before_resend=before_resend,
         on_lost=lambda exc: events.append("lost"),
     )
@@ -139,7 +139,7 @@ def test_a_request_is_sent_again_after_the_broker_restarts() -> None:
         reply = asyncio.run(main())
     assert reply.id == "c7" and reply.ok
     assert seen == ["c7"]  # sent again once, after the agent was there
-    assert events == ["lost", "reconnected", "before_resend"]
+    assert events == ["connected", "lost", "connected", "before_resend"]
 
 
 def test_malformed_messages_are_counted_per_kind_and_logged_once(
