@@ -24,8 +24,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/placement_speed.py
-	$(BIN)/python benchmarks/placement_quality.py
+	$(BIN)/python -m benchmarks.placement_speed
+	$(BIN)/python -m benchmarks.placement_quality
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -25,7 +25,7 @@ decode step at the same n (median over --reps steps, caches rolled back after ea
 The embedding lookup and the orchestration between blocks carry no FLOPs, so they are
 what the prediction leaves out.
 
-Run: ``.venv/bin/python benchmarks/block_calibration.py [--quick] [--reps R] [--warmup W]
+Run: ``.venv/bin/python -m benchmarks.block_calibration [--quick] [--reps R] [--warmup W]
 [--contexts N ...] [--threads T] [--out DIR]``.
 Writes DIR/block_calibration.json; its top-level ``cpu``, ``threads`` and ``gflops``
 ({"group": {"<n>": x, ...}, "proj": x, "ffn": x, "head": x}) are what a cost model loads.
@@ -33,24 +33,21 @@ Writes DIR/block_calibration.json; its top-level ``cpu``, ``threads`` and ``gflo
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import os
 from typing import Any
 
 import numpy as np
 import torch
 
 from benchmarks.common import (
+    BenchParser,
+    ByMode,
     console,
     environment,
-    make_parser,
+    line_printer,
+    load1,
+    load_note,
+    load_span,
     num,
-    parse,
     print_table,
     stats,
     write_json,
@@ -63,10 +60,11 @@ from llm.runtime import monolithic
 
 NAME = "block_calibration"
 MODEL = "smollm2-135m"
-CONTEXTS = (32, 128, 512, 1024)
-CONTEXTS_QUICK = (32, 128)
-REPS, REPS_QUICK = 30, 5
-WARMUP, WARMUP_QUICK = 3, 1
+DEFAULTS = {
+    "contexts": ByMode((32, 128, 512, 1024), (32, 128)),
+    "reps": ByMode(30, 5),
+    "warmup": ByMode(3, 1),
+}
 FOCUS_CONTEXT = 128
 
 
@@ -85,50 +83,27 @@ def predict_token_s(spec, counts: dict[str, int], gflops: dict[str, Any], n: int
     )
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns what it writes to DIR/block_calibration.json."""
-    parser = make_parser(__doc__.splitlines()[0], default_seeds=1, quick_seeds=1)
+def make_parser() -> BenchParser:
+    """The command line: the common options, passes, contexts and threads."""
+    parser = BenchParser(NAME, __doc__.splitlines()[0], DEFAULTS)
     parser.add_argument(
-        "--reps", type=int, default=None,
-        help=f"timed passes per point ({REPS}; quick {REPS_QUICK})",
+        "--reps", type=int, default=None, help=f"timed passes per point ({DEFAULTS['reps']})"
     )
     parser.add_argument(
         "--warmup", type=int, default=None,
-        help=f"untimed passes before each point ({WARMUP}; quick {WARMUP_QUICK})",
+        help=f"untimed passes before each point ({DEFAULTS['warmup']})",
     )
     parser.add_argument(
         "--contexts", type=int, nargs="+", default=None,
-        help=f"KV-group context lengths ({' '.join(map(str, CONTEXTS))}; quick "
-        f"{' '.join(map(str, CONTEXTS_QUICK))})",
+        help=f"KV-group context lengths ({DEFAULTS['contexts']})",
     )
-    parser.add_argument(
-        "--threads", type=int, default=None,
-        help="torch threads (default: torch.get_num_threads())",
-    )
-    args = parse(parser, argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    reps = args.reps or (REPS_QUICK if args.quick else REPS)
-    warmup = args.warmup if args.warmup is not None else (WARMUP_QUICK if args.quick else WARMUP)
-    contexts = tuple(sorted(set(args.contexts or (CONTEXTS_QUICK if args.quick else CONTEXTS))))
-    if min(contexts) < 1:
-        parser.error("--contexts must be at least 1")
-    threads = torch.get_num_threads()
-    cpu = cpu_name()
-    load_start = os.getloadavg()
+    parser.add_threads_option()
+    return parser
 
-    console.rule(f"loading {MODEL}")
-    om = open_model(MODEL)
-    model = monolithic(om.source, om.arch)
-    spec = om.arch.spec
-    console.print(f"  {om.file.path.name} on {cpu}, {threads} torch threads")
-    console.rule(f"decode-mode block times: {warmup} warm-up + {reps} timed passes each")
-    measured = measure_gflops(
-        model, contexts, warmup, reps, whole_token=True, progress=lambda m: console.print(f"  {m}")
-    )
-    gflops = gflops_only(measured)
-    counts = measured["block_counts"]
-    # The JSON keeps summaries of the raw pass and step times, not the times themselves.
+
+def summarise(measured: dict[str, Any], contexts: tuple[int, ...]) -> dict[str, Any]:
+    """measure_gflops' result for the JSON: blocks and whole-token steps with their times as
+    statistics, the KV group's time fitted against n, whether the FLOP counters agree."""
     raw = measured["blocks"]
     blocks = {
         "group": {n: summarised(e) for n, e in raw["group"].items()},
@@ -138,49 +113,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n: {"step_s": stats(e["step_s"]), "median_s": e["median_s"]}
         for n, e in measured["whole_token"].items()
     }
-
     # Per-call time of a KV group against n: mostly fixed, a cost model can interpolate with it.
     ns = np.array(contexts, dtype=float)
     ts = np.array([blocks["group"][str(n)]["block_s"] for n in contexts])
     per_context, fixed = np.polyfit(ns, ts, 1) if len(ns) > 1 else (0.0, float(ts[0]))
-    group_fit = {"fixed_s": float(fixed), "per_context_s": float(per_context)}
     counters_agree = all(
         e["flops"] == e["flops_counter"]
         for e in (*blocks["group"].values(), blocks["proj"], blocks["ffn"], blocks["head"])
     )
+    return {
+        "blocks": blocks,
+        "group_time_fit": {"fixed_s": float(fixed), "per_context_s": float(per_context)},
+        "flops_counters_agree": counters_agree,
+        "whole_token": whole_token,
+    }
 
+
+def print_blocks(title: str, blocks: dict[str, Any], gflops: dict[str, Any], caption: str) -> None:
+    """One line per block type (a KV group per context): FLOPs, time per block, GFLOP/s."""
     rows = [
         (f"KV group, n={n}", e["flops"], f"{1e6 * e['block_s']:.1f} us",
          num(gflops["group"][str(n)], ".2f"))
         for n, e in blocks["group"].items()
-    ]
+    ]  # fmt: skip
     for kind, label in (("proj", "projection"), ("ffn", "FFN"), ("head", "LM head")):
         e = blocks[kind]
         rows.append((label, e["flops"], f"{1e6 * e['block_s']:.1f} us", num(gflops[kind], ".2f")))
     rows.append(("embedding (no FLOPs)", 0, f"{1e6 * blocks['embed']['block_s']:.1f} us", "-"))
-    print_table(
-        f"{MODEL} decode-mode blocks on {cpu}, {threads} threads (median of {reps})",
-        ["block", "FLOPs", "time / block", "GFLOP/s"],
-        rows,
-        caption="block FLOPs from llm.blocks; counters "
-        + ("agree" if counters_agree else "DISAGREE")
-        + f"; machine load not controlled (1-min load average {load_start[0]:.2f} at the "
-        f"start, {os.getloadavg()[0]:.2f} now)",
-    )
+    print_table(title, ["block", "FLOPs", "time / block", "GFLOP/s"], rows, caption=caption)
 
-    console.print(
-        f"KV group time ~ {1e6 * fixed:.1f} us + {1e9 * per_context:.1f} ns x n "
-        "(least squares over the contexts)"
-    )
+
+def predict(spec, counts: dict[str, int], gflops: dict[str, Any],
+            whole_token: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Per context: the cost model's token time against the measured decode step (s)."""
     prediction = {}
-    for n in contexts:
-        predicted = predict_token_s(spec, counts, gflops, n)
-        step_s = whole_token[str(n)]["median_s"]
-        prediction[str(n)] = {
+    for n, step in whole_token.items():
+        predicted = predict_token_s(spec, counts, gflops, int(n))
+        prediction[n] = {
             "predicted_s": predicted,
-            "measured_s": step_s,
-            "predicted_over_measured": predicted / step_s,
+            "measured_s": step["median_s"],
+            "predicted_over_measured": predicted / step["median_s"],
         }
+    return prediction
+
+
+def print_prediction(prediction: dict[str, Any]) -> None:
+    """The cost model against the measured step per context, FOCUS_CONTEXT's in a line too."""
     print_table(
         "cost model vs measured monolithic decode step",
         ["context n", "predicted", "measured", "predicted / measured"],
@@ -192,13 +170,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ],
         caption="predicted = sum over blocks of FLOPs / GFLOP/s of the block's type; the "
         "embedding and hand-offs are not in it",
-    )
+    )  # fmt: skip
     if str(FOCUS_CONTEXT) in prediction:
         p = prediction[str(FOCUS_CONTEXT)]
         console.print(
             f"n={FOCUS_CONTEXT}: cost model {1000 * p['predicted_s']:.2f} ms vs measured "
             f"{1000 * p['measured_s']:.2f} ms per token ({p['predicted_over_measured']:.3f}x)"
         )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns what it writes to DIR/block_calibration.json."""
+    parser = make_parser()
+    args = parser.parse(argv)
+    reps, warmup = args.reps, args.warmup
+    contexts = tuple(sorted(set(args.contexts)))
+    if min(contexts) < 1:
+        parser.error("--contexts must be at least 1")
+    threads = torch.get_num_threads()
+    cpu = cpu_name()
+    load_start = load1()
+
+    console.rule(f"loading {MODEL}")
+    om = open_model(MODEL)
+    model = monolithic(om.source, om.arch)
+    console.print(f"  {om.file.path.name} on {cpu}, {threads} torch threads")
+    console.rule(f"decode-mode block times: {warmup} warm-up + {reps} timed passes each")
+    measured = measure_gflops(
+        model, contexts, warmup, reps, whole_token=True, progress=line_printer("  ")
+    )
+    gflops = gflops_only(measured)
+    counts = measured["block_counts"]
+    # The JSON keeps summaries of the raw pass and step times, not the times themselves.
+    summary = summarise(measured, contexts)
+    print_blocks(
+        f"{MODEL} decode-mode blocks on {cpu}, {threads} threads (median of {reps})",
+        summary["blocks"],
+        gflops,
+        caption="block FLOPs from llm.blocks; counters "
+        + ("agree" if summary["flops_counters_agree"] else "DISAGREE")
+        + f"; {load_note(load_start)}",
+    )
+    fit = summary["group_time_fit"]
+    console.print(
+        f"KV group time ~ {1e6 * fit['fixed_s']:.1f} us + {1e9 * fit['per_context_s']:.1f} ns "
+        "x n (least squares over the contexts)"
+    )
+    prediction = predict(om.arch.spec, counts, gflops, summary["whole_token"])
+    print_prediction(prediction)
 
     data = {
         "benchmark": NAME,
@@ -209,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": MODEL,
         "dtype": "float32",
         "environment": environment(),
-        "load_average_1min": {"start": load_start[0], "end": os.getloadavg()[0]},
+        "load_average_1min": load_span(load_start),
         "setup": {
             "contexts": list(contexts),
             "reps": reps,
@@ -221,10 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "machine load not controlled"
             ),
         },
-        "blocks": blocks,
-        "group_time_fit": group_fit,
-        "flops_counters_agree": counters_agree,
-        "whole_token": whole_token,
+        **summary,
         "prediction": prediction,
     }
     write_json(args.out, NAME, data)

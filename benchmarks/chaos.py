@@ -17,43 +17,37 @@ recoveries, detection time (kill to the controller seeing the device gone, s), r
 time (re-plan, loads, cache resets and re-prefill, s) and, of it, the re-prefill (s).
 Targets: every round survived with identical ids; recovery time minus re-prefill <= 5 s.
 
-Run: ``.venv/bin/python benchmarks/chaos.py [--quick] [--seeds N] [--tokens N] [--out DIR]``.
+Run: ``.venv/bin/python -m benchmarks.chaos [--quick] [--seeds N] [--tokens N] [--out DIR]``.
 ``--seeds`` is the number of rounds (default 5; ``--quick``: 2 rounds of 12 tokens).
 Writes DIR/chaos.json; agent logs go under DIR/chaos/ROUND/.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import time
-import traceback
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks.common import (
+    BenchParser,
+    ByMode,
     console,
     environment,
-    make_parser,
     num,
-    parse,
     print_table,
     print_targets,
     stats,
     target,
+    traceback_text,
     write_json,
 )
-from device_agent.limits import kernel_oom_kills
+from emulator.host_limits import kernel_oom_kills
 
 NAME = "chaos"
-TOKENS = 32
-TOKENS_QUICK = 12
+DEFAULTS = {"seeds": ByMode(5, 2), "tokens": ByMode(32, 12)}  # seeds: rounds
 DEVICES = ("hub", "d1", "d2", "d3")
 SCENARIO: dict[str, Any] = {
     "version": 1,
@@ -135,7 +129,7 @@ def run_round(seed: int, tokens: int, work_dir: Path) -> dict[str, Any]:
                 "plan": plan,
                 "survived": False,
                 "error": f"{type(exc).__name__}: {exc}",
-                "traceback": "".join(traceback.format_exception(exc)),
+                "traceback": traceback_text(exc),
                 "wall_s": time.perf_counter() - t0,
             }
     r = run.result
@@ -157,22 +151,10 @@ def run_round(seed: int, tokens: int, work_dir: Path) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the rounds; returns what it writes to DIR/chaos.json."""
-    parser = make_parser(__doc__.splitlines()[0], default_seeds=5, quick_seeds=2)
-    parser.add_argument(
-        "--tokens",
-        type=int,
-        default=None,
-        help=f"tokens per round ({TOKENS}; quick {TOKENS_QUICK})",
-    )
-    args = parse(parser, argv)
-    tokens = args.tokens or (TOKENS_QUICK if args.quick else TOKENS)
-    if tokens < 4:
-        parser.error("--tokens must be at least 4 (room for three faults)")
-    oom_before = kernel_oom_kills()
+def run_rounds(count: int, tokens: int, out: Path) -> list[dict[str, Any]]:
+    """Rounds 0..count-1, each announced and summed up on the console as it ends."""
     rounds = []
-    for seed in range(args.seeds):
+    for seed in range(count):
         plan = round_plan(seed, tokens)
         console.rule(
             f"round {seed}: kill {plan['kill']['device']} at {plan['kill']['at_token']}, "
@@ -180,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{'-'.join(plan['collapse']['link'])} to {plan['collapse']['bandwidth_mbit']:.0f} "
             f"Mbit/s at {plan['collapse']['at_token']}"
         )
-        result = run_round(seed, tokens, args.out / NAME / str(seed))
+        result = run_round(seed, tokens, out / NAME / str(seed))
         if result["survived"]:
             console.print(
                 f"  ids identical: {result['ids_identical']}, recovery "
@@ -190,8 +172,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             console.print(f"  [red]failed[/]: {result['error']}")
         rounds.append(result)
+    return rounds
 
-    survived = [r for r in rounds if r["survived"]]
+
+def print_rounds(rounds: list[dict[str, Any]]) -> None:
+    """One line per round: survived, ids, broker losses, recoveries and their times."""
     print_table(
         "chaos rounds",
         [
@@ -218,6 +203,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for r in rounds
         ],
     )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the rounds; returns what it writes to DIR/chaos.json."""
+    parser = BenchParser(NAME, __doc__.splitlines()[0], DEFAULTS)
+    parser.add_argument(
+        "--tokens", type=int, default=None, help=f"tokens per round ({DEFAULTS['tokens']})"
+    )
+    args = parser.parse(argv)
+    tokens = args.tokens
+    if tokens < 4:
+        parser.error("--tokens must be at least 4 (room for three faults)")
+    oom_before = kernel_oom_kills()
+    rounds = run_rounds(args.seeds, tokens, args.out)
+    print_rounds(rounds)
+
+    survived = [r for r in rounds if r["survived"]]
     without = stats(r["recovery_without_reprefill_s"] for r in survived if r["recoveries"])
     detection = stats(d for r in survived for d in r["detection_s"])
     all_ok = len(survived) == len(rounds) and all(r["ids_identical"] for r in survived)

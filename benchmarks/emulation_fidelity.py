@@ -34,7 +34,7 @@ initial burst, 5 ms of traffic, also falls outside it). Target: |goodput / confi
 The machine's load is not controlled (other processes may share the CPU; the 1-minute load
 average is recorded); every wait is bounded.
 
-Run: ``.venv/bin/python benchmarks/emulation_fidelity.py [--quick] [--scenarios F ...]
+Run: ``.venv/bin/python -m benchmarks.emulation_fidelity [--quick] [--scenarios F ...]
 [--algorithms A ...] [--tokens N] [--telemetry measured|configured] [--seconds S]
 [--out DIR]``. ``--quick``: only lan-3 with myopic and edgeshard, 12 tokens, 1 s of traffic
 per rate. Writes DIR/emulation_fidelity.json; agent logs go under DIR/local/ALGORITHM/.
@@ -42,64 +42,58 @@ per rate. Writes DIR/emulation_fidelity.json; agent logs go under DIR/local/ALGO
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import asyncio
 import math
-import os
 import statistics
 import time
-import traceback
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks.common import (
+    BenchParser,
+    ByMode,
     console,
     environment,
-    make_parser,
+    error_text,
+    line_printer,
+    load1,
+    load_span,
     num,
-    parse,
     pct,
     print_table,
     print_targets,
+    quiet_cancelled,
+    repo_path,
+    run_numbers,
     target,
+    traceback_text,
     write_json,
 )
+from emulator.scenario import MIB
 
 NAME = "emulation_fidelity"
-ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ["scenarios/demo.yaml", "scenarios/lan-3.yaml", "scenarios/wifi-4.yaml"]
-SCENARIOS_QUICK = ["scenarios/lan-3.yaml"]
-ALGORITHMS = ["myopic", "edgeshard", "static-heads", "memory-proportional", "galaxy"]
-ALGORITHMS_QUICK = ["myopic", "edgeshard"]
-TOKENS_QUICK = 12
+DEFAULTS = {
+    "scenarios": ByMode(
+        ["scenarios/demo.yaml", "scenarios/lan-3.yaml", "scenarios/wifi-4.yaml"],
+        ["scenarios/lan-3.yaml"],
+    ),
+    "algorithms": ByMode(
+        ["myopic", "edgeshard", "static-heads", "memory-proportional", "galaxy"],
+        ["myopic", "edgeshard"],
+    ),
+    "tokens": ByMode(None, 12),  # full: each scenario's own generate_tokens
+    "seconds": ByMode(2.5, 1.0),
+}
 RATES_MBIT = [1.0, 10.0, 100.0]
-SECONDS, SECONDS_QUICK = 2.5, 1.0
 FRAME_VALUES = 16384  # float32 values per ACTIVATION frame: a 64 KiB payload
 FIDELITY_TARGET = 0.20
 GOODPUT_TARGET = 0.05
 FRAME_TIMEOUT_S = 30.0  # for any one frame to be sent
-MIB = 2**20
 
 
 # ---------------------------------------------------------------- (a) live runs
-
-
-def _resolve(path: str) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() or p.exists() else ROOT / p
-
-
-def error_text(exc: BaseException) -> str:
-    """Type and message of an error; an exception group's leaves, each on its own line."""
-    if isinstance(exc, BaseExceptionGroup):
-        return "\n".join(error_text(e) for e in exc.exceptions)
-    return f"{type(exc).__name__}: {exc}"
 
 
 def run_one(scenario, algorithm: str, telemetry: str, work_dir: Path) -> dict[str, Any]:
@@ -114,20 +108,19 @@ def run_one(scenario, algorithm: str, telemetry: str, work_dir: Path) -> dict[st
             algorithm,
             telemetry=telemetry,  # type: ignore[arg-type]
             work_dir=work_dir,
-            status=lambda msg: console.print(f"    {msg}"),
+            status=line_printer("    "),
         )
     except Exception as exc:  # reported, not worked around
         return {
             "algorithm": algorithm,
             "ok": False,
             "error": error_text(exc),
-            "traceback": "".join(traceback.format_exception(exc)),
+            "traceback": traceback_text(exc),
             "logs": str(work_dir),
             "wall_s": time.perf_counter() - t0,
         }
     r = run.result
     median, p90 = fidelity(run)
-    decode_s = sum(r.per_token_s)
     peaks = {k: v / MIB for k, v in r.peak_memory_bytes.items()}
     return {
         "algorithm": algorithm,
@@ -136,12 +129,7 @@ def run_one(scenario, algorithm: str, telemetry: str, work_dir: Path) -> dict[st
         "fidelity_median": median,
         "fidelity_p90": p90,
         "tokens": len(r.per_token_s),
-        "tokens_per_s": len(r.per_token_s) / decode_s if decode_s > 0 else None,
-        "total_s": r.total_s,
-        "prefill_s": r.prefill_s,
-        "migrations": r.migrations,
-        "migration_s": r.migration_s,
-        "replans": r.replans,
+        **run_numbers(r),
         "failed_replans": r.failed_replans,
         "recoveries": r.recoveries,
         "peak_memory_mib": peaks,
@@ -265,18 +253,6 @@ def print_headline(results: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------- (b) shaped goodput
 
 
-def quiet_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """Loop exception handler: drop the CancelledError asyncio's stream callback logs.
-
-    ``DataPlane.close`` cancels its connection readers; on Python 3.11 asyncio's
-    StreamReaderProtocol then calls ``exception()`` on the cancelled task in a callback and
-    logs the resulting CancelledError with a traceback. Anything else goes to the default.
-    """
-    if isinstance(context.get("exception"), asyncio.CancelledError):
-        return
-    loop.default_exception_handler(context)
-
-
 async def _goodput(rate_mbit: float, seconds: float) -> dict[str, Any]:
     """Send shaped 64 KiB frames over loopback; the goodput the receiver saw."""
     from device_agent.dataplane import DataPlane
@@ -340,20 +316,20 @@ def shaped_goodput(rates: list[float], seconds: float) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns what it writes to DIR/emulation_fidelity.json."""
-    parser = make_parser(__doc__.splitlines()[0], default_seeds=1, quick_seeds=1)
+def make_parser() -> BenchParser:
+    """The command line: the common options, what runs and the goodput's traffic."""
+    parser = BenchParser(NAME, __doc__.splitlines()[0], DEFAULTS)
     parser.add_argument(
         "--scenarios", nargs="+", default=None,
-        help=f"scenario files ({' '.join(SCENARIOS)}; quick {' '.join(SCENARIOS_QUICK)})",
+        help=f"scenario files ({DEFAULTS['scenarios']})",
     )
     parser.add_argument(
-        "--algorithms", nargs="+", default=None,
-        help=f"algorithms ({' '.join(ALGORITHMS)}; quick {' '.join(ALGORITHMS_QUICK)})",
+        "--algorithms", nargs="+", default=None, help=f"algorithms ({DEFAULTS['algorithms']})"
     )
     parser.add_argument(
         "--tokens", type=int, default=None,
-        help=f"override generate_tokens (default: the scenario's; quick {TOKENS_QUICK})",
+        help="override generate_tokens (default: the scenario's; quick "
+        f"{DEFAULTS['tokens'].quick})",
     )
     parser.add_argument(
         "--telemetry", choices=["measured", "configured"], default="measured",
@@ -361,27 +337,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--seconds", type=float, default=None,
-        help=f"traffic per shaped rate (s; {SECONDS}; quick {SECONDS_QUICK})",
+        help=f"traffic per shaped rate (s; {DEFAULTS['seconds']})",
     )
-    args = parse(parser, argv)
-    scenarios = args.scenarios or (SCENARIOS_QUICK if args.quick else SCENARIOS)
-    algorithms = args.algorithms or (ALGORITHMS_QUICK if args.quick else ALGORITHMS)
-    tokens = args.tokens or (TOKENS_QUICK if args.quick else None)
-    seconds = args.seconds or (SECONDS_QUICK if args.quick else SECONDS)
-    if tokens is not None and tokens < 2:
-        parser.error("--tokens must be at least 2 (one decode step after the prefill)")
-    load_start = os.getloadavg()
-    work_dir = args.out / "local"
+    return parser
 
-    results = [
-        run_scenario(_resolve(s), algorithms, tokens, args.telemetry, work_dir) for s in scenarios
-    ]
-    console.rule("shaped goodput on loopback")
-    goodput = shaped_goodput(RATES_MBIT, seconds)
 
-    ok_runs = [r for sc in results for r in sc["runs"] if r["ok"]]
-    medians = [r["fidelity_median"] for r in ok_runs]
-    targets = [
+def targets_of(results: list[dict[str, Any]], goodput: list[dict[str, Any]]) -> list[dict]:
+    """The fidelity targets over the runs that finished, and the goodput's per rate."""
+    medians = [r["fidelity_median"] for sc in results for r in sc["runs"] if r["ok"]]
+    return [
         target(
             "fidelity median, worst run",
             max(medians) if medians else None,
@@ -396,7 +360,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         target(f"goodput error at {g['rate_mbit']:g} Mbit/s", abs(g["relative_error"]),
                GOODPUT_TARGET)
         for g in goodput
+    ]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns what it writes to DIR/emulation_fidelity.json."""
+    parser = make_parser()
+    args = parser.parse(argv)
+    scenarios, algorithms = args.scenarios, args.algorithms
+    tokens, seconds = args.tokens, args.seconds
+    if tokens is not None and tokens < 2:
+        parser.error("--tokens must be at least 2 (one decode step after the prefill)")
+    load_start = load1()
+    work_dir = args.out / "local"
+
+    results = [
+        run_scenario(repo_path(s), algorithms, tokens, args.telemetry, work_dir) for s in scenarios
     ]
+    console.rule("shaped goodput on loopback")
+    goodput = shaped_goodput(RATES_MBIT, seconds)
+    targets = targets_of(results, goodput)
 
     print_fidelity(results)
     print_headline(results)
@@ -438,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "fidelity": "median and p90 over tokens of |measured / predicted - 1|",
             "tokens_per_s": "tokens / sum(per_token_s)",
         },
-        "load_average_1min": {"start": load_start[0], "end": os.getloadavg()[0]},
+        "load_average_1min": load_span(load_start),
         "scenarios": results,
         "shaped_goodput": goodput,
         "targets": targets,

@@ -29,35 +29,33 @@ against transformers' 30 4-D calls) was seen to wait about one scheduler tick (8
 its second thread, giving ~2 s per token against ~70 ms for transformers. When the load
 average in the JSON is high, rerun, or use --threads 1 (which avoids the wait).
 
-Run: ``.venv/bin/python benchmarks/engine_overhead.py [--quick] [--rounds R]
+Run: ``.venv/bin/python -m benchmarks.engine_overhead [--quick] [--rounds R]
 [--new-tokens N] [--threads T] [--out DIR]``. Writes DIR/engine_overhead.json.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import itertools
-import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from benchmarks.common import (
+    BenchParser,
+    ByMode,
     console,
     environment,
-    make_parser,
+    load1,
+    load_note,
+    load_span,
     num,
-    parse,
     print_table,
     print_targets,
     stats,
     target,
+    timed,
     write_json,
 )
 from llm.loader import OpenModel, open_model
@@ -66,8 +64,7 @@ from llm.runtime import PartitionedModel, monolithic
 NAME = "engine_overhead"
 MODEL = "smollm2-135m"
 PROMPT_TOKENS = 32
-NEW_TOKENS, NEW_TOKENS_QUICK = 64, 8
-ROUNDS, ROUNDS_QUICK = 3, 1
+DEFAULTS = {"new_tokens": ByMode(64, 8), "rounds": ByMode(3, 1)}
 TARGET_RATIO = 1.3
 PROMPT_TEXT = (
     "The printing press was invented in the fifteenth century by Johannes Gutenberg, a "
@@ -144,51 +141,27 @@ def decode_steps(stamps: list[float]) -> list[float]:
     return [b - a for a, b in itertools.pairwise(stamps)]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns what it writes to DIR/engine_overhead.json."""
-    parser = make_parser(__doc__.splitlines()[0], default_seeds=1, quick_seeds=1)
+def make_parser() -> BenchParser:
+    """The command line: the common options, rounds, new tokens and threads."""
+    parser = BenchParser(NAME, __doc__.splitlines()[0], DEFAULTS)
     parser.add_argument(
         "--rounds", type=int, default=None,
-        help=f"timed generations per engine after the warm-up ({ROUNDS}; quick {ROUNDS_QUICK})",
+        help=f"timed generations per engine after the warm-up ({DEFAULTS['rounds']})",
     )
     parser.add_argument(
         "--new-tokens", type=int, default=None,
-        help=f"new tokens per generation ({NEW_TOKENS}; quick {NEW_TOKENS_QUICK})",
+        help=f"new tokens per generation ({DEFAULTS['new_tokens']})",
     )
-    parser.add_argument(
-        "--threads", type=int, default=None,
-        help="torch threads for both engines (default: torch.get_num_threads())",
-    )
-    args = parse(parser, argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    rounds = args.rounds or (ROUNDS_QUICK if args.quick else ROUNDS)
-    n_new = args.new_tokens or (NEW_TOKENS_QUICK if args.quick else NEW_TOKENS)
-    if n_new < 2:
-        parser.error("--new-tokens must be at least 2 (one decode step)")
-    threads = torch.get_num_threads()
-    load_start = os.getloadavg()
+    parser.add_threads_option("torch threads for both engines")
+    return parser
 
-    console.rule(f"loading {MODEL}")
-    om = open_model(MODEL)
-    prompt = prompt_ids(om)
-    eos = om.tokenizer.eos_id
-    t0 = time.perf_counter()
-    ours = monolithic(om.source, om.arch)
-    ours_load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    hf = load_transformers(om)
-    hf_load_s = time.perf_counter() - t0
-    console.print(
-        f"  {om.file.path.name}: edgepart blocks loaded in {ours_load_s:.1f} s, "
-        f"transformers in {hf_load_s:.1f} s; {threads} torch threads"
-    )
 
-    engines = {
-        "edgepart": lambda: run_edgepart(ours, prompt, n_new, eos),
-        "transformers": lambda: run_transformers(hf, prompt, n_new, eos),
-    }
-    console.rule(f"warm-up, then {rounds} round(s) of {n_new} new tokens")
+Engine = Callable[[], tuple[list[int], list[float]]]
+
+
+def alternate(engines: dict[str, Engine], rounds: int) -> tuple[dict, dict, dict]:
+    """A warm-up generation per engine, then rounds in alternating order; per engine the
+    ids of every generation, the pooled decode steps (s) and each round's first stamp (s)."""
     ids: dict[str, list[list[int]]] = {k: [] for k in engines}
     steps: dict[str, list[float]] = {k: [] for k in engines}
     first: dict[str, list[float]] = {k: [] for k in engines}
@@ -207,17 +180,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"  round {r + 1} {name}: {len(got)} tokens, median step "
                     f"{1000 * stats(decode_steps(stamps))['median']:.1f} ms"
                 )
+    return ids, steps, first
 
-    reference = ids["transformers"][0]
-    identical = all(run == reference for runs in ids.values() for run in runs)
-    deterministic = {k: all(run == runs[0] for run in runs) for k, runs in ids.items()}
-    per_token = {k: stats(v) for k, v in steps.items()}
-    ratio = per_token["edgepart"]["median"] / per_token["transformers"]["median"]
-    targets = [target("edgepart / transformers per-token time", ratio, TARGET_RATIO)]
 
+def print_per_token(title: str, per_token: dict[str, Any], first: dict[str, list[float]],
+                    caption: str) -> None:  # fmt: skip
+    """One line per engine: decode step statistics, tokens/s and the first token's time."""
     print_table(
-        f"decode time per token, {MODEL}, prompt {len(prompt)} tokens, {threads} threads "
-        f"(median over {len(steps['edgepart'])} steps)",
+        title,
         ["engine", "median", "p95", "min", "tokens/s", "first token"],
         [
             (
@@ -230,8 +200,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             for name, s in per_token.items()
         ],
-        caption=f"machine load not controlled (1-min load average {load_start[0]:.2f} at the "
-        f"start, {os.getloadavg()[0]:.2f} now); 'first token' includes the prefill",
+        caption=caption,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns what it writes to DIR/engine_overhead.json."""
+    parser = make_parser()
+    args = parser.parse(argv)
+    rounds, n_new = args.rounds, args.new_tokens
+    if n_new < 2:
+        parser.error("--new-tokens must be at least 2 (one decode step)")
+    threads = torch.get_num_threads()
+    load_start = load1()
+
+    console.rule(f"loading {MODEL}")
+    om = open_model(MODEL)
+    prompt = prompt_ids(om)
+    eos = om.tokenizer.eos_id
+    ours, ours_load_s = timed(monolithic, om.source, om.arch)
+    hf, hf_load_s = timed(load_transformers, om)
+    console.print(
+        f"  {om.file.path.name}: edgepart blocks loaded in {ours_load_s:.1f} s, "
+        f"transformers in {hf_load_s:.1f} s; {threads} torch threads"
+    )
+
+    engines: dict[str, Engine] = {
+        "edgepart": lambda: run_edgepart(ours, prompt, n_new, eos),
+        "transformers": lambda: run_transformers(hf, prompt, n_new, eos),
+    }
+    console.rule(f"warm-up, then {rounds} round(s) of {n_new} new tokens")
+    ids, steps, first = alternate(engines, rounds)
+
+    reference = ids["transformers"][0]
+    identical = all(run == reference for runs in ids.values() for run in runs)
+    deterministic = {k: all(run == runs[0] for run in runs) for k, runs in ids.items()}
+    per_token = {k: stats(v) for k, v in steps.items()}
+    ratio = per_token["edgepart"]["median"] / per_token["transformers"]["median"]
+    targets = [target("edgepart / transformers per-token time", ratio, TARGET_RATIO)]
+
+    print_per_token(
+        f"decode time per token, {MODEL}, prompt {len(prompt)} tokens, {threads} threads "
+        f"(median over {len(steps['edgepart'])} steps)",
+        per_token,
+        first,
+        caption=f"{load_note(load_start)}; 'first token' includes the prefill",
     )
     console.print(
         f"ratio edgepart / transformers: [bold]{ratio:.3f}x[/]; greedy ids identical: "
@@ -258,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "interval dropped; all rounds pooled; machine load not controlled"
             ),
         },
-        "load_average_1min": {"start": load_start[0], "end": os.getloadavg()[0]},
+        "load_average_1min": load_span(load_start),
         "load_s": {"edgepart": ours_load_s, "transformers": hf_load_s},
         "per_token_s": per_token,
         "tokens_per_s": {k: 1.0 / v["median"] for k, v in per_token.items()},

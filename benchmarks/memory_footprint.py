@@ -26,42 +26,35 @@ the peak RSS, with (quarter - none) / (layers - none) beside it as the like-for-
 (neither holds the source's embedding). Other processes barely change these numbers (unlike
 times); file-backed pages count once this process has touched them.
 
-Run: ``.venv/bin/python benchmarks/memory_footprint.py [--quick] [--jobs J] [--out DIR]``
+Run: ``.venv/bin/python -m benchmarks.memory_footprint [--quick] [--jobs J] [--out DIR]``
 (--quick leaves out the ``layers`` case; J probe processes at a time, default 2).
 Writes DIR/memory_footprint.json.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import json
-import os
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from benchmarks.common import (
+    ROOT,
+    BenchParser,
+    ByMode,
     console,
     environment,
-    make_parser,
     num,
-    parse,
     print_table,
     write_json,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 NAME = "memory_footprint"
 MODEL = "smollm2-135m"
 CASES = ("none", "quarter", "layers", "all")
-CASES_QUICK = ("none", "quarter", "all")
+DEFAULTS = {"cases": ByMode(CASES, ("none", "quarter", "all"))}
 DEVICES = 4
-MIB = 2**20
 PROBE_TIMEOUT_S = 300
 
 
@@ -168,15 +161,13 @@ def probe(case: str) -> dict[str, Any]:
 
 
 def run_probe(case: str) -> dict[str, Any]:
-    """Run probe(case) in a fresh interpreter; its JSON result."""
-    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    """Run probe(case) in a fresh interpreter (this module, from the repository); its JSON."""
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--probe", case],
+        [sys.executable, "-m", f"benchmarks.{NAME}", "--probe", case],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=PROBE_TIMEOUT_S,
-        env={**os.environ, "PYTHONPATH": path},
     )
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe {case!r} failed:\n{proc.stderr[-2000:]}")
@@ -194,9 +185,60 @@ def ratio(results: dict[str, dict[str, Any]], key: str, part: str, whole: str) -
     return (a - base) / (b - base)
 
 
+def to_mib(v: float | None) -> float | None:
+    """Bytes as MiB (None stays None).
+
+    MIB is imported here rather than at the top: the probe processes import this module,
+    and emulator.scenario would add pydantic to the memory they measure.
+    """
+    from emulator.scenario import MIB
+
+    return None if v is None else v / MIB
+
+
 def mib(v: float | None) -> str:
     """Bytes as MiB ('-' when missing)."""
-    return "-" if v is None else f"{v / MIB:.1f}"
+    return "-" if v is None else f"{to_mib(v):.1f}"
+
+
+def run_cases(cases: tuple[str, ...], jobs: int) -> dict[str, dict[str, Any]]:
+    """Every case's probe, jobs at a time, in the order of cases; each said on the console."""
+    console.rule(f"{MODEL}: one fresh process per case")
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        done = dict(zip(cases, pool.map(run_probe, cases), strict=True))
+    results: dict[str, dict[str, Any]] = {}
+    for case in cases:
+        r = results[case] = done[case]
+        console.print(
+            f"  {case}: {r['blocks']} blocks, {mib(r['weight_bytes'])} MiB of weights, "
+            f"peak RSS {mib(r['peak_rss_bytes'])} MiB"
+        )
+    return results
+
+
+def print_memory(results: dict[str, dict[str, Any]], ratios: dict[str, Any]) -> None:
+    """The memory of each case, then the quarter's share of each measure."""
+    print_table(
+        f"{MODEL} memory per process (MiB; float32 blocks)",
+        ["case", "blocks", "weights", "peak RSS", "peak since open", "RSS at end",
+         "anonymous", "file-backed"],
+        [
+            (c, r["blocks"], mib(r["weight_bytes"]), mib(r["peak_rss_bytes"]),
+             mib(r["peak_since_open_bytes"]), mib(r["end_rss_bytes"]), mib(r["end_anon_bytes"]),
+             mib(r["end_file_bytes"]))
+            for c, r in results.items()
+        ],
+        caption="peak RSS = VmHWM of the fresh process; file-backed = touched pages of "
+        "shared libraries and of the memory-mapped GGUF",
+    )  # fmt: skip
+    print_table(
+        "quarter (device d0 of 4, head-spread) against all blocks, baseline 'none' subtracted",
+        ["measure", "(quarter-none)/(all-none)", "(quarter-none)/(layers-none)"],
+        [
+            (name, num(r["quarter_vs_all"], ".3f"), num(r["quarter_vs_layers"], ".3f"))
+            for name, r in ratios.items()
+        ],
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -207,25 +249,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = probe(argv[1])
         print(json.dumps(result))
         return result
-    parser = make_parser(__doc__.splitlines()[0], default_seeds=1, quick_seeds=1)
+    parser = BenchParser(NAME, __doc__.splitlines()[0], DEFAULTS)
     parser.add_argument(
         "--jobs", type=int, default=2, help="probe processes run at the same time (2)"
     )
-    args = parse(parser, argv)
+    args = parser.parse(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
-    cases = CASES_QUICK if args.quick else CASES
-
-    console.rule(f"{MODEL}: one fresh process per case")
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        done = dict(zip(cases, pool.map(run_probe, cases), strict=True))
-    results: dict[str, dict[str, Any]] = {}
-    for case in cases:
-        r = results[case] = done[case]
-        console.print(
-            f"  {case}: {r['blocks']} blocks, {mib(r['weight_bytes'])} MiB of weights, "
-            f"peak RSS {mib(r['peak_rss_bytes'])} MiB"
-        )
+    cases = args.cases
+    results = run_cases(cases, args.jobs)
 
     measures = {
         "peak_rss": "peak_rss_bytes",
@@ -242,27 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name, key in measures.items()
     }
     # Weight bytes have no baseline to subtract: it holds none.
-    print_table(
-        f"{MODEL} memory per process (MiB; float32 blocks)",
-        ["case", "blocks", "weights", "peak RSS", "peak since open", "RSS at end",
-         "anonymous", "file-backed"],
-        [
-            (c, r["blocks"], mib(r["weight_bytes"]), mib(r["peak_rss_bytes"]),
-             mib(r["peak_since_open_bytes"]), mib(r["end_rss_bytes"]), mib(r["end_anon_bytes"]),
-             mib(r["end_file_bytes"]))
-            for c, r in results.items()
-        ],
-        caption="peak RSS = VmHWM of the fresh process; file-backed = touched pages of "
-        "shared libraries and of the memory-mapped GGUF",
-    )
-    print_table(
-        "quarter (device d0 of 4, head-spread) against all blocks, baseline 'none' subtracted",
-        ["measure", "(quarter-none)/(all-none)", "(quarter-none)/(layers-none)"],
-        [
-            (name, num(r["quarter_vs_all"], ".3f"), num(r["quarter_vs_layers"], ".3f"))
-            for name, r in ratios.items()
-        ],
-    )
+    print_memory(results, ratios)
     headline = ratios["peak_rss"]["quarter_vs_all"]
     console.print(
         f"peak RSS ratio (quarter - none) / (all - none): [bold]{num(headline, '.3f')}[/]"
@@ -285,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cases": {
             c: {
                 **{k: v for k, v in r.items() if k != "block_names"},
-                **{f"{k.removesuffix('_bytes')}_mib": (v / MIB if v is not None else None)
+                **{f"{k.removesuffix('_bytes')}_mib": to_mib(v)
                    for k, v in r.items() if k.endswith("_bytes")},
             }
             for c, r in results.items()

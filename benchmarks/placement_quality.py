@@ -9,7 +9,7 @@
     algorithm but optimal simulated: per-token latency and total time relative to myopic,
     peak memory, infeasibility.
 
-Run: ``.venv/bin/python benchmarks/placement_quality.py [--quick] [--seeds N] [--out DIR]``
+Run: ``.venv/bin/python -m benchmarks.placement_quality [--quick] [--seeds N] [--out DIR]``
 Writes DIR/placement_quality.json, DIR/gap_distribution.png and DIR/latency_trace.png.
 
 Memory-tight instances: every device's memory is rescaled (keeping the drawn proportions)
@@ -22,26 +22,22 @@ and counted (``redraws``).
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from typing import Any
 
 import numpy as np
 
 from benchmarks.common import (
+    BenchParser,
+    ByMode,
     console,
     environment,
-    make_parser,
     num,
-    parse,
     pct,
     print_table,
     print_targets,
     pyplot,
+    save_figure,
     stats,
     target,
     timed,
@@ -92,11 +88,17 @@ GAP_MAX_TARGET = 0.10
 LARGE_DEVICES = (10, 25, 50)
 LARGE_MODEL = {"preset": "llama3-8b", "dtype": "float16"}
 LARGE_REGIMES = {"lan": (1000.0, 10000.0), "wan": (50.0, 500.0)}
-LARGE_PROMPT, LARGE_GENERATE, LARGE_GENERATE_QUICK = 128, 256, 32
+LARGE_PROMPT = 128
 LAN_SPEEDUP_TARGET = 2.0
 TRACE_PLOT_DEVICES = 25
 LARGE_ALGORITHMS = tuple(a for a in ALGORITHMS if a != "optimal")
 REL_TOL = 1e-9
+DEFAULTS = {
+    "seeds": ByMode(30, 3),
+    "large_seeds": ByMode(3, 1),
+    "large_devices": ByMode(LARGE_DEVICES, LARGE_DEVICES[:1]),
+    "large_generate": ByMode(256, 32),
+}
 
 
 # ---------------------------------------------------------------- instances
@@ -506,10 +508,7 @@ def plot_gaps(small: dict[str, Any], path: Path) -> None:
     ax_c.set_ylabel("fraction ≤ gap")
     ax_c.set_title("CDF")
     ax_c.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    console.print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- (b) large: baselines
@@ -517,8 +516,7 @@ def plot_gaps(small: dict[str, Any], path: Path) -> None:
 
 def run_large(args) -> dict[str, Any]:
     """Part (b): every algorithm but optimal on the large instances."""
-    sizes = LARGE_DEVICES[:1] if args.quick else LARGE_DEVICES
-    generate = LARGE_GENERATE_QUICK if args.quick else LARGE_GENERATE
+    sizes, generate = args.large_devices, args.large_generate
     instances = []
     traces: dict[str, Any] = {}
     plotted = (TRACE_PLOT_DEVICES if TRACE_PLOT_DEVICES in sizes else sizes[0], "lan", 0)
@@ -740,10 +738,7 @@ def plot_latency_trace(large: dict[str, Any], path: Path) -> None:
     ax.set_title(f"per-token latency, {trace['scenario']} (load and bandwidth traces)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    console.print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- main
@@ -751,17 +746,16 @@ def plot_latency_trace(large: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns what it writes to DIR/placement_quality.json."""
-    parser = make_parser(__doc__.splitlines()[0], default_seeds=30, quick_seeds=3)
+    parser = BenchParser(NAME, __doc__.splitlines()[0], DEFAULTS)
     parser.add_argument(
-        "--large-seeds", type=int, default=None, help="seeds per (size, regime) in (b) (3; quick 1)"
+        "--large-seeds", type=int, default=None,
+        help=f"seeds per (size, regime) in (b) ({DEFAULTS['large_seeds']})",
     )
     parser.add_argument(
         "--milp-time-limit", type=float, default=60.0, help="HiGHS time limit per solve (s)"
     )
     parser.add_argument("--part", choices=("small", "large", "all"), default="all")
-    args = parse(parser, argv)
-    if args.large_seeds is None:
-        args.large_seeds = 1 if args.quick else 3
+    args = parser.parse(argv)
     data: dict[str, Any] = {
         "benchmark": NAME,
         "quick": args.quick,
@@ -769,20 +763,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "large_seeds": args.large_seeds,
         "environment": environment(),
     }
-    if args.part in ("small", "all"):
-        console.rule("(a) small: myopic vs optimal")
-        small, wall = timed(run_small, args)
-        small["wall_s"] = wall
-        data["small"] = small
-        print_small(small)
-        plot_gaps(small, args.out / "gap_distribution.png")
-    if args.part in ("large", "all"):
-        console.rule("(b) large: myopic vs baselines")
-        large, wall = timed(run_large, args)
-        large["wall_s"] = wall
-        data["large"] = large
-        print_large(large)
-        plot_latency_trace(large, args.out / "latency_trace.png")
+    parts = {  # part: its rule, run, tables, plot and the plot's file
+        "small": ("(a) small: myopic vs optimal", run_small, print_small, plot_gaps,
+                  "gap_distribution.png"),
+        "large": ("(b) large: myopic vs baselines", run_large, print_large, plot_latency_trace,
+                  "latency_trace.png"),
+    }  # fmt: skip
+    for part, (title, run, show, plot, png) in parts.items():
+        if args.part in (part, "all"):
+            console.rule(title)
+            result, wall = timed(run, args)
+            result["wall_s"] = wall
+            data[part] = result
+            show(result)
+            plot(result, args.out / png)
     write_json(args.out, NAME, data)
     return data
 

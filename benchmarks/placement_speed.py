@@ -12,33 +12,29 @@ MILP: optimal.solve on 5 devices x the 2-layer, 8-head small model of placement_
 (its instances 0..seeds-1, a third memory-tight), fresh and after the same load change;
 median over the seeds.
 
-Run: ``.venv/bin/python benchmarks/placement_speed.py [--quick] [--seeds N] [--out DIR]``
+Run: ``.venv/bin/python -m benchmarks.placement_speed [--quick] [--seeds N] [--out DIR]``
 Writes DIR/placement_speed.json and DIR/placement_speed.png.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks.common import (
+    BenchParser,
+    ByMode,
     console,
     environment,
-    make_parser,
     ms,
     num,
-    parse,
     print_table,
     print_targets,
     pyplot,
+    save_figure,
     stats,
     target,
     timed,
@@ -56,8 +52,11 @@ from llm.blocks import BlockTable, block_table
 from llm.model import ModelSpec, preset, with_kv_heads
 
 NAME = "placement_speed"
-DEVICES = (5, 10, 25, 50, 100)
-DEVICES_QUICK = (5, 10)
+DEFAULTS = {
+    "seeds": ByMode(5, 2),
+    "runs": ByMode(5, 1),
+    "devices": ByMode((5, 10, 25, 50, 100), (5, 10)),
+}
 PROMPT, GENERATE, REPLAN_EVERY = 128, 256, 8
 BANDWIDTH_MBIT = (100.0, 1000.0)
 LATENCY_MS = (0.5, 5.0)
@@ -205,27 +204,27 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("myopic placement time")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    console.print(f"wrote {path}")
+    save_figure(fig, path)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns what it writes to DIR/placement_speed.json."""
-    parser = make_parser(__doc__.splitlines()[0], default_seeds=5, quick_seeds=2)
-    parser.add_argument("--runs", type=int, default=None, help="timed runs per point (5; quick 1)")
+def make_parser() -> BenchParser:
+    """The command line: the common options, runs, device counts and the MILP's limit."""
+    parser = BenchParser(NAME, __doc__.splitlines()[0], DEFAULTS)
     parser.add_argument(
-        "--devices", type=int, nargs="+", default=None, help="device counts (5 10 25 50 100)"
+        "--runs", type=int, default=None, help=f"timed runs per point ({DEFAULTS['runs']})"
+    )
+    parser.add_argument(
+        "--devices", type=int, nargs="+", default=None,
+        help=f"device counts ({DEFAULTS['devices']})",
     )
     parser.add_argument(
         "--milp-time-limit", type=float, default=60.0, help="HiGHS time limit per solve (s)"
     )
-    args = parse(parser, argv)
-    runs = args.runs or (1 if args.quick else 5)
-    devices = tuple(args.devices or (DEVICES_QUICK if args.quick else DEVICES))
+    return parser
 
-    console.rule("myopic decision time")
+
+def time_myopic_all(devices: tuple[int, ...], runs: int) -> list[dict[str, Any]]:
+    """time_myopic for both models at every device count, each point said on the console."""
     results = []
     for label, spec in models().items():
         table = block_table(spec)
@@ -237,9 +236,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"  {label} ({table.size} blocks) x {n} devices: fresh "
                 f"{ms(r['fresh_s']['median'])}, re-plan {ms(r['replan_s']['median'])}"
             )
-    console.rule("MILP (HiGHS) time")
-    milp = time_milp(args.seeds, args.milp_time_limit)
+    return results
 
+
+def targets_of(results: list[dict[str, Any]], milp: dict[str, Any]) -> list[dict[str, Any]]:
+    """The re-plan targets of myopic (None where its point was not run) and the MILP's."""
     targets = []
     for label, n, limit in REPLAN_TARGETS:
         hit = next((r for r in results if r["model"] == label and r["devices"] == n), None)
@@ -249,8 +250,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     targets.append(target("MILP, 5 devices x 2 layers x 8 heads (median, fresh)",
                           milp["fresh_wall_s"]["median"], MILP_TARGET_S))
     targets.append(target("MILP, 5 devices x 2 layers x 8 heads (median, re-plan)",
-                          milp["replan_wall_s"]["median"], MILP_TARGET_S))
+                          milp["replan_wall_s"]["median"], MILP_TARGET_S))  # fmt: skip
+    return targets
 
+
+def print_times(results: list[dict[str, Any]], milp: dict[str, Any], runs: int) -> None:
+    """Myopic's decision times per model and device count, then the MILP's."""
     limits = {(label, n): limit for label, n, limit in REPLAN_TARGETS}
     print_table(
         f"myopic decision time (median of {runs} run{'s' if runs > 1 else ''})",
@@ -285,6 +290,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for kind, key in (("fresh", "fresh_wall_s"), ("re-plan", "replan_wall_s"))
         ],
     )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns what it writes to DIR/placement_speed.json."""
+    args = make_parser().parse(argv)
+    runs, devices = args.runs, tuple(args.devices)
+    console.rule("myopic decision time")
+    results = time_myopic_all(devices, runs)
+    console.rule("MILP (HiGHS) time")
+    milp = time_milp(args.seeds, args.milp_time_limit)
+    targets = targets_of(results, milp)
+    print_times(results, milp, runs)
     print_targets(targets, fmt=ms)
     plot(results, args.out / "placement_speed.png")
     data = {

@@ -40,50 +40,53 @@ blocks.
 The machine's load is not controlled (other processes may share the CPU; the 1-minute
 load average is recorded); every wait is bounded.
 
-Run: ``.venv/bin/python benchmarks/runtime_overhead.py [--quick] [--rounds N]
+Run: ``.venv/bin/python -m benchmarks.runtime_overhead [--quick] [--rounds N]
 [--tokens N] [--devices N ...] [--mono-rounds R] [--out DIR]``. Writes
 DIR/runtime_overhead.json; agent logs go under DIR/local/.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import asyncio
 import itertools
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from benchmarks.common import (
+    BenchParser,
+    ByMode,
     console,
     environment,
-    make_parser,
+    line_printer,
+    load1,
+    load_span,
     ms,
     num,
-    parse,
     print_table,
     print_targets,
+    quiet_cancelled,
     stats,
     target,
+    tokens_per_s,
     write_json,
 )
+from emulator.scenario import MIB
 
 NAME = "runtime_overhead"
 MODEL = "smollm2-135m"
-ROUNDS, ROUNDS_QUICK = 2000, 200
+DEFAULTS = {
+    "rounds": ByMode(2000, 200),
+    "tokens": ByMode(24, 8),
+    "devices": ByMode([1, 2, 4], [1, 2]),
+    "mono_rounds": ByMode(2, 1),
+}
 WARMUP_ROUNDS = 50
-TOKENS, TOKENS_QUICK = 24, 8
-DEVICES, DEVICES_QUICK = [1, 2, 4], [1, 2]
-MONO_ROUNDS, MONO_ROUNDS_QUICK = 2, 1
 TOTAL_GFLOPS = 7.0
 MEMORY_MIB = 1024
 PROMPT_TOKENS = 32
@@ -94,18 +97,6 @@ LISTENER_TIMEOUT_S = 10.0  # for the reply listener to subscribe, stop or catch 
 
 def _p90(values: list[float]) -> float | None:
     return float(np.percentile(values, 90)) if values else None
-
-
-def quiet_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """Loop exception handler: drop the CancelledError asyncio's stream callback logs.
-
-    ``DataPlane.close`` cancels its connection readers; on Python 3.11 asyncio's
-    StreamReaderProtocol then calls ``exception()`` on the cancelled task in a callback and
-    logs the resulting CancelledError with a traceback. Anything else goes to the default.
-    """
-    if isinstance(context.get("exception"), asyncio.CancelledError):
-        return
-    loop.default_exception_handler(context)
 
 
 # ---------------------------------------------------------------- (a) hop latency
@@ -296,7 +287,7 @@ def local_run(devices: int, tokens: int, work_dir: Path, listen: bool) -> dict[s
             with DecodeReplies(broker.endpoint, scenario.source_name) as replies:
                 run = run_local(
                     scenario, "myopic", broker=broker.endpoint, work_dir=work_dir,
-                    status=lambda m: console.print(f"    {m}"),
+                    status=line_printer("    "),
                 )  # fmt: skip
                 # the prefill's reply, then one per timed token
                 expected = len(run.result.per_token_s) + 1
@@ -309,21 +300,20 @@ def local_run(devices: int, tokens: int, work_dir: Path, listen: bool) -> dict[s
         else:
             run = run_local(
                 scenario, "myopic", broker=broker.endpoint, work_dir=work_dir,
-                status=lambda m: console.print(f"    {m}"),
+                status=line_printer("    "),
             )  # fmt: skip
     finally:
         broker.stop()
     r = run.result
-    decode_s = sum(r.per_token_s)
     return {
         "devices": devices,
         "compute_gflops_each": TOTAL_GFLOPS / devices,
         "tokens": len(r.per_token_s),
         "per_token_s": stats(r.per_token_s),
-        "tokens_per_s": len(r.per_token_s) / decode_s if decode_s > 0 else None,
+        "tokens_per_s": tokens_per_s(r.per_token_s),
         "total_s": r.total_s,
         "migrations": r.migrations,
-        "peak_memory_mib": {k: v / 2**20 for k, v in r.peak_memory_bytes.items()},
+        "peak_memory_mib": {k: v / MIB for k, v in r.peak_memory_bytes.items()},
         "cpu_share": run.shares,
         "share_total": sum(run.shares.values()),
         "isolation": run.isolation,
@@ -390,49 +380,30 @@ def monolithic_reference(tokens: int, rounds: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns what it writes to DIR/runtime_overhead.json."""
-    parser = make_parser(__doc__.splitlines()[0], default_seeds=1, quick_seeds=1)
+def make_parser() -> BenchParser:
+    """The command line: the common options, round trips, tokens, devices, monolithic rounds."""
+    parser = BenchParser(NAME, __doc__.splitlines()[0], DEFAULTS)
     parser.add_argument(
         "--rounds", type=int, default=None,
-        help=f"timed ping-pong round trips ({ROUNDS}; quick {ROUNDS_QUICK})",
+        help=f"timed ping-pong round trips ({DEFAULTS['rounds']})",
     )
     parser.add_argument(
         "--tokens", type=int, default=None,
-        help=f"tokens per local run and monolithic round ({TOKENS}; quick {TOKENS_QUICK})",
+        help=f"tokens per local run and monolithic round ({DEFAULTS['tokens']})",
     )
     parser.add_argument(
         "--devices", type=int, nargs="+", default=None,
-        help=f"device counts for (c) ({DEVICES}; quick {DEVICES_QUICK}); 1 is always run",
+        help=f"device counts for (c) ({DEFAULTS['devices']}); 1 is always run",
     )
     parser.add_argument(
         "--mono-rounds", type=int, default=None,
-        help=f"timed monolithic generations ({MONO_ROUNDS}; quick {MONO_ROUNDS_QUICK})",
+        help=f"timed monolithic generations ({DEFAULTS['mono_rounds']})",
     )
-    args = parse(parser, argv)
-    rounds = args.rounds or (ROUNDS_QUICK if args.quick else ROUNDS)
-    tokens = args.tokens or (TOKENS_QUICK if args.quick else TOKENS)
-    counts = sorted({1, *(args.devices or (DEVICES_QUICK if args.quick else DEVICES))})
-    mono_rounds = args.mono_rounds or (MONO_ROUNDS_QUICK if args.quick else MONO_ROUNDS)
-    if tokens < 3:
-        parser.error("--tokens must be at least 3 (two decode steps after the prefill)")
-    if any(n < 1 for n in counts):
-        parser.error("--devices must be positive")
-    load_start = os.getloadavg()
-    work_dir = args.out / "local"
+    return parser
 
-    from llm.host_profile import host_profile
 
-    console.rule(f"monolithic {MODEL}, 1 thread, {tokens} tokens")
-    reference_gflops = host_profile(MODEL, threads=1).reference_gflops
-    mono = monolithic_reference(tokens, mono_rounds)
-    mono_step = mono["per_token_s"]["median"]
-    console.print(f"  median decode step {1000 * mono_step:.1f} ms")
-
-    console.rule(f"data-plane ping-pong, {rounds} round trips")
-    hop = hop_latency(rounds, WARMUP_ROUNDS, mono["d_model"])
-    console.print(f"  median one-way {1e3 * hop['one_way_s']['median']:.3f} ms")
-
+def local_runs(counts: list[int], tokens: int, work_dir: Path) -> list[dict[str, Any]]:
+    """local_run for each device count (the source's replies heard on the one-device run)."""
     runs: list[dict[str, Any]] = []
     for n in counts:
         console.rule(f"local backend, {n} device(s) x {TOTAL_GFLOPS / n:g} GFLOP/s, myopic")
@@ -442,62 +413,61 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"median {1000 * run['per_token_s']['median']:.1f} ms"
         )
         runs.append(run)
-    one = runs[0]
-    control = control_overhead(one)
-    share_one = TOTAL_GFLOPS / reference_gflops
-    expected_one = mono_step / share_one
-    fallback = {
-        "share": share_one,
+    return runs
+
+
+def against_monolithic(one: dict[str, Any], mono_step: float, share: float) -> dict[str, Any]:
+    """The one-device run's median token time against the monolithic step / its CPU share."""
+    expected = mono_step / share
+    measured = one["per_token_s"]["median"]
+    return {
+        "share": share,
         "monolithic_per_token_s": mono_step,
-        "expected_per_token_s": expected_one,
-        "measured_per_token_s": one["per_token_s"]["median"],
-        "difference_s": one["per_token_s"]["median"] - expected_one,
-        "ratio": one["per_token_s"]["median"] / expected_one,
+        "expected_per_token_s": expected,
+        "measured_per_token_s": measured,
+        "difference_s": measured - expected,
+        "ratio": measured / expected,
     }
-    ids_identical = one["run"]["output_token_ids"] == mono["token_ids"]
-    scaling = []
-    for run in runs:
-        share = TOTAL_GFLOPS / reference_gflops  # equal to sum(run["cpu_share"].values())
-        mono_tps = share / mono_step
-        scaling.append(
-            {
-                "devices": run["devices"],
-                "compute_gflops_each": run["compute_gflops_each"],
-                "share_total": share,
-                "tokens_per_s": run["tokens_per_s"],
-                "monolithic_tokens_per_s": mono_tps,
-                "efficiency": run["tokens_per_s"] / mono_tps if run["tokens_per_s"] else None,
-                "peak_memory_mib": run["peak_memory_mib"],
-            }
-        )
 
-    hop_median = hop["one_way_s"]["median"]
-    targets = [target("one-way hop latency, median", hop_median, HOP_TARGET_S)]
 
+def scaling_of(runs: list[dict[str, Any]], mono_step: float, share: float) -> list[dict]:
+    """Each run's tokens/s against the monolithic model's at the same total share."""
+    mono_tps = share / mono_step  # share: equal to sum(run["cpu_share"].values()) in each run
+    return [
+        {
+            "devices": run["devices"],
+            "compute_gflops_each": run["compute_gflops_each"],
+            "share_total": share,
+            "tokens_per_s": run["tokens_per_s"],
+            "monolithic_tokens_per_s": mono_tps,
+            "efficiency": run["tokens_per_s"] / mono_tps if run["tokens_per_s"] else None,
+            "peak_memory_mib": run["peak_memory_mib"],
+        }
+        for run in runs
+    ]
+
+
+def print_hop(hop: dict[str, Any]) -> None:
+    """(a): one-way and round-trip latency statistics."""
     print_table(
         f"(a) data-plane hop on loopback: {hop['shape']} float32, {hop['frame_bytes']} B frame, "
         f"{hop['rounds']} round trips",
         ["measure", "median", "p90", "p95", "min", "max"],
         [
-            (
-                "one-way (round trip / 2)",
-                f"{1e3 * hop['one_way_s']['median']:.3f} ms",
-                f"{1e3 * hop['one_way_p90_s']:.3f} ms",
-                f"{1e3 * hop['one_way_s']['p95']:.3f} ms",
-                f"{1e3 * hop['one_way_s']['min']:.3f} ms",
-                f"{1e3 * hop['one_way_s']['max']:.3f} ms",
-            ),
-            (
-                "round trip",
-                f"{1e3 * hop['round_trip_s']['median']:.3f} ms",
-                f"{1e3 * hop['round_trip_p90_s']:.3f} ms",
-                f"{1e3 * hop['round_trip_s']['p95']:.3f} ms",
-                f"{1e3 * hop['round_trip_s']['min']:.3f} ms",
-                f"{1e3 * hop['round_trip_s']['max']:.3f} ms",
-            ),
+            (label, *(f"{1e3 * v:.3f} ms"
+                      for v in (s["median"], p90, s["p95"], s["min"], s["max"])))
+            for label, s, p90 in (
+                ("one-way (round trip / 2)", hop["one_way_s"], hop["one_way_p90_s"]),
+                ("round trip", hop["round_trip_s"], hop["round_trip_p90_s"]),
+            )
         ],
         caption="includes serialising, framing, TCP on loopback, reading and parsing",
-    )
+    )  # fmt: skip
+
+
+def print_control(one: dict[str, Any], control: dict[str, Any], mono: dict[str, Any],
+                  fallback: dict[str, Any], ids_identical: bool) -> None:  # fmt: skip
+    """(b): the control plane's cost per token, and the run against the monolithic model."""
     rows = [
         ("controller per-token time (median)", ms(one["per_token_s"]["median"])),
     ]
@@ -514,18 +484,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         rows.append(("source agent's decode time", "not seen on the bus"))
     rows += [
-        (f"monolithic step, 1 thread (median of {mono['per_token_s']['count']})", ms(mono_step)),
-        (f"expected at share {share_one:.3f} (monolithic / share)", ms(expected_one)),
+        (f"monolithic step, 1 thread (median of {mono['per_token_s']['count']})",
+         ms(fallback["monolithic_per_token_s"])),
+        (f"expected at share {fallback['share']:.3f} (monolithic / share)",
+         ms(fallback["expected_per_token_s"])),
         ("measured - expected", f"{1e3 * fallback['difference_s']:.1f} ms"),
         ("measured / expected", f"{fallback['ratio']:.3f}x"),
         ("greedy ids equal to monolithic", "yes" if ids_identical else "[red]NO[/]"),
-    ]
+    ]  # fmt: skip
     print_table(
         f"(b) per-token control overhead: 1 device x {TOTAL_GFLOPS:g} GFLOP/s, "
         f"{one['tokens']} tokens, local backend ({one['isolation']})",
         ["measure", "value"],
         rows,
     )
+
+
+def print_scaling(scaling: list[dict[str, Any]], mono_step: float, reference_gflops: float
+                  ) -> None:  # fmt: skip
+    """(c): tokens/s per device count against the monolithic model at the same share."""
     print_table(
         f"(c) tokens/s over devices: {TOTAL_GFLOPS:g} GFLOP/s in total, unshaped, myopic",
         ["devices", "GFLOP/s each", "tokens/s", "monolithic at same share", "efficiency",
@@ -543,7 +520,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ],
         caption=f"monolithic tokens/s at share = share / monolithic step ({ms(mono_step)} at "
         f"1 thread); share = {TOTAL_GFLOPS:g} / {reference_gflops:.2f} GFLOP/s per core",
-    )
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns what it writes to DIR/runtime_overhead.json."""
+    parser = make_parser()
+    args = parser.parse(argv)
+    rounds, tokens, mono_rounds = args.rounds, args.tokens, args.mono_rounds
+    counts = sorted({1, *args.devices})
+    if tokens < 3:
+        parser.error("--tokens must be at least 3 (two decode steps after the prefill)")
+    if any(n < 1 for n in counts):
+        parser.error("--devices must be positive")
+    load_start = load1()
+
+    from llm.host_profile import host_profile
+
+    console.rule(f"monolithic {MODEL}, 1 thread, {tokens} tokens")
+    reference_gflops = host_profile(MODEL, threads=1).reference_gflops
+    mono = monolithic_reference(tokens, mono_rounds)
+    mono_step = mono["per_token_s"]["median"]
+    console.print(f"  median decode step {1000 * mono_step:.1f} ms")
+
+    console.rule(f"data-plane ping-pong, {rounds} round trips")
+    hop = hop_latency(rounds, WARMUP_ROUNDS, mono["d_model"])
+    console.print(f"  median one-way {1e3 * hop['one_way_s']['median']:.3f} ms")
+
+    runs = local_runs(counts, tokens, args.out / "local")
+    one = runs[0]
+    control = control_overhead(one)
+    share = TOTAL_GFLOPS / reference_gflops
+    fallback = against_monolithic(one, mono_step, share)
+    ids_identical = one["run"]["output_token_ids"] == mono["token_ids"]
+    scaling = scaling_of(runs, mono_step, share)
+    targets = [target("one-way hop latency, median", hop["one_way_s"]["median"], HOP_TARGET_S)]
+
+    print_hop(hop)
+    print_control(one, control, mono, fallback, ids_identical)
+    print_scaling(scaling, mono_step, reference_gflops)
     print_targets(targets, fmt=lambda v: "-" if v is None else f"{1e3 * v:.3f} ms")
 
     data = {
@@ -564,7 +579,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "ping_pong_warmup": WARMUP_ROUNDS,
             "monolithic_rounds": mono_rounds,
         },
-        "load_average_1min": {"start": load_start[0], "end": os.getloadavg()[0]},
+        "load_average_1min": load_span(load_start),
         "hop": hop,
         "control": control,
         "control_fallback": fallback,

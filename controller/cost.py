@@ -179,6 +179,58 @@ def migration_s(
     return _squeeze(t.max(axis=1), assignment)
 
 
+def prepare_s(
+    table: BlockTable,
+    view: ResourceView,
+    current: np.ndarray | None,
+    assignment: np.ndarray,
+) -> np.ndarray | float:
+    """Time (s) until every target has built the blocks it receives (a switch's prepare).
+
+    It runs in the background while tokens go on with the current placement: each target
+    builds its incoming blocks one after another (``view.install_s`` by kind), targets in
+    parallel; with weights from peers each block's weights first cross the link from its
+    current holder. Blocks whose holder is lost (-1) are built too (they load afresh).
+    """
+    x = _as_batch(assignment)
+    if current is None:
+        return _squeeze(np.zeros(x.shape[0]), assignment)
+    cur = np.broadcast_to(np.asarray(current, dtype=np.int64), x.shape)
+    incoming = x != cur
+    per_block = view.install_s[x, table.kind[None, :]]
+    if view.weights_from == "peer":
+        holder = np.where(cur >= 0, cur, view.source)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            wire = view.latency_s[holder, x] + table.weight_bytes * (
+                BITS_PER_BYTE / (view.bandwidth_mbit[holder, x] * MBIT)
+            )
+        per_block = per_block + np.where(holder == x, 0.0, wire)
+    d = view.size
+    rows = np.arange(x.shape[0])[:, None] * d
+    per_target = np.bincount(
+        (rows + x).ravel(), weights=np.where(incoming, per_block, 0.0).ravel(),
+        minlength=x.shape[0] * d,
+    ).reshape(x.shape[0], d)  # fmt: skip
+    return _squeeze(per_target.max(axis=1), assignment)
+
+
+def commit_s(
+    table: BlockTable,
+    view: ResourceView,
+    current: np.ndarray | None,
+    assignment: np.ndarray,
+    n: float,
+) -> np.ndarray | float:
+    """The stall (s) of committing a prepared switch at context n: the moved KV caches over
+    their links (``migration_s``) plus one control round trip, 0 when nothing moves."""
+    x = _as_batch(assignment)
+    moving = _as_array(migration_s(table, view, current, x, n))
+    if current is not None:
+        any_move = ((x != np.asarray(current)) & (np.asarray(current) >= 0)).any(axis=1)
+        moving = moving + np.where(any_move, view.control_rtt_s, 0.0)
+    return _squeeze(moving, assignment)
+
+
 def memory_use(
     table: BlockTable, view: ResourceView, assignment: np.ndarray, n: float
 ) -> np.ndarray:

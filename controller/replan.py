@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
+from controller import cost
 from controller.cost import interval_objective_s
+from controller.payback import (
+    DEFAULT_PERSISTENCE_INTERVALS,
+    ChangeHistory,
+    SwitchCalibration,
+    SwitchEstimate,
+)
+from controller.payback import worth_switching as payback_worth
 from controller.view import PlanningWindow, ResourceView
 from llm.blocks import BlockTable
 
@@ -57,3 +67,97 @@ def worth_switching(
     if not np.isfinite(move):
         return False
     return bool(not np.isfinite(keep) or move < (1.0 - min_gain) * keep)
+
+
+#: tokens after start-up or a switch in which a change of the measured resources starts
+#: no re-plan: the first measurements, and those of devices a switch emptied or filled,
+#: move by more than REPLAN_ON_CHANGE while nothing changed in the world
+SETTLE_TOKENS = 2
+
+
+@dataclass
+class ReplanPolicy:
+    """When to re-plan and whether to switch: one policy for the simulator and the live
+    controller, fed the same views, so both decide alike on the same telemetry.
+
+    Re-plans come every ``every`` tokens and when a resource moved by REPLAN_ON_CHANGE
+    since the last decision, never within one interval of the last unforced switch; the
+    horizon is the tokens left cut to how long changes have lasted (``ChangeHistory``);
+    a switch must pay ``alpha`` x its stall over that horizon (``payback``).
+    """
+
+    every: int
+    final_context: int
+    replans: bool = True
+    history: ChangeHistory = field(default_factory=ChangeHistory)
+    calibration: SwitchCalibration = field(default_factory=SwitchCalibration)
+    decided_on: ResourceView | None = None
+    settled_at: int = SETTLE_TOKENS  # from this token on, changes start re-plans
+    last_switch: int | None = None  # token of the last unforced switch
+
+    def observe(self, token: int, view: ResourceView) -> None:
+        """The resources seen before generated token ``token``."""
+        if token < self.settled_at or self.decided_on is None:
+            self.history.rebase(token, view.compute_gflops, view.bandwidth_mbit)
+            self.decided_on = view
+            return
+        self.history.observe(token, view.compute_gflops, view.bandwidth_mbit)
+
+    def window(self, token: int, context: int) -> PlanningWindow:
+        """The window of a decision before ``token`` at ``context`` cached positions."""
+        left = max(0, self.final_context - context)
+        default = DEFAULT_PERSISTENCE_INTERVALS * self.every
+        horizon = min(left, self.history.expected_persistence(token, default))
+        return PlanningWindow(
+            context, self.every, max(self.final_context, context), payback_tokens=horizon
+        )
+
+    def due(self, token: int, view: ResourceView) -> bool:
+        """Whether a re-planning algorithm's turn has come before generated ``token``."""
+        if not self.replans:
+            return False
+        if self.last_switch is not None and token - self.last_switch < self.every:
+            return False
+        if token > 0 and token % self.every == 0:
+            return True
+        before = self.decided_on
+        return before is not None and resources_changed(before, view, REPLAN_ON_CHANGE)
+
+    def decided(self, view: ResourceView) -> None:
+        """A decision was taken on ``view``: changes count from it."""
+        self.decided_on = view
+
+    def estimate(
+        self,
+        table: BlockTable,
+        view: ResourceView,
+        current: np.ndarray,
+        new: np.ndarray,
+    ) -> SwitchEstimate:
+        """What switching from ``current`` to ``new`` costs and saves, on the view's window."""
+        w = view.window
+        pair = np.stack([current, new])
+        fits = cost.fits(table, view, pair, w.interval_end_context)
+        token_s = np.where(fits, cost.per_token_s(table, view, pair, w.mean_context), np.inf)
+        return SwitchEstimate(
+            current_token_s=float(token_s[0]),
+            new_token_s=float(token_s[1]),
+            prepare_s=float(cost.prepare_s(table, view, current, new)),
+            commit_s=float(cost.commit_s(table, view, current, new, w.context_tokens)),
+            horizon_tokens=w.horizon_tokens,
+            tokens_left=max(1, w.final_context - w.context_tokens),
+        )
+
+    def accept(self, estimate: SwitchEstimate, forced: bool) -> bool:
+        """Whether to carry out the switch (always when forced by memory or a failure)."""
+        return forced or payback_worth(estimate, self.calibration.alpha)
+
+    def switched(self, token: int, forced: bool) -> None:
+        """A switch was committed before generated ``token``."""
+        if not forced:
+            self.last_switch = token
+        self.settled_at = token + SETTLE_TOKENS
+
+    def measured(self, predicted_s: float, measured_s: float) -> None:
+        """A committed switch's predicted and measured stall (s): alpha follows."""
+        self.calibration.record(predicted_s, measured_s)

@@ -11,6 +11,8 @@ from typing import Literal
 
 import numpy as np
 
+from llm.blocks import BlockKind
+
 WeightsFrom = Literal["disk", "peer"]
 
 
@@ -22,7 +24,10 @@ class PlanningWindow:
     ``interval_tokens`` tokens (until the next re-plan); generation ends at
     ``final_context`` cached positions. A switch must pay for its migrations within
     ``horizon_tokens``: the interval (the paper's myopic rule), or more tokens when
-    ``payback_tokens`` says so, since a placement is kept until something changes.
+    ``payback_tokens`` says so (how long the change is expected to last, since a
+    placement is kept until something changes). Decode delay is weighed and memory
+    checked over the whole horizon: a placement that fits only until the next re-plan
+    would have to move again, at a cost the decision did not see.
     """
 
     context_tokens: int
@@ -38,18 +43,21 @@ class PlanningWindow:
 
     @property
     def mean_context(self) -> float:
-        """Mean context length of the tokens in the interval (positions)."""
-        return self.context_tokens + (self.interval_tokens + 1) / 2
+        """Mean context length of the tokens in the horizon (positions)."""
+        return self.context_tokens + (self.horizon_tokens + 1) / 2
 
     @property
     def horizon_tokens(self) -> int:
-        """Tokens whose decode delay a decision weighs against its migrations."""
-        return max(self.interval_tokens, self.payback_tokens)
+        """Tokens whose decode delay a decision weighs against its migrations: at least the
+        interval (a placement is kept that long), never beyond the generation's end."""
+        left = max(1, self.final_context - self.context_tokens)
+        return min(left, max(self.interval_tokens, self.payback_tokens))
 
     @property
     def interval_end_context(self) -> int:
-        """Context length at the last token before the next re-plan (positions)."""
-        return min(self.context_tokens + self.interval_tokens, self.final_context)
+        """Context length at the horizon's last token (positions): memory must hold until
+        then."""
+        return min(self.context_tokens + self.horizon_tokens, self.final_context)
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,10 @@ class ResourceView:
     compute_gflops: available GFLOP/s per device (after background load);
     memory_bytes: memory available to edgepart per device (bytes);
     bandwidth_mbit, latency_s: per ordered device pair (Mbit/s, s), diagonal unused;
-    move_s_per_block: install time of a migrated block on each device (s).
+    move_s_per_block: install time of a migrated block on each device (s);
+    install_s: (D, kinds) time (s) each device takes to build one block of each
+    ``llm.blocks.BlockKind`` from its weights, at its current load (a switch's prepare);
+    control_rtt_s: one command and its reply over the broker (s), paid once per commit.
     """
 
     devices: tuple[str, ...]
@@ -75,6 +86,8 @@ class ResourceView:
     #: the block and acknowledges), in sequence with the other blocks on its link; a float
     #: means the same on every device; 0: bytes only
     move_s_per_block: np.ndarray | float = 0.0
+    install_s: np.ndarray | float = 0.0
+    control_rtt_s: float = 0.0
 
     def __post_init__(self) -> None:
         d = len(self.devices)
@@ -82,6 +95,10 @@ class ResourceView:
             object.__setattr__(self, "alive", np.ones(d, dtype=bool))
         move = np.broadcast_to(np.asarray(self.move_s_per_block, dtype=np.float64), (d,))
         object.__setattr__(self, "move_s_per_block", move)
+        kinds = len(BlockKind)
+        install = np.asarray(self.install_s, dtype=np.float64)
+        install = np.broadcast_to(install[:, None] if install.ndim == 1 else install, (d, kinds))
+        object.__setattr__(self, "install_s", install)
         for name, shape in (
             ("compute_gflops", (d,)),
             ("memory_bytes", (d,)),

@@ -4,15 +4,22 @@ A memory trace lowers a device's budget because something else on the device now
 that memory. The agent makes it real with a ballast: a child process (so in the agent's
 cgroup or container) holding that many touched bytes, so the kernel sees the pressure the
 budget describes and a plan that ignored the budget would meet the cgroup's limit.
+``MemoryPressure`` settles the ballast at the size the controller names, never ahead of
+the device's own blocks leaving room for it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import select
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger("edgepart.agent")
 
 #: how long (s) the child may take to start or to take a new size
 REPLY_TIMEOUT_S = 30.0
@@ -148,3 +155,57 @@ def resident_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise ValueError(f"no VmRSS for process {pid}")
+
+
+class MemoryPressure:
+    """The memory other applications take on a device, held by a Ballast once there is room.
+
+    ``over_budget()`` says whether the device's own blocks still exceed its budget (the
+    controller moves the excess away first): until they fit, the ballast does not grow.
+    """
+
+    def __init__(self, name: str, over_budget: Callable[[], bool]) -> None:
+        self.name = name  # the device's, for the log
+        self.over_budget = over_budget
+        self.ballast = Ballast()
+        self.target_bytes = 0  # bytes the ballast is to hold once the blocks leave room
+        self._lock = asyncio.Lock()  # one settling at a time
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes the ballast holds now."""
+        return self.ballast.held_bytes
+
+    @property
+    def settling(self) -> bool:
+        """Whether a settling runs now (a process start and a memory fill may take a while)."""
+        return self._lock.locked()
+
+    async def set_target(self, occupied_bytes: int) -> None:
+        """Other applications take occupied_bytes from now on: settle towards it."""
+        self.target_bytes = occupied_bytes
+        await self.settle()
+
+    async def settle(self) -> None:
+        """Bring the ballast to the target: at once when it shrinks, when it grows only once
+        this device's own blocks fit the budget, so the two never exceed the device's
+        memory."""
+        async with self._lock:
+            target, held = self.target_bytes, self.ballast.held_bytes
+            if target == held or (target > held and self.over_budget()):
+                return
+            room = cgroup_room_bytes()
+            if target > held and room is not None:
+                # never into an OOM kill: freed blocks' pages may not be back yet
+                target = min(target, held + max(0, room - CGROUP_MARGIN_BYTES))
+                if target == held:
+                    return
+            try:
+                await asyncio.to_thread(self.ballast.hold, target)
+            except BallastError as exc:  # the trace's pressure is lost, the device goes on
+                log.warning("%s: memory ballast of %d bytes failed: %s", self.name, target, exc)
+                self.target_bytes = self.ballast.held_bytes  # not again every period
+
+    def stop(self) -> None:
+        """End the ballast (the agent stops)."""
+        self.ballast.stop()

@@ -41,6 +41,7 @@ from device_agent.wire import (
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
+SEND_TIMEOUT_S = 120.0  # longest (s) one frame may take on a shaped link (a migration at 1 Mbit)
 #: for a connecting peer to answer the challenge (and for the challenge to come), s
 HANDSHAKE_TIMEOUT_S = 5.0
 NONCE_BYTES = 16
@@ -261,16 +262,16 @@ class DataPlane:
             await writer.drain()
             hello = await asyncio.wait_for(read_frame(reader, 64), HANDSHAKE_TIMEOUT_S)
         except FrameError as exc:
-            self._count_bad(f"handshake: {exc}")
+            self.count_bad(f"handshake: {exc}")
             return None
         except (StreamClosed, ConnectionError, OSError, TimeoutError):
-            self._count_bad("handshake: no answer to the challenge")
+            self.count_bad("handshake: no answer to the challenge")
             return None
         if hello.kind != Kind.HELLO:
-            self._count_bad(f"handshake: expected a hello, got a {hello.kind.name} frame")
+            self.count_bad(f"handshake: expected a hello, got a {hello.kind.name} frame")
             return None
         if not hmac.compare_digest(hello.payload, self._signature(nonce, hello.name)):
-            self._count_bad(f"handshake: bad signature from {hello.name!r}")
+            self.count_bad(f"handshake: bad signature from {hello.name!r}")
             return None
         return hello.name
 
@@ -331,7 +332,7 @@ class DataPlane:
         try:
             await self.send(peer, Frame(Kind.PONG, 0, frame.token, self.name, b""), 10.0)
         except ConnectionError as exc:  # an unknown or unreachable prober: nothing to answer
-            self._count_bad(f"probe: {exc}")
+            self.count_bad(f"probe: {exc}")
 
     # -- inbound --
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -348,7 +349,7 @@ class DataPlane:
                 except StreamClosed:
                     return
                 except FrameError as exc:
-                    self._count_bad(str(exc))
+                    self.count_bad(str(exc))
                     return
                 except (ConnectionError, OSError):
                     return
@@ -359,7 +360,7 @@ class DataPlane:
                     self._answer_probe_soon(peer, frame)
                     continue
                 if not self._takes(peer, frame):
-                    self._count_bad(
+                    self.count_bad(
                         f"not admitted: {frame.kind.name} from {peer!r}, not in the placement"
                     )
                     continue
@@ -381,7 +382,9 @@ class DataPlane:
         self._readers.add(task)
         task.add_done_callback(self._readers.discard)
 
-    def _count_bad(self, reason: str) -> None:
+    def count_bad(self, reason: str) -> None:
+        """Count one piece of malformed data-plane input under its kind (the reason up to
+        its first colon), logged once per kind; the agent counts bad payloads here too."""
         kind = reason.split(":", 1)[0]
         if self.bad_frames[kind] == 0:
             log.warning(

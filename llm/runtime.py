@@ -19,6 +19,7 @@ from llm.blocks import PINNED_BLOCKS, block_table
 from llm.state import BlockState, block_state, dump_state, load_state
 from llm.tensors import TensorSource
 from llm.torch_blocks import (
+    MOVABLE_KINDS,
     AnyBlock,
     EmbedBlock,
     FFNBlock,
@@ -31,6 +32,7 @@ from llm.torch_blocks import (
     parse_block_name,
     weight_shapes,
 )
+from llm.weight_cache import WeightCache
 
 SOURCE_DEVICE = "source"
 
@@ -44,19 +46,32 @@ class BlockHost:
         source: TensorSource,
         arch: Architecture,
         dtype: torch.dtype = torch.float32,
+        weight_cache: WeightCache | None = None,
     ) -> None:
         self.name = name
         self.source = source
         self.arch = arch
         self.dtype = dtype
+        #: dequantised weights of movable blocks, read instead of the checkpoint (float32)
+        self.weight_cache = weight_cache if dtype == torch.float32 else None
         self.blocks: dict[str, AnyBlock] = {}
         self.rope = RopeTable(arch, dtype) if arch.positions == "rope" else None
 
     def load(self, block_name: str, weights: dict[str, torch.Tensor] | None = None) -> AnyBlock:
         """Build a block from the source (only its slices), or from ``weights`` (a movable
-        block's ``weight_tensors()`` from elsewhere: no source read); returns it."""
+        block's ``weight_tensors()`` from elsewhere: no source read); returns it. With a
+        weight cache a movable block is read from it, and built blocks are added to it."""
         if block_name in self.blocks:
             raise ValueError(f"{self.name} already holds {block_name}")
+        cache = self.weight_cache
+        movable = parse_block_name(block_name).kind in MOVABLE_KINDS
+        if weights is None and cache is not None and movable:
+            weights = cache.get(block_name)
+            if weights is None:
+                block = build_block(self.source, self.arch, block_name, self.dtype, rope=self.rope)
+                cache.put(block_name, block.weight_tensors())
+                self.blocks[block_name] = block
+                return block
         if weights is not None:
             block: AnyBlock = block_from_weights(
                 self.arch, block_name, weights, self.dtype, rope=self.rope

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -13,7 +17,8 @@ import pytest
 import yaml
 
 from controller.view import PlanningWindow, ResourceView
-from device_agent.limits import kernel_oom_kills
+from device_agent.burners import Burners
+from emulator.host_limits import kernel_oom_kills
 from llm.model import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +45,120 @@ def no_out_of_memory_kills():
             f"{after - before} out-of-memory kills during the tests, "
             f"{sum(_DELIBERATE)} of them on purpose"
         )
+
+
+# ------------------------------------------------------- child processes and their CPU use
+
+# Busy until its parent (pytest) goes, so a crashed run leaves no spinning process behind.
+_BUSY = (
+    "import os, sys\n"
+    "parent = int(sys.argv[1])\n"
+    "while os.getppid() == parent:\n"
+    "    for _ in range(10000):\n"
+    "        pass\n"
+)
+
+
+class Processes:
+    """Checks on child processes and the CPU they use (tests of cgroups and burners)."""
+
+    WINDOW_S = 1.0  # wall time of one CPU-rate measurement
+    POLL_S = 0.05
+    TOLERANCE = 0.05  # cores
+    ATTEMPTS = 3  # a loaded host may starve one window; too much CPU is never excused
+    TIMEOUT_S = 10.0  # bound on any wait for a process to start or die
+
+    @classmethod
+    def reap(cls, proc: subprocess.Popen[bytes]) -> None:
+        """Kill proc if it still runs, and wait for it."""
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=cls.TIMEOUT_S)
+
+    @staticmethod
+    def gone_or_zombie(pid: int) -> bool:
+        """Whether process pid has exited (reaped or not)."""
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return True
+        return stat.rpartition(")")[2].split()[0] == "Z"
+
+    @classmethod
+    def wait_until(cls, condition: Callable[[], bool], what: str) -> None:
+        """Poll condition until true; fail the test after TIMEOUT_S."""
+        deadline = time.monotonic() + cls.TIMEOUT_S
+        while not condition():
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out waiting for {what}")
+            time.sleep(cls.POLL_S)
+
+    @classmethod
+    def cpu_rate(cls, read_cpu_s: Callable[[], float]) -> float:
+        """CPU time per wall second (cores) of read_cpu_s over one window."""
+        start, used0 = time.monotonic(), read_cpu_s()
+        # a deadline loop: a late wake-up lengthens the window instead of skewing the result
+        while time.monotonic() - start < cls.WINDOW_S:
+            time.sleep(cls.POLL_S)
+        used1, end = read_cpu_s(), time.monotonic()
+        return (used1 - used0) / (end - start)
+
+    @classmethod
+    def assert_cpu_rate(cls, read_cpu_s: Callable[[], float], expected: float) -> float:
+        """Measure until within expected +- TOLERANCE cores; retried only when too low."""
+        rates: list[float] = []
+        for _ in range(cls.ATTEMPTS):
+            rate = cls.cpu_rate(read_cpu_s)
+            rates.append(rate)
+            if abs(rate - expected) <= cls.TOLERANCE:
+                return rate
+            if rate > expected + cls.TOLERANCE:
+                break
+        pytest.fail(f"CPU rates {rates} cores, expected {expected} +- {cls.TOLERANCE}")
+
+
+@pytest.fixture(scope="session")
+def processes() -> type[Processes]:
+    """Checks on child processes: reap, gone_or_zombie, wait_until, assert_cpu_rate."""
+    return Processes
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Factory of Python children (busy by default) with our pid as their argv[1], every
+    one killed and reaped at teardown."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        code: str = _BUSY,
+        *,
+        stdin: int | None = None,
+        stdout: int | None = None,
+        cwd: Path | None = None,
+    ) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(os.getpid())], stdin=stdin, stdout=stdout, cwd=cwd
+        )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        Processes.reap(proc)
+
+
+@pytest.fixture
+def burners() -> Iterator[Callable[..., Burners]]:
+    """Factory of Burners (cores, optional process group), every one stopped at teardown."""
+    made: list[Burners] = []
+
+    def make(cores: float, cgroup=None) -> Burners:
+        made.append(Burners(cores, cgroup))
+        return made[-1]
+
+    yield make
+    for b in made:
+        b.stop()
 
 
 # 2 layers, 2 KV groups of 2 query heads (head_dim 16), SwiGLU, fp32: about 0.35 MiB in all.

@@ -1,4 +1,12 @@
-"""Placement algorithms, one module each, all behind ``place(view, model, current)``."""
+"""Placement algorithms, one module each, all behind ``place(view, model, current)``.
+
+- ``base``: the ``PlacementAlgorithm`` protocol and the ``Placement`` it returns.
+- Planners: ``myopic`` (the paper's policy, re-planned), ``optimal`` (the same decision as
+  a MILP on HiGHS), ``static_heads``, ``edgeshard``, ``memory_proportional``, ``galaxy``.
+- The myopic planner's parts: ``seeds`` (placements built directly), ``scored_placement``
+  (incremental pricing of moves) and ``local_search`` (the descent from each seed).
+- ``layers``: contiguous layer splits, shared by the layer baselines and the myopic seeds.
+"""
 
 from __future__ import annotations
 

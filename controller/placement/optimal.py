@@ -204,6 +204,375 @@ def _reference_s(view: ResourceView, model: BlockTable, usable: np.ndarray) -> f
     return t + model.source_flops / (view.compute_gflops[view.source] * GFLOP)
 
 
+@dataclass(frozen=True, eq=False)
+class _Instance:
+    """One decision in the MILP's terms: device slots (the usable devices), time in tau units."""
+
+    view: ResourceView
+    model: BlockTable
+    cur: np.ndarray | None  # current assignment (device per block, -1: lost), None if fresh
+    dev: np.ndarray  # (n,) MILP device slot -> view device index
+    tau: float  # reference delay (s), the objective's time unit
+    per_tok: float  # objective weight of one per-token second
+    head_s: float  # the LM head on the source (s)
+    hop_h: np.ndarray  # (D, D) s to send a hidden state over each ordered link, inf if unusable
+    hop_u: np.ndarray  # (n, n) the same between slots
+    link_ok: np.ndarray  # (D, D) whether a link can carry anything
+    link_u: np.ndarray  # (n, n) the same between slots
+    per_byte: np.ndarray  # (D, D) s per byte over each ordered link
+    group_s: np.ndarray  # (n,) s to compute one KV group at the window's mean context
+    proj_s: np.ndarray  # (n,) s to compute a projection
+    ffn_s: np.ndarray  # (n,) s to compute an FFN
+    out_lat_c: np.ndarray  # (n, n) latency of a device's output message, tau units
+    out_byte_c: np.ndarray  # (n, n) one group's output bytes on the wire, tau units
+    mem: np.ndarray  # (B,) bytes of each block at the interval's end
+    room: np.ndarray  # (n,) bytes each slot has for blocks (pinned source blocks taken off)
+    cap: np.ndarray  # (n,) most groups of one layer a slot can hold
+
+    @property
+    def n(self) -> int:
+        """Number of device slots."""
+        return len(self.dev)
+
+
+def _instance(view: ResourceView, model: BlockTable, current: Placement | None) -> _Instance:
+    """The decision's data per device slot; raises NoFeasiblePlacement when nothing can fit."""
+    src = view.source
+    usable_mask = np.asarray(view.usable, dtype=bool)
+    dev = np.flatnonzero(usable_mask)
+    n = len(dev)
+    w = view.window
+    # Memory of devices that cannot host blocks must still hold what is pinned there.
+    pinned = np.zeros(view.size)
+    pinned[src] = model.source_weight_bytes
+    if n == 0 or (~usable_mask & (pinned > view.memory_bytes)).any():
+        raise NoFeasiblePlacement("no usable device, or the source cannot hold its pinned blocks")
+    if not view.compute_gflops[src] > 0:
+        raise NoFeasiblePlacement("the source device has no compute for the LM head")
+    tau = _reference_s(view, model, usable_mask)
+    speed = view.compute_gflops[dev] * GFLOP
+    gid0 = model.group_ids(0)
+    with np.errstate(divide="ignore"):
+        per_byte = BITS_PER_BYTE / (view.bandwidth_mbit * MBIT)  # (D, D) s per byte
+    hop_h = _hop_matrix(view, hidden_bytes(model.spec))
+    link_ok = _link_ok(view)
+    link_u = link_ok[np.ix_(dev, dev)]
+    off_diag = ~np.eye(n, dtype=bool) & link_u
+    g_out = float(model.output_bytes[gid0[0]])
+    mem = model.memory_bytes(w.interval_end_context)
+    room = view.memory_bytes[dev] - pinned[dev]
+    return _Instance(
+        view=view,
+        model=model,
+        cur=None if current is None else np.asarray(current.assignment, dtype=np.int64),
+        dev=dev,
+        tau=tau,
+        per_tok=w.horizon_tokens / tau,
+        head_s=model.source_flops / (view.compute_gflops[src] * GFLOP),
+        hop_h=hop_h,
+        hop_u=hop_h[np.ix_(dev, dev)],
+        link_ok=link_ok,
+        link_u=link_u,
+        per_byte=per_byte,
+        group_s=float(model.flops(w.mean_context)[gid0[0]]) / speed,
+        proj_s=float(model.flops_fixed[model.proj_id(0)]) / speed,
+        ffn_s=float(model.flops_fixed[model.ffn_id(0)]) / speed,
+        out_lat_c=np.where(off_diag, view.latency_s[np.ix_(dev, dev)], 0.0) / tau,
+        out_byte_c=np.where(off_diag, per_byte[np.ix_(dev, dev)] * g_out, 0.0) / tau,
+        mem=mem,
+        room=room,
+        # A valid bound on a slot's groups per layer; it tightens the relaxation.
+        cap=np.clip(np.floor(room / mem[gid0[0]] + 1e-9), 0, model.groups),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class _LayerColumns:
+    """Column indices of one layer's variables."""
+
+    gather: int  # the layer's gather time, tau units
+    classes: list[tuple[int, np.ndarray, np.ndarray]]  # (current device or -1, groups, k cols)
+    cnt: np.ndarray  # (n,) groups on each slot
+    u: np.ndarray  # (n,) binary: the slot hosts a group
+    z: np.ndarray | None  # (n, n) x[prev FFN, a] * u[d]; None on layer 0 (input from source)
+    wl: np.ndarray  # (n, n) u[d] * x[P, p]: one output message d -> p
+    vb: np.ndarray  # (n, n) cnt[d] * x[P, p]: group outputs d -> p
+    residual: np.ndarray | None  # (n, n) x[prev FFN, a] * x[P, p]; None on layer 0
+    proj_to_ffn: np.ndarray  # (n, n) x[P, p] * x[F, f]
+
+
+@dataclass(frozen=True, eq=False)
+class _Columns:
+    """Column indices of every variable of the MILP."""
+
+    x: np.ndarray  # (B, n) binaries of projections and FFNs; rows of groups are -1
+    layers: list[_LayerColumns]
+    # What may travel over each link (i, slot j): (column, bytes per unit, units at most).
+    moved: dict[tuple[int, int], list[tuple[int, float, int]]]
+    mig: int | None  # the migration delay, tau units; None when nothing can move
+    mig_links: dict[tuple[int, int], int]  # binary: link (i, slot j) carries something
+
+
+# The MILP is built in four steps (variables, constraints, objective; then the solution
+# read back). HiGHS's branch and bound depends on the order of columns and rows, so each
+# step emits them in one fixed order: results are reproducible from run to run.
+
+
+def _add_variables(m: _Model, p: _Instance) -> _Columns:
+    """Every column with its bounds; columns that would use an unusable link fixed to 0."""
+    model = p.model
+    x = np.full((model.size, p.n), -1, dtype=np.int64)
+    for layer in range(model.spec.layers):
+        for b in (model.proj_id(layer), model.ffn_id(layer)):
+            x[b] = m.add_vars((p.n,), integer=True)
+    layers = [_add_layer_variables(m, p, x, layer) for layer in range(model.spec.layers)]
+    back = p.hop_h[p.dev, p.view.source]
+    x_last = x[model.ffn_id(model.spec.layers - 1)]
+    m.forbid(x_last[~np.isfinite(back)])
+    moved = _possible_moves(m, p, x, layers)
+    mig = None
+    mig_links: dict[tuple[int, int], int] = {}
+    if moved:
+        mig = int(m.add_vars((1,), ub=INF)[0])
+        for key in moved:
+            mig_links[key] = int(m.add_vars((1,), integer=True)[0])
+    return _Columns(x, layers, moved, mig, mig_links)
+
+
+def _add_layer_variables(m: _Model, p: _Instance, x: np.ndarray, layer: int) -> _LayerColumns:
+    """One layer's columns (x of its projection and FFN excluded)."""
+    n, src = p.n, p.view.source
+    gather = int(m.add_vars((1,), ub=INF)[0])
+    # Groups of a class are interchangeable: only how many go where matters.
+    classes = []
+    for key, gids in _group_classes(p.model, p.cur, layer):
+        k = m.add_vars((n,), ub=np.minimum(len(gids), p.cap), integer=True)
+        classes.append((key, gids, k))
+    cnt = m.add_vars((n,), ub=p.cap)
+    u = m.add_vars((n,), integer=True)
+    z = None
+    if layer == 0:
+        m.forbid(u[~np.isfinite(p.hop_h[src, p.dev])])
+    else:
+        z = m.add_vars((n, n))
+        m.forbid(z[~np.isfinite(p.hop_u)])
+    wl = m.add_vars((n, n))
+    vb = m.add_vars((n, n), ub=np.repeat(p.cap[:, None], n, axis=1))
+    m.forbid(wl[~p.link_u])
+    m.forbid(vb[~p.link_u])
+    residual = None
+    if layer == 0:
+        m.forbid(x[p.model.proj_id(layer)][~np.isfinite(p.hop_h[src, p.dev])])
+    else:
+        residual = _product_variables(m, p.hop_u)
+    proj_to_ffn = _product_variables(m, p.hop_u)
+    return _LayerColumns(gather, classes, cnt, u, z, wl, vb, residual, proj_to_ffn)
+
+
+def _product_variables(m: _Model, cost_s: np.ndarray) -> np.ndarray:
+    """Columns y[i, j] for the product of two one-hot rows; fixed to 0 where cost_s is inf."""
+    y = m.add_vars(cost_s.shape)
+    m.forbid(y[~np.isfinite(cost_s)])
+    return y
+
+
+def _possible_moves(
+    m: _Model, p: _Instance, x: np.ndarray, layers: list[_LayerColumns]
+) -> dict[tuple[int, int], list[tuple[int, float, int]]]:
+    """What may travel over each link (i, slot j); a move over an unusable link is fixed to 0."""
+    moved: dict[tuple[int, int], list[tuple[int, float, int]]] = {}
+    if p.cur is None:
+        return moved
+    model, cur = p.model, p.cur
+    nbytes = migration_bytes(model, p.view, p.view.window.context_tokens)
+    movers: list[tuple[int, np.ndarray, float, int]] = [
+        (int(cur[b]), x[b], float(nbytes[b]), 1)
+        for layer in range(model.spec.layers)
+        for b in (model.proj_id(layer), model.ffn_id(layer))
+        if cur[b] >= 0
+    ]
+    movers += [
+        (key, k, float(nbytes[gids[0]]), len(gids))
+        for columns in layers
+        for key, gids, k in columns.classes
+        if key >= 0
+    ]
+    for i, cols, size, units in movers:
+        for j in range(p.n):
+            if p.dev[j] == i:
+                continue
+            if p.link_ok[i, p.dev[j]]:
+                moved.setdefault((i, j), []).append((int(cols[j]), size, units))
+            else:
+                m.forbid(cols[j])
+    return moved
+
+
+def _add_constraints(m: _Model, p: _Instance, c: _Columns) -> None:
+    """Every row: one device per block, each layer's timing, migration, memory."""
+    for layer in range(p.model.spec.layers):
+        for b in (p.model.proj_id(layer), p.model.ffn_id(layer)):
+            m.add_rows(c.x[b][None], 1.0, 1.0, 1.0)
+    for layer, columns in enumerate(c.layers):
+        _add_group_rows(m, p, columns)
+        _add_gather_rows(m, p, c.x, layer, columns)
+    _add_migration_rows(m, p, c)
+    _add_memory_rows(m, p, c)
+
+
+def _add_group_rows(m: _Model, p: _Instance, c: _LayerColumns) -> None:
+    """A layer's groups all placed; cnt counts them per slot; u marks the slots hosting any."""
+    n = p.n
+    for _, gids, k in c.classes:
+        m.add_rows(k[None], 1.0, len(gids), len(gids))
+    ks = np.stack([k for _, _, k in c.classes], axis=1)  # (n, classes)
+    m.add_rows(np.column_stack([c.cnt, ks]), np.r_[1.0, -np.ones(ks.shape[1])], 0.0, 0.0)
+    m.add_rows(np.column_stack([c.cnt, c.u]), np.column_stack([np.ones(n), -p.cap]), -INF, 0.0)
+    m.add_rows(np.column_stack([c.u, c.cnt]), [1.0, -1.0], -INF, 0.0)
+
+
+def _add_gather_rows(m: _Model, p: _Instance, x: np.ndarray, layer: int, c: _LayerColumns) -> None:
+    """The layer's gather time: every device's hop in + compute + hop out, and the residual."""
+    n, tau, hop_u = p.n, p.tau, p.hop_u
+    xp = x[p.model.proj_id(layer)]
+    xprev = x[p.model.ffn_id(layer - 1)] if layer > 0 else None
+    # Layer input into each group-hosting device.
+    if c.z is None:
+        in_cols = c.u[:, None]
+        in_vals = _finite(p.hop_h[p.view.source, p.dev])[:, None] / tau
+    else:
+        m.add_rows(np.column_stack([c.z.T, c.u]), np.r_[np.ones(n), -1.0], 0.0, 0.0)
+        m.add_rows(np.column_stack([c.z.ravel(), np.repeat(xprev, n)]), [1.0, -1.0], -INF, 0.0)
+        in_cols = c.z.T  # row d: z[:, d]
+        in_vals = _finite(hop_u).T / tau
+    _add_output_rows(m, p, xp, c)
+    m.add_rows(
+        np.column_stack([np.full(n, c.gather), in_cols, c.cnt, c.wl, c.vb]),
+        np.column_stack([np.ones(n), -in_vals, -p.group_s / tau, -p.out_lat_c, -p.out_byte_c]),
+        0.0,
+        INF,
+    )
+    # Gather >= residual hop (layer input -> projection).
+    if c.residual is None:
+        res = p.hop_h[p.view.source, p.dev]
+        m.add_rows(np.r_[c.gather, xp][None], np.r_[1.0, -_finite(res) / tau][None], 0.0, INF)
+    else:
+        _add_product_rows(m, c.residual, xprev, xp)
+        m.add_rows(
+            np.r_[c.gather, c.residual.ravel()][None],
+            np.r_[1.0, -_finite(hop_u).ravel() / tau][None],
+            0.0,
+            INF,
+        )
+    _add_product_rows(m, c.proj_to_ffn, xp, x[p.model.ffn_id(layer)])
+
+
+def _add_output_rows(m: _Model, p: _Instance, xp: np.ndarray, c: _LayerColumns) -> None:
+    """Each device's outputs reach the projection in one message.
+
+    One latency (wl[d, p] = u[d] * x[P, p]) plus its groups' bytes (vb[d, p] = cnt[d] * x[P, p]).
+    """
+    n, wl, vb = p.n, c.wl, c.vb
+    m.add_rows(np.column_stack([wl, c.u]), np.r_[np.ones(n), -1.0], 0.0, 0.0)
+    m.add_rows(np.column_stack([wl.ravel(), np.tile(xp, n)]), [1.0, -1.0], -INF, 0.0)
+    m.add_rows(np.column_stack([vb, c.cnt]), np.r_[np.ones(n), -1.0], 0.0, 0.0)
+    m.add_rows(np.column_stack([vb.T, xp]), np.r_[np.ones(n), -float(p.model.groups)], 0.0, 0.0)
+    m.add_rows(np.column_stack([vb.ravel(), wl.ravel()]), [1.0, -1.0], 0.0, INF)
+    m.add_rows(
+        np.column_stack([vb.ravel(), wl.ravel()]),
+        np.column_stack([np.ones(n * n), -np.repeat(p.cap, n)]),
+        -INF,
+        0.0,
+    )
+
+
+def _add_product_rows(m: _Model, y: np.ndarray, a_cols: np.ndarray, b_cols: np.ndarray) -> None:
+    """y[i, j] = a[i] * b[j] for two one-hot rows, in the tight transport (RLT) form."""
+    n = len(a_cols)
+    m.add_rows(np.column_stack([y, a_cols]), np.r_[np.ones(n), -1.0], 0.0, 0.0)
+    m.add_rows(np.column_stack([y.T, b_cols]), np.r_[np.ones(n), -1.0], 0.0, 0.0)
+
+
+def _add_migration_rows(m: _Model, p: _Instance, c: _Columns) -> None:
+    """Links in parallel, transfers on one link in sequence: mig >= every used link's time."""
+    for (i, j), items in c.moved.items():
+        link = c.mig_links[(i, j)]
+        cols = np.array([col for col, _, _ in items])
+        units = np.array([s for _, _, s in items], dtype=float)
+        sizes = np.array([b for _, b, _ in items])
+        m.add_rows(
+            np.column_stack([cols, np.full(len(cols), link)]),
+            np.column_stack([np.ones(len(cols)), -units]),
+            -INF,
+            0.0,
+        )
+        d = p.dev[j]
+        lat = p.view.latency_s[i, d] / p.tau
+        per_unit = (sizes * p.per_byte[i, d] + p.view.move_s_per_block[d]) / p.tau
+        m.add_rows(
+            np.r_[c.mig, link, cols][None],
+            np.r_[1.0, -lat, -per_unit][None],
+            0.0,
+            INF,
+        )
+
+
+def _fixed_blocks(model: BlockTable) -> np.ndarray:
+    """Projections of every layer, then FFNs: the blocks placed by binaries x."""
+    layers = range(model.spec.layers)
+    return np.r_[
+        [model.proj_id(layer) for layer in layers], [model.ffn_id(layer) for layer in layers]
+    ]
+
+
+def _add_memory_rows(m: _Model, p: _Instance, c: _Columns) -> None:
+    """Memory at the interval's end per slot, pinned source blocks included (in room)."""
+    model, n = p.model, p.n
+    others = _fixed_blocks(model)
+    counts = [columns.cnt for columns in c.layers]
+    m.add_rows(
+        np.column_stack([c.x[others].T, *counts]),
+        np.column_stack(
+            [
+                np.broadcast_to(p.mem[others], (n, len(others))),
+                np.full((n, model.spec.layers), p.mem[model.group_ids(0)[0]]),
+            ]
+        ),
+        -INF,
+        p.room,
+    )
+
+
+def _add_objective(m: _Model, p: _Instance, c: _Columns) -> None:
+    """horizon_tokens x per-token delay, plus the migration delay, in tau units."""
+    model, per_tok = p.model, p.per_tok
+    for layer, columns in enumerate(c.layers):
+        xp = c.x[model.proj_id(layer)]
+        xf = c.x[model.ffn_id(layer)]
+        m.add_cost(np.array([columns.gather]), p.view.window.horizon_tokens)
+        m.add_cost(xp, p.proj_s * per_tok)
+        m.add_cost(columns.proj_to_ffn, _finite(p.hop_u) * per_tok)
+        m.add_cost(xf, p.ffn_s * per_tok)
+    # Last hidden state back to the source, then the LM head there.
+    back = p.hop_h[p.dev, p.view.source]
+    m.add_cost(c.x[model.ffn_id(model.spec.layers - 1)], _finite(back) * per_tok)
+    m.offset = p.head_s * per_tok
+    if c.mig is not None:
+        m.add_cost(np.array([c.mig]), 1.0)
+
+
+def _highs(time_limit_s: float, mip_gap: float):
+    """A quiet HiGHS set up for an exact solve within time_limit_s."""
+    h = _quiet_highs()
+    h.setOptionValue("time_limit", float(time_limit_s))
+    h.setOptionValue("mip_rel_gap", float(mip_gap))
+    # Exactness: objective in tau units is O(horizon_tokens); keep absolute slack negligible.
+    h.setOptionValue("mip_abs_gap", 1e-9 if mip_gap == 0 else 1e-6)
+    h.setOptionValue("mip_feasibility_tolerance", 1e-9)
+    h.setOptionValue("primal_feasibility_tolerance", 1e-9)
+    return h
+
+
 def solve(
     view: ResourceView,
     model: BlockTable,
@@ -213,235 +582,23 @@ def solve(
     initial: Placement | None = None,
 ) -> MilpResult:
     """Exact placement minimising cost.interval_objective_s; raises NoFeasiblePlacement."""
-    d_all = view.size
-    src = view.source
-    usable_mask = np.asarray(view.usable, dtype=bool)
-    dev = np.flatnonzero(usable_mask)  # MILP device slot -> view device index
-    n = len(dev)
-    layers = model.spec.layers
-    n_groups = model.groups
-    w = view.window
-    cur = None if current is None else np.asarray(current.assignment, dtype=np.int64)
-
-    # Memory of devices that cannot host blocks must still hold what is pinned there.
-    pinned = np.zeros(d_all)
-    pinned[src] = model.source_weight_bytes
-    if n == 0 or (~usable_mask & (pinned > view.memory_bytes)).any():
-        raise NoFeasiblePlacement("no usable device, or the source cannot hold its pinned blocks")
-    if not view.compute_gflops[src] > 0:
-        raise NoFeasiblePlacement("the source device has no compute for the LM head")
-    head_s = model.source_flops / (view.compute_gflops[src] * GFLOP)
-
-    tau = _reference_s(view, model, usable_mask)
-    per_tok = w.horizon_tokens / tau  # objective weight of one per-token second
-    hop_h = _hop_matrix(view, hidden_bytes(model.spec))  # (D, D) s for a hidden state
-    hop_u = hop_h[np.ix_(dev, dev)]
-    link_ok = _link_ok(view)
-    link_u = link_ok[np.ix_(dev, dev)]
-    speed = view.compute_gflops[dev] * GFLOP
-    gid0 = model.group_ids(0)
-    group_s = float(model.flops(w.mean_context)[gid0[0]]) / speed  # (n,)
-    proj_s = float(model.flops_fixed[model.proj_id(0)]) / speed
-    ffn_s = float(model.flops_fixed[model.ffn_id(0)]) / speed
-    with np.errstate(divide="ignore"):
-        per_byte = BITS_PER_BYTE / (view.bandwidth_mbit * MBIT)  # (D, D) s per byte
-    off_diag = ~np.eye(n, dtype=bool) & link_u
-    out_lat_c = np.where(off_diag, view.latency_s[np.ix_(dev, dev)], 0.0) / tau
-    g_out = float(model.output_bytes[gid0[0]])
-    out_byte_c = np.where(off_diag, per_byte[np.ix_(dev, dev)] * g_out, 0.0) / tau
-    mem = model.memory_bytes(w.interval_end_context)
-    room = view.memory_bytes[dev] - pinned[dev]
-    # Most groups of one layer a device can hold (valid bound; tightens the relaxation).
-    cap = np.clip(np.floor(room / mem[gid0[0]] + 1e-9), 0, n_groups)
-
+    p = _instance(view, model, current)
     m = _Model()
-    x = np.full((model.size, n), -1, dtype=np.int64)  # binaries of projections and FFNs
-    for layer in range(layers):
-        for b in (model.proj_id(layer), model.ffn_id(layer)):
-            x[b] = m.add_vars((n,), integer=True)
-            m.add_rows(x[b][None], 1.0, 1.0, 1.0)
-
-    def rlt(a_cols: np.ndarray, b_cols: np.ndarray, cost_s: np.ndarray) -> np.ndarray:
-        """y[i, j] = a[i] * b[j] for two one-hot rows; forbidden where cost_s is inf."""
-        y = m.add_vars((n, n))
-        m.forbid(y[~np.isfinite(cost_s)])
-        m.add_rows(np.column_stack([y, a_cols]), np.r_[np.ones(n), -1.0], 0.0, 0.0)
-        m.add_rows(np.column_stack([y.T, b_cols]), np.r_[np.ones(n), -1.0], 0.0, 0.0)
-        return y
-
-    classes: list[list[tuple[int, np.ndarray, np.ndarray]]] = []  # (cur, groups, k cols)
-    counts: list[np.ndarray] = []  # per layer: groups on each device
-    hosts: list[np.ndarray] = []  # per layer: u[d], device hosts a group
-    for layer in range(layers):
-        xp = x[model.proj_id(layer)]
-        xf = x[model.ffn_id(layer)]
-        xprev = x[model.ffn_id(layer - 1)] if layer > 0 else None
-        big_m = m.add_vars((1,), ub=INF, cost=w.horizon_tokens)[0]  # layer gather, tau units
-
-        # Groups of a class are interchangeable: only how many go where matters.
-        layer_classes = []
-        for key, gids in _group_classes(model, cur, layer):
-            k = m.add_vars((n,), ub=np.minimum(len(gids), cap), integer=True)
-            m.add_rows(k[None], 1.0, len(gids), len(gids))
-            layer_classes.append((key, gids, k))
-        classes.append(layer_classes)
-        cnt = m.add_vars((n,), ub=cap)
-        ks = np.stack([k for _, _, k in layer_classes], axis=1)  # (n, classes)
-        m.add_rows(np.column_stack([cnt, ks]), np.r_[1.0, -np.ones(ks.shape[1])], 0.0, 0.0)
-        u = m.add_vars((n,), integer=True)
-        m.add_rows(np.column_stack([cnt, u]), np.column_stack([np.ones(n), -cap]), -INF, 0.0)
-        m.add_rows(np.column_stack([u, cnt]), [1.0, -1.0], -INF, 0.0)
-        counts.append(cnt)
-        hosts.append(u)
-
-        # Layer input into each group-hosting device.
-        if xprev is None:
-            hop_in = hop_h[src, dev]
-            m.forbid(u[~np.isfinite(hop_in)])
-            in_cols = u[:, None]
-            in_vals = _finite(hop_in)[:, None] / tau
-        else:
-            z = m.add_vars((n, n))  # z[a, d] = x[prev FFN, a] * u[d]
-            m.forbid(z[~np.isfinite(hop_u)])
-            m.add_rows(np.column_stack([z.T, u]), np.r_[np.ones(n), -1.0], 0.0, 0.0)
-            m.add_rows(
-                np.column_stack([z.ravel(), np.repeat(xprev, n)]), [1.0, -1.0], -INF, 0.0
-            )
-            in_cols = z.T  # row d: z[:, d]
-            in_vals = _finite(hop_u).T / tau
-
-        # Each device's outputs reach the projection in one message: one latency
-        # (wl[d, p] = u[d] * x[P, p]) plus its groups' bytes (vb[d, p] = cnt[d] * x[P, p]).
-        wl = m.add_vars((n, n))
-        vb = m.add_vars((n, n), ub=np.repeat(cap[:, None], n, axis=1))
-        m.forbid(wl[~link_u])
-        m.forbid(vb[~link_u])
-        m.add_rows(np.column_stack([wl, u]), np.r_[np.ones(n), -1.0], 0.0, 0.0)
-        m.add_rows(np.column_stack([wl.ravel(), np.tile(xp, n)]), [1.0, -1.0], -INF, 0.0)
-        m.add_rows(np.column_stack([vb, cnt]), np.r_[np.ones(n), -1.0], 0.0, 0.0)
-        m.add_rows(np.column_stack([vb.T, xp]), np.r_[np.ones(n), -float(n_groups)], 0.0, 0.0)
-        m.add_rows(np.column_stack([vb.ravel(), wl.ravel()]), [1.0, -1.0], 0.0, INF)
-        m.add_rows(
-            np.column_stack([vb.ravel(), wl.ravel()]),
-            np.column_stack([np.ones(n * n), -np.repeat(cap, n)]),
-            -INF,
-            0.0,
-        )
-
-        # Gather >= hop in + compute + hop out, for every device.
-        m.add_rows(
-            np.column_stack([np.full(n, big_m), in_cols, cnt, wl, vb]),
-            np.column_stack([np.ones(n), -in_vals, -group_s / tau, -out_lat_c, -out_byte_c]),
-            0.0,
-            INF,
-        )
-
-        # Gather >= residual hop (layer input -> projection).
-        if xprev is None:
-            res = hop_h[src, dev]
-            m.forbid(xp[~np.isfinite(res)])
-            m.add_rows(np.r_[big_m, xp][None], np.r_[1.0, -_finite(res) / tau][None], 0.0, INF)
-        else:
-            r = rlt(xprev, xp, hop_u)
-            m.add_rows(
-                np.r_[big_m, r.ravel()][None],
-                np.r_[1.0, -_finite(hop_u).ravel() / tau][None],
-                0.0,
-                INF,
-            )
-
-        # Projection, its hop to the FFN, the FFN.
-        m.add_cost(xp, proj_s * per_tok)
-        q = rlt(xp, xf, hop_u)
-        m.add_cost(q, _finite(hop_u) * per_tok)
-        m.add_cost(xf, ffn_s * per_tok)
-
-    # Last hidden state back to the source, then the LM head there.
-    back = hop_h[dev, src]
-    x_last = x[model.ffn_id(layers - 1)]
-    m.forbid(x_last[~np.isfinite(back)])
-    m.add_cost(x_last, _finite(back) * per_tok)
-    m.offset = head_s * per_tok
-
-    # Migration: links in parallel, transfers on one link in sequence. moved[(i, j)]
-    # lists (column, bytes per unit, units at most) of what may travel from i to slot j.
-    moved: dict[tuple[int, int], list[tuple[int, float, int]]] = {}
-    if cur is not None:
-        nbytes = migration_bytes(model, view, w.context_tokens)
-        movers: list[tuple[int, np.ndarray, float, int]] = [
-            (int(cur[b]), x[b], float(nbytes[b]), 1)
-            for layer in range(layers)
-            for b in (model.proj_id(layer), model.ffn_id(layer))
-            if cur[b] >= 0
-        ]
-        movers += [
-            (key, k, float(nbytes[gids[0]]), len(gids))
-            for layer_classes in classes
-            for key, gids, k in layer_classes
-            if key >= 0
-        ]
-        for i, cols, size, units in movers:
-            for j in range(n):
-                if dev[j] == i:
-                    continue
-                if link_ok[i, dev[j]]:
-                    moved.setdefault((i, j), []).append((int(cols[j]), size, units))
-                else:
-                    m.forbid(cols[j])
-    mig_links: dict[tuple[int, int], int] = {}
-    if moved:
-        mig = m.add_vars((1,), ub=INF, cost=1.0)[0]  # tau units, like the gathers
-        for (i, j), items in moved.items():
-            link = int(m.add_vars((1,), integer=True)[0])  # the link carries something
-            mig_links[(i, j)] = link
-            cols = np.array([c for c, _, _ in items])
-            units = np.array([s for _, _, s in items], dtype=float)
-            sizes = np.array([b for _, b, _ in items])
-            m.add_rows(
-                np.column_stack([cols, np.full(len(cols), link)]),
-                np.column_stack([np.ones(len(cols)), -units]),
-                -INF,
-                0.0,
-            )
-            lat = view.latency_s[i, dev[j]] / tau
-            m.add_rows(
-                np.r_[mig, link, cols][None],
-                np.r_[
-                    1.0, -lat, -(sizes * per_byte[i, dev[j]] + view.move_s_per_block[dev[j]]) / tau
-                ][None],
-                0.0,
-                INF,
-            )
-
-    # Memory at the interval's end, pinned source blocks included.
-    others = np.r_[[model.proj_id(layer) for layer in range(layers)],
-                   [model.ffn_id(layer) for layer in range(layers)]]
-    m.add_rows(
-        np.column_stack([x[others].T, *counts]),
-        np.column_stack(
-            [np.broadcast_to(mem[others], (n, len(others))), np.full((n, layers), mem[gid0[0]])]
-        ),
-        -INF,
-        room,
-    )
-
-    h = _quiet_highs()
-    h.setOptionValue("time_limit", float(time_limit_s))
-    h.setOptionValue("mip_rel_gap", float(mip_gap))
-    # Exactness: objective in tau units is O(horizon_tokens); keep absolute slack negligible.
-    h.setOptionValue("mip_abs_gap", 1e-9 if mip_gap == 0 else 1e-6)
-    h.setOptionValue("mip_feasibility_tolerance", 1e-9)
-    h.setOptionValue("primal_feasibility_tolerance", 1e-9)
+    columns = _add_variables(m, p)
+    _add_constraints(m, p, columns)
+    _add_objective(m, p, columns)
+    h = _highs(time_limit_s, mip_gap)
     m.build(h)
-
-    slot_of = np.full(d_all, -1)
-    slot_of[dev] = np.arange(n)
     if initial is not None:
-        start = _start_values(model, initial, slot_of, x, classes, hosts, mig_links, cur, dev)
+        start = _start_values(p, columns, initial)
         if start is not None:
             h.setSolution(len(start[0]), start[0], start[1])
-
     h.run()
+    return _read_solution(h, p, columns, time_limit_s)
+
+
+def _read_solution(h, p: _Instance, c: _Columns, time_limit_s: float) -> MilpResult:
+    """The placement HiGHS found, priced by the cost model; raises NoFeasiblePlacement."""
     status = h.getModelStatus()
     info = h.getInfo()
     if info.primal_solution_status != 2:  # no feasible solution (kSolutionStatusFeasible)
@@ -452,58 +609,51 @@ def solve(
             f"after {h.getRunTime():.2f} s of a {time_limit_s:g} s limit)"
         )
     values = np.asarray(h.getSolution().col_value)
-    assignment = np.full(model.size, -1, dtype=np.int64)
-    for b in others:
-        assignment[b] = dev[values[x[b]].argmax()]
-    for layer_classes in classes:
-        for _, gids, k in layer_classes:
+    assignment = np.full(p.model.size, -1, dtype=np.int64)
+    for b in _fixed_blocks(p.model):
+        assignment[b] = p.dev[values[c.x[b]].argmax()]
+    for columns in c.layers:
+        for _, gids, k in columns.classes:
             per_slot = np.rint(values[k]).astype(np.int64)
-            assignment[gids] = np.repeat(dev, per_slot)
-    placement = Placement(assignment)
+            assignment[gids] = np.repeat(p.dev, per_slot)
     return MilpResult(
-        placement=placement,
-        objective_s=float(interval_objective_s(model, view, assignment, cur)),
+        placement=Placement(assignment),
+        objective_s=float(interval_objective_s(p.model, p.view, assignment, p.cur)),
         proven_optimal=status == highspy.HighsModelStatus.kOptimal,
         solve_s=float(h.getRunTime()),
-        solver_objective_s=float(info.objective_function_value) * tau,
+        solver_objective_s=float(info.objective_function_value) * p.tau,
     )
 
 
 def _start_values(
-    model: BlockTable,
-    initial: Placement,
-    slot_of: np.ndarray,
-    x: np.ndarray,
-    classes: list[list[tuple[int, np.ndarray, np.ndarray]]],
-    hosts: list[np.ndarray],
-    mig_links: dict[tuple[int, int], int],
-    cur: np.ndarray | None,
-    dev: np.ndarray,
+    p: _Instance, c: _Columns, initial: Placement
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Integer column values (indices, values) of a starting placement, or None if unusable."""
+    model, n = p.model, p.n
+    slot_of = np.full(p.view.size, -1)
+    slot_of[p.dev] = np.arange(n)
     init = np.asarray(initial.assignment, dtype=np.int64)
     if init.shape != (model.size,) or (init < 0).any() or (init >= len(slot_of)).any():
         return None
     slots = slot_of[init]
     if (slots < 0).any():
         return None
-    n = len(dev)
     cols: list[np.ndarray] = []
     vals: list[np.ndarray] = []
-    for b in np.flatnonzero(x[:, 0] >= 0):
-        cols.append(x[b])
+    for b in np.flatnonzero(c.x[:, 0] >= 0):
+        cols.append(c.x[b])
         vals.append((np.arange(n) == slots[b]).astype(float))
-    for layer, layer_classes in enumerate(classes):
-        for _, gids, k in layer_classes:
+    for layer, columns in enumerate(c.layers):
+        for _, gids, k in columns.classes:
             cols.append(k)
             vals.append(np.bincount(slots[gids], minlength=n).astype(float))
-        cols.append(hosts[layer])
+        cols.append(columns.u)
         vals.append((np.bincount(slots[model.group_ids(layer)], minlength=n) > 0).astype(float))
-    if mig_links and cur is not None:
-        used = {(int(i), int(slot_of[j])) for i, j in zip(cur, init, strict=True) if 0 <= i != j}
-        links = np.array(list(mig_links.values()))
+    if c.mig_links and p.cur is not None:
+        used = {(int(i), int(slot_of[j])) for i, j in zip(p.cur, init, strict=True) if 0 <= i != j}
+        links = np.array(list(c.mig_links.values()))
         cols.append(links)
-        vals.append(np.array([float(key in used) for key in mig_links]))
+        vals.append(np.array([float(key in used) for key in c.mig_links]))
     return np.concatenate(cols).astype(np.int32), np.concatenate(vals)
 
 

@@ -5,7 +5,7 @@ directory, starts it with ``docker compose up`` (the ``calibrate`` service first
 broker, one agent container per device, the controller and the ``testbed`` driver), follows
 the driver's output until it exits, reads the result it saved, and removes every container,
 network and volume of the project, also on error or Ctrl-C. The JSON has the local
-backend's keys (DESIGN's emulate keys).
+backend's keys (DESIGN's emulate keys). Every docker call goes through ``emulator.docker_cli``.
 """
 
 from __future__ import annotations
@@ -13,16 +13,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from docker.errors import DockerException
-
 from controller.result import RunRecord, RunResult
+from emulator import docker_cli
 from emulator.compose import (
     BROKER_IMAGE,
     IMAGE,
@@ -43,7 +41,7 @@ RUN_TIMEOUT_S = 3 * 3600.0
 CONTROLLER_POLL_S = 2.0  # how often the controller's container is checked during a run, s
 
 
-class DockerBackendError(RuntimeError):
+class DockerBackendError(docker_cli.DockerError):
     """The docker testbed could not run (exit 1), with what docker said."""
 
 
@@ -60,56 +58,34 @@ class DockerRun(RunRecord):
 
 def compose(directory: Path, project: str, *args: str, timeout_s: float = 120.0) -> str:
     """Run ``docker compose`` on a project directory; its stdout (DockerBackendError)."""
-    cmd = ["docker", "compose", "-p", project, "-f", str(directory / "compose.yaml"), *args]
-    try:
-        done = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL
-        )
-    except FileNotFoundError:
-        raise DockerBackendError("docker is not installed (compose/docker-setup.sh)") from None
-    except subprocess.TimeoutExpired:
-        raise DockerBackendError(
-            f"{' '.join(cmd[1:4])} {args[0]}: over {timeout_s:.0f} s"
-        ) from None
-    if done.returncode != 0:
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
-        raise DockerBackendError(f"docker compose {' '.join(args)} failed:\n{tail}")
-    return done.stdout
+    cmd = docker_cli.compose_command(project, directory / "compose.yaml", *args)
+    what = f"docker compose {' '.join(args)}"
+    return docker_cli.run(cmd, timeout_s=timeout_s, what=what, error=DockerBackendError).stdout
 
 
 def project_resources(project: str) -> dict[str, list[str]]:
     """Containers, networks and volumes docker still has of a compose project (names)."""
-    import docker
-
-    label = {"label": f"com.docker.compose.project={project}"}
-    client = docker.from_env()
-    try:
+    label = docker_cli.sdk_filters([docker_cli.project_label(project)])
+    with docker_cli.client() as sdk:
+        containers = docker_cli.project_containers(sdk, project, stopped=True)
         return {
-            "containers": [c.name for c in client.containers.list(all=True, filters=label)],
-            "networks": [n.name for n in client.networks.list(filters=label)],
-            "volumes": [v.name for v in client.volumes.list(filters=label)],
+            "containers": [c.name for c in containers],
+            "networks": [n.name for n in sdk.networks.list(filters=label)],
+            "volumes": [v.name for v in sdk.volumes.list(filters=label)],
         }
-    finally:
-        client.close()
 
 
 def service_addresses(project: str) -> dict[str, str]:
     """Each running service's IP address on the project's testbed network."""
-    import docker
-
-    client = docker.from_env()
-    try:
-        label = {"label": f"com.docker.compose.project={project}"}
-        found = {}
-        for container in client.containers.list(filters=label):
-            service = container.labels.get("com.docker.compose.service", container.name)
+    found = {}
+    with docker_cli.client() as sdk:
+        for container in docker_cli.project_containers(sdk, project):
+            service = container.labels.get(docker_cli.SERVICE_LABEL, container.name)
             networks = container.attrs["NetworkSettings"]["Networks"]
             for name, settings in networks.items():
                 if name.endswith(f"_{NETWORK}") and settings.get("IPAddress"):
                     found[service] = settings["IPAddress"]
-        return found
-    finally:
-        client.close()
+    return found
 
 
 def down(directory: Path, project: str) -> None:
@@ -139,8 +115,8 @@ def run_docker(
     project is up (e.g. for a Prometheus on this host to scrape them); ``on_finished`` is
     called when the driver is done, before anything is removed.
     """
-    from device_agent.limits import host_cores
     from emulator.backends.local import cpu_shares
+    from emulator.host_limits import host_cores
     from emulator.images import ImageBuildError, build_image, image_exists, image_is_current
     from llm.host_profile import cache_path, host_profile
 
@@ -183,7 +159,7 @@ def run_docker(
         path = directory / "out" / "result.json"
         if code != 0 or not path.is_file():
             controller = compose(directory, project, "logs", "--no-color", "controller")
-            tail = "\n".join(controller.strip().splitlines()[-20:])
+            tail = docker_cli.tail(controller, 20)
             raise DockerBackendError(
                 f"the testbed driver exited with {code}:\n{logs[-2000:]}\ncontroller:\n{tail}"
             )
@@ -208,70 +184,47 @@ def _follow(
     directory: Path, project: str, service: str, on_line: Callable[[str], None] | None
 ) -> str:
     """Stream a service's output until its container exits; the whole output."""
-    cmd = [
-        "docker", "compose", "-p", project, "-f", str(directory / "compose.yaml"),
+    cmd = docker_cli.compose_command(
+        project, directory / "compose.yaml",
         "logs", "--follow", "--no-color", "--no-log-prefix", service,
-    ]  # fmt: skip
-    lines: list[str] = []
-    with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    ) as proc:
-        # a silent driver sends no line to check a deadline on: the timer ends the wait
-        timer = threading.Timer(RUN_TIMEOUT_S, proc.kill)
-        timer.start()
-        stop = threading.Event()
-        failed: list[int] = []
-        watchdog = threading.Thread(
-            target=_watch_controller, args=(project, proc, stop, failed), daemon=True
-        )
-        watchdog.start()
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.append(line)
-                if on_line is not None:
-                    on_line(line.rstrip("\n"))
-        finally:
-            timed_out = not timer.is_alive()
-            timer.cancel()
-            stop.set()
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+    )  # fmt: skip
+    # a silent driver sends no line to check on: the controller is watched on the side
+    stop = threading.Event()
+    failed: list[int] = []
+    watchdog = threading.Thread(target=_watch_controller, args=(project, stop, failed), daemon=True)
+    watchdog.start()
+    try:
+        logs = docker_cli.stream(
+            cmd, "the run", timeout_s=RUN_TIMEOUT_S, on_line=on_line,
+            error=DockerBackendError, check=False, stop=stop, keep_lines=None,
+        )  # fmt: skip
+    finally:
+        stop.set()
     if failed:
         raise DockerBackendError(
             f"the controller exited with {failed[0]} before the run ended:\n"
             + compose(directory, project, "logs", "--no-color", "--tail", "20", "controller")
         )
-    if timed_out:
-        raise DockerBackendError(f"the run took over {RUN_TIMEOUT_S:.0f} s")
-    return "".join(lines)
+    return logs
 
 
-def _watch_controller(
-    project: str, follower: subprocess.Popen, stop: threading.Event, failed: list[int]
-) -> None:
-    """End the wait on the driver when the controller fails: the driver would wait for an
-    outcome that never comes."""
+def _watch_controller(project: str, stop: threading.Event, failed: list[int]) -> None:
+    """End the wait on the driver (set stop) when the controller fails: the driver would
+    wait for an outcome that never comes."""
     while not stop.wait(CONTROLLER_POLL_S):
-        with contextlib.suppress(OSError, DockerException):  # retried at the next poll
+        with contextlib.suppress(OSError, docker_cli.DockerError):  # retried at the next poll
             code = _exit_code(project, "controller")
             if code not in (None, 0):
                 failed.append(code)
-                follower.kill()
+                stop.set()
                 return
 
 
 def _exit_code(project: str, service: str) -> int | None:
     """The exit code of a compose service's container; None while it runs or if it is gone."""
-    import docker
-
-    labels = [f"com.docker.compose.project={project}", f"com.docker.compose.service={service}"]
-    client = docker.from_env()
-    try:
-        found = client.containers.list(all=True, filters={"label": labels})
+    with docker_cli.client() as sdk:
+        found = docker_cli.project_containers(sdk, project, service, stopped=True)
         if not found:
             return None
         state = found[0].attrs["State"]
         return None if state.get("Running") else int(state.get("ExitCode", -1))
-    finally:
-        client.close()

@@ -25,17 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from controller.agent_link import AgentLink
-from controller.config import ControllerConfig, TelemetryMode
+from controller.config import TelemetryMode
 from controller.orchestrator import Controller
 from controller.result import ControllerError, RunRecord, RunResult
+from emulator.job import controller_config, model_ref, prompt_ids
 from emulator.live_world import World
-from emulator.scenario import (
-    GgufModel,
-    HfModel,
-    PresetModel,
-    Scenario,
-)
-from emulator.world import MIB, WorldState
+from emulator.scenario import Scenario
+from emulator.world import MIB
 
 log = logging.getLogger("edgepart.local")
 
@@ -45,41 +41,10 @@ RESERVED_CORES = 0.25
 RUNTIME_SLACK_BYTES = 64 * MIB
 AGENT_STOP_S = 5.0
 WORLD_COMMAND_TIMEOUT_S = 30.0  # for an agent to carry out a trace's command, s
-DEFAULT_PROMPT = (
-    "Edge devices in a home network can share the work of running a language model. "
-    "Each device holds a few attention heads with their key and value caches, and the "
-    "devices exchange hidden states over the local network for every generated token. "
-    "When a device becomes busy or a link slows down, the planner moves heads elsewhere."
-)
 
 
 class LocalBackendError(RuntimeError):
     """The scenario cannot run on this machine as given (bad input: exit 2)."""
-
-
-def model_ref(scenario: Scenario) -> str:
-    """What ``llm.loader.open_model`` opens for the scenario's model."""
-    m = scenario.model
-    if isinstance(m, PresetModel):
-        return m.preset
-    if isinstance(m, GgufModel):
-        return str(m.gguf)
-    if isinstance(m, HfModel):
-        return str(m.hf)
-    raise LocalBackendError(
-        "model: the local backend runs real weights; give a preset, a gguf file or an hf "
-        "folder instead of explicit shapes"
-    )
-
-
-def prompt_ids(scenario: Scenario, tokenizer) -> list[int]:
-    """The prompt's token ids: the scenario's text, or the default text cut to prompt_tokens."""
-    if scenario.prompt is not None:
-        return tokenizer.encode(scenario.prompt)
-    ids: list[int] = []
-    while len(ids) < scenario.prompt_tokens:
-        ids += tokenizer.encode(DEFAULT_PROMPT)
-    return ids[: scenario.prompt_tokens]
 
 
 def cpu_shares(scenario: Scenario, reference_gflops: float, cores: float) -> dict[str, float]:
@@ -263,7 +228,7 @@ def run_local(
     generation is done and before anything is stopped, so every endpoint still serves
     (e.g. for a Prometheus to scrape them).
     """
-    from device_agent.limits import CgroupLimits, host_cores
+    from emulator.host_limits import CgroupLimits, host_cores
     from llm.blocks import block_table
     from llm.calibration import calibrated_table
     from llm.host_profile import cache_path, host_profile
@@ -362,39 +327,6 @@ def run_local(
         dropped_messages=controller.link.session.dropped.total,
         logs={n: str(a.log_path) for n, a in agents.items()},
         pids={n: a.process.pid for n, a in agents.items()},
-    )
-
-
-def controller_config(
-    scenario: Scenario,
-    table,
-    ids: list[int],
-    broker: str,
-    testbed: str,
-    algorithm: str,
-    telemetry: TelemetryMode = "measured",
-    metrics_port: int | None = None,
-) -> ControllerConfig:
-    """The controller's settings for running a scenario's job on its devices."""
-    state = WorldState.from_scenario(scenario)
-    return ControllerConfig(
-        testbed=testbed,
-        broker=broker,
-        algorithm=algorithm,
-        devices=scenario.device_names,
-        source=scenario.source_name,
-        nominal_gflops=state.nominal_gflops,
-        memory_bytes=state.memory_bytes,
-        bandwidth_mbit=state.bandwidth_mbit,
-        latency_s=state.latency_s,
-        table=table,
-        prompt_ids=tuple(ids),
-        generate_tokens=scenario.generate_tokens,
-        replan_every=scenario.replan_every,
-        weights_from=scenario.weights_from,
-        telemetry=telemetry,
-        metrics_port=metrics_port,
-        late_devices=scenario.offline_at_start,
     )
 
 

@@ -6,29 +6,22 @@ It checks the JSON's shape and that the round survived its faults with the refer
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import chaos  # noqa: E402
-from emulator.broker import mosquitto_available  # noqa: E402
+from benchmarks import chaos
+from emulator.broker import mosquitto_available
 
 
 @pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed")
-def test_chaos_smoke(tmp_path: Path) -> None:
+def test_chaos_smoke(tmp_path: Path, quick_json) -> None:
     chaos.main(["--quick", "--seeds", "1", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "chaos.json").read_text())
-    assert data["benchmark"] == "chaos" and data["quick"] is True
+    data = quick_json(tmp_path, "chaos")
     (round_,) = data["rounds"]
     assert round_["survived"] is True, round_.get("traceback")
     assert round_["ids_identical"] is True
-    assert round_["tokens"] == chaos.TOKENS_QUICK
+    assert round_["tokens"] == chaos.DEFAULTS["tokens"].quick
     assert round_["broker_restarts"] == 1 and round_["broker_losses"] == 1
     assert len(round_["detection_s"]) == 1  # the kill was seen
     # a recovery re-prefills, unless the killed device held no block at the time

@@ -10,20 +10,13 @@ measured by the benchmark itself.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from emulator.images import DEFAULT_TAG, docker_available, image_exists  # noqa: E402
+from emulator.images import DEFAULT_TAG, docker_available, image_exists
 
 pytestmark = [
     pytest.mark.skipif(not docker_available(), reason="the Docker engine is not running"),
@@ -32,7 +25,8 @@ pytestmark = [
     ),
 ]
 
-from benchmarks import testbed_fidelity  # noqa: E402
+from benchmarks.testbed_fidelity.__main__ import main  # noqa: E402
+from benchmarks.testbed_fidelity.links import DEFAULTS, RATES_MBIT  # noqa: E402
 
 POSITIVE_KEYS = (
     "goodput_mbit",
@@ -43,19 +37,6 @@ POSITIVE_KEYS = (
     "sent_mbit",
     "mss",
 )
-
-
-def _positive(value) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
-
-
-def _finite(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _ours(kind: str, prefix: str) -> list[str]:
@@ -70,10 +51,9 @@ def _ours(kind: str, prefix: str) -> list[str]:
     return [n for n in out.split() if n.startswith(prefix)]
 
 
-def test_quick_link_shaping(tmp_path: Path) -> None:
-    data = testbed_fidelity.main(["--quick", "--parts", "links", "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "testbed_fidelity.json").read_text())
-    assert saved["benchmark"] == "testbed_fidelity" and saved["quick"] is True
+def test_quick_link_shaping(tmp_path: Path, positive, finite, quick_json) -> None:
+    data = main(["--quick", "--parts", "links", "--out", str(tmp_path)])
+    saved = quick_json(tmp_path, "testbed_fidelity")
     assert saved["setup"]["parts"] == ["links"]
     assert set(saved["parts"]) == {"links"}
     assert saved["image"]["id"].startswith("sha256:")
@@ -81,29 +61,29 @@ def test_quick_link_shaping(tmp_path: Path) -> None:
 
     links = saved["parts"]["links"]
     assert links["ok"] is True, links.get("error")
-    assert _positive(links["wall_s"])
-    assert links["seconds_per_rate"] == testbed_fidelity.SECONDS_QUICK
+    assert positive(links["wall_s"])
+    assert links["seconds_per_rate"] == DEFAULTS["seconds"].quick
     header = links["header"]
     assert header["mtu"] > 0 and 0 < header["factor"] < 1
     assert header["payload_bytes"] < header["frame_bytes"]
 
     rows = links["rows"]
-    assert [r["rate_mbit"] for r in rows] == testbed_fidelity.RATES_MBIT
+    assert [r["rate_mbit"] for r in rows] == RATES_MBIT
     assert [r["tc_verb"] for r in rows] == ["add", "change", "change"]
     for r in rows:
         for key in POSITIVE_KEYS:
-            assert _positive(r[key]), key
-        assert _finite(r["error"]) and _finite(r["raw_error"])
+            assert positive(r[key]), key
+        assert finite(r["error"]) and finite(r["raw_error"])
         assert r["expected_goodput_mbit"] < r["rate_mbit"]
         assert r["classid"] == "1:10"
 
     names = [t["target"] for t in saved["targets"]]
     assert names == [
         f"goodput error at {r:g} Mbit/s ({v})"
-        for r, v in zip(testbed_fidelity.RATES_MBIT, ["add", "change", "change"], strict=True)
+        for r, v in zip(RATES_MBIT, ["add", "change", "change"], strict=True)
     ]
     for t in saved["targets"]:
-        assert _finite(t["value"]) and t["value"] >= 0
+        assert finite(t["value"]) and t["value"] >= 0
     assert data["parts"]["links"]["ok"] is True
 
     prefix = f"tbf-{os.getpid()}-"

@@ -403,3 +403,75 @@ def test_kinds_are_the_ones_the_reference_assumes():
     per_layer = TINY.per_layer
     for b in range(TINY.size):
         assert (TINY.kind[b] == BlockKind.HEADS) == (b % per_layer < TINY.groups)
+
+
+# ----------------------------------------------------------------- a switch's two phases
+
+
+def ref_prepare_s(table: BlockTable, view: ResourceView, current: list[int], x: list[int]) -> float:
+    """Each target builds its incoming blocks one after another (weights first cross the
+    link from their holder when they come from peers); targets work in parallel."""
+    per_target: dict[int, float] = {}
+    for b, (c, d) in enumerate(zip(current, x, strict=True)):
+        if c == d:
+            continue
+        t = float(view.install_s[d][int(table.kind[b])])
+        holder = c if c >= 0 else view.source
+        if view.weights_from == "peer" and holder != d:
+            t += ref_hop(view, holder, d, float(table.weight_bytes[b]))
+        per_target[d] = per_target.get(d, 0.0) + t
+    return max(per_target.values(), default=0.0)
+
+
+@st.composite
+def switch_cases(draw, weights_from: str = "disk"):
+    table, view, x = draw(cases(weights_from))
+    kinds = len(BlockKind)
+    install = np.array(
+        [[draw(st.floats(0.0, 0.05)) for _ in range(kinds)] for _ in range(view.size)]
+    )
+    view = replace(view, install_s=install, control_rtt_s=draw(st.floats(0.0, 0.01)))
+    current = [draw(st.integers(-1, view.size - 1)) for _ in range(table.size)]
+    return table, view, current, x
+
+
+@FAST
+@given(case=switch_cases(), weights=st.sampled_from(["disk", "peer"]))
+def test_prepare_matches_the_reference(case, weights):
+    table, view, current, x = case
+    view = replace(view, weights_from=weights)
+    got = cost.prepare_s(table, view, np.array(current), np.array(x))
+    assert got == pytest.approx(ref_prepare_s(table, view, current, x), rel=1e-9, abs=1e-15)
+
+
+@FAST
+@given(case=switch_cases(), n=st.integers(1, 400))
+def test_commit_is_the_moved_state_plus_one_round_trip(case, n):
+    table, view, current, x = case
+    moved = any(c >= 0 and c != d for c, d in zip(current, x, strict=True))
+    expected = ref_migration_s(table, view, current, x, n) + (view.control_rtt_s if moved else 0)
+    got = cost.commit_s(table, view, np.array(current), np.array(x), n)
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+@FAST
+@given(case=switch_cases(), data=st.data())
+def test_prepare_and_commit_batches_equal_row_by_row(case, data):
+    table, view, current, x = case
+    dev = st.integers(0, view.size - 1)
+    batch = np.array([x] + [[data.draw(dev) for _ in x] for _ in range(3)])
+    cur = np.array(current)
+    prep = cost.prepare_s(table, view, cur, batch)
+    commit = cost.commit_s(table, view, cur, batch, 40)
+    for row, p, c in zip(batch, prep, commit, strict=True):
+        assert p == pytest.approx(cost.prepare_s(table, view, cur, row))
+        assert c == pytest.approx(cost.commit_s(table, view, cur, row, 40))
+
+
+def test_nothing_to_prepare_or_commit_when_nothing_moves(make_view):
+    view = replace(_two_devices(make_view), install_s=0.01, control_rtt_s=0.003)
+    table = block_table(ModelSpec("t", 1, 16, 2, 2, 32, 10, head_dim=8))
+    x = np.zeros(table.size, dtype=np.int64)
+    assert cost.prepare_s(table, view, x, x) == 0.0
+    assert cost.commit_s(table, view, x, x, 50) == 0.0
+    assert cost.prepare_s(table, view, None, x) == 0.0

@@ -12,12 +12,9 @@ from controller import cost
 from controller.placement import NoFeasiblePlacement, Placement
 from controller.placement.edgeshard import EdgeShardPlanner
 from controller.placement.memory_proportional import MemoryProportionalPlanner
-from controller.placement.myopic import (
-    MyopicPlanner,
-    _Search,
-    chain_optimum,
-    group_gather_s,
-)
+from controller.placement.myopic import MyopicPlanner
+from controller.placement.scored_placement import ScoredPlacement
+from controller.placement.seeds import chain_optimum, group_gather_s
 from controller.placement.static_heads import StaticHeadsPlanner
 from controller.view import PlanningWindow, ResourceView
 from llm.blocks import block_table
@@ -237,7 +234,7 @@ def test_scorers_agree_with_each_other():
         view = replace(view, move_s_per_block=(0.0, 0.002, per_device)[trial % 3])
         x = rng.integers(0, 4, table.size)
         current = rng.integers(-1, 4, table.size) if trial % 3 else None
-        search = _Search(table, view, x, current)
+        search = ScoredPlacement(table, view, x, current)
         blocks = np.arange(table.size)
         fast = search.single_moves(blocks)
         slow = np.array([search.score(np.array([b]), np.arange(4)[:, None]) for b in blocks])

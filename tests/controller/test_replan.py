@@ -9,7 +9,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from controller.cost import migration_s, per_token_s
-from controller.replan import LIVE_MIN_GAIN, planning_window, worth_switching
+from controller.replan import (
+    LIVE_MIN_GAIN,
+    ReplanPolicy,
+    planning_window,
+    worth_switching,
+)
 from controller.view import PlanningWindow, ResourceView
 from llm.blocks import block_table
 from llm.model import ModelSpec
@@ -67,8 +72,8 @@ def test_a_switch_may_pay_back_over_the_rest_of_the_generation(
     context: int, every: int, left: int
 ) -> None:
     window = planning_window(context, every, context + left)
-    assert window.horizon_tokens == max(every, left)
-    assert window.interval_tokens == every  # memory still has to hold only to the re-plan
+    assert window.horizon_tokens == max(1, left)  # never beyond the generation's end
+    assert window.interval_tokens == every
 
 
 def test_a_move_too_dear_for_one_interval_pays_over_the_rest() -> None:
@@ -83,3 +88,88 @@ def test_a_move_too_dear_for_one_interval_pays_over_the_rest() -> None:
     one_interval = view.at(PlanningWindow(16, 8, 216))
     assert not worth_switching(TABLE, one_interval, on_a, on_b)
     assert worth_switching(TABLE, view.at(planning_window(16, 8, 216)), on_a, on_b)
+
+
+# ----------------------------------------------------------------- the shared policy
+
+
+def _policy() -> ReplanPolicy:
+    return ReplanPolicy(every=8, final_context=16 + 64)
+
+
+def test_nothing_changing_replans_only_on_schedule() -> None:
+    policy = _policy()
+    view = _view(2.0, 1.0)
+    due = []
+    for token in range(1, 40):
+        policy.observe(token, view)
+        if policy.due(token, view):
+            due.append(token)
+            policy.decided(view)
+    assert due == [8, 16, 24, 32]
+
+
+def test_first_measurements_after_start_up_start_no_replan() -> None:
+    policy = _policy()
+    policy.observe(0, _view(2.0, 1.0))
+    measured = _view(1.4, 1.3)  # both off the configured speeds by > 20 %
+    policy.observe(1, measured)
+    assert not policy.due(1, measured)
+    policy.observe(3, measured)
+    assert not policy.due(3, measured)
+    assert policy.history.lengths == []
+
+
+def test_a_change_after_start_up_starts_a_replan() -> None:
+    policy = _policy()
+    for token in range(4):
+        policy.observe(token, _view(2.0, 1.0))
+    loaded = _view(2.0, 0.4)
+    policy.observe(5, loaded)
+    assert policy.due(5, loaded)
+
+
+def test_no_unforced_switch_within_an_interval_of_the_last() -> None:
+    policy = _policy()
+    view = _view(2.0, 1.0)
+    for token in range(8):
+        policy.observe(token, view)
+    policy.switched(8, forced=False)
+    changed = _view(2.0, 0.2)
+    for token in range(9, 16):
+        policy.observe(token, changed)
+        assert not policy.due(token, changed)
+    policy.observe(16, changed)
+    assert policy.due(16, changed)
+
+
+def test_the_horizon_is_cut_to_how_long_changes_last() -> None:
+    policy = _policy()
+    for token in range(4):
+        policy.observe(token, _view(2.0, 1.0))
+    assert policy.window(4, 20).horizon_tokens == 24  # three intervals before any change
+    policy.observe(10, _view(2.0, 0.3))
+    policy.observe(14, _view(2.0, 1.0))  # a load of 4 tokens
+    assert policy.history.lengths == [10, 4]
+    assert policy.window(14, 30).payback_tokens == 7  # the median episode
+    assert policy.window(14, 30).horizon_tokens == 8  # a placement is kept an interval
+    assert policy.window(70, 78).horizon_tokens == 2  # never beyond the tokens left
+
+
+def test_a_forced_switch_is_always_accepted() -> None:
+    policy = _policy()
+    x = np.zeros(TABLE.size, dtype=np.int64)
+    view = replace(_view(2.0, 1.0), window=policy.window(8, 24))
+    estimate = policy.estimate(TABLE, view, x, x)
+    assert not policy.accept(estimate, forced=False)
+    assert policy.accept(estimate, forced=True)
+
+
+def test_a_switch_off_a_slowed_device_is_taken_when_it_pays() -> None:
+    policy = _policy()
+    on_b = np.ones(TABLE.size, dtype=np.int64)
+    on_a = np.zeros(TABLE.size, dtype=np.int64)
+    view = replace(_view(2.0, 0.2), window=policy.window(8, 24), control_rtt_s=0.003)
+    estimate = policy.estimate(TABLE, view, on_b, on_a)
+    assert estimate.new_token_s < estimate.current_token_s
+    assert policy.accept(estimate, forced=False)

@@ -61,16 +61,21 @@ class Plane:
 
 
 @dataclass
-class StandIn:
-    name: str = "dev-a"
+class Blocks:
     budget: int = 64_000_000
     used: int = 0
     host: Host = field(default_factory=Host)
-    plane: Plane = field(default_factory=Plane)
-    dropped_messages: Counter[str] = field(default_factory=Counter)
 
     def used_bytes(self) -> int:
         return self.used
+
+
+@dataclass
+class StandIn:
+    name: str = "dev-a"
+    blocks: Blocks = field(default_factory=Blocks)
+    plane: Plane = field(default_factory=Plane)
+    dropped_messages: Counter[str] = field(default_factory=Counter)
 
 
 def step(kind: StepKind, layer: int) -> Step:
@@ -82,8 +87,10 @@ def step(kind: StepKind, layer: int) -> Step:
 def agent() -> StandIn:
     """A stand-in agent holding two blocks, having sent and dropped a little."""
     return StandIn(
-        used=3_500_000,
-        host=Host(blocks={"embed": object(), "L0.g0": object()}, kv=120_000),
+        blocks=Blocks(
+            used=3_500_000,
+            host=Host(blocks={"embed": object(), "L0.g0": object()}, kv=120_000),
+        ),
         plane=Plane(
             bytes_sent=Counter({"dev-b": 4096, "dev-c": 100}),
             bytes_received=2048,
@@ -168,10 +175,10 @@ def test_collector_reads_the_agent(served) -> None:
 
 def test_collector_reads_live_state(served, agent: StandIn) -> None:
     _, port = served
-    agent.used = 7_000_000
-    agent.budget = 48_000_000
-    agent.host.kv = 0
-    agent.host.blocks["L0.proj"] = object()
+    agent.blocks.used = 7_000_000
+    agent.blocks.budget = 48_000_000
+    agent.blocks.host.kv = 0
+    agent.blocks.host.blocks["L0.proj"] = object()
     agent.plane.bytes_sent["dev-d"] += 10
     agent.plane.bytes_received += 1
     agent.dropped_messages["cmd"] += 1
@@ -222,7 +229,7 @@ def test_a_read_racing_a_block_load_is_retried(served, agent: StandIn) -> None:
             raise RuntimeError("dictionary changed size during iteration")
         return 1234
 
-    agent.used_bytes = racing  # type: ignore[method-assign]
+    agent.blocks.used_bytes = racing  # type: ignore[method-assign]
     found = samples(scrape(port))
     assert value(found, "edgepart_agent_memory_used_bytes", device="dev-a") == 1234
 

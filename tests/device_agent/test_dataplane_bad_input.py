@@ -54,17 +54,22 @@ class _Host:
 
 
 @dataclass
+class _Blocks:
+    budget: int = 1 << 20
+    host: _Host = field(default_factory=_Host)
+
+    def used_bytes(self) -> int:
+        return 0
+
+
+@dataclass
 class _StandIn:
     """The agent state the metrics collector reads, around a real data plane."""
 
     plane: DataPlane
     name: str = "rx"
-    budget: int = 1 << 20
-    host: _Host = field(default_factory=_Host)
+    blocks: _Blocks = field(default_factory=_Blocks)
     dropped_messages: Counter[str] = field(default_factory=Counter)
-
-    def used_bytes(self) -> int:
-        return 0
 
 
 async def _until(condition, timeout_s: float = TIMEOUT_S) -> None:

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from control_plane import protocol as proto
-from device_agent.agent import Agent, AgentConfig, CommandRefused
+from device_agent.agent import Agent, AgentConfig
+from device_agent.blocks import CommandRefused
 from llm.blocks import block_table
 from llm.loader import OpenModel, open_model
 from llm.runtime import BlockHost
@@ -101,14 +102,14 @@ def test_blocks_loaded_from_a_peer_compute_like_blocks_loaded_from_disk() -> Non
     async def body(src: Agent, dst: Agent) -> None:
         _epoch((src, dst), 0, FETCHED)
         # the source holds one of them (its copy is served), the others it reads for the peer
-        await src._load(proto.Load(id="s", op="load", blocks=("L3.proj",)))
+        await src.blocks.load(proto.Load(id="s", op="load", blocks=("L3.proj",)))
         load = proto.Load(id="d", op="load", blocks=FETCHED, weights_from="peer", peer="src")
-        await dst._load(load)
-        held.update(dst.host.blocks)
+        await dst.blocks.load(load)
+        held.update(dst.blocks.host.blocks)
         stats["fetches"] = src.plane.frames_received
         stats["received"] = dst.plane.bytes_received
-        stats["incoming"] = dst.incoming
-        stats["src_holds"] = len(src.host.blocks)
+        stats["incoming"] = dst.blocks.incoming
+        stats["src_holds"] = len(src.blocks.host.blocks)
 
     _with_pair(body)
     assert set(held) == set(FETCHED)
@@ -136,8 +137,8 @@ def test_a_migration_with_weights_carries_every_kind_and_its_cache() -> None:
 
     async def body(src: Agent, dst: Agent) -> None:
         _epoch((src, dst), 0, ())
-        await src._load(proto.Load(id="s", op="load", blocks=moved))
-        group = src.host["L5.g2"]
+        await src.blocks.load(proto.Load(id="s", op="load", blocks=moved))
+        group = src.blocks.host["L5.g2"]
         assert isinstance(group, KVGroupBlock)
         group(_hidden(4, 7))  # a cache of 4 positions
         before["keys"] = group.keys.clone()
@@ -146,9 +147,9 @@ def test_a_migration_with_weights_carries_every_kind_and_its_cache() -> None:
             cmd = proto.Migrate(
                 id=name, op="migrate", block=name, to="dst", epoch=1, with_weights=True
             )
-            replies[name] = await src._migrate(cmd)
-        got.update(dst.host.blocks)
-        assert not src.host.blocks  # freed once acknowledged
+            replies[name] = await src.blocks.migrate(cmd)
+        got.update(dst.blocks.host.blocks)
+        assert not src.blocks.host.blocks  # freed once acknowledged
 
     _with_pair(body)
     table = block_table(_model().arch.spec)
@@ -172,17 +173,17 @@ def test_a_peer_that_cannot_serve_is_an_error_and_the_budget_is_checked_first() 
         # over budget: refused before any FETCH leaves
         big = proto.Load(id="b", op="load", blocks=("L0.ffn",), weights_from="peer", peer="src")
         with pytest.raises(CommandRefused, match="over the budget"):
-            await dst._load(big)
+            await dst.blocks.load(big)
         outcome["fetches_after_refusal"] = src.plane.frames_received
         # a block the source will not hand out: the ERROR answer names why
         pinned = proto.Load(id="p", op="load", blocks=("head",), weights_from="peer", peer="src")
         with pytest.raises(RuntimeError, match=r"src did not serve head.*pinned"):
-            await dst._load(pinned)
-        outcome["held"] = dict(dst.host.blocks)
-        outcome["incoming"] = dst.incoming
+            await dst.blocks.load(pinned)
+        outcome["held"] = dict(dst.blocks.host.blocks)
+        outcome["incoming"] = dst.blocks.incoming
         no_peer = proto.Load(id="n", op="load", blocks=("L0.g0",), weights_from="peer")
         with pytest.raises(ValueError, match="names no peer"):
-            await dst._load(no_peer)
+            await dst.blocks.load(no_peer)
 
     _with_pair(body, dst_budget=4 << 20)  # 4 MiB: an FFN (10 MiB) does not fit, the head does
     assert outcome["fetches_after_refusal"] == 0

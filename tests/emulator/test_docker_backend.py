@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import docker
 import pytest
 from test_local_backend import SCENARIO, _reference
 
+from emulator import docker_cli
 from emulator.backends.docker import project_resources, run_docker
 from emulator.compose import project_name
 from emulator.images import DEFAULT_TAG, build_image, docker_available
@@ -80,20 +80,10 @@ def test_a_restarted_broker_container_loses_and_repeats_nothing(tmp_path: Path, 
 
     def on_line(line: str) -> None:
         if line.startswith("token 2") and not restarted:
-            client = docker.from_env()
-            try:
-                (broker,) = client.containers.list(
-                    filters={
-                        "label": [
-                            f"com.docker.compose.project={project}",
-                            "com.docker.compose.service=broker",
-                        ]
-                    }
-                )
+            with docker_cli.client() as sdk:
+                (broker,) = docker_cli.project_containers(sdk, project, "broker")
                 broker.restart(timeout=0)
                 restarted.append(broker.name)
-            finally:
-                client.close()
 
     run = run_docker(
         scenario, scenario.to_yaml(), "myopic", work_dir=tmp_path, image=image, on_line=on_line

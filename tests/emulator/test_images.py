@@ -122,17 +122,6 @@ def test_the_build_is_offline_on_the_local_base():
     assert "--network" not in docker_build_command("t:1", "python:3.11-slim", ctx, offline=False)
 
 
-def test_a_failed_step_reports_the_tail_of_its_output_and_a_hung_one_is_stopped():
-    seen: list[str] = []
-    with pytest.raises(ImageBuildError, match=r"(?s)step failed \(exit 3\).*\nb$"):
-        images._run(
-            ["sh", "-c", "echo a; echo b; exit 3"], "step", timeout_s=30, on_line=seen.append
-        )
-    assert seen == ["a", "b"]
-    with pytest.raises(ImageBuildError, match="no result after"):
-        images._run(["sleep", "30"], "sleep", timeout_s=0.3)
-
-
 # ---------------------------------------------------------------- wheelhouse cache (fake pip)
 
 FAKE_PIP = """\

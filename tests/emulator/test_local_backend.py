@@ -19,8 +19,9 @@ import pytest
 from typer.testing import CliRunner
 
 from controller.cli import app
-from emulator.backends.local import LocalBackendError, prompt_ids, run_local
+from emulator.backends.local import LocalBackendError, run_local
 from emulator.broker import Mosquitto, mosquitto_available
+from emulator.job import prompt_ids
 from emulator.scenario import parse_scenario
 from llm.blocks import block_table
 from llm.loader import open_model

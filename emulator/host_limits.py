@@ -1,19 +1,15 @@
-"""Make one host process behave like a small edge device: cgroup limits, CPU burners, pacing.
-
-Three complementary tools, from strongest to weakest:
+"""Host tooling that makes one host process behave like a small edge device (local backend).
 
 - ``CgroupLimits``: the kernel enforces the device's CPU share (CFS bandwidth quota) and
   memory size (OOM kill above it), one cgroup ``edgepart/<testbed>-<device>`` per device.
-  Needs root and a writable cpu controller (cgroup v1 or v2).
-- ``Burners``: background processes that eat a fraction of the device's CPU share, so a
-  trace can make the device busy with other work; placed into the device's cgroup they
-  compete with the agent exactly as a co-located workload would.
-- ``Pacer``: time dilation without privileges: a piece of work that used ``cpu_s`` of
-  CPU is stretched to last ``cpu_s / share`` of wall time, as on a device with ``share``
-  of this host's core.
+  Needs root and a writable cpu controller (cgroup v1 or v2). An agent inside it (and the
+  CPU burners it starts, ``device_agent.burners``) competes for the CPU as a device would.
+- ``host_cores`` says how much CPU this process may use at all, the budget the emulated
+  devices' shares are carved from.
+- ``kernel_oom_kills`` counts the kernel's out-of-memory kills (a run must cause none).
 
-``host_cores`` says how much CPU this process may use at all, the budget the emulated
-devices' shares are carved from.
+Without root the agents still run at their devices' speeds by time dilation
+(``device_agent.pacing``).
 """
 
 from __future__ import annotations
@@ -23,9 +19,6 @@ import errno
 import math
 import os
 import re
-import select
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,18 +31,12 @@ MIN_QUOTA_US = 1000  # the kernel refuses CFS quotas below 1 ms
 MAX_PERIOD_US = 1_000_000  # the kernel refuses CFS periods above 1 s
 MIN_WEIGHT, MAX_WEIGHT = 1, 10_000  # cgroup v2 cpu.weight bounds; 100 is the default
 DEFAULT_PERIOD_US = 10_000  # short: a device's work is spread evenly, not in 100 ms bursts
-BURN_PERIOD_S = 0.010  # seconds; one busy-then-sleep cycle of a burner
-# periods of CPU a starved or throttled burner may owe and catch up on: keeps its average
-# without a long full-core burst after a stall
-BURN_DEBT_PERIODS = 10
 
 _MOUNTINFO = Path("/proc/self/mountinfo")
 _SELF_CGROUP = Path("/proc/self/cgroup")
 _GROUP_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 _UNLIMITED_MEMORY = 1 << 62  # v1 reports "no limit" as a page-rounded 2^63 - 1
 _REMOVE_TIMEOUT_S = 2.0  # exiting tasks may keep a group busy for a moment
-_BURNER_START_TIMEOUT_S = 10.0  # an interpreter start on a loaded host
-_BURNER_STOP_TIMEOUT_S = 5.0
 
 
 class LimitsError(RuntimeError):
@@ -134,16 +121,22 @@ def _own_cgroups() -> dict[str, str]:
     return own
 
 
-def _own_dir(mount: _Mount, own_path: str | None) -> Path:
-    """The directory of this process's cgroup in the mount (the mount point if not visible)."""
+def _own_parts(mount: _Mount, own_path: str | None) -> list[str]:
+    """The components of this process's cgroup path below the mount point ([] if not
+    visible in the mount)."""
     if own_path is None:
-        return mount.point
+        return []
     root = mount.root.rstrip("/")
     if own_path != root and not own_path.startswith(root + "/"):
-        return mount.point
+        return []
     rel = own_path[len(root) :].strip("/")
+    return rel.split("/") if rel else []
+
+
+def _own_dir(mount: _Mount, own_path: str | None) -> Path:
+    """The directory of this process's cgroup in the mount (the mount point if not visible)."""
+    parts = _own_parts(mount, own_path)
     # an agent already inside a device group nests new groups beside it, not inside it
-    parts = rel.split("/") if rel else []
     if PARENT_GROUP in parts:
         parts = parts[: parts.index(PARENT_GROUP)]
     return mount.point.joinpath(*parts)
@@ -533,58 +526,7 @@ def group_name(testbed: str, device: str) -> str:
     return f"{testbed}-{device}"
 
 
-# --------------------------------------------------------------------------- burners
-
-# Runs in a bare interpreter (-I -S: nothing imported but the stdlib, fast start). Aims at a
-# cumulative CPU time of duty * period per period, so the loop's own overhead counts, and CPU
-# it was denied (starved, throttled) is caught up on, up to debt_periods' worth; CPU spent
-# idling earns no credit beyond one period's worth. A busy phase lasts at most one period of
-# wall time; then it sleeps to the next period boundary (if not behind) while listening on
-# stdin for a new duty. Exits on EOF (the pipe's writer closed or died) or when its parent
-# changes (the agent died).
-_BURNER_CODE = """
-import os, select, signal, sys, time
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-parent, period, debt_periods = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
-fd = sys.stdin.fileno()
-duty, buf = 0.0, b""
-os.write(sys.stdout.fileno(), b"ready\\n")
-next_t, target = time.monotonic(), time.process_time()
-while os.getppid() == parent:
-    start = time.monotonic()
-    budget, now = duty * period, time.process_time()
-    target = min(max(target, now - budget), now + budget * (debt_periods - 1)) + budget
-    while time.process_time() < target and time.monotonic() - start < period:
-        pass
-    next_t = max(next_t + period, time.monotonic())
-    while True:
-        ready = select.select([fd], [], [], max(0.0, next_t - time.monotonic()))[0]
-        if not ready:
-            break
-        data = os.read(fd, 4096)
-        if not data:
-            sys.exit(0)
-        *lines, buf = (buf + data).split(b"\\n")
-        for line in lines:
-            if line.strip():
-                duty = min(1.0, max(0.0, float(line)))
-        if time.monotonic() >= next_t:
-            break
-"""
-
-
-def _proc_cpu_s(pid: int) -> float | None:
-    """CPU time (s) of process pid so far, also while a zombie; None if it is gone."""
-    try:
-        # schedstat: on-CPU time in ns; stat only has 10 ms ticks
-        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
+# --------------------------------------------------------------------------- host
 
 
 def kernel_oom_kills() -> int | None:
@@ -596,178 +538,6 @@ def kernel_oom_kills() -> int | None:
     except OSError:
         return None
     return None
-
-
-class Burners:
-    """Background CPU load: a fraction of a device's cores, burnt by child processes.
-
-    Processes, not threads, so the load is real CPU outside our GIL. Each burner takes at
-    most one core; a load above one core is spread over several equal burners.
-    """
-
-    def __init__(self, cores: float, cgroup: CgroupLimits | None = None) -> None:
-        """Burners for a device of cores CPU cores, placed into cgroup if given."""
-        if not math.isfinite(cores) or cores <= 0:
-            raise ValueError(f"cores must be > 0, got {cores}")
-        self._cores = float(cores)
-        self._cgroup = cgroup
-        self._procs: list[subprocess.Popen[bytes]] = []
-        self._fraction = 0.0
-        self._spent_s = 0.0  # CPU time of burners already reaped
-
-    @property
-    def cores(self) -> float:
-        """The device's CPU share (cores) the load is a fraction of."""
-        return self._cores
-
-    @property
-    def load(self) -> float:
-        """The fraction (0..1) of cores being burnt."""
-        return self._fraction
-
-    @property
-    def pids(self) -> list[int]:
-        """The running burner processes."""
-        return [p.pid for p in self._procs]
-
-    def set_load(self, fraction: float) -> None:
-        """Burn fraction (0..1) of the device's cores from now on; 0 stops all burners.
-
-        Starting burners blocks until they run (an interpreter start, tens of ms).
-        """
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"load fraction must be in [0, 1], got {fraction}")
-        total = fraction * self._cores
-        count = math.ceil(total - 1e-9) if total > 0 else 0
-        while len(self._procs) > count:
-            self._stop_one(self._procs.pop())
-        while len(self._procs) < count:
-            self._procs.append(self._start())
-        self._fraction = float(fraction)
-        for proc in list(self._procs):
-            self._send(proc, total / count)
-
-    def _start(self) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                *("-I", "-S", "-c", _BURNER_CODE),
-                *(str(os.getpid()), repr(BURN_PERIOD_S), repr(BURN_DEBT_PERIODS)),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        try:
-            assert proc.stdout is not None
-            ready = select.select([proc.stdout], [], [], _BURNER_START_TIMEOUT_S)[0]
-            line = proc.stdout.readline() if ready else b""
-            if line != b"ready\n":
-                raise LimitsError(Path(f"/proc/{proc.pid}"), "burner did not start")
-            proc.stdout.close()
-            # it idles until told its duty, so none of its load escapes the group
-            if self._cgroup is not None:
-                self._cgroup.add(proc.pid)
-        except BaseException:
-            self._stop_one(proc)
-            raise
-        return proc
-
-    def _send(self, proc: subprocess.Popen[bytes], duty: float) -> None:
-        assert proc.stdin is not None
-        try:
-            proc.stdin.write(f"{duty!r}\n".encode())
-            proc.stdin.flush()
-        except BrokenPipeError:
-            # it died (killed from outside): replace it so the load stays what was asked
-            self._procs.remove(proc)
-            self._stop_one(proc)
-            replacement = self._start()
-            self._procs.append(replacement)
-            self._send(replacement, duty)
-
-    def _stop_one(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.returncode is None:
-            proc.kill()
-        # the zombie still shows its CPU time until reaped
-        self._spent_s += _proc_cpu_s(proc.pid) or 0.0
-        try:
-            proc.wait(timeout=_BURNER_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired as exc:
-            raise LimitsError(Path(f"/proc/{proc.pid}"), "burner did not exit on SIGKILL") from exc
-        finally:
-            for pipe in (proc.stdin, proc.stdout):
-                if pipe is not None:
-                    with contextlib.suppress(OSError):
-                        pipe.close()
-
-    def stop(self) -> None:
-        """Kill and reap every burner; idempotent."""
-        while self._procs:
-            self._stop_one(self._procs.pop())
-        self._fraction = 0.0
-
-    def cpu_seconds(self) -> float:
-        """CPU time (s) all burners of this object have used so far."""
-        live = sum(_proc_cpu_s(p.pid) or 0.0 for p in self._procs)
-        return self._spent_s + live
-
-    def __enter__(self) -> Burners:
-        """Itself; stop() on exit."""
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        """Stop every burner."""
-        self.stop()
-
-
-# --------------------------------------------------------------------------- pacing
-
-
-def effective_share(cores: float, background_fraction: float) -> float:
-    """The cores left to our work on a device of cores with background_fraction (0..1) busy."""
-    if not math.isfinite(cores) or cores < 0:
-        raise ValueError(f"cores must be >= 0, got {cores}")
-    if not 0.0 <= background_fraction <= 1.0:
-        raise ValueError(f"background fraction must be in [0, 1], got {background_fraction}")
-    return cores * (1.0 - background_fraction)
-
-
-class Pacer:
-    """Time dilation: work that used cpu_s of CPU here lasts cpu_s / share of wall time.
-
-    Pure arithmetic; the caller measures (time.thread_time around the work), then sleeps
-    the returned time with asyncio.
-    """
-
-    def __init__(self, share: float) -> None:
-        """A device with share (cores, > 0) of this host's CPU speed."""
-        self._share = _check_share(share)
-
-    @property
-    def share(self) -> float:
-        """The device's share (cores) of this host's CPU."""
-        return self._share
-
-    def set_share(self, share: float) -> None:
-        """Pace later work for share cores (> 0)."""
-        self._share = _check_share(share)
-
-    def pace_s(self, cpu_s: float, elapsed_s: float) -> float:
-        """Extra wait (s) so work of cpu_s CPU seconds, elapsed_s in, lasts cpu_s / share."""
-        if not math.isfinite(cpu_s) or cpu_s < 0:
-            raise ValueError(f"cpu time must be >= 0 s, got {cpu_s}")
-        if not math.isfinite(elapsed_s) or elapsed_s < 0:
-            raise ValueError(f"elapsed time must be >= 0 s, got {elapsed_s}")
-        return max(0.0, cpu_s / self._share - elapsed_s)
-
-
-def _check_share(share: float) -> float:
-    if not math.isfinite(share) or share <= 0:
-        raise ValueError(f"share must be > 0 cores, got {share}")
-    return float(share)
-
-
-# --------------------------------------------------------------------------- host
 
 
 def host_cores() -> float:
@@ -801,13 +571,7 @@ def _own_cpu_quota_cores() -> float | None:
 
 def _own_dir_unstripped(mount: _Mount, own_path: str | None) -> Path:
     """The directory of our own cgroup, even inside a device group (its quota binds us)."""
-    if own_path is None:
-        return mount.point
-    root = mount.root.rstrip("/")
-    if own_path != root and not own_path.startswith(root + "/"):
-        return mount.point
-    rel = own_path[len(root) :].strip("/")
-    return mount.point / rel if rel else mount.point
+    return mount.point.joinpath(*_own_parts(mount, own_path))
 
 
 def _level_quota_cores(level: Path, version: str) -> float | None:

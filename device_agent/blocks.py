@@ -1,0 +1,280 @@
+"""The blocks a device holds, under its memory budget, and how they come and go.
+
+``DeviceBlocks`` admits blocks against the budget before anything is fetched or allocated,
+loads them (from this device's checkpoint, or with weights FETCHed from a peer over the
+data plane), migrates them out as ``llm.state`` blobs and takes them in (acknowledging or
+refusing to the sender), and serves peers' fetches of its weights. Torch work runs in the
+agent's single compute thread; the event loop only waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
+
+from control_plane import protocol as proto
+from device_agent.dataplane import SEND_TIMEOUT_S, DataPlane
+from device_agent.epochs import Epochs
+from device_agent.wire import Frame, Kind
+from llm.blocks import BlockTable
+from llm.runtime import BlockHost
+from llm.state import BlockState, block_state, dump_state, load_state
+from llm.torch_blocks import FFNBlock, KVGroupBlock, ProjBlock, parse_block_name
+
+log = logging.getLogger("edgepart.agent")
+
+#: longest wait (s) for a peer's answer to a FETCH: its read of the block, one shaped send
+FETCH_TIMEOUT_S = SEND_TIMEOUT_S + 30.0
+
+
+class CommandRefused(RuntimeError):
+    """A command the agent will not carry out (e.g. over its memory budget)."""
+
+
+class DeviceBlocks:
+    """One device's block host, its memory budget, and the block transfers in and out."""
+
+    def __init__(
+        self,
+        host: BlockHost,
+        table: BlockTable,
+        budget_bytes: int,
+        plane: DataPlane,
+        epochs: Epochs,
+        compute: Executor,
+        errors: Counter[str],
+    ) -> None:
+        self.name = host.name
+        self.host = host
+        self.spec = host.arch.spec
+        self.table = table
+        self.budget = int(budget_bytes)  # bytes the device offers to edgepart
+        self.incoming = 0  # bytes of blocks being adopted (admitted, not yet held)
+        self.plane = plane
+        self.epochs = epochs
+        self.compute = compute  # the agent's one compute thread
+        self.errors = errors  # the agent's failure counts by kind
+        self.acks: dict[tuple[int, str], asyncio.Future] = {}  # (epoch, block) -> ack/error
+        #: (request number, block) -> the peer's answer to a FETCH: state bytes, or an error
+        self.fetches: dict[tuple[int, str], asyncio.Future] = {}
+        self.fetch_requests = 0  # FETCH request numbers start at 1 (token 0 is a migration's)
+
+    # -- memory ------------------------------------------------------------------------
+    def used_bytes(self) -> int:
+        """Bytes of weights and KV caches held."""
+        return self.host.weight_bytes() + self.host.cache_bytes() + self.incoming
+
+    def block_bytes(self, block: str, length: int) -> int:
+        """Bytes a block will take when held with ``length`` cached positions."""
+        kind = parse_block_name(block).kind
+        if kind == "embed":
+            return int(self.table.source_weight_bytes)
+        if kind == "head":
+            return 0 if self.spec.tied_embeddings else int(self.table.source_weight_bytes // 2)
+        return int(self.table.memory_bytes(length)[self.table.index(block)])
+
+    def admit(self, blocks: Sequence[str], length: int) -> None:
+        """Refuse (CommandRefused) blocks that would not fit the budget next to what is held."""
+        need = sum(self.block_bytes(b, length) for b in blocks)
+        used = self.used_bytes()
+        if used + need > self.budget:
+            raise CommandRefused(
+                f"{self.name}: holding {', '.join(blocks)} needs {need} bytes on top of "
+                f"{used}, over the budget of {self.budget} bytes"
+            )
+
+    # -- loads and drops ---------------------------------------------------------------
+    async def load(self, cmd: proto.Load) -> dict:
+        """Hold the named blocks, read from disk or with weights from the named peer."""
+        todo = [b for b in cmd.blocks if b not in self.host.blocks]
+        order = sorted(todo, key=lambda b: b != "embed")  # a tied head needs the embedding
+        peer = cmd.peer if cmd.weights_from == "peer" else None
+        if cmd.weights_from == "peer" and peer is None:
+            raise ValueError("a load with weights from a peer names no peer")
+        if peer == self.name:
+            peer = None  # the device with the checkpoint reads its own
+        self.admit(order, 0)  # before anything is fetched or allocated
+        start = time.monotonic()
+        loop = asyncio.get_running_loop()
+        for block in order:
+            if peer is None:
+                await loop.run_in_executor(self.compute, self.host.load, block)
+                continue
+            need = self.block_bytes(block, 0)
+            self.incoming += need  # admitted: counted while its weights are on the way
+            try:
+                state = await self._fetch_weights(peer, block)
+                await loop.run_in_executor(self.compute, self.host.load, block, state.weights)
+            finally:
+                self.incoming -= need
+        return {"seconds": time.monotonic() - start}
+
+    async def drop(self, cmd: proto.Drop) -> None:
+        """Free the named blocks held here."""
+        for block in cmd.blocks:
+            if block in self.host.blocks:
+                self.host.drop(block)
+
+    def drop_unplaced(self, placement: Mapping[str, str]) -> None:
+        """Free the blocks a placement puts elsewhere (old copies no longer routed to)."""
+        for block in list(self.host.blocks):
+            if placement.get(block) != self.name:
+                self.host.drop(block)
+
+    async def reset_caches(self) -> None:
+        """Empty every KV cache held, in the compute thread (after any step still there)."""
+
+        def reset() -> None:
+            for block in self.host.held():
+                if isinstance(block, KVGroupBlock):
+                    block.reset()
+
+        await asyncio.get_running_loop().run_in_executor(self.compute, reset)
+
+    # -- weights from a peer -----------------------------------------------------------
+    async def _fetch_weights(self, peer: str, block: str) -> BlockState:
+        """A block's weights from a peer over the data plane: FETCH, then its BLOCK_STATE
+        (or ERROR) answer with the same request number; every wait is bounded."""
+        await self.epochs.endpoint_known(peer)
+        self.fetch_requests += 1
+        key = (self.fetch_requests, block)
+        fut = self.fetches[key] = asyncio.get_running_loop().create_future()
+        epoch = max(self.epochs.current, 0)
+        try:
+            request = Frame(Kind.FETCH, epoch, key[0], block, self.name.encode())
+            await self.plane.send(peer, request, SEND_TIMEOUT_S)
+            kind, payload = await asyncio.wait_for(fut, FETCH_TIMEOUT_S)
+        finally:
+            self.fetches.pop(key, None)
+        if kind == Kind.ERROR:
+            raise RuntimeError(f"{peer} did not serve {block}: {payload.decode(errors='replace')}")
+        state = load_state(payload, expect_model=self.spec.name)
+        if state.block != block or not state.weights:
+            raise ValueError(f"{peer} answered the fetch of {block} with no weights of it")
+        return state
+
+    async def serve_fetch(self, frame: Frame) -> None:
+        """Answer a peer's FETCH: the block's weights (the copy held here, else read from this
+        device's checkpoint) as a BLOCK_STATE, or an ERROR with the reason; same token."""
+        try:
+            requester = frame.payload.decode("utf-8")
+        except UnicodeDecodeError:
+            requester = ""
+        if frame.token == 0 or not requester or requester == self.name:
+            self.plane.count_bad(f"fetch: bad request (token {frame.token}, {frame.payload!r})")
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            answer = await loop.run_in_executor(
+                self.compute, lambda: dump_state(self.host.weights_of(frame.name))
+            )
+            kind = Kind.BLOCK_STATE
+        except (ValueError, KeyError, OSError, RuntimeError) as exc:
+            answer = f"{self.name} cannot serve the weights of {frame.name}: {exc}".encode()
+            kind = Kind.ERROR
+        try:
+            await self.epochs.endpoint_known(requester)
+            reply = Frame(kind, frame.epoch, frame.token, frame.name, answer)
+            await self.plane.send(requester, reply, SEND_TIMEOUT_S)
+        except (ConnectionError, TimeoutError) as exc:
+            self.errors["fetch"] += 1
+            log.warning(
+                "%s: answering %s's fetch of %s failed: %r", self.name, requester, frame.name, exc
+            )
+
+    def answer_fetch(self, frame: Frame) -> None:
+        """A peer's answer (BLOCK_STATE or ERROR) to a FETCH of ours."""
+        fut = self.fetches.get((frame.token, frame.name))
+        if fut is None or fut.done():
+            self.errors["late_fetch_answer"] += 1
+            return
+        fut.set_result((frame.kind, frame.payload))
+
+    # -- migrations --------------------------------------------------------------------
+    async def migrate(self, cmd: proto.Migrate) -> dict:
+        """Stream a block (a group's KV cache, weights if asked) to the target; done when it
+        acks. Every kind travels as an llm.state blob; with weights the target reads nothing
+        from its own disk."""
+        block = self.host[cmd.block]
+        if not isinstance(block, KVGroupBlock | ProjBlock | FFNBlock):
+            raise ValueError(f"{cmd.block} is pinned to this device")
+        payload = await asyncio.get_running_loop().run_in_executor(
+            self.compute,
+            lambda: dump_state(block_state(block, self.spec.name, with_weights=cmd.with_weights)),
+        )
+        key = (cmd.epoch, cmd.block)
+        fut = self.acks[key] = asyncio.get_running_loop().create_future()
+        start = time.monotonic()
+        try:
+            await self.plane.send(
+                cmd.to, Frame(Kind.BLOCK_STATE, cmd.epoch, 0, cmd.block, payload), SEND_TIMEOUT_S
+            )
+            error = await asyncio.wait_for(fut, SEND_TIMEOUT_S)
+        finally:
+            self.acks.pop(key, None)
+        if error:
+            raise CommandRefused(error)
+        # the target holds it now and no token runs during a switch: free it here at once,
+        # so what this device receives in the same re-plan finds the room
+        self.host.drop(cmd.block)
+        return {"bytes_moved": float(len(payload)), "seconds": time.monotonic() - start}
+
+    def migration_answered(self, frame: Frame) -> None:
+        """The target's ACK (or ERROR with its reason) of a block this device migrated."""
+        fut = self.acks.get((frame.epoch, frame.name))
+        if fut is not None and not fut.done():
+            error = frame.payload.decode(errors="replace") if frame.kind == Kind.ERROR else ""
+            fut.set_result(error)
+
+    async def receive(self, frame: Frame) -> None:
+        """Take a migrated block, then acknowledge (or refuse) to the sender."""
+        # the epoch the move leaves names the sender, and its switch may free memory here
+        try:
+            leaving = await self.epochs.wait_for(frame.epoch - 1)
+            sender = leaving.placement[frame.name]
+        except (TimeoutError, KeyError):  # no one to answer: counted as bad input
+            self.plane.count_bad(
+                f"block state: {frame.name[:40]!r} has no sender in epoch {frame.epoch - 1}"
+            )
+            return
+        error = ""
+        try:
+            await self._adopt(frame)
+        except (CommandRefused, ValueError, KeyError) as exc:
+            error = str(exc)
+            if not isinstance(exc, CommandRefused):  # a bad blob, not a refusal: count it
+                self.plane.count_bad(f"block state: {error}")
+        kind = Kind.ERROR if error else Kind.ACK
+        await self.plane.send(
+            sender, Frame(kind, frame.epoch, 0, frame.name, error.encode()), SEND_TIMEOUT_S
+        )
+
+    async def _adopt(self, frame: Frame) -> None:
+        """Hold a migrated block within the budget: from the state's weights when it carries
+        them (no disk read), else from this device's checkpoint; a group takes the state's
+        cache. Raises CommandRefused, or ValueError/KeyError for a bad blob."""
+        state = load_state(frame.payload, expect_model=self.spec.name) if frame.payload else None
+        if state is not None and state.block != frame.name:
+            raise ValueError(f"the state sent as {frame.name} is of {state.block}")
+        length = state.length if state is not None else 0
+        if frame.name in self.host.blocks:
+            raise CommandRefused(f"{self.name} already holds {frame.name}")
+        self.admit([frame.name], length)
+        need = self.block_bytes(frame.name, length)
+        self.incoming += need
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self.compute, self._hold, frame.name, state)
+        finally:
+            self.incoming -= need
+
+    def _hold(self, name: str, state: BlockState | None) -> None:
+        """In the compute thread: build a received block from its state, or load it."""
+        if state is None:
+            self.host.load(name)
+            return
+        self.host.restore(state)
