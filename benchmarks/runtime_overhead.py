@@ -343,7 +343,7 @@ def control_overhead(run: dict[str, Any]) -> dict[str, Any]:
 
 def monolithic_reference(tokens: int, rounds: int) -> dict[str, Any]:
     """Per-step decode time of the in-process monolithic model at 1 torch thread."""
-    from emulator.backends.local import prompt_ids
+    from emulator.job import prompt_ids
     from llm.loader import open_model
     from llm.runtime import monolithic
 
