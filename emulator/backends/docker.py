@@ -117,17 +117,11 @@ def run_docker(
     """
     from emulator.backends.local import cpu_shares
     from emulator.host_limits import host_cores
-    from emulator.images import ImageBuildError, build_image, image_exists, image_is_current
+    from emulator.images import image_exists
     from llm.host_profile import cache_path, host_profile
 
     say = status or (lambda _msg: None)
-    if not image_is_current(image):
-        # the containers must run this tree's code: rebuild (only the code layer changes)
-        say(f"building {image} from this tree (edgepart testbed build)")
-        try:
-            build_image(image, progress=lambda _line: None)
-        except ImageBuildError as exc:
-            raise DockerBackendError(f"the image {image} could not be built: {exc}") from None
+    _ensure_image(image, say)
     ref = container_model_ref(scenario)
     profile = host_profile(ref, threads=1, progress=say)
     shares = cpu_shares(scenario, profile.reference_gflops, host_cores())
@@ -155,17 +149,7 @@ def run_docker(
         logs = _follow(directory, project, "testbed", on_line)
         if on_finished is not None:
             on_finished()
-        code = _exit_code(project, "testbed")
-        path = directory / "out" / "result.json"
-        if code != 0 or not path.is_file():
-            controller = compose(directory, project, "logs", "--no-color", "controller")
-            tail = docker_cli.tail(controller, 20)
-            raise DockerBackendError(
-                f"the testbed driver exited with {code}:\n{logs[-2000:]}\ncontroller:\n{tail}"
-            )
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if "error" in saved:
-            raise DockerBackendError(f"the run failed: {saved['error']}")
+        saved = _saved_result(directory, project, logs)
     finally:
         if not keep:
             down(directory, project)
@@ -178,6 +162,37 @@ def run_docker(
         directory=directory,
         logs=logs,
     )
+
+
+def _ensure_image(image: str, say: Callable[[str], None]) -> None:
+    """Rebuild the image when its code is not this tree's: the containers must run this
+    tree's code (only the code layer changes)."""
+    from emulator.images import ImageBuildError, build_image, image_is_current
+
+    if image_is_current(image):
+        return
+    say(f"building {image} from this tree (edgepart testbed build)")
+    try:
+        build_image(image, progress=lambda _line: None)
+    except ImageBuildError as exc:
+        raise DockerBackendError(f"the image {image} could not be built: {exc}") from None
+
+
+def _saved_result(directory: Path, project: str, logs: str) -> dict:
+    """The summary the driver saved once it exited (DockerBackendError when it failed, with
+    its output and the controller's last lines)."""
+    code = _exit_code(project, "testbed")
+    path = directory / "out" / "result.json"
+    if code != 0 or not path.is_file():
+        controller = compose(directory, project, "logs", "--no-color", "controller")
+        tail = docker_cli.tail(controller, 20)
+        raise DockerBackendError(
+            f"the testbed driver exited with {code}:\n{logs[-2000:]}\ncontroller:\n{tail}"
+        )
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if "error" in saved:
+        raise DockerBackendError(f"the run failed: {saved['error']}")
+    return saved
 
 
 def _follow(
