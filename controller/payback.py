@@ -1,6 +1,6 @@
 """Whether a switch pays: the gain it buys over how long the change lasts, against its stall.
 
-A switch is two phases (DESIGN: migration). Prepare builds the incoming blocks' weights on
+A switch is two phases (docs/design.md, migration). Prepare builds the incoming blocks' weights on
 their targets in the background while tokens still run on the current placement, so it
 costs no stall, but the new placement helps only once it is done. Commit, at a token
 boundary, sends the moved KV caches and switches the epoch: that is the stall. A switch

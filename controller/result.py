@@ -7,14 +7,14 @@
 - ``RunRecord``: one run of a scenario under one algorithm on a backend (``sim``,
   ``local``, ``docker``): the result plus how it ran (text, telemetry, isolation, CPU
   shares). ``to_json()`` is the object ``simulate --json`` and ``emulate --json`` print
-  (DESIGN's keys) and the report (``emulator.report``) reads the same fields.
+  (the keys of docs/design.md) and the report (``emulator.report``) reads the same fields.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-#: DESIGN's ``simulate --json`` keys, exactly (``emulate --json`` prints more)
+#: the ``simulate --json`` keys of docs/design.md, exactly (``emulate --json`` prints more)
 SIM_KEYS = (
     "algorithm", "backend", "per_token_s", "total_s", "migrations", "migration_s",
     "peak_memory_bytes", "replans",
@@ -44,7 +44,7 @@ class SwitchRecord:
 
 @dataclass
 class RunResult:
-    """What a generation measured (DESIGN's emulate keys via ``summary``)."""
+    """What a generation measured (the emulate keys of docs/design.md via ``summary``)."""
 
     algorithm: str
     output_token_ids: list[int] = field(default_factory=list)
@@ -114,7 +114,8 @@ class RunResult:
         return cls(**kept, tokens=tokens, hop_overhead_s=overheads, switches=switches)
 
     def summary(self) -> dict:
-        """DESIGN's emulate JSON keys a live run measures (the backend adds text and setup)."""
+        """The emulate JSON keys (docs/design.md) a live run measures (the backend adds text
+        and setup)."""
         return {
             "algorithm": self.algorithm,
             "per_token_s": self.per_token_s,
@@ -155,8 +156,8 @@ class RunRecord:
     start_s: float | None = None  # from the testbed's start to every device up (s)
 
     def to_json(self) -> dict:
-        """The CLI's ``simulate --json`` / ``emulate --json`` object (DESIGN's keys)."""
-        if self.backend == "sim":  # the cost model's run: DESIGN's simulate keys, exactly
+        """The CLI's ``simulate --json`` / ``emulate --json`` object (keys: docs/design.md)."""
+        if self.backend == "sim":  # the cost model's run: the simulate keys, exactly
             data = {**self.result.summary(), "backend": self.backend}
             return {key: data[key] for key in SIM_KEYS}
         data = {

@@ -4,7 +4,7 @@ This is the ``testbed`` service of a rendered compose project (``edgepart testbe
 It waits on the controller's turns (``run/world``), applies the traces due then through the
 agents' commands (CPU burners, memory budgets, link rates) or by killing the device's
 container, answers ``run/world_ready``, prints every token the controller announces, and
-finally prints the text and saves the result (DESIGN's emulate JSON) where it is told.
+finally prints the text and saves the result (the emulate JSON of docs/design.md) where it is told.
 """
 
 from __future__ import annotations
@@ -232,7 +232,8 @@ def docker_start(project: str) -> StartDevice:
 
 
 def save_outcome(outcome: proto.RunOutcome, text: str, out_dir: Path) -> Path:
-    """Write the run's JSON (DESIGN's emulate keys plus the text) to out_dir/result.json."""
+    """Write the run's JSON (the emulate keys of docs/design.md plus the text) to
+    out_dir/result.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "result.json"
     data = {**outcome.result, "backend": "docker", "text": text}

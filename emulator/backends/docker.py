@@ -5,7 +5,8 @@ directory, starts it with ``docker compose up`` (the ``calibrate`` service first
 broker, one agent container per device, the controller and the ``testbed`` driver), follows
 the driver's output until it exits, reads the result it saved, and removes every container,
 network and volume of the project, also on error or Ctrl-C. The JSON has the local
-backend's keys (DESIGN's emulate keys). Every docker call goes through ``emulator.docker_cli``.
+backend's keys (the emulate keys of docs/design.md). Every docker call goes through
+``emulator.docker_cli``.
 """
 
 from __future__ import annotations

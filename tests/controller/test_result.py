@@ -1,5 +1,5 @@
 """A live run's result survives its JSON summary (a controller in a container sends it), and
-the one run record prints DESIGN's keys for every backend."""
+the one run record prints the keys of docs/design.md for every backend."""
 
 from __future__ import annotations
 
