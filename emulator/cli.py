@@ -128,17 +128,17 @@ def testbed_up(
     from emulator import docker_cli
     from emulator.backends.docker import UP_TIMEOUT_S
     from emulator.compose import BROKER_IMAGE, write_project
-    from emulator.images import ImageBuildError, build_image, image_exists, image_is_current
+    from emulator.images import ImageBuildError, ensure_current, image_exists
     from emulator.testbed_secrets import SecretsError
     from llm.host_profile import cache_path
 
     sc = open_scenario(scenario)
-    if not image_is_current(image):
-        err.print(f"building {image} from this tree (edgepart testbed build)")
-        try:
-            build_image(image, progress=lambda line: err.print(f"  {line}", highlight=False))
-        except ImageBuildError as exc:
-            raise fail(str(exc), 1) from None
+    try:
+        ensure_current(
+            image, say=err.print, progress=lambda line: err.print(f"  {line}", highlight=False)
+        )
+    except ImageBuildError as exc:
+        raise fail(str(exc), 1) from None
     broker = BROKER_IMAGE if image_exists(BROKER_IMAGE) else image
     ref, options = _render_options(sc, algorithm, image, swarm, broker_image=broker, tls=tls)
     name, directory = _project(sc, project_dir)

@@ -18,6 +18,7 @@ from control_plane import protocol as proto
 from controller.view import PlanningWindow, ResourceView
 from emulator.backends.sim import apply_due_traces, initial_state
 from emulator.scenario import (
+    MIB,
     FailTrace,
     JoinTrace,
     LinkTrace,
@@ -26,7 +27,6 @@ from emulator.scenario import (
     Scenario,
     Trace,
 )
-from emulator.world import MIB
 
 #: sends one command to a device's agent and returns its reply
 SendCommand = Callable[[str, object], Awaitable[proto.Reply]]

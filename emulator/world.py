@@ -8,6 +8,7 @@ import numpy as np
 
 from controller.view import PlanningWindow, ResourceView
 from emulator.scenario import (
+    MIB,
     FailTrace,
     JoinTrace,
     LinkTrace,
@@ -16,8 +17,6 @@ from emulator.scenario import (
     Scenario,
     Trace,
 )
-
-MIB = 2**20
 
 
 @dataclass

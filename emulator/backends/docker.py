@@ -118,11 +118,14 @@ def run_docker(
     """
     from emulator.backends.local import cpu_shares
     from emulator.host_limits import host_cores
-    from emulator.images import image_exists
+    from emulator.images import ImageBuildError, ensure_current, image_exists
     from llm.host_profile import cache_path, host_profile
 
     say = status or (lambda _msg: None)
-    _ensure_image(image, say)
+    try:
+        ensure_current(image, say=say)
+    except ImageBuildError as exc:
+        raise DockerBackendError(f"the image {image} could not be built: {exc}") from None
     ref = container_model_ref(scenario)
     profile = host_profile(ref, threads=1, progress=say)
     shares = cpu_shares(scenario, profile.reference_gflops, host_cores())
@@ -163,20 +166,6 @@ def run_docker(
         directory=directory,
         logs=logs,
     )
-
-
-def _ensure_image(image: str, say: Callable[[str], None]) -> None:
-    """Rebuild the image when its code is not this tree's: the containers must run this
-    tree's code (only the code layer changes)."""
-    from emulator.images import ImageBuildError, build_image, image_is_current
-
-    if image_is_current(image):
-        return
-    say(f"building {image} from this tree (edgepart testbed build)")
-    try:
-        build_image(image, progress=lambda _line: None)
-    except ImageBuildError as exc:
-        raise DockerBackendError(f"the image {image} could not be built: {exc}") from None
 
 
 def _saved_result(directory: Path, project: str, logs: str) -> dict:

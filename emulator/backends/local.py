@@ -40,8 +40,7 @@ from controller.orchestrator import Controller
 from controller.result import ControllerError, RunRecord, RunResult
 from emulator.job import controller_config, model_ref, prompt_ids
 from emulator.live_world import World
-from emulator.scenario import Scenario
-from emulator.world import MIB
+from emulator.scenario import MIB, Scenario
 
 if TYPE_CHECKING:  # torch comes with the model: opened only when a run starts
     from llm.blocks import BlockTable
