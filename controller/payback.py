@@ -142,7 +142,7 @@ class ChangeHistory:
         values = np.concatenate([np.ravel(compute_gflops), np.ravel(bandwidth_mbit)])
         values = np.nan_to_num(values.astype(float), posinf=0.0)
         if self.levels is None or self.levels.shape != values.shape:
-            self.levels, self.started = values.copy(), np.full(values.shape, token)
+            self.levels, self.started = values.copy(), np.full(values.shape, -1)
             return False
         assert self.started is not None
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -150,8 +150,9 @@ class ChangeHistory:
         moved = np.where(self.levels == 0, values != 0, moved >= CHANGE_THRESHOLD)
         if not moved.any():
             return False
-        # episodes that had begun before the first observation are counted from there
-        self.lengths.extend(int(token - s) for s in self.started[moved] if token > s)
+        # only episodes that began with a change count: the state the run started in says
+        # nothing about how long a change lasts (its start was not a change)
+        self.lengths.extend(int(token - s) for s in self.started[moved] if 0 <= s < token)
         self.levels[moved] = values[moved]
         self.started[moved] = token
         self.last_change = token
@@ -164,7 +165,7 @@ class ChangeHistory:
         values = np.concatenate([np.ravel(compute_gflops), np.ravel(bandwidth_mbit)])
         values = np.nan_to_num(values.astype(float), posinf=0.0)
         if self.levels is None or self.levels.shape != values.shape:
-            self.levels, self.started = values.copy(), np.full(values.shape, token)
+            self.levels, self.started = values.copy(), np.full(values.shape, -1)
         self.levels = values.copy()
 
     def expected_persistence(self, token: int, default_tokens: int) -> int:

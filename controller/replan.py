@@ -15,6 +15,7 @@ from controller.payback import (
     SwitchEstimate,
 )
 from controller.payback import worth_switching as payback_worth
+from controller.switch import SwitchPlan
 from controller.view import PlanningWindow, ResourceView
 from llm.blocks import BlockTable
 
@@ -127,23 +128,19 @@ class ReplanPolicy:
         """A decision was taken on ``view``: changes count from it."""
         self.decided_on = view
 
-    def estimate(
-        self,
-        table: BlockTable,
-        view: ResourceView,
-        current: np.ndarray,
-        new: np.ndarray,
-    ) -> SwitchEstimate:
-        """What switching from ``current`` to ``new`` costs and saves, on the view's window."""
+    def estimate(self, table: BlockTable, view: ResourceView, plan: SwitchPlan) -> SwitchEstimate:
+        """What carrying ``plan`` out costs and saves, on the view's window: the per-token
+        delay before and after (inf where memory does not hold over the horizon), the
+        plan's prepare time and commit stall."""
         w = view.window
-        pair = np.stack([current, new])
+        pair = np.stack([plan.current, plan.target])
         fits = cost.fits(table, view, pair, w.interval_end_context)
         token_s = np.where(fits, cost.per_token_s(table, view, pair, w.mean_context), np.inf)
         return SwitchEstimate(
             current_token_s=float(token_s[0]),
             new_token_s=float(token_s[1]),
-            prepare_s=float(cost.prepare_s(table, view, current, new)),
-            commit_s=float(cost.commit_s(table, view, current, new, w.context_tokens)),
+            prepare_s=plan.prepare_s,
+            commit_s=plan.commit_s,
             horizon_tokens=w.horizon_tokens,
             tokens_left=max(1, w.final_context - w.context_tokens),
         )
