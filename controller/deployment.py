@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -95,6 +94,7 @@ class Deployment:
         """``command`` sends a command to an agent and waits for its reply, ``publish``
         publishes on the broker, ``next_id`` gives a fresh command id."""
         self.config = config
+        self.clock = config.clock
         self.telemetry = telemetry
         self.command = command
         self.publish = publish
@@ -144,7 +144,7 @@ class Deployment:
 
         async def load(device: str, blocks: list[str]) -> None:
             cmd = self.load_command(device, blocks)
-            reply = await self.command(device, cmd, LOAD_TIMEOUT_S)
+            reply = await self.command(device, cmd, self.clock.wall_s(LOAD_TIMEOUT_S))
             if not reply.ok:
                 raise ControllerError(f"{device} refused to load: {reply.error}")
             if reply.install_s:
@@ -175,7 +175,9 @@ class Deployment:
         for b in np.flatnonzero(blocks):
             by_device.setdefault(cfg.devices[target.assignment[b]], []).append(names[b])
         await _all(
-            self.expect_ok(device, self.load_command(device, lost), LOAD_TIMEOUT_S)
+            self.expect_ok(
+                device, self.load_command(device, lost), self.clock.wall_s(LOAD_TIMEOUT_S)
+            )
             for device, lost in by_device.items()
         )
         await self.publish_epoch(target)
@@ -183,7 +185,11 @@ class Deployment:
     async def reset(self, devices: list[str]) -> None:
         """Have every one of ``devices`` drop its caches (for a re-prefill)."""
         await _all(
-            self.expect_ok(device, proto.Reset(id=self.next_id(), op="reset"), RESET_TIMEOUT_S)
+            self.expect_ok(
+                device,
+                proto.Reset(id=self.next_id(), op="reset"),
+                self.clock.wall_s(RESET_TIMEOUT_S),
+            )
             for device in devices
         )
 
@@ -203,13 +209,13 @@ class Deployment:
         current = self.placement.assignment
         names = cfg.table.names
         by_target = _by_target(wave, plan.target, cfg.devices)
-        prepared = PreparedWave(wave, plan.target, context, time.monotonic())
+        prepared = PreparedWave(wave, plan.target, context, self.clock.now())
 
         async def ask(device: str, cmd: proto.Prepare) -> proto.Reply:
             try:
-                return await self.command(device, cmd, PREPARE_TIMEOUT_S)
+                return await self.command(device, cmd, self.clock.wall_s(PREPARE_TIMEOUT_S))
             finally:
-                prepared.answered = time.monotonic()
+                prepared.answered = self.clock.now()
 
         for device, blocks in by_target.items():
             peers = {}
@@ -235,7 +241,7 @@ class Deployment:
         assert self.placement is not None
         current = self.placement.assignment.copy()
         ok, refusals, refused_devices = await self._prepared(prepared)
-        start = time.monotonic()
+        start = self.clock.now()
         by_source: dict[str, dict[str, str]] = {}
         for b in ok:
             source = cfg.devices[current[b]]
@@ -247,7 +253,7 @@ class Deployment:
             nonlocal moved_bytes
             cmd = proto.Commit(id=self.next_id(), op="commit", epoch=self.epoch + 1, moves=moves)
             try:
-                reply = await self.command(source, cmd, COMMIT_TIMEOUT_S)
+                reply = await self.command(source, cmd, self.clock.wall_s(COMMIT_TIMEOUT_S))
             except ControllerError as exc:  # gone meanwhile: its blocks stay (and are lost)
                 refusals.append(str(exc))
                 return
@@ -262,7 +268,7 @@ class Deployment:
         current[committed] = prepared.targets[committed]
         if committed:
             await self.publish_epoch(Placement(current))
-        commit_s = time.monotonic() - start
+        commit_s = self.clock.now() - start
         leftover = [b for b in prepared.wave.blocks if b not in set(committed)]
         await self._discard(leftover, prepared.targets)
         return WaveDone(
@@ -287,7 +293,8 @@ class Deployment:
         by_target = _by_target(prepared.wave, prepared.targets, self.config.devices)
         for device, task in prepared.replies.items():
             try:
-                reply = await asyncio.wait_for(asyncio.shield(task), PREPARE_TIMEOUT_S)
+                wait_s = self.clock.wall_s(PREPARE_TIMEOUT_S)
+                reply = await asyncio.wait_for(asyncio.shield(task), wait_s)
             except (ControllerError, TimeoutError) as exc:
                 refusals.append(f"{device}: {exc}")
                 refused_devices.add(device)
@@ -316,7 +323,7 @@ class Deployment:
         async def discard(device: str, dropped: list[str]) -> None:
             cmd = proto.Discard(id=self.next_id(), op="discard", blocks=tuple(dropped))
             try:
-                await self.command(device, cmd, DISCARD_TIMEOUT_S)
+                await self.command(device, cmd, self.clock.wall_s(DISCARD_TIMEOUT_S))
             except ControllerError as exc:  # gone meanwhile: nothing of it is left to free
                 log.info("discard on %s: %s", device, exc)
 

@@ -102,11 +102,12 @@ class Controller:
         configured resources (for ``telemetry: configured``); ``progress(tokens, result)``
         after every token."""
         self.config = config
+        self.clock = config.clock
         self.world: WorldHooks = world or NoWorld()
         self.progress = progress
         self.algorithm = make_algorithm(config.algorithm)
         self.telemetry = TelemetryView(config, configured_view)
-        self.result = RunResult(config.algorithm)
+        self.result = RunResult(config.algorithm, time_dilation=config.time_dilation)
         self.ids = (f"c{i}" for i in itertools.count())
         self.metrics = None
         if config.metrics_port is not None:
@@ -196,9 +197,9 @@ class Controller:
         context = len(prompt)
         view = self.view(self.switching.window(0, context))
         await self.deployment.start(await self.switching.plan(view, None))
-        start = time.monotonic()
+        start = self.clock.now()
         first = await self._decode(0, prompt)
-        self.result.prefill_s = time.monotonic() - start
+        self.result.prefill_s = self.clock.now() - start
         out = self.result.output_token_ids
         out.append(first)
         await self._token_done()
@@ -219,7 +220,7 @@ class Controller:
         re-planned as due and decoded (recovered when a device dies meanwhile). What the
         boundary takes besides decoding is the run's stall."""
         cfg = self.config
-        boundary = time.monotonic()
+        boundary = self.clock.now()
         view = self.view(self.switching.window(i, context))
         self._require_source(view, i)
         if not view.alive[self.deployment.placement.assignment].all():  # type: ignore[union-attr]
@@ -230,7 +231,7 @@ class Controller:
         x = self.deployment.placement.assignment  # type: ignore[union-attr]
         model_s = float(cost.per_token_s(cfg.table, view, x, context + 1))
         predicted = self.control_overhead_s + model_s
-        start = time.monotonic()
+        start = self.clock.now()
         self.result.stall_s += start - boundary
         try:
             token = await self._decode_watched(context, [history[-1]])
@@ -238,7 +239,7 @@ class Controller:
             view = self.view(self.switching.window(i, context))
             self._require_source(view, i)
             return await self._recovered(view, history, context, start)
-        measured = time.monotonic() - start
+        measured = self.clock.now() - start
         record = TokenRecord(token, measured, predicted, context + 1, self.deployment.epoch)
         self.result.tokens.append(record)
         self.telemetry.control_rtt_s = self.control_overhead_s
@@ -288,11 +289,11 @@ class Controller:
     ) -> int:
         """Recover from the devices of the placement the view sees gone (counted and timed,
         a stall from ``since``, monotonic s); the next token."""
-        start = time.monotonic()
+        start = self.clock.now()
         token = await self._recover(view, history, context)
         self.result.recoveries += 1
-        self.result.recovery_s += time.monotonic() - start
-        self.result.stall_s += time.monotonic() - since
+        self.result.recovery_s += self.clock.now() - start
+        self.result.stall_s += self.clock.now() - since
         return token
 
     async def _recover(self, view: ResourceView, history: list[int], context: int) -> int:
@@ -327,9 +328,9 @@ class Controller:
         await self.deployment.reset(
             [n for i, n in enumerate(cfg.devices) if view.alive[i] and n not in dead]
         )
-        start = time.monotonic()
+        start = self.clock.now()
         token = await self._decode(0, history)
-        self.result.reprefill_s += time.monotonic() - start
+        self.result.reprefill_s += self.clock.now() - start
         return token
 
     # -- decoding ------------------------------------------------------------------------
@@ -363,12 +364,14 @@ class Controller:
             position=position,
             tokens=tuple(tokens),
         )
-        start = time.monotonic()
-        reply = await self.link.command(self.config.source, cmd, STEP_TIMEOUT_S)
+        start = self.clock.now()
+        timeout_s = self.clock.wall_s(STEP_TIMEOUT_S)
+        reply = await self.link.command(self.config.source, cmd, timeout_s)
         if not reply.ok or reply.token_id is None:
             raise ControllerError(f"decode at position {position} failed: {reply.error}")
         if len(tokens) == 1:  # one decode step: its way over the broker and back
-            self.control_s.append(max(0.0, time.monotonic() - start - reply.seconds))
+            program_s = self.clock.scenario_s(reply.seconds)
+            self.control_s.append(max(0.0, self.clock.now() - start - program_s))
         return reply.token_id
 
     @property

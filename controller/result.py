@@ -80,7 +80,10 @@ class RunResult:
     detection_s: list[float] = field(default_factory=list)
     reprefill_s: float = 0.0  # of recovery_s, the time re-running the history took (s)
     control_overhead_s: float = 0.0  # median control round trip per token (s)
-    wall_s: float = 0.0
+    #: the world ran this many times slower than the scenario (every time above is in
+    #: scenario time: wall / time_dilation)
+    time_dilation: float = 1.0
+    wall_s: float = 0.0  # the run's wall-clock time (s), not dilated
     failure: str | None = None
 
     @property
@@ -115,6 +118,7 @@ class RunResult:
             "migration_bytes", "replans", "failed_replans", "peak_memory_bytes", "recoveries",
             "recovery_s", "install_s", "wall_s", "latency_s", "broker_losses",
             "detection_s", "reprefill_s", "control_overhead_s", "stall_s", "replan_s",
+            "time_dilation",
         }  # fmt: skip
         kept = {k: v for k, v in data.items() if k in fields}
         overheads = {d: tuple(v) for d, v in data.get("hop_overhead_s", {}).items()}
@@ -140,6 +144,7 @@ class RunResult:
             "install_s": self.install_s,
             "stall_s": self.stall_s,
             "replan_s": self.replan_s,
+            "time_dilation": self.time_dilation,
             "hop_overhead_s": {d: list(v) for d, v in self.hop_overhead_s.items()},
             "latency_s": self.latency_s,
             "switches": [asdict(s) for s in self.switches],

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass, field
 
 from controller import cost
@@ -59,6 +58,7 @@ class Switching:
         metrics=None,
     ) -> None:
         self.config = config
+        self.clock = config.clock
         self.algorithm = algorithm
         self.deployment = deployment
         self.telemetry = telemetry
@@ -143,10 +143,10 @@ class Switching:
     async def plan(self, view: ResourceView, current: Placement | None) -> Placement:
         """The algorithm's placement on ``view`` (on a thread; timed as a re-plan)."""
         self.telemetry.refused.clear()  # the refusals were for this decision
-        start = time.monotonic()
+        start = self.clock.now()
         table = self.config.table
         placement = await asyncio.to_thread(self.algorithm.place, view, table, current)
-        took = time.monotonic() - start
+        took = self.clock.now() - start
         self.result.replans += 1
         self.result.replan_s.append(took)
         if self.metrics is not None:

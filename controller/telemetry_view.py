@@ -222,19 +222,21 @@ class TelemetryView:
             t = self.devices[name].telemetry
             if not alive[i] or t is None:
                 continue
+            # the agents measure in wall time: k times slower than the scenario's world
+            k = cfg.time_dilation
             if t.available_gflops > 0:
-                compute[i] = self._measured_gflops(name, t.available_gflops)
+                compute[i] = self._measured_gflops(name, t.available_gflops * k)
             memory[i] = self._budget(name, t.memory_budget_bytes)
             overheads[i] = (
-                self._held((name, "send"), t.send_overhead_s),
-                self._held((name, "receive"), t.receive_overhead_s),
+                self._held((name, "send"), t.send_overhead_s / k),
+                self._held((name, "receive"), t.receive_overhead_s / k),
             )
             for peer, seconds in t.peer_latency_s.items():
                 if peer in self.index and peer != name:
-                    latency[i, self.index[peer]] = self._held((name, peer), seconds)
+                    latency[i, self.index[peer]] = self._held((name, peer), seconds / k)
             for peer, rate in t.peer_throughput_mbit.items():
                 if peer in self.index and rate > 0:
-                    bandwidth[i, self.index[peer]] = rate
+                    bandwidth[i, self.index[peer]] = rate * k
         return ResourceView(
             devices=cfg.devices,
             compute_gflops=np.where(alive, compute, 0.0),
@@ -272,8 +274,12 @@ class TelemetryView:
 
     # -- what switches measured ------------------------------------------------------------
     def installed(self, device: str, install_s: dict[str, float], available_gflops: float) -> None:
-        """A load's or prepare's measured build time per block of each kind (s) on a device
-        that had ``available_gflops`` then: kept as the time at its nominal speed."""
+        """A load's or prepare's measured build time per block of each kind (wall s) on a
+        device that reported ``available_gflops`` (wall) then: kept as the scenario time at
+        its nominal speed."""
+        k = self.config.time_dilation
+        install_s = {kind: seconds / k for kind, seconds in install_s.items()}
+        available_gflops *= k
         i = self.index[device]
         nominal = float(self.config.nominal_gflops[i])
         at_nominal = available_gflops / nominal if nominal > 0 and available_gflops > 0 else 1.0

@@ -20,9 +20,10 @@ WINDOW = PlanningWindow(8, 8, 64)
 TABLE = block_table(ModelSpec("t", 1, 16, 2, 2, 32, 10, head_dim=8))
 
 
-def _view() -> TelemetryView:
+def _view(time_dilation: float = 1.0) -> TelemetryView:
     d = len(DEVICES)
     config = ControllerConfig(
+        time_dilation=time_dilation,
         testbed="tb",
         broker="127.0.0.1:1883",
         algorithm="myopic",
@@ -129,3 +130,23 @@ def test_a_device_that_refused_looks_full_to_the_next_decision() -> None:
     assert view.view(WINDOW).memory_bytes[1] == 1e6  # what it holds: no room for more
     view.refused.clear()
     assert view.view(WINDOW).memory_bytes[1] == 1e9
+
+
+def test_under_time_dilation_telemetry_is_read_in_scenario_units() -> None:
+    """A world run k times slower reports k times lower speeds and rates and k times longer
+    times; the view plans with the scenario's."""
+    k = 3.0
+    view = _view(time_dilation=k)
+    for name in DEVICES:
+        _report(
+            view, name, gflops=10.0 / k, peer_throughput_mbit={"s": 100.0 / k},
+            peer_latency_s={"s": 0.003 * k}, send_overhead_s=0.0,
+        )  # fmt: skip
+    seen = view.view(WINDOW)
+    assert seen.compute_gflops == pytest.approx([10.0] * 3)
+    assert seen.bandwidth_mbit[1, 0] == pytest.approx(100.0)
+    assert seen.latency_s[1, 0] == pytest.approx(0.003)
+    view.installed("a", {"group": 0.03 * k}, available_gflops=10.0 / k)
+    # the measured wall time, at full (scenario) speed: 0.03 s, smoothed with the prior
+    prior = install_prior_s(TABLE, np.full(3, 10.0))[1, BlockKind.HEADS]
+    assert view.install_nominal_s[1, BlockKind.HEADS] == pytest.approx(0.5 * prior + 0.015)
