@@ -13,10 +13,8 @@ def test_scenario_time_is_wall_time_over_k() -> None:
     clock = ScenarioClock(2.5)
     assert clock.scenario_s(5.0) == 2.0
     assert clock.wall_s(2.0) == 5.0
-    before_wall, before = time.monotonic(), clock.now()
-    time.sleep(0.05)
-    elapsed = clock.now() - before
-    assert elapsed == pytest.approx((time.monotonic() - before_wall) / 2.5, rel=0.2)
+    wall = time.monotonic()
+    assert wall / 2.5 <= clock.now() <= time.monotonic() / 2.5
 
 
 def test_no_dilation_is_the_wall_clock() -> None:
