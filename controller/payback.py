@@ -57,15 +57,18 @@ class SwitchEstimate:
     commit_s: float  # stall at the token boundary: KV bytes per link + control round trip
     horizon_tokens: int  # tokens the change is expected to last (at most those left)
     tokens_left: int  # tokens still to generate
+    waves: int = 1  # commits one after another, each at its own token boundary
 
     @property
     def prepare_tokens(self) -> int:
-        """Tokens that still run on the current placement while the targets prepare."""
+        """Tokens that still run on the current placement while the targets prepare: at
+        least one per wave after the first (each commits at a later boundary)."""
+        per_wave = max(0, self.waves - 1)
         if self.prepare_s <= 0:
-            return 0
+            return per_wave
         if not math.isfinite(self.current_token_s) or self.current_token_s <= 0:
-            return 0
-        return math.ceil(self.prepare_s / self.current_token_s)
+            return per_wave
+        return max(per_wave, math.ceil(self.prepare_s / self.current_token_s))
 
     @property
     def gain_s(self) -> float:

@@ -15,6 +15,7 @@ from controller.payback import (
     SwitchEstimate,
 )
 from controller.payback import worth_switching as payback_worth
+from controller.placement import NoFeasiblePlacement, Placement, PlacementAlgorithm
 from controller.switch import SwitchPlan
 from controller.view import PlanningWindow, ResourceView
 from llm.blocks import BlockTable
@@ -68,6 +69,22 @@ def worth_switching(
     if not np.isfinite(move):
         return False
     return bool(not np.isfinite(keep) or move < (1.0 - min_gain) * keep)
+
+
+def place(
+    algorithm: PlacementAlgorithm,
+    view: ResourceView,
+    table: BlockTable,
+    current: Placement | None,
+) -> Placement:
+    """The algorithm's decision with memory holding until the generation's end, or, where
+    nothing fits that long, until the horizon's end (raises NoFeasiblePlacement)."""
+    try:
+        return algorithm.place(view, table, current)
+    except NoFeasiblePlacement:
+        if view.window.memory_tokens is not None:
+            raise
+        return algorithm.place(view.at(view.window.memory_to_horizon()), table, current)
 
 
 #: tokens after start-up or a switch in which a change of the measured resources starts
@@ -143,6 +160,7 @@ class ReplanPolicy:
             commit_s=plan.commit_s,
             horizon_tokens=w.horizon_tokens,
             tokens_left=max(1, w.final_context - w.context_tokens),
+            waves=len(plan.waves),
         )
 
     def accept(self, estimate: SwitchEstimate, forced: bool) -> bool:

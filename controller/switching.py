@@ -21,7 +21,7 @@ from controller import cost
 from controller.config import ControllerConfig
 from controller.deployment import Deployment, PreparedWave, WaveDone
 from controller.placement import NoFeasiblePlacement, Placement, PlacementAlgorithm
-from controller.replan import ReplanPolicy
+from controller.replan import ReplanPolicy, place
 from controller.result import RunResult, SwitchRecord
 from controller.switch import SwitchPlan, plan_switch
 from controller.telemetry_view import TelemetryView
@@ -145,7 +145,7 @@ class Switching:
         self.telemetry.refused.clear()  # the refusals were for this decision
         start = self.clock.now()
         table = self.config.table
-        placement = await asyncio.to_thread(self.algorithm.place, view, table, current)
+        placement = await asyncio.to_thread(place, self.algorithm, view, table, current)
         took = self.clock.now() - start
         self.result.replans += 1
         self.result.replan_s.append(took)

@@ -20,7 +20,7 @@ import numpy as np
 
 from controller import cost, switch
 from controller.placement import NoFeasiblePlacement, Placement, PlacementAlgorithm
-from controller.replan import ReplanPolicy
+from controller.replan import ReplanPolicy, place
 from controller.result import RunRecord, RunResult, SwitchRecord, TokenRecord
 from controller.switch import SwitchPlan, plan_switch
 from controller.view import PlanningWindow, ResourceView
@@ -158,7 +158,7 @@ class _Simulation:
     def run(self, progress: Callable[[int, int], None] | None) -> SimResult:
         r = self.result
         try:
-            self.placement = self.algorithm.place(self.view(0), self.table, None)
+            self.placement = place(self.algorithm, self.view(0), self.table, None)
         except NoFeasiblePlacement as exc:
             r.failed_decisions += 1
             r.failure = f"initial placement: {exc}"
@@ -213,7 +213,7 @@ class _Simulation:
         """The algorithm's decision, recorded (None when nothing fits)."""
         r = self.result
         try:
-            new = self.algorithm.place(view, self.table, current)
+            new = place(self.algorithm, view, self.table, current)
         except NoFeasiblePlacement:
             r.failed_decisions += 1
             return None
