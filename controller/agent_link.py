@@ -179,7 +179,7 @@ class AgentLink:
                     f"{device} still looks alive {timeout_s:.0f} s after it failed"
                 )
             await asyncio.sleep(LIVENESS_POLL_S)
-        self.result.detection_s.append(time.monotonic() - start)
+        self.result.detection_s.append(self.config.clock.scenario_s(time.monotonic() - start))
 
     async def until_online(self, device: str, timeout_s: float = JOIN_TIMEOUT_S) -> None:
         """Wait until this controller sees a (re)started device online and reporting."""

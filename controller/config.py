@@ -13,6 +13,7 @@ from typing import Literal
 import numpy as np
 
 from control_plane import mqtt
+from controller.clock import ScenarioClock
 from llm.blocks import BlockTable
 
 #: plan on what the agents measure, or on the scenario's configured resources
@@ -47,6 +48,14 @@ class ControllerConfig:
     broker_auth: mqtt.BrokerAuth | None = None  # None: anonymous (a broker on loopback)
     #: devices not expected at the start: they join later and are used once they are there
     late_devices: frozenset[str] = frozenset()
+    #: the emulator runs the world this many times slower than the scenario says (k >= 1):
+    #: measured times are divided by it, measured speeds and rates multiplied
+    time_dilation: float = 1.0
+
+    @property
+    def clock(self) -> ScenarioClock:
+        """Scenario time for this run (wall time / time_dilation)."""
+        return ScenarioClock(self.time_dilation)
 
     @property
     def source_index(self) -> int:

@@ -31,10 +31,10 @@ from control_plane import protocol as proto
 from controller import cost, switch
 from controller.agent_link import AgentLink
 from controller.config import ControllerConfig
-from controller.deployment import Deployment, SwitchDone
+from controller.deployment import Deployment
 from controller.placement import NoFeasiblePlacement, Placement, make_algorithm
-from controller.replan import planning_window, scheduled, worth_switching
-from controller.result import ControllerError, RunResult, SwitchRecord, TokenRecord
+from controller.result import ControllerError, RunResult, TokenRecord
+from controller.switching import Switching
 from controller.telemetry_view import ConfiguredView, TelemetryView
 from controller.view import PlanningWindow, ResourceView
 
@@ -102,11 +102,12 @@ class Controller:
         configured resources (for ``telemetry: configured``); ``progress(tokens, result)``
         after every token."""
         self.config = config
+        self.clock = config.clock
         self.world: WorldHooks = world or NoWorld()
         self.progress = progress
         self.algorithm = make_algorithm(config.algorithm)
         self.telemetry = TelemetryView(config, configured_view)
-        self.result = RunResult(config.algorithm)
+        self.result = RunResult(config.algorithm, time_dilation=config.time_dilation)
         self.ids = (f"c{i}" for i in itertools.count())
         self.metrics = None
         if config.metrics_port is not None:
@@ -124,6 +125,9 @@ class Controller:
         )
         self.deployment = Deployment(
             config, self.telemetry, self.link.command, self.link.publish, self.next_id
+        )
+        self.switching = Switching(
+            config, self.algorithm, self.deployment, self.telemetry, self.result, self.metrics
         )
         self.control_s: list[float] = []  # per decode step, its control round trip (s)
 
@@ -168,7 +172,7 @@ class Controller:
         r.hop_overhead_s = self.telemetry.planned_hop_overheads()
         r.latency_s = self.telemetry.planned_latencies()
         r.control_overhead_s = float(np.median(self.control_s)) if self.control_s else 0.0
-        r.move_s_per_block = self.telemetry.planned_move_s()
+        r.install_s = self.telemetry.planned_install_s()
 
     async def _announce(self, outcome: proto.RunOutcome) -> None:
         topic = proto.run_topic(self.config.testbed, "result")
@@ -191,60 +195,57 @@ class Controller:
         await self._links_measured()
         prompt = list(cfg.prompt_ids)
         context = len(prompt)
-        view = self.view(self._window(context))
-        await self.deployment.start(await self._plan(view, None))
-        start = time.monotonic()
+        view = self.view(self.switching.window(0, context))
+        await self.deployment.start(await self.switching.plan(view, None))
+        start = self.clock.now()
         first = await self._decode(0, prompt)
-        self.result.prefill_s = time.monotonic() - start
+        self.result.prefill_s = self.clock.now() - start
         out = self.result.output_token_ids
         out.append(first)
         await self._token_done()
-        decided_on = view
         for i in range(1, cfg.generate_tokens):
             if out[-1] == cfg.eos_token_id:
                 break
             await self.world.before_token(self.link, i)
             # who is alive is only known with the broker there and the agents back on it
             await self.link.session.connected()
-            view = self.view(self._window(context))
-            token, decided_on = await self._next_token(i, view, decided_on, prompt + out, context)
+            token = await self._next_token(i, prompt + out, context)
             context += 1
             out.append(token)
             await self._token_done()
+        await self.switching.abandon(len(out))
 
-    async def _next_token(
-        self, i: int, view: ResourceView, decided_on: ResourceView, history: list[int], context: int
-    ) -> tuple[int, ResourceView]:
-        """Token ``i`` on ``view``: recovered when a device of the placement is gone, else
-        re-planned when due and decoded (recovered when a device dies meanwhile); the token
-        and the view the placement was last decided on."""
+    async def _next_token(self, i: int, history: list[int], context: int) -> int:
+        """Token ``i``: recovered when a device of the placement is gone, else switched or
+        re-planned as due and decoded (recovered when a device dies meanwhile). What the
+        boundary takes besides decoding is the run's stall."""
         cfg = self.config
+        boundary = self.clock.now()
+        view = self.view(self.switching.window(i, context))
         self._require_source(view, i)
-        x = self.deployment.placement.assignment  # type: ignore[union-attr]
-        if not view.alive[x].all():
-            return await self._recovered(view, history, context), view
-        fits_now = bool(cost.fits(cfg.table, view, x, context + 1))
-        if scheduled(i, cfg.replan_every, self.algorithm.replans, decided_on, view) or not fits_now:
-            decided_on = view
-            await self._replan(i, view, context, forced=not fits_now)
+        if not view.alive[self.deployment.placement.assignment].all():  # type: ignore[union-attr]
+            return await self._recovered(view, history, context, boundary)
+        await self.switching.at_boundary(i, view, context)
         # the cost model's delay of the placement, plus the control round trip measured on
         # the tokens before (never on this one)
         x = self.deployment.placement.assignment  # type: ignore[union-attr]
         model_s = float(cost.per_token_s(cfg.table, view, x, context + 1))
         predicted = self.control_overhead_s + model_s
-        start = time.monotonic()
+        start = self.clock.now()
+        self.result.stall_s += start - boundary
         try:
             token = await self._decode_watched(context, [history[-1]])
         except DevicesLost:  # one died during the token: run it again after recovery
-            view = self.view(self._window(context))
+            view = self.view(self.switching.window(i, context))
             self._require_source(view, i)
-            return await self._recovered(view, history, context), view
-        measured = time.monotonic() - start
+            return await self._recovered(view, history, context, start)
+        measured = self.clock.now() - start
         record = TokenRecord(token, measured, predicted, context + 1, self.deployment.epoch)
         self.result.tokens.append(record)
+        self.telemetry.control_rtt_s = self.control_overhead_s
         if self.metrics is not None:
             self.metrics.token(measured, predicted)
-        return token, decided_on
+        return token
 
     def _require_source(self, view: ResourceView, i: int) -> None:
         if not view.alive[view.source]:
@@ -265,57 +266,6 @@ class Controller:
             LINKS_MEASURED_WAIT_S,
         )
 
-    def _window(self, context: int) -> PlanningWindow:
-        cfg = self.config
-        final = len(cfg.prompt_ids) + cfg.generate_tokens
-        return planning_window(context, cfg.replan_every, final)
-
-    async def _plan(self, view: ResourceView, current: Placement | None) -> Placement:
-        start = time.monotonic()
-        placement = await asyncio.to_thread(self.algorithm.place, view, self.config.table, current)
-        took = time.monotonic() - start
-        self.result.replans += 1
-        self.result.replan_s.append(took)
-        if self.metrics is not None:
-            self.metrics.replan(took)
-        return placement
-
-    async def _replan(self, i: int, view: ResourceView, context: int, forced: bool) -> None:
-        """Plan again before token i and switch if it pays (always when forced by memory)."""
-        placement = self.deployment.placement
-        assert placement is not None
-        try:
-            # a static algorithm forced by memory plans afresh, as at the start
-            fresh = forced and not self.algorithm.replans
-            new = await self._plan(view, None if fresh else placement)
-        except NoFeasiblePlacement as exc:
-            self.result.failed_replans += 1
-            log.warning("token %d: no feasible placement (%s); keeping the current", i, exc)
-            return
-        if new != placement and (
-            forced or worth_switching(self.config.table, view, new.assignment, placement.assignment)
-        ):
-            await self._switch(new, view, context)
-
-    async def _switch(self, new: Placement, view: ResourceView, context: int) -> None:
-        """Carry a switch out (Deployment.switch) and account for it: the run's migrations,
-        the move-time calibration, the switch's record and metrics."""
-        done: SwitchDone = await self.deployment.switch(new, view, context)
-        r = self.result
-        if done.unmoved:
-            r.failed_replans += 1
-            log.warning("re-plan stopped with %d blocks unmoved: %s", done.unmoved, done.reason)
-        if done.moved:
-            # calibrated on what the model would have charged for the moves that happened
-            self.telemetry.calibrate_moves(done.took_s, done.done_s)
-            token = len(r.output_token_ids)
-            r.switches.append(SwitchRecord(token, done.moved, done.predicted_s, done.took_s))
-        r.migrations += done.moved
-        r.migration_s += done.took_s
-        r.migration_bytes += done.moved_bytes
-        if self.metrics is not None:
-            self.metrics.migration(done.moved, done.moved_bytes, done.took_s)
-
     async def _token_done(self) -> None:
         """Report the newest token: to ``progress``, and on run/progress when announcing."""
         r = self.result
@@ -334,37 +284,42 @@ class Controller:
         await self.link.publish(proto.run_topic(self.config.testbed, "progress"), message)
 
     # -- recovery ------------------------------------------------------------------------
-    async def _recovered(self, view: ResourceView, history: list[int], context: int) -> int:
-        """Recover from the devices of the placement the view sees gone (counted and timed);
-        the next token."""
-        start = time.monotonic()
+    async def _recovered(
+        self, view: ResourceView, history: list[int], context: int, since: float
+    ) -> int:
+        """Recover from the devices of the placement the view sees gone (counted and timed,
+        a stall from ``since``, monotonic s); the next token."""
+        start = self.clock.now()
         token = await self._recover(view, history, context)
         self.result.recoveries += 1
-        self.result.recovery_s += time.monotonic() - start
+        self.result.recovery_s += self.clock.now() - start
+        self.result.stall_s += self.clock.now() - since
         return token
 
     async def _recover(self, view: ResourceView, history: list[int], context: int) -> int:
         """Re-place after devices died, then rebuild every cache by re-running the history.
 
-        The lost blocks load on their new devices (from disk, or from the source's when
-        weights come from peers); surviving blocks move first, as in any re-plan, so the
-        devices they leave have room for the lost blocks; all caches are reset and the
-        prompt plus the tokens generated so far run again as one prefill, which yields the
-        next token.
+        A switch under way is dropped. The lost blocks load on their new devices (from
+        disk, or from the source's when weights come from peers); surviving blocks move
+        first, in both phases at once, so the devices they leave have room for the lost
+        blocks; all caches are reset and the prompt plus the tokens generated so far run
+        again as one prefill, which yields the next token.
         """
         cfg = self.config
+        token = len(self.result.output_token_ids)
+        await self.switching.abandon(token)
         placement = self.deployment.placement
         assert placement is not None
         lost = ~view.alive[placement.assignment]
         dead = sorted({cfg.devices[d] for d in placement.assignment[lost]})
         log.warning("devices lost: %s; re-placing their blocks", ", ".join(dead))
         try:
-            new = await self._plan(view, placement)
+            new = await self.switching.plan(view, placement)
         except NoFeasiblePlacement as exc:
             raise ControllerError(f"the surviving devices cannot hold the model: {exc}") from None
         interim = switch.survivors_first(placement.assignment, new.assignment, lost)
         if not np.array_equal(interim, placement.assignment):
-            await self._switch(Placement(interim), view, context)
+            await self.switching.switch_now(Placement(interim), view, context, token)
             if not np.array_equal(self.deployment.placement.assignment, interim):  # type: ignore[union-attr]
                 raise ControllerError("the survivors refused the blocks moved to recover")
         await self.deployment.name_members()
@@ -373,9 +328,9 @@ class Controller:
         await self.deployment.reset(
             [n for i, n in enumerate(cfg.devices) if view.alive[i] and n not in dead]
         )
-        start = time.monotonic()
+        start = self.clock.now()
         token = await self._decode(0, history)
-        self.result.reprefill_s += time.monotonic() - start
+        self.result.reprefill_s += self.clock.now() - start
         return token
 
     # -- decoding ------------------------------------------------------------------------
@@ -409,12 +364,14 @@ class Controller:
             position=position,
             tokens=tuple(tokens),
         )
-        start = time.monotonic()
-        reply = await self.link.command(self.config.source, cmd, STEP_TIMEOUT_S)
+        start = self.clock.now()
+        timeout_s = self.clock.wall_s(STEP_TIMEOUT_S)
+        reply = await self.link.command(self.config.source, cmd, timeout_s)
         if not reply.ok or reply.token_id is None:
             raise ControllerError(f"decode at position {position} failed: {reply.error}")
         if len(tokens) == 1:  # one decode step: its way over the broker and back
-            self.control_s.append(max(0.0, time.monotonic() - start - reply.seconds))
+            program_s = self.clock.scenario_s(reply.seconds)
+            self.control_s.append(max(0.0, self.clock.now() - start - program_s))
         return reply.token_id
 
     @property

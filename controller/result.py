@@ -34,12 +34,17 @@ class TokenRecord:
 
 @dataclass(frozen=True)
 class SwitchRecord:
-    """One carried-out switch: blocks moved, the cost model's and the measured delay (s)."""
+    """One carried-out switch: when it committed, the blocks it moved, whether memory or a
+    failure forced it, and each phase predicted beside measured (s): the prepare (in the
+    background, from the first prepare sent to the last built) and the commit (the stall)."""
 
     token: int
     blocks: int
-    predicted_s: float
-    measured_s: float
+    forced: bool
+    predicted_prepare_s: float
+    prepare_s: float
+    predicted_commit_s: float
+    commit_s: float
 
 
 @dataclass
@@ -59,8 +64,11 @@ class RunResult:
     peak_memory_bytes: dict[str, float] = field(default_factory=dict)
     recoveries: int = 0
     recovery_s: float = 0.0
-    #: per device, the install time per moved block it planned with last (s)
-    move_s_per_block: dict[str, float] = field(default_factory=dict)
+    #: per device, the time to build one block of each kind at its nominal speed (s)
+    install_s: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: everything between two tokens that is not decoding (s): commits, re-plans that held
+    #: the token loop, recoveries, epochs published; the emulator's own turns excluded
+    stall_s: float = 0.0
     #: per device, the (send, receive) software time per hop it planned with last (s)
     hop_overhead_s: dict[str, tuple[float, float]] = field(default_factory=dict)
     #: per link "a->b", the measured one-way latency it planned with last (s)
@@ -72,7 +80,10 @@ class RunResult:
     detection_s: list[float] = field(default_factory=list)
     reprefill_s: float = 0.0  # of recovery_s, the time re-running the history took (s)
     control_overhead_s: float = 0.0  # median control round trip per token (s)
-    wall_s: float = 0.0
+    #: the world ran this many times slower than the scenario (every time above is in
+    #: scenario time: wall / time_dilation)
+    time_dilation: float = 1.0
+    wall_s: float = 0.0  # the run's wall-clock time (s), not dilated
     failure: str | None = None
 
     @property
@@ -87,8 +98,8 @@ class RunResult:
 
     @property
     def total_s(self) -> float:
-        """Decode time plus migration stalls (s), as the simulator counts it."""
-        return float(sum(self.per_token_s) + self.migration_s)
+        """Decode time plus every stall between tokens (s), as the simulator counts it."""
+        return float(sum(self.per_token_s) + self.stall_s)
 
     @classmethod
     def from_summary(cls, data: dict) -> RunResult:
@@ -105,8 +116,9 @@ class RunResult:
         fields = {
             "algorithm", "output_token_ids", "prefill_s", "migrations", "migration_s",
             "migration_bytes", "replans", "failed_replans", "peak_memory_bytes", "recoveries",
-            "recovery_s", "move_s_per_block", "wall_s", "latency_s", "broker_losses",
-            "detection_s", "reprefill_s", "control_overhead_s",
+            "recovery_s", "install_s", "wall_s", "latency_s", "broker_losses",
+            "detection_s", "reprefill_s", "control_overhead_s", "stall_s", "replan_s",
+            "time_dilation",
         }  # fmt: skip
         kept = {k: v for k, v in data.items() if k in fields}
         overheads = {d: tuple(v) for d, v in data.get("hop_overhead_s", {}).items()}
@@ -130,7 +142,10 @@ class RunResult:
             "prefill_s": self.prefill_s,
             "recoveries": self.recoveries,
             "recovery_s": self.recovery_s,
-            "move_s_per_block": self.move_s_per_block,
+            "install_s": self.install_s,
+            "stall_s": self.stall_s,
+            "replan_s": self.replan_s,
+            "time_dilation": self.time_dilation,
             "hop_overhead_s": {d: list(v) for d, v in self.hop_overhead_s.items()},
             "latency_s": self.latency_s,
             "switches": [asdict(s) for s in self.switches],

@@ -1,14 +1,19 @@
-"""How a switch between placements is carried out: the moves in waves that fit (pure).
+"""How a switch between placements is carried out: its moves in waves, priced (pure).
 
-A block moves by migration: its target loads it, then its source frees it. Between waves
-no token runs, and each wave ends in an acknowledged epoch, so a wave may only move blocks
-whose targets hold them on top of what they hold now; the blocks leaving a device make
-room for the next wave. ``plan_moves`` orders the moves so; the controller carries the
-waves out. After devices died, ``survivors_first`` is the placement to reach before the
-lost blocks load again: the survivors' moves first free the room the lost blocks need.
+A switch has two phases (docs/design.md: migration). Prepare: each target builds the
+blocks it receives, beside those it holds, while tokens go on; commit, at a token
+boundary: each source sends the moved KV caches and an epoch names the new holders. A
+target must hold its incoming blocks on top of what it holds until the commit frees their
+sources, so a wave may only move blocks whose targets have room for them then; the blocks
+leaving a device make room for the next wave. ``plan_switch`` orders the moves so and
+prices every wave (prepare in the background, commit as the stall); the simulator and the
+live controller carry the same plan out. After devices died, ``survivors_first`` is the
+placement to reach before the lost blocks load again.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -64,3 +69,65 @@ def survivors_first(current: np.ndarray, target: np.ndarray, lost: np.ndarray) -
     interim = np.asarray(target).copy()
     interim[lost] = np.asarray(current)[lost]
     return interim
+
+
+@dataclass(frozen=True)
+class Wave:
+    """Moves prepared together and committed together: block indices, their predicted
+    prepare time (s, in the background) and commit stall (s)."""
+
+    blocks: tuple[int, ...]
+    prepare_s: float
+    commit_s: float
+
+
+@dataclass(frozen=True)
+class SwitchPlan:
+    """A switch from ``current`` to ``target`` in waves, carried out one after another."""
+
+    current: np.ndarray
+    target: np.ndarray
+    waves: tuple[Wave, ...]
+
+    @property
+    def blocks(self) -> int:
+        """Blocks the switch moves."""
+        return sum(len(w.blocks) for w in self.waves)
+
+    @property
+    def prepare_s(self) -> float:
+        """Predicted time (s) the targets build blocks, over all waves."""
+        return sum(w.prepare_s for w in self.waves)
+
+    @property
+    def commit_s(self) -> float:
+        """Predicted stall (s) of all the switch's commits."""
+        return sum(w.commit_s for w in self.waves)
+
+
+def plan_switch(
+    current: np.ndarray,
+    target: np.ndarray,
+    view: ResourceView,
+    table: BlockTable,
+    context: int,
+    reported_bytes: np.ndarray | None = None,
+) -> SwitchPlan:
+    """The switch's waves (``plan_moves``), each priced: its prepare (``cost.prepare_s``) and
+    its commit at ``context`` cached positions (``cost.commit_s``)."""
+    start = np.asarray(current).copy()
+    current = start.copy()
+    target = np.asarray(target)
+    waves = []
+    for blocks in plan_moves(current, target, view, table, context, reported_bytes):
+        after = current.copy()
+        after[blocks] = target[blocks]
+        waves.append(
+            Wave(
+                blocks=tuple(int(b) for b in blocks),
+                prepare_s=float(cost.prepare_s(table, view, current, after)),
+                commit_s=float(cost.commit_s(table, view, current, after, context)),
+            )
+        )
+        current = after
+    return SwitchPlan(start, target.copy(), tuple(waves))

@@ -7,8 +7,10 @@
   as often as a decode step likes;
 - what the planner sees (``view``): the measured speeds, memory budgets, link rates,
   latencies and hop overheads, each replaced only once it moved past its deadband (the
-  hysteresis that keeps jittery readings from re-planning), with the measured cost of a
-  moved block calibrated on the switches carried out so far.
+  hysteresis that keeps jittery readings from re-planning), with each device's measured
+  time to build a block of each kind (a switch's prepare), the measured control round
+  trip, the budgets the agents acknowledged (telemetry lags them) and, for the next
+  decision only, no room on a device that refused a prepared block.
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ import numpy as np
 
 from control_plane import protocol as proto
 from controller.config import ControllerConfig
+from controller.cost import CONTROL_RTT_PRIOR_S, install_prior_s
 from controller.view import PlanningWindow, ResourceView, with_hop_overheads
+from llm.blocks import BlockKind
+
+#: Reply.install_s's kinds, in BlockKind order
+INSTALL_KINDS = {"group": BlockKind.HEADS, "proj": BlockKind.PROJ, "ffn": BlockKind.FFN}
 
 TELEMETRY_STALE_S = 1.5  # a device silent this long is not planned on
 #: a measured speed replaces the one planned with only when it differs by this much
@@ -32,13 +39,8 @@ MEASURED_DEADBAND = 0.15
 #: placement
 HOP_DEADBAND = 0.25
 HOP_DEADBAND_S = 0.0001
-#: what a migrated block is assumed to cost before any was measured (s): its weights load
-#: from disk at the target and the move is acknowledged over MQTT
-MOVE_S_PRIOR = 0.01
-MOVE_S_SMOOTHING = 0.3  # weight of the newest switch in the running move-time calibration
-#: how far one switch may pull the calibration (ratio of measured to predicted switch time):
-#: a switch stalled by a busy host must not make every later move look free or ruinous
-MOVE_RATIO_CLAMP = (0.25, 4.0)
+#: weight of the newest measurement in a device's build time per block kind
+INSTALL_SMOOTHING = 0.5
 #: any window will do for asking who is alive: liveness does not depend on it
 _ANY_WINDOW = PlanningWindow(1, 1, 1)
 
@@ -74,10 +76,13 @@ class TelemetryView:
         #: measured latencies and hop overheads as planned with (s), by (device, peer) or
         #: (device, "send" | "receive")
         self.held_s: dict[tuple[str, str], float] = {}
-        #: per device, the time (s) to load one block at its nominal speed, from the first
-        #: loads; times the switch calibration and the device's slowdown, a move's install
-        self.load_s_per_block = np.full(len(config.devices), MOVE_S_PRIOR)
-        self.move_scale = 1.0  # measured / predicted switch time, smoothed over switches
+        #: (D, kinds) time (s) to build one block of each kind at the device's nominal
+        #: speed: the prior, then what its loads and prepares measured
+        self.install_nominal_s = install_prior_s(config.table, config.nominal_gflops)
+        self.control_rtt_s = CONTROL_RTT_PRIOR_S  # one command and its reply (s), measured
+        self.acked_budget: dict[str, float] = {}  # device -> budget acknowledged, bytes
+        #: devices that refused a prepared block: no room there for the next decision
+        self.refused: set[str] = set()
 
     # -- reports -------------------------------------------------------------------------
     def take(self, device: str, message: proto.Telemetry | proto.Status) -> None:
@@ -172,17 +177,28 @@ class TelemetryView:
 
     # -- what the planner sees (updates the hysteresis) ----------------------------------
     def view(self, window: PlanningWindow) -> ResourceView:
-        """The resources as the controller knows them now, with the measured cost of a move."""
+        """The resources as the controller knows them now, with the measured build time of
+        each block kind at each device's current speed and the measured control round trip."""
         view = self._resources(window)
-        return replace(view, move_s_per_block=self.move_s(view.compute_gflops))
+        memory = view.memory_bytes
+        if self.refused:
+            reported = self.reported_memory_bytes()
+            full = np.array([n in self.refused for n in self.config.devices])
+            memory = np.where(full, np.minimum(memory, reported), memory)
+        return replace(
+            view,
+            memory_bytes=memory,
+            install_s=self.install_s(view.compute_gflops),
+            control_rtt_s=self.control_rtt_s,
+        )
 
-    def move_s(self, available_gflops: np.ndarray) -> np.ndarray:
-        """Install time (s) of one moved block per device: its measured load time, slowed as
-        its available speed is below nominal, calibrated on the switches measured so far."""
+    def install_s(self, available_gflops: np.ndarray) -> np.ndarray:
+        """(D, kinds) time (s) to build one block of each kind: slower as a device's available
+        speed is below nominal."""
         nominal = self.config.nominal_gflops.astype(float)
         with np.errstate(divide="ignore", invalid="ignore"):
-            slowdown = np.where(available_gflops > 0, nominal / available_gflops, 1.0)
-        return self.move_scale * self.load_s_per_block * np.maximum(slowdown, 1.0)
+            slowdown = np.where(available_gflops > 0, nominal / available_gflops, np.inf)
+        return self.install_nominal_s * slowdown[:, None]
 
     def _resources(self, window: PlanningWindow) -> ResourceView:
         alive = self.alive()
@@ -206,19 +222,21 @@ class TelemetryView:
             t = self.devices[name].telemetry
             if not alive[i] or t is None:
                 continue
+            # the agents measure in wall time: k times slower than the scenario's world
+            k = cfg.time_dilation
             if t.available_gflops > 0:
-                compute[i] = self._measured_gflops(name, t.available_gflops)
-            memory[i] = t.memory_budget_bytes
+                compute[i] = self._measured_gflops(name, t.available_gflops * k)
+            memory[i] = self._budget(name, t.memory_budget_bytes)
             overheads[i] = (
-                self._held((name, "send"), t.send_overhead_s),
-                self._held((name, "receive"), t.receive_overhead_s),
+                self._held((name, "send"), t.send_overhead_s / k),
+                self._held((name, "receive"), t.receive_overhead_s / k),
             )
             for peer, seconds in t.peer_latency_s.items():
                 if peer in self.index and peer != name:
-                    latency[i, self.index[peer]] = self._held((name, peer), seconds)
+                    latency[i, self.index[peer]] = self._held((name, peer), seconds / k)
             for peer, rate in t.peer_throughput_mbit.items():
                 if peer in self.index and rate > 0:
-                    bandwidth[i, self.index[peer]] = rate
+                    bandwidth[i, self.index[peer]] = rate * k
         return ResourceView(
             devices=cfg.devices,
             compute_gflops=np.where(alive, compute, 0.0),
@@ -238,6 +256,15 @@ class TelemetryView:
             self.measured_gflops[device] = seen = reported
         return seen
 
+    def _budget(self, device: str, reported: float) -> float:
+        """A device's budget (bytes): the one it acknowledged until its telemetry says so too."""
+        acked = self.acked_budget.get(device)
+        if acked is None:
+            return reported
+        if reported == acked:
+            del self.acked_budget[device]
+        return acked
+
     def _held(self, key: tuple[str, str], seconds: float) -> float:
         """A measured time (s) as planned with: replaced only once it moved enough."""
         seen = self.held_s.get(key)
@@ -245,18 +272,28 @@ class TelemetryView:
             self.held_s[key] = seen = seconds
         return seen
 
-    # -- the cost of a move --------------------------------------------------------------
-    def loaded(self, seconds_per_block: dict[int, float]) -> None:
-        """The first loads' measured time per block (device index -> s) set every device's
-        load time per block."""
-        self.load_s_per_block = per_device_load_s(seconds_per_block, self.config.nominal_gflops)
+    # -- what switches measured ------------------------------------------------------------
+    def installed(self, device: str, install_s: dict[str, float], available_gflops: float) -> None:
+        """A load's or prepare's measured build time per block of each kind (wall s) on a
+        device that reported ``available_gflops`` (wall) then: kept as the scenario time at
+        its nominal speed."""
+        k = self.config.time_dilation
+        install_s = {kind: seconds / k for kind, seconds in install_s.items()}
+        available_gflops *= k
+        i = self.index[device]
+        nominal = float(self.config.nominal_gflops[i])
+        at_nominal = available_gflops / nominal if nominal > 0 and available_gflops > 0 else 1.0
+        for kind, seconds in install_s.items():
+            k = INSTALL_KINDS[kind]
+            old = self.install_nominal_s[i, k]
+            new = seconds * min(at_nominal, 1.0)
+            self.install_nominal_s[i, k] = new if not np.isfinite(old) else (
+                (1 - INSTALL_SMOOTHING) * old + INSTALL_SMOOTHING * new
+            )  # fmt: skip
 
-    def calibrate_moves(self, measured_s: float, predicted_s: float) -> None:
-        """A switch took ``measured_s`` where the model charged ``predicted_s`` (s): pull the
-        move-time calibration towards it (smoothed, clamped)."""
-        if predicted_s > 0:
-            ratio = float(np.clip(measured_s / predicted_s, *MOVE_RATIO_CLAMP))
-            self.move_scale *= 1 - MOVE_S_SMOOTHING + MOVE_S_SMOOTHING * ratio
+    def budget_acked(self, device: str, budget_bytes: float) -> None:
+        """An agent acknowledged a new budget (bytes): planned with at once."""
+        self.acked_budget[device] = float(budget_bytes)
 
     # -- what the run planned with last (its result) ---------------------------------------
     def planned_hop_overheads(self) -> dict[str, tuple[float, float]]:
@@ -270,23 +307,9 @@ class TelemetryView:
         """Per link "a->b", the measured one-way latency planned with last (s)."""
         return {f"{a}->{b}": s for (a, b), s in self.held_s.items() if b in self.index}
 
-    def planned_move_s(self) -> dict[str, float]:
-        """Per device, the install time per moved block at its nominal speed (s)."""
-        move_s = self.move_s(self.config.nominal_gflops.astype(float))
-        return dict(zip(self.config.devices, move_s.tolist(), strict=True))
-
-
-def per_device_load_s(measured: dict[int, float], nominal_gflops: np.ndarray) -> np.ndarray:
-    """Load time (s) per block of every device from those measured (device index -> s): a
-    device that loaded nothing is estimated at the measured ones' time x speed, over its
-    own speed (GFLOP/s); MOVE_S_PRIOR everywhere when nothing was measured."""
-    nominal = np.asarray(nominal_gflops, dtype=float)
-    if not measured:
-        return np.full(nominal.shape, MOVE_S_PRIOR)
-    known = np.array(list(measured))
-    seconds = np.array(list(measured.values()))
-    work = float(np.median(seconds * nominal[known]))
-    with np.errstate(divide="ignore"):
-        load_s = np.where(nominal > 0, work / nominal, seconds.max())
-    load_s[known] = seconds
-    return load_s
+    def planned_install_s(self) -> dict[str, dict[str, float]]:
+        """Per device, the time to build one block of each kind at its nominal speed (s)."""
+        return {
+            d: {kind: float(self.install_nominal_s[i, k]) for kind, k in INSTALL_KINDS.items()}
+            for i, d in enumerate(self.config.devices)
+        }

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
+from controller.cost import CONTROL_RTT_PRIOR_S, install_prior_s
 from controller.view import PlanningWindow, ResourceView
 from emulator.scenario import (
     MIB,
@@ -17,6 +19,9 @@ from emulator.scenario import (
     Scenario,
     Trace,
 )
+from llm.blocks import block_table
+
+_table = functools.cache(block_table)  # a scenario's table, built once per model
 
 
 @dataclass
@@ -94,7 +99,8 @@ class WorldState:
         return np.where(self.reachable, self.nominal_gflops * (1.0 - self.background_load), 0.0)
 
     def view(self, scenario: Scenario, window: PlanningWindow) -> ResourceView:
-        """What a planner sees of this state (a snapshot: later changes do not leak into it)."""
+        """What a planner sees of this state (a snapshot: later changes do not leak into it),
+        with the prior time to build a block of each kind at each device's speed."""
         return ResourceView(
             devices=self.names,
             compute_gflops=self.available_gflops.copy(),
@@ -105,4 +111,6 @@ class WorldState:
             window=window,
             weights_from=scenario.weights_from,
             alive=self.reachable.copy(),
+            install_s=install_prior_s(_table(scenario.model_spec()), self.available_gflops),
+            control_rtt_s=CONTROL_RTT_PRIOR_S,
         )

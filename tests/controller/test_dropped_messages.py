@@ -17,6 +17,8 @@ from control_plane import protocol as proto
 from controller.config import ControllerConfig
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Controller, NoWorld
+from llm.blocks import block_table
+from llm.model import ModelSpec
 
 TESTBED = "tb"
 DEVICES = ("d0", "d1")
@@ -46,7 +48,7 @@ def _controller(world: NoWorld) -> Controller:
         memory_bytes=np.full(d, 2.0**30),
         bandwidth_mbit=np.full((d, d), 100.0),
         latency_s=np.full((d, d), 0.001),
-        table=None,  # type: ignore[arg-type]  # the reading loop never plans
+        table=block_table(ModelSpec("t", 1, 16, 2, 2, 32, 10, head_dim=8)),
         prompt_ids=(1,),
         generate_tokens=1,
         metrics_port=0,  # metrics kept (served only by a run)

@@ -15,14 +15,17 @@ def test_a_summary_comes_back_as_the_same_result() -> None:
         tokens=[TokenRecord(6, 0.2, 0.25, 33, 1), TokenRecord(7, 0.3, 0.28, 34, 2)],
         migrations=12,
         migration_s=0.8,
-        move_s_per_block={"a": 0.01, "b": 0.04},
+        stall_s=0.9,
+        replan_s=[0.01, 0.02],
+        install_s={"a": {"group": 0.001, "proj": 0.002, "ffn": 0.004}},
         hop_overhead_s={"a": (0.001, 0.002)},
-        switches=[SwitchRecord(token=2, blocks=12, predicted_s=0.6, measured_s=0.8)],
+        switches=[SwitchRecord(2, 12, False, 0.3, 0.4, 0.6, 0.8)],
     )
     back = RunResult.from_summary(json.loads(json.dumps(result.summary())))
     assert back.summary() == result.summary()
     assert back.switches == result.switches
     assert back.per_token_s == [0.2, 0.3] and back.predicted_per_token_s == [0.25, 0.28]
+    assert back.total_s == 0.2 + 0.3 + 0.9
 
 
 LIVE_KEYS = set(RunResult("x").summary()) | {
@@ -40,7 +43,9 @@ def test_a_live_record_prints_the_summary_and_how_it_ran() -> None:
 
 
 def test_a_sim_record_prints_exactly_the_simulate_keys() -> None:
-    result = RunResult("edgeshard", tokens=[TokenRecord(0, 0.1, 0.1, 0, 0)], migration_s=0.5)
+    result = RunResult(
+        "edgeshard", tokens=[TokenRecord(0, 0.1, 0.1, 0, 0)], migration_s=0.5, stall_s=0.5
+    )
     out = RunRecord(result, "sim").to_json()
     assert list(out) == [
         "algorithm", "backend", "per_token_s", "total_s", "migrations", "migration_s",

@@ -1,6 +1,6 @@
 """The controller's telemetry view: who is alive (asked as often as one likes, without
-moving the planner's hysteresis), the deadband on measured speeds, and the load time of
-the devices that loaded nothing."""
+moving the planner's hysteresis), the deadband on measured speeds, the measured build
+times per block kind, acknowledged budgets and refusals."""
 
 from __future__ import annotations
 
@@ -9,21 +9,21 @@ import pytest
 
 from control_plane import protocol as proto
 from controller.config import ControllerConfig
-from controller.telemetry_view import (
-    MOVE_S_PRIOR,
-    TELEMETRY_STALE_S,
-    TelemetryView,
-    per_device_load_s,
-)
+from controller.cost import install_prior_s
+from controller.telemetry_view import TELEMETRY_STALE_S, TelemetryView
 from controller.view import PlanningWindow
+from llm.blocks import BlockKind, block_table
+from llm.model import ModelSpec
 
 DEVICES = ("s", "a", "b")
 WINDOW = PlanningWindow(8, 8, 64)
+TABLE = block_table(ModelSpec("t", 1, 16, 2, 2, 32, 10, head_dim=8))
 
 
-def _view() -> TelemetryView:
+def _view(time_dilation: float = 1.0) -> TelemetryView:
     d = len(DEVICES)
     config = ControllerConfig(
+        time_dilation=time_dilation,
         testbed="tb",
         broker="127.0.0.1:1883",
         algorithm="myopic",
@@ -33,7 +33,7 @@ def _view() -> TelemetryView:
         memory_bytes=np.full(d, 2.0**30),
         bandwidth_mbit=np.full((d, d), 100.0),
         latency_s=np.full((d, d), 0.001),
-        table=None,  # type: ignore[arg-type]  # nothing is planned here
+        table=TABLE,
         prompt_ids=(1,),
         generate_tokens=1,
     )
@@ -94,9 +94,59 @@ def test_offline_silent_or_cut_off_devices_are_not_alive() -> None:
     assert not view.is_alive("b")
 
 
-def test_devices_that_loaded_nothing_get_a_load_time_from_their_speed() -> None:
-    load_s = per_device_load_s({0: 0.02, 1: 0.04}, np.array([4.0, 2.0, 1.0, 0.0]))
-    assert load_s[:2].tolist() == [0.02, 0.04]
-    assert load_s[2] == pytest.approx(0.08)  # 0.08 GFLOP per block at 1 GFLOP/s
-    assert load_s[3] == 0.04  # no speed to scale by: the slowest measured
-    assert (per_device_load_s({}, np.ones(2)) == MOVE_S_PRIOR).all()
+def test_build_times_start_from_the_prior_and_follow_measurements() -> None:
+    view = _view()
+    for name in DEVICES:
+        _report(view, name)
+    prior = install_prior_s(TABLE, np.full(3, 10.0))
+    assert np.allclose(view.view(WINDOW).install_s, prior)
+    # measured on a at half its nominal speed: at nominal it takes half as long
+    view.installed("a", {"ffn": 0.08}, available_gflops=5.0)
+    ffn = view.install_nominal_s[1, BlockKind.FFN]
+    assert ffn == pytest.approx(0.5 * prior[1, BlockKind.FFN] + 0.5 * 0.04)
+    _report(view, "a", gflops=2.5)  # a quarter of its speed now: four times as long
+    assert view.view(WINDOW).install_s[1, BlockKind.FFN] == pytest.approx(4 * ffn)
+
+
+def test_an_acknowledged_budget_counts_before_telemetry_says_so() -> None:
+    view = _view()
+    for name in DEVICES:
+        _report(view, name)
+    view.budget_acked("b", 5e8)
+    assert view.view(WINDOW).memory_bytes[2] == 5e8  # telemetry still says 1e9
+    view.take("b", proto.Telemetry(
+        name="b", ts=2.0, cpu_used=0.1, available_gflops=10.0, memory_used_bytes=1e6,
+        memory_budget_bytes=5e8, kv_bytes=0.0,
+    ))  # fmt: skip
+    assert view.view(WINDOW).memory_bytes[2] == 5e8
+    assert "b" not in view.acked_budget  # telemetry caught up
+
+
+def test_a_device_that_refused_looks_full_to_the_next_decision() -> None:
+    view = _view()
+    for name in DEVICES:
+        _report(view, name)
+    view.refused.add("a")
+    assert view.view(WINDOW).memory_bytes[1] == 1e6  # what it holds: no room for more
+    view.refused.clear()
+    assert view.view(WINDOW).memory_bytes[1] == 1e9
+
+
+def test_under_time_dilation_telemetry_is_read_in_scenario_units() -> None:
+    """A world run k times slower reports k times lower speeds and rates and k times longer
+    times; the view plans with the scenario's."""
+    k = 3.0
+    view = _view(time_dilation=k)
+    for name in DEVICES:
+        _report(
+            view, name, gflops=10.0 / k, peer_throughput_mbit={"s": 100.0 / k},
+            peer_latency_s={"s": 0.003 * k}, send_overhead_s=0.0,
+        )  # fmt: skip
+    seen = view.view(WINDOW)
+    assert seen.compute_gflops == pytest.approx([10.0] * 3)
+    assert seen.bandwidth_mbit[1, 0] == pytest.approx(100.0)
+    assert seen.latency_s[1, 0] == pytest.approx(0.003)
+    view.installed("a", {"group": 0.03 * k}, available_gflops=10.0 / k)
+    # the measured wall time, at full (scenario) speed: 0.03 s, smoothed with the prior
+    prior = install_prior_s(TABLE, np.full(3, 10.0))[1, BlockKind.HEADS]
+    assert view.install_nominal_s[1, BlockKind.HEADS] == pytest.approx(0.5 * prior + 0.015)
