@@ -50,10 +50,10 @@ from controller.placement.myopic import MyopicPlanner
 from controller.placement.optimal import OptimalPlanner, solve
 from controller.replan import planning_window
 from controller.view import PlanningWindow
-from emulator.backends.sim import SimResult, apply_due_traces, initial_state, simulate
+from emulator.backends.sim import SimResult, simulate
 from emulator.generators import Link, Topology, random_scenario
 from emulator.scenario import MIB, Scenario, parse_scenario
-from emulator.world import WorldState
+from emulator.world import WorldState, apply_due_traces, initial_state
 from llm.blocks import block_table
 
 NAME = "placement_quality"

@@ -276,7 +276,7 @@ class Progress(_Message):
 
 
 class RunOutcome(_Message):
-    """The run's result (DESIGN's emulate JSON keys), or the error that ended it."""
+    """The run's result (docs/design.md's emulate JSON keys), or the error that ended it."""
 
     ok: bool
     error: str = ""

@@ -16,7 +16,6 @@ import numpy as np
 
 from control_plane import protocol as proto
 from controller.view import PlanningWindow, ResourceView
-from emulator.backends.sim import apply_due_traces, initial_state
 from emulator.scenario import (
     MIB,
     FailTrace,
@@ -27,6 +26,7 @@ from emulator.scenario import (
     Scenario,
     Trace,
 )
+from emulator.world import apply_due_traces, initial_state
 
 #: sends one command to a device's agent and returns its reply
 SendCommand = Callable[[str, object], Awaitable[proto.Reply]]

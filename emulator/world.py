@@ -114,3 +114,24 @@ class WorldState:
             install_s=install_prior_s(_table(scenario.model_spec()), self.available_gflops),
             control_rtt_s=CONTROL_RTT_PRIOR_S,
         )
+
+
+def apply_due_traces(state: WorldState, pending: list[Trace], token: int, clock_s: float) -> None:
+    """Apply (and drop from ``pending``) the traces due before generated token ``token``."""
+    due = [
+        t
+        for t in pending
+        if (t.at_token is not None and t.at_token <= token)
+        or (t.at_s is not None and t.at_s <= clock_s)
+    ]
+    for trace in due:
+        state.apply(trace)
+        pending.remove(trace)
+
+
+def initial_state(scenario: Scenario) -> tuple[WorldState, list[Trace]]:
+    """The world when generation starts (traces at token 0 applied) and the traces still due."""
+    state = WorldState.from_scenario(scenario)
+    pending = list(scenario.traces)
+    apply_due_traces(state, pending, 0, 0.0)
+    return state, pending

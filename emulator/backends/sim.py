@@ -24,8 +24,8 @@ from controller.replan import ReplanPolicy, place
 from controller.result import RunRecord, RunResult, SwitchRecord, TokenRecord
 from controller.switch import SwitchPlan, plan_switch
 from controller.view import PlanningWindow, ResourceView
-from emulator.scenario import Scenario, Trace
-from emulator.world import WorldState
+from emulator.scenario import Scenario
+from emulator.world import apply_due_traces, initial_state
 from llm.blocks import BlockTable, block_table
 from llm.model import ModelSpec
 
@@ -87,7 +87,7 @@ class SimResult:
         return RunRecord(result, "sim", telemetry="configured")
 
     def to_json(self) -> dict:
-        """The CLI's ``simulate --json`` object (DESIGN's keys, exactly)."""
+        """The CLI's ``simulate --json`` object (docs/design.md's keys, exactly)."""
         return self.record().to_json()
 
 
@@ -101,27 +101,6 @@ def recovery_s(
     speed = view.compute_gflops[placement[lost]] * cost.GFLOP
     per_device = np.bincount(placement[lost], weights=flops[lost] / speed, minlength=view.size)
     return float(per_device.max())
-
-
-def apply_due_traces(state: WorldState, pending: list[Trace], token: int, clock_s: float) -> None:
-    """Apply (and drop from ``pending``) the traces due before generated token ``token``."""
-    due = [
-        t
-        for t in pending
-        if (t.at_token is not None and t.at_token <= token)
-        or (t.at_s is not None and t.at_s <= clock_s)
-    ]
-    for trace in due:
-        state.apply(trace)
-        pending.remove(trace)
-
-
-def initial_state(scenario: Scenario) -> tuple[WorldState, list[Trace]]:
-    """The world when generation starts (traces at token 0 applied) and the traces still due."""
-    state = WorldState.from_scenario(scenario)
-    pending = list(scenario.traces)
-    apply_due_traces(state, pending, 0, 0.0)
-    return state, pending
 
 
 @dataclass
