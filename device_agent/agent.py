@@ -10,6 +10,8 @@ dispatches commands, placements and frames to the parts of the device:
 
 - ``blocks.DeviceBlocks``: the blocks held under the memory budget; loads, migrations in
   and out, weights fetched from and served to peers;
+- ``staging.Staging``: a switch in two phases: blocks prepared in a background thread,
+  committed in one batch per target, discarded;
 - ``epochs.Epochs``: the placement epochs known, waited for by frames and commands;
 - ``runner.TokenRunner``: each token's program (``device_agent.program``), run in a single
   compute thread, paced to the device's speed (``pacing.Pacer``);
@@ -48,6 +50,7 @@ from device_agent.links import LinkShaping
 from device_agent.pacing import Pacer
 from device_agent.program import Routes
 from device_agent.runner import TokenRunner
+from device_agent.staging import Staging
 from device_agent.tc import TcUnavailable
 from device_agent.telemetry import CpuMeter, PeerProbes
 from device_agent.wire import Frame, FrameError, Kind
@@ -55,6 +58,7 @@ from llm.blocks import block_table
 from llm.calibration import ComputeProfile, calibrated_table
 from llm.loader import open_model
 from llm.runtime import BlockHost
+from llm.weight_cache import WeightCache
 
 log = logging.getLogger("edgepart.agent")
 
@@ -92,6 +96,9 @@ class AgentConfig:
     dataplane_key: bytes | None = None
     #: a device that joins later: it joins once this file exists (None: at once)
     join_file: str | None = None
+    #: where dequantised block weights are cached, shared by the agents of a host (None:
+    #: no cache, every block is read from the checkpoint)
+    weight_cache: str | None = None
 
 
 class Agent:
@@ -103,20 +110,26 @@ class Agent:
         self.name = config.name
         opened = open_model(config.model)
         self.spec = opened.arch.spec
-        host = BlockHost(self.name, opened.source, opened.arch, torch.float32)
+        cache = _weight_cache(config.weight_cache, opened.file.path)
+        host = BlockHost(self.name, opened.source, opened.arch, torch.float32, cache)
         table = block_table(self.spec)
         timed = calibrated_table(table, config.profile) if config.profile else table
         self.errors: Counter[str] = Counter()  # failures by kind (command op, step, ...)
         self.epochs = Epochs()
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-compute")
         self.plane = DataPlane(self.name, self._on_frame, key=config.dataplane_key)
-        self.blocks = DeviceBlocks(
-            host, table, config.memory_bytes, self.plane, self.epochs, self.compute, self.errors
-        )
         self.pacer = Pacer(config.cpu_share)  # the device's CPU share and background load
+        self.blocks = DeviceBlocks(
+            host, table, config.memory_bytes, self.plane, self.epochs, self.compute, self.errors,
+            self.pacer,
+        )  # fmt: skip
         self.runner = TokenRunner(
             self.blocks, timed, self.plane, self.epochs, self.pacer, self.compute, self._spawn,
             self.errors,
+        )  # fmt: skip
+        self.staging = Staging(
+            self.blocks, self.plane, self.epochs, self.compute, config.cpu_share, self.errors,
+            running=lambda: bool(self.runner.programs),
         )  # fmt: skip
         self.load = BackgroundLoad(config.cpu_share)  # CPU burners (cpu traces)
         self.pressure = MemoryPressure(  # a memory ballast (memory traces)
@@ -221,6 +234,7 @@ class Agent:
         await self.plane.close()
         await self.links.clear()
         self.compute.shutdown(wait=False, cancel_futures=True)
+        self.staging.shutdown()
 
     async def _exit_with_parent(self, main: asyncio.Task | None) -> None:
         """Cancel the agent's main task once the parent process is gone."""
@@ -277,16 +291,19 @@ class Agent:
             "load": self.blocks.load,
             "drop": self.blocks.drop,
             "migrate": self.blocks.migrate,
+            "prepare": self.staging.prepare,
+            "commit": self.staging.commit,
+            "discard": self.staging.discard,
             "shape": self.links.shape,
             "inject_load": self._inject_load,
             "set_budget": self._set_budget,
             "decode": self.runner.decode,
-            "reset": self.runner.reset,
+            "reset": self._reset,
         }
         try:
             extra = await handlers[cmd.op](cmd) or {}
         except CommandRefused as exc:
-            await self._reply(cmd.id, False, str(exc))
+            await self._reply(cmd.id, False, str(exc), **exc.reply)
         except (
             ValueError,
             KeyError,
@@ -322,10 +339,16 @@ class Agent:
     # -- commands that reach several parts --------------------------------------------
     async def _set_budget(self, cmd: proto.SetBudget) -> None:
         self.blocks.budget = cmd.memory_bytes
+        self.staging.fit_budget()  # prepared blocks go first
         await self.pressure.set_target(cmd.occupied_bytes)
+
+    async def _reset(self, cmd: proto.Reset) -> None:
+        self.staging.free_all()
+        await self.runner.reset(cmd)
 
     async def _inject_load(self, cmd: proto.InjectLoad) -> None:
         self.pacer.set_background(cmd.fraction)
+        self.staging.set_background(cmd.fraction)
         # what was measured before is not the device under this load
         self.runner.speed.reset()
         self.load.set(cmd.fraction)
@@ -344,8 +367,10 @@ class Agent:
             self.blocks.answer_fetch(frame)  # a FETCH's answer: migrations' frames carry token 0
         elif frame.kind == Kind.BLOCK_STATE:
             self._spawn(self.blocks.receive(frame))
-        elif frame.kind in (Kind.ACK, Kind.ERROR):
-            self.blocks.migration_answered(frame)
+        elif frame.kind == Kind.BLOCK_BATCH:
+            self._spawn(self.staging.receive_batch(frame))
+        elif frame.kind in (Kind.ACK, Kind.ERROR) and not self.staging.answered(frame):
+            self.blocks.migration_answered(frame)  # not a batch's answer: a migration's
 
     # -- telemetry ---------------------------------------------------------------------
     def telemetry(self) -> proto.Telemetry:
@@ -370,6 +395,7 @@ class Agent:
             receive_overhead_s=max(0.0, self.runner.wakeup.value()),
             occupied_bytes=float(self.pressure.held_bytes),
             unreachable_peers=tuple(sorted(self.plane.unreachable & set(self.plane.peers()))),
+            prepared_bytes=float(self.blocks.prepared.bytes()),
         )
 
     async def _telemetry_loop(self) -> None:
@@ -383,6 +409,23 @@ class Agent:
                     self._topic("telemetry"), self.telemetry(), retry=False, qos=0
                 )
             await asyncio.sleep(TELEMETRY_PERIOD_S)
+
+
+def _weight_cache(directory: str | None, checkpoint: os.PathLike | str) -> WeightCache | None:
+    """The checkpoint's weight cache under ``directory``; None without one, or when it
+    cannot be written (the agent then reads every block from the checkpoint)."""
+    if directory is None:
+        return None
+    try:
+        cache = WeightCache.for_checkpoint(checkpoint, directory)
+        cache.directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("no weight cache in %s: %s", directory, exc)
+        return None
+    if not os.access(cache.directory, os.W_OK):
+        log.warning("no weight cache: %s is not writable", cache.directory)
+        return None
+    return cache
 
 
 class BrokerGone(RuntimeError):

@@ -132,8 +132,11 @@ def spawn_agent(
     log_dir: Path,
     metrics_port: int | None = None,
     dataplane_key: Path | None = None,
+    weight_cache: Path | None = None,
 ) -> AgentProcess:
-    """Start one device's agent process (own session, logs to log_dir/<device>.log)."""
+    """Start one device's agent process (own session, logs to log_dir/<device>.log);
+    ``weight_cache``: the directory of dequantised block weights the agents share (None:
+    the agent's default)."""
     dev = scenario.device(device)
     log_path = log_dir / f"{device}.log"
     args = [
@@ -154,6 +157,8 @@ def spawn_agent(
         args += ["--metrics-port", str(metrics_port)]
     if dataplane_key is not None:
         args += ["--dataplane-key", str(dataplane_key)]
+    if weight_cache is not None:
+        args += ["--weight-cache", str(weight_cache)]
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             args,
@@ -231,7 +236,7 @@ def run_local(
     from emulator.host_limits import CgroupLimits, host_cores
     from llm.blocks import block_table
     from llm.calibration import calibrated_table
-    from llm.host_profile import cache_path, host_profile
+    from llm.host_profile import cache_path, default_cache_dir, host_profile
     from llm.loader import open_model
 
     say = status or (lambda _msg: None)
@@ -259,6 +264,8 @@ def run_local(
                     scenario, name, endpoint, testbed, shares[name],
                     cache_path(ref, threads=1), log_dir,
                     (agent_metrics_ports or {}).get(name), key,
+                    # one cache for every agent: a block dequantised once is read by all
+                    default_cache_dir(),
                 )  # fmt: skip
                 previous = agents.get(name)
                 if previous is not None:  # a device back after a fail: its old group
