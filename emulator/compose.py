@@ -5,12 +5,14 @@ agent's runtime as ``mem_limit``, ``NET_ADMIN`` to shape its own links with tc),
 broker, the controller, a one-shot ``calibrate`` service that measures this CPU's block
 speeds once into ``./cache`` (every role reads them from there), and the ``testbed``
 service, the emulator driver: it applies the traces and prints and saves the results, so
-``docker compose up testbed`` runs the whole experiment. Under the profile
-``observability``: Prometheus and Grafana with the dashboards of ``grafana/``. Every
-service sits on one ``internal: true`` network: nothing leaves the testbed. The broker
-admits only the testbed's identities (controller, driver, one per agent) and lets each do
-only its part (``emulator.testbed_secrets``: passwords, ACL, optional TLS, mounted as
-compose secrets from ``secrets/``, which ``write_project`` writes).
+``docker compose up testbed`` runs the whole experiment. The agents share one named volume
+of dequantised block weights (``llm.weight_cache``): a block built once is read by all.
+Under the profile ``observability``: Prometheus and Grafana with the dashboards of
+``grafana/``. Every service sits on one ``internal: true`` network: nothing leaves the
+testbed. The broker admits only the testbed's identities (controller, driver, one per
+agent) and lets each do only its part (``emulator.testbed_secrets``: passwords, ACL,
+optional TLS, mounted as compose secrets from ``secrets/``, which ``write_project``
+writes).
 
 ``render`` is pure (scenario in, documents out); ``write_project`` puts them on disk.
 ``--swarm`` output is the same file plus ``deploy`` sections, for ``docker stack deploy``.
@@ -45,6 +47,9 @@ NETWORK = "testbed"
 #: where the project directory is mounted in the edgepart containers
 TESTBED_DIR = "/testbed"
 CACHE_DIR = "/cache"
+#: the named volume of dequantised block weights every agent reads and fills, and its mount
+WEIGHTS_VOLUME = "weights"
+WEIGHT_CACHE_DIR = "/weight-cache"
 PROFILE = f"{CACHE_DIR}/profile.json"
 #: a share below this cannot run a token in reasonable time (and docker rounds to 0.01)
 MIN_CPUS = 0.01
@@ -139,6 +144,7 @@ def render(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
         },
         "services": services,
         "networks": {NETWORK: network},
+        "volumes": {WEIGHTS_VOLUME: {}},
         # compose bind-mounts each file under /run/secrets (swarm: its own secret store)
         "secrets": {
             name: {"file": f"./{sec.SECRETS_DIR}/{name}"}
@@ -153,6 +159,7 @@ def render(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
     return document
 
 
+_WEIGHTS_MOUNT = f"{WEIGHTS_VOLUME}:{WEIGHT_CACHE_DIR}"
 #: an edgepart role waits for the calibration's profile
 _CALIBRATED = {"calibrate": {"condition": "service_completed_successfully"}}
 
@@ -187,6 +194,7 @@ def _agent(
         "--memory-mib", _number(device.memory_mib), "--cpu-share", _number(share),
         "--gflops", _number(device.compute_gflops), "--profile", PROFILE,
         "--metrics-port", str(METRICS_PORT), "--shaping", "tc",
+        "--weight-cache", WEIGHT_CACHE_DIR,
     ]  # fmt: skip
     return {
         **_common(options),
@@ -195,7 +203,7 @@ def _agent(
         "cpus": share,
         "mem_limit": f"{mem_limit_mib(device.memory_mib)}m",
         "cap_add": ["NET_ADMIN"],
-        "volumes": [f"./cache:{CACHE_DIR}:ro"],
+        "volumes": [f"./cache:{CACHE_DIR}:ro", _WEIGHTS_MOUNT],
         "networks": [NETWORK],
         "depends_on": {"broker": {"condition": "service_started"}, **_CALIBRATED},
         "secrets": [*_client_secrets(sec.agent_user(name), options.tls), sec.DATAPLANE_KEY],
@@ -321,6 +329,7 @@ def _to_swarm(services: dict[str, Any], shares: dict[str, float], scenario: Scen
             service["deploy"]["resources"] = {"limits": limits}
             service.pop("cpus")
             service["configs"] = [{"source": "profile", "target": PROFILE}]
+            service["volumes"] = [_WEIGHTS_MOUNT]  # a node's agents share it
     services["broker"]["configs"] = [
         {"source": "mosquitto", "target": "/mosquitto/config/mosquitto.conf"}
     ]

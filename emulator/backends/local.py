@@ -236,8 +236,11 @@ def spawn_agent(
     log_dir: Path,
     metrics_port: int | None = None,
     dataplane_key: Path | None = None,
+    weight_cache: Path | None = None,
 ) -> AgentProcess:
-    """Start one device's agent process (own session, logs to log_dir/<device>.log)."""
+    """Start one device's agent process (own session, logs to log_dir/<device>.log);
+    ``weight_cache``: the directory of dequantised block weights the agents share (None:
+    the agent's default)."""
     dev = scenario.device(device)
     log_path = log_dir / f"{device}.log"
     args = [
@@ -258,6 +261,8 @@ def spawn_agent(
         args += ["--metrics-port", str(metrics_port)]
     if dataplane_key is not None:
         args += ["--dataplane-key", str(dataplane_key)]
+    if weight_cache is not None:
+        args += ["--weight-cache", str(weight_cache)]
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             args,
@@ -366,7 +371,7 @@ def run_local(
     (e.g. for a Prometheus to scrape them).
     """
     from emulator.host_limits import CgroupLimits
-    from llm.host_profile import cache_path
+    from llm.host_profile import cache_path, default_cache_dir
 
     say = status or (lambda _msg: None)
     job = LocalJob.prepare(scenario, say)
@@ -384,6 +389,8 @@ def run_local(
             return spawn_agent(
                 scenario, name, endpoint, testbed, job.shares[name],
                 cache_path(job.ref, threads=1), log_dir, ports.get(name), key,
+                # one cache for every agent: a block dequantised once is read by all
+                default_cache_dir(),
             )  # fmt: skip
 
         agents = LocalAgents(spawn, job.shares, testbed, cgroups)
