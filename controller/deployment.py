@@ -242,12 +242,18 @@ class Deployment:
         current = self.placement.assignment.copy()
         ok, refusals, refused_devices = await self._prepared(prepared)
         start = self.clock.now()
+        # weights that came from peers during the prepare are moved data too
+        fetched = sum(
+            t.result().bytes_moved
+            for t in prepared.replies.values()
+            if t.done() and not t.cancelled() and t.exception() is None
+        )
         by_source: dict[str, dict[str, str]] = {}
         for b in ok:
             source = cfg.devices[current[b]]
             by_source.setdefault(source, {})[names[b]] = cfg.devices[prepared.targets[b]]
         committed: list[int] = []
-        moved_bytes = 0.0
+        moved_bytes = float(fetched)
 
         async def hand_over(source: str, moves: dict[str, str]) -> None:
             nonlocal moved_bytes

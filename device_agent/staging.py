@@ -110,9 +110,11 @@ class Staging:
         start = time.monotonic()
         admitted, refused = self._admit(cmd.blocks, cmd.context)
         install_s: dict[str, list[float]] = defaultdict(list)
+        fetched = 0  # bytes of weights that came from peers
         try:
             for record in admitted:
-                took = await self._build(record, cmd.peers.get(record.name))
+                took, nbytes = await self._build(record, cmd.peers.get(record.name))
+                fetched += nbytes
                 if took is not None:
                     install_s[parse_block_name(record.name).kind].append(took)
         except BaseException:
@@ -126,6 +128,7 @@ class Staging:
             "seconds": time.monotonic() - start,
             "install_s": mean_by_kind(install_s),
             "refused": tuple(refused),
+            "bytes_moved": float(fetched),
         }
 
     def _admit(self, blocks: tuple[str, ...], context: int) -> tuple[list[Prepared], list[str]]:
@@ -142,21 +145,24 @@ class Staging:
             admitted.append(self.prepared.reserve(block, need))
         return admitted, []
 
-    async def _build(self, record: Prepared, peer: str | None) -> float | None:
-        """Build one admitted block in the background (weights from ``peer`` if named);
-        the seconds it took, None if it was freed meanwhile (the block is then dropped)."""
+    async def _build(self, record: Prepared, peer: str | None) -> tuple[float | None, int]:
+        """Build one admitted block in the background (weights from ``peer`` if named):
+        the seconds it took (None if it was freed meanwhile: the block is then dropped) and
+        the bytes of weights fetched for it."""
         start = time.monotonic()
         weights = None
+        fetched = 0
         if peer is not None and peer != self.name:
             weights = (await self.blocks.fetch_weights(peer, record.name)).weights
+            fetched = sum(t.numel() * t.element_size() for t in weights.values())
         if self.prepared.get(record.name) is not record:
-            return None
+            return None, fetched
         loop = asyncio.get_running_loop()
         block = await loop.run_in_executor(self.background, self._paced_build, record.name, weights)
         if self.prepared.get(record.name) is not record:
-            return None
+            return None, fetched
         record.block = block
-        return time.monotonic() - start
+        return time.monotonic() - start, fetched
 
     def _paced_build(self, name: str, weights) -> AnyBlock:
         """In the background thread: build a block, then sleep what the device's share owes

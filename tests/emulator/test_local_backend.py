@@ -102,7 +102,8 @@ def test_traces_make_the_planner_migrate_blocks(tmp_path: Path) -> None:
 
 def test_weights_from_peer_travel_with_every_move(tmp_path: Path) -> None:
     # only the source's checkpoint is used: b and c load from it over the data plane, and
-    # every migrated block carries its weights (plus a group's cache), as the cost model says.
+    # every moved block's target fetches its weights from the holder while it prepares
+    # (a group's cache follows at the commit), as the cost model says.
     # Moving weights does not pay off within two tokens, so b's memory shrinks to force moves
     scenario = _scenario(
         weights_from="peer", traces=[{"at_token": 2, "device": "b", "memory_mib": 40}]
@@ -112,7 +113,7 @@ def test_weights_from_peer_travel_with_every_move(tmp_path: Path) -> None:
     assert run.result.migrations >= 1
     table = block_table(open_model("smollm2-135m").arch.spec)
     # the lightest block's weights (a KV group's, ~0.7 MB) dwarf any cache moved here
-    # (2 x 16 positions x 64 x 4 B = 8 KiB): weights travelled with each of the moves
+    # (2 x 16 positions x 64 x 4 B = 8 KiB): weights travelled for each of the moves
     assert run.result.migration_bytes >= run.result.migrations * table.weight_bytes.min()
     _assert_no_orphans(run.pids)
 
