@@ -62,8 +62,9 @@ class SwitchEstimate:
     @property
     def prepare_tokens(self) -> int:
         """Tokens that still run on the current placement while the targets prepare: at
-        least one per wave after the first (each commits at a later boundary)."""
-        per_wave = max(0, self.waves - 1)
+        least one per wave (a wave prepares while a token runs and commits at the boundary
+        after it)."""
+        per_wave = self.waves
         if self.prepare_s <= 0:
             return per_wave
         if not math.isfinite(self.current_token_s) or self.current_token_s <= 0:

@@ -64,7 +64,10 @@ class Switching:
         self.telemetry = telemetry
         self.result = result
         self.metrics = metrics
-        final = len(config.prompt_ids) + config.generate_tokens
+        # positions cached when the last token decodes: the prefill's token is the first and
+        # the last token is never fed back, so the final context - context before generated
+        # token i is the tokens still to decode (generate - i)
+        final = len(config.prompt_ids) + config.generate_tokens - 1
         self.policy = ReplanPolicy(config.replan_every, final, replans=algorithm.replans)
         self.planning: asyncio.Task | None = None  # a background plan: Placement | None
         self.active: ActiveSwitch | None = None

@@ -42,6 +42,10 @@ class Decision:
     migration_s: float  # the stall it was predicted to cost (commits, recovery), s
     per_token_s: float  # predicted delay of the next token, s
     taken: bool = True  # whether the switch was carried out (the gate may decline it)
+    #: the placement the decision started from and the one it chose (device per block)
+    current: np.ndarray | None = field(default=None, repr=False)
+    chosen: np.ndarray | None = field(default=None, repr=False)
+    window: PlanningWindow | None = None  # the window the planner saw
 
 
 @dataclass
@@ -208,6 +212,9 @@ class _Simulation:
                 migration_s=0.0,
                 per_token_s=float(cost.per_token_s(self.table, view, new.assignment, self.n + 1)),
                 taken=False,
+                current=x,
+                chosen=new.assignment,
+                window=view.window,
             )
         )
         return new
