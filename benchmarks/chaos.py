@@ -85,7 +85,7 @@ def round_plan(seed: int, tokens: int) -> dict[str, Any]:
 @cache
 def reference_ids(tokens: int) -> tuple[int, ...]:
     """The monolithic model's greedy ids for the scenario's prompt."""
-    from emulator.backends.local import prompt_ids
+    from emulator.job import prompt_ids
     from emulator.scenario import parse_scenario
     from llm.loader import open_model
     from llm.runtime import monolithic

@@ -48,12 +48,12 @@ from controller.placement import ALGORITHMS, LAYER_METHODS, NoFeasiblePlacement,
 from controller.placement.base import Placement
 from controller.placement.myopic import MyopicPlanner
 from controller.placement.optimal import OptimalPlanner, solve
-from controller.replan import planning_window
+from controller.replan import ReplanPolicy
 from controller.view import PlanningWindow
-from emulator.backends.sim import SimResult, apply_due_traces, initial_state, simulate
+from emulator.backends.sim import SimResult, simulate
 from emulator.generators import Link, Topology, random_scenario
 from emulator.scenario import MIB, Scenario, parse_scenario
-from emulator.world import WorldState
+from emulator.world import WorldState, apply_due_traces, initial_state
 from llm.blocks import block_table
 
 NAME = "placement_quality"
@@ -227,8 +227,9 @@ class RecordingOptimal(OptimalPlanner):
         return placement
 
 
-def view_at(scenario: Scenario, token: int, context: int, initial: bool):
-    """The view the sim backend showed the planner at a decision (its trace rule replayed).
+def view_at(scenario: Scenario, token: int, window: PlanningWindow, initial: bool):
+    """The view the sim backend showed the planner at a decision (its trace rule replayed,
+    in the planning ``window`` the decision recorded).
 
     The initial placement sees the traces at token 0; the decision before generated token
     ``token`` sees every trace with at_token <= token (the generated scenarios have no
@@ -239,8 +240,6 @@ def view_at(scenario: Scenario, token: int, context: int, initial: bool):
     state, pending = initial_state(scenario)
     if not initial:
         apply_due_traces(state, pending, token, 0.0)
-    # the window the simulator decided in (its payback horizon included)
-    window = planning_window(context, scenario.replan_every, scenario.final_context)
     return state.view(scenario, window)
 
 
@@ -256,15 +255,18 @@ def decision_gaps(
     if not run.placements:  # the initial decision failed: nothing to compare
         return []
     table = block_table(scenario.model_spec())
-    steps = [(0, scenario.prompt_tokens, None, run.placements[0], True, False)]
-    steps += [
-        (d.token, d.context, run.placements[k], run.placements[k + 1], False, d.forced)
-        for k, d in enumerate(run.decisions)
-    ]
+    first = ReplanPolicy(scenario.replan_every, scenario.final_context).window(
+        0, scenario.prompt_tokens
+    )
+    steps = [(0, first, None, run.placements[0], True, False)]
+    # every decision against the placement it started from (a declined one included: the
+    # planner's choice is what is compared, not whether the gate let it through)
+    steps += [(d.token, d.window, d.current, d.chosen, False, d.forced) for d in run.decisions]
     recorded = [None, *(d.objective_s for d in run.decisions)]
     out = []
-    for (token, context, cur, new, initial, forced), sim_obj in zip(steps, recorded, strict=True):
-        view = view_at(scenario, token, context, initial)
+    for (token, window, cur, new, initial, forced), sim_obj in zip(steps, recorded, strict=True):
+        view = view_at(scenario, token, window, initial)
+        context = window.context_tokens
         current = None if cur is None else np.where(view.alive[cur], cur, -1)
         myopic = float(cost.interval_objective_s(table, view, new, current))
         row: dict[str, Any] = {

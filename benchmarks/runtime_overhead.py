@@ -240,7 +240,7 @@ class DecodeReplies:
     async def _main(self) -> None:
         import aiomqtt
 
-        from device_agent import protocol as proto
+        from control_plane import protocol as proto
 
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
@@ -263,7 +263,7 @@ class DecodeReplies:
                 await asyncio.gather(reader, return_exceptions=True)
 
     async def _read(self, client) -> None:
-        from device_agent import protocol as proto
+        from control_plane import protocol as proto
 
         async for message in client.messages:
             payload = message.payload if isinstance(message.payload, bytes) else b""
@@ -343,7 +343,7 @@ def control_overhead(run: dict[str, Any]) -> dict[str, Any]:
 
 def monolithic_reference(tokens: int, rounds: int) -> dict[str, Any]:
     """Per-step decode time of the in-process monolithic model at 1 torch thread."""
-    from emulator.backends.local import prompt_ids
+    from emulator.job import prompt_ids
     from llm.loader import open_model
     from llm.runtime import monolithic
 

@@ -349,7 +349,7 @@ def _keep_partial(exc, json_out: bool) -> None:
 
 
 def _emulate_local(sc: Scenario, name: str, broker, telemetry, metrics_port, quiet: bool):
-    from controller.orchestrator import ControllerError
+    from controller.result import ControllerError
     from emulator.backends.local import LocalBackendError, run_local
     from emulator.job import JobError
 
@@ -434,7 +434,9 @@ def controller_command(
     """The controller of a running testbed: plans, migrates and decodes over MQTT."""
     import asyncio
 
-    from controller.orchestrator import Controller, ControllerError
+    from controller.orchestrator import Controller
+    from controller.result import ControllerError
+    from controller.world_link import RemoteWorld
     from emulator.job import JobError, controller_config, model_ref, prompt_ids
     from emulator.world import WorldState
     from llm.blocks import block_table
@@ -466,12 +468,10 @@ def controller_command(
     )  # fmt: skip
     config = dataclasses.replace(config, announce=True, metrics_host=metrics_host, broker_auth=auth)
     static = WorldState.from_scenario(sc)
-    ctl = Controller(config, configured_view=lambda window: static.view(sc, window))
-    if world_driver:
-        from controller.world_link import RemoteWorld
-
-        tokens = frozenset(t.at_token for t in sc.traces if t.at_token is not None)
-        RemoteWorld(ctl, tokens, every_token=any(t.at_s is not None for t in sc.traces))
+    tokens = frozenset(t.at_token for t in sc.traces if t.at_token is not None)
+    every_token = any(t.at_s is not None for t in sc.traces)
+    world = RemoteWorld(tokens, every_token) if world_driver else None
+    ctl = Controller(config, world, configured_view=lambda window: static.view(sc, window))
     try:
         result = asyncio.run(ctl.run())
     except ControllerError as exc:
@@ -493,14 +493,27 @@ def calibrate(
     out_file: Annotated[
         Path | None, typer.Option("--out", help="Also write the profile JSON to this file.")
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Measure again even when a profile is cached.")
+    ] = False,
+    show: Annotated[
+        bool, typer.Option("--show", help="Print the cached profile (age, load) and exit.")
+    ] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Measure this CPU's block speeds at one thread (cached; the testbed's first service)."""
+    """Measure this CPU's block speeds at one thread (cached; the testbed's first service).
+
+    A profile measured while another process took the CPU is used for that run only and
+    not cached: a slow profile kept would make every later emulation's devices too slow."""
     import shutil
 
-    from llm.host_profile import cache_path, host_profile
+    from llm.host_profile import cache_path, cached_profile, host_profile
 
-    profile = host_profile(model, threads=1, progress=lambda m: err.print(m, highlight=False))
+    if show:
+        _show_profile(cached_profile(model, threads=1), json_)
+        return
+    say = lambda m: err.print(m, highlight=False)  # noqa: E731
+    profile = host_profile(model, threads=1, progress=say, force=force)
     cached = cache_path(model, threads=1)
     if out_file is not None:
         if not cached.is_file():
@@ -512,6 +525,25 @@ def calibrate(
         print(json.dumps({"reference_gflops": profile.reference_gflops, "cache": str(cached)}))
     else:
         out.print(f"{profile.reference_gflops:.2f} GFLOP/s per core; profile in {cached}")
+
+
+def _show_profile(data: dict | None, as_json: bool) -> None:
+    """Print a cached profile: where, when, how busy the host was, its speeds."""
+    if data is None:
+        raise fail("no profile is cached for this CPU yet: run `edgepart calibrate`", 1)
+    if as_json:
+        print(json.dumps(data))
+        return
+    from datetime import UTC, datetime
+
+    age_h = (datetime.now(UTC) - datetime.fromisoformat(data["measured_at"])).total_seconds() / 3600
+    share = data.get("cpu_share")
+    out.print(
+        f"{data['path']}\n  measured {data['measured_at']} ({age_h:.1f} h ago), load average "
+        f"{data.get('load_average_1min') or 0:.2f}, measuring thread on a CPU "
+        f"{'-' if share is None else f'{100 * share:.0f} %'} of the time\n"
+        f"  {data['profile']['reference_gflops']:.2f} GFLOP/s on the FFN per core"
+    )
 
 
 app.add_typer(testbed_app, name="testbed")

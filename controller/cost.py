@@ -20,11 +20,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from controller.view import ResourceView
-from llm.blocks import BlockTable, hidden_bytes
+from llm.blocks import BlockKind, BlockTable, hidden_bytes
 
 BITS_PER_BYTE = 8.0
 MBIT = 1e6
 GFLOP = 1e9
+#: the work of building one block from its cached weights, in GFLOP of the device's decode
+#: speed: a fixed part per block (opening the cache entry, wrapping its tensors) and a
+#: part per weight byte (touching its pages), measured with llm.weight_cache on SmolLM2's
+#: blocks; the live controller replaces it by each device's measured times
+INSTALL_FIXED_GFLOP = 0.002
+INSTALL_GFLOP_PER_BYTE = 3e-10
+#: one command and its reply over the broker (s), until the live controller measured it
+CONTROL_RTT_PRIOR_S = 0.003
 
 
 def transfer_s(view: ResourceView, src: np.ndarray, dst: np.ndarray, nbytes) -> np.ndarray:
@@ -177,6 +185,17 @@ def migration_s(
     t = t + link_count * view.link_move_s.ravel()
     t = np.where(link_count > 0, t, 0.0)
     return _squeeze(t.max(axis=1), assignment)
+
+
+def install_prior_s(table: BlockTable, gflops: np.ndarray) -> np.ndarray:
+    """Seconds to build one block of each kind (llm.blocks.BlockKind) on devices of these
+    speeds (GFLOP/s), (D, K); inf on a device with no compute."""
+    kinds = len(BlockKind)
+    weight = np.array([table.weight_bytes[table.kind == k].mean() for k in range(kinds)])
+    work = INSTALL_FIXED_GFLOP + INSTALL_GFLOP_PER_BYTE * weight
+    speed = np.asarray(gflops, dtype=float)[:, None]
+    with np.errstate(divide="ignore"):
+        return np.where(speed > 0, work[None, :] / speed, np.inf)
 
 
 def prepare_s(

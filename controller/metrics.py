@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from control_plane.protocol import Telemetry
 from device_agent.metrics import MetricsServer
-from device_agent.protocol import Telemetry
 
 #: per-token decode latency spans a fast LAN testbed (ms) to a starved, throttled one (s)
 TOKEN_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)

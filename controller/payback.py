@@ -1,6 +1,6 @@
 """Whether a switch pays: the gain it buys over how long the change lasts, against its stall.
 
-A switch is two phases (DESIGN: migration). Prepare builds the incoming blocks' weights on
+A switch is two phases (docs/design.md, migration). Prepare builds the incoming blocks' weights on
 their targets in the background while tokens still run on the current placement, so it
 costs no stall, but the new placement helps only once it is done. Commit, at a token
 boundary, sends the moved KV caches and switches the epoch: that is the stall. A switch
@@ -57,15 +57,19 @@ class SwitchEstimate:
     commit_s: float  # stall at the token boundary: KV bytes per link + control round trip
     horizon_tokens: int  # tokens the change is expected to last (at most those left)
     tokens_left: int  # tokens still to generate
+    waves: int = 1  # commits one after another, each at its own token boundary
 
     @property
     def prepare_tokens(self) -> int:
-        """Tokens that still run on the current placement while the targets prepare."""
+        """Tokens that still run on the current placement while the targets prepare: at
+        least one per wave (a wave prepares while a token runs and commits at the boundary
+        after it)."""
+        per_wave = self.waves
         if self.prepare_s <= 0:
-            return 0
+            return per_wave
         if not math.isfinite(self.current_token_s) or self.current_token_s <= 0:
-            return 0
-        return math.ceil(self.prepare_s / self.current_token_s)
+            return per_wave
+        return max(per_wave, math.ceil(self.prepare_s / self.current_token_s))
 
     @property
     def gain_s(self) -> float:
@@ -142,7 +146,7 @@ class ChangeHistory:
         values = np.concatenate([np.ravel(compute_gflops), np.ravel(bandwidth_mbit)])
         values = np.nan_to_num(values.astype(float), posinf=0.0)
         if self.levels is None or self.levels.shape != values.shape:
-            self.levels, self.started = values.copy(), np.full(values.shape, token)
+            self.levels, self.started = values.copy(), np.full(values.shape, -1)
             return False
         assert self.started is not None
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -150,8 +154,9 @@ class ChangeHistory:
         moved = np.where(self.levels == 0, values != 0, moved >= CHANGE_THRESHOLD)
         if not moved.any():
             return False
-        # episodes that had begun before the first observation are counted from there
-        self.lengths.extend(int(token - s) for s in self.started[moved] if token > s)
+        # only episodes that began with a change count: the state the run started in says
+        # nothing about how long a change lasts (its start was not a change)
+        self.lengths.extend(int(token - s) for s in self.started[moved] if 0 <= s < token)
         self.levels[moved] = values[moved]
         self.started[moved] = token
         self.last_change = token
@@ -164,7 +169,7 @@ class ChangeHistory:
         values = np.concatenate([np.ravel(compute_gflops), np.ravel(bandwidth_mbit)])
         values = np.nan_to_num(values.astype(float), posinf=0.0)
         if self.levels is None or self.levels.shape != values.shape:
-            self.levels, self.started = values.copy(), np.full(values.shape, token)
+            self.levels, self.started = values.copy(), np.full(values.shape, -1)
         self.levels = values.copy()
 
     def expected_persistence(self, token: int, default_tokens: int) -> int:

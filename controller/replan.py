@@ -15,6 +15,8 @@ from controller.payback import (
     SwitchEstimate,
 )
 from controller.payback import worth_switching as payback_worth
+from controller.placement import NoFeasiblePlacement, Placement, PlacementAlgorithm
+from controller.switch import SwitchPlan
 from controller.view import PlanningWindow, ResourceView
 from llm.blocks import BlockTable
 
@@ -67,6 +69,22 @@ def worth_switching(
     if not np.isfinite(move):
         return False
     return bool(not np.isfinite(keep) or move < (1.0 - min_gain) * keep)
+
+
+def place(
+    algorithm: PlacementAlgorithm,
+    view: ResourceView,
+    table: BlockTable,
+    current: Placement | None,
+) -> Placement:
+    """The algorithm's decision with memory holding until the generation's end, or, where
+    nothing fits that long, until the horizon's end (raises NoFeasiblePlacement)."""
+    try:
+        return algorithm.place(view, table, current)
+    except NoFeasiblePlacement:
+        if view.window.memory_tokens is not None:
+            raise
+        return algorithm.place(view.at(view.window.memory_to_horizon()), table, current)
 
 
 #: tokens after start-up or a switch in which a change of the measured resources starts
@@ -127,25 +145,22 @@ class ReplanPolicy:
         """A decision was taken on ``view``: changes count from it."""
         self.decided_on = view
 
-    def estimate(
-        self,
-        table: BlockTable,
-        view: ResourceView,
-        current: np.ndarray,
-        new: np.ndarray,
-    ) -> SwitchEstimate:
-        """What switching from ``current`` to ``new`` costs and saves, on the view's window."""
+    def estimate(self, table: BlockTable, view: ResourceView, plan: SwitchPlan) -> SwitchEstimate:
+        """What carrying ``plan`` out costs and saves, on the view's window: the per-token
+        delay before and after (inf where memory does not hold over the horizon), the
+        plan's prepare time and commit stall."""
         w = view.window
-        pair = np.stack([current, new])
+        pair = np.stack([plan.current, plan.target])
         fits = cost.fits(table, view, pair, w.interval_end_context)
         token_s = np.where(fits, cost.per_token_s(table, view, pair, w.mean_context), np.inf)
         return SwitchEstimate(
             current_token_s=float(token_s[0]),
             new_token_s=float(token_s[1]),
-            prepare_s=float(cost.prepare_s(table, view, current, new)),
-            commit_s=float(cost.commit_s(table, view, current, new, w.context_tokens)),
+            prepare_s=plan.prepare_s,
+            commit_s=plan.commit_s,
             horizon_tokens=w.horizon_tokens,
             tokens_left=max(1, w.final_context - w.context_tokens),
+            waves=len(plan.waves),
         )
 
     def accept(self, estimate: SwitchEstimate, forced: bool) -> bool:

@@ -26,14 +26,18 @@ class PlanningWindow:
     ``horizon_tokens``: the interval (the paper's myopic rule), or more tokens when
     ``payback_tokens`` says so (how long the change is expected to last, since a
     placement is kept until something changes). Decode delay is weighed and memory
-    checked over the whole horizon: a placement that fits only until the next re-plan
-    would have to move again, at a cost the decision did not see.
+    checked until the generation's end (``memory_tokens`` shortens that where nothing
+    fits so long): a placement that fits only until the next re-plan would have to move
+    again, at a cost the decision did not see.
     """
 
     context_tokens: int
     interval_tokens: int
     final_context: int
     payback_tokens: int = 0
+    #: tokens over which memory must hold; None: to the generation's end (caches only
+    #: grow, so a placement that fits then never has to move for memory)
+    memory_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.interval_tokens < 1:
@@ -55,9 +59,16 @@ class PlanningWindow:
 
     @property
     def interval_end_context(self) -> int:
-        """Context length at the horizon's last token (positions): memory must hold until
-        then."""
-        return min(self.context_tokens + self.horizon_tokens, self.final_context)
+        """Context length (positions) until which memory must hold: the generation's end,
+        or ``memory_tokens`` on where nothing fits that long."""
+        if self.memory_tokens is None:
+            return self.final_context
+        return min(self.context_tokens + self.memory_tokens, self.final_context)
+
+    def memory_to_horizon(self) -> PlanningWindow:
+        """The same window with memory checked only over the horizon (a fallback where
+        no placement holds the caches until the generation's end)."""
+        return replace(self, memory_tokens=self.horizon_tokens)
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,18 @@ are due before given tokens, so before such a token the controller hands the dri
 turn (``run/world``) and waits until the driver says the world is in place
 (``run/world_ready``); a device the driver killed is then waited on until the
 controller's own failure detection sees it gone, exactly as in the local backend.
+``RemoteWorld`` is the controller's ``WorldHooks`` for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from controller.orchestrator import Controller, ControllerError
-from device_agent import protocol as proto
+from pydantic import BaseModel
+
+from control_plane import protocol as proto
+from controller.agent_link import AgentLink
+from controller.result import ControllerError
 
 #: longest wait (s) for the driver to apply a token's traces (shaping every link included)
 WORLD_TURN_TIMEOUT_S = 120.0
@@ -22,51 +26,47 @@ WORLD_TURN_TIMEOUT_S = 120.0
 class RemoteWorld:
     """Hands the emulator driver its turns before the tokens that have traces."""
 
+    run_topics: tuple[proto.RunKind, ...] = ("world_ready",)
+
     def __init__(
         self,
-        controller: Controller,
         tokens: frozenset[int],
         every_token: bool = False,
         timeout_s: float = WORLD_TURN_TIMEOUT_S,
     ) -> None:
         """``tokens``: generated tokens with traces due; ``every_token``: time-based traces."""
-        self.controller = controller
         self.tokens = tokens
         self.every_token = every_token
         self.timeout_s = timeout_s
         self._waiting: dict[int, asyncio.Future] = {}
-        controller.run_topics = (*controller.run_topics, "world_ready")
-        controller.on_run_message = self._on_message
-        controller.on_joined = self.setup
-        controller.before_token = self.before_token
 
-    async def setup(self) -> None:
+    async def setup(self, link: AgentLink) -> None:
         """Turn 0, once every agent is online: the driver shapes the links and applies the
         traces due at the start."""
-        await self._turn(0)
+        await self._turn(link, 0)
 
-    async def before_token(self, token: int) -> None:
+    async def before_token(self, link: AgentLink, token: int) -> None:
         """Let the driver apply what is due before generated token ``token``."""
         if self.every_token or token in self.tokens:
-            await self._turn(token)
+            await self._turn(link, token)
 
-    def _on_message(self, message: object) -> None:
+    def on_run_message(self, message: BaseModel) -> None:
+        """The driver's world_ready ends the wait on its turn."""
         if isinstance(message, proto.WorldReady):
             fut = self._waiting.get(message.token)
             if fut is not None and not fut.done():
                 fut.set_result(message)
 
-    async def _turn(self, token: int) -> None:
-        ctl = self.controller
+    async def _turn(self, link: AgentLink, token: int) -> None:
         fut = self._waiting[token] = asyncio.get_running_loop().create_future()
-        key = f"world-turn-{token}"
+        topic = proto.run_topic(link.config.testbed, "world")
+        turn = proto.encode(proto.WorldTurn(token=token))
         try:
-            topic = proto.run_topic(ctl.config.testbed, "world")
             # sent again after a broker loss, like an unanswered command: the driver serves
             # a turn once and answers a repeated one again
-            ctl.unanswered[key] = (topic, proto.encode(proto.WorldTurn(token=token)))
-            await ctl.publish(topic, proto.WorldTurn(token=token))
-            ready = await asyncio.wait_for(fut, self.timeout_s)
+            with link.session.resent(f"world-turn-{token}", topic, turn):
+                await link.publish(topic, turn)
+                ready = await asyncio.wait_for(fut, self.timeout_s)
         except TimeoutError:
             raise ControllerError(
                 f"the emulator driver did not apply the traces of token {token} within "
@@ -74,10 +74,9 @@ class RemoteWorld:
             ) from None
         finally:
             self._waiting.pop(token, None)
-            ctl.unanswered.pop(key, None)
         if not ready.ok:
             raise ControllerError(f"the emulator driver failed at token {token}: {ready.error}")
         for device in ready.failed:
-            await ctl.until_gone(device)
+            await link.until_gone(device)
         for device in ready.joined:
-            await ctl.until_online(device)
+            await link.until_online(device)

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from control_plane.mqtt import load_auth
 from device_agent.agent import AgentConfig, run_agent
-from device_agent.mqtt import load_auth
 
 MIB = 2**20
 
@@ -40,6 +40,19 @@ def parser() -> argparse.ArgumentParser:
         "--dataplane-key",
         type=Path,
         help="file holding the testbed's data-plane secret (peers must prove they know it)",
+    )
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--weight-cache",
+        type=Path,
+        metavar="DIR",
+        help="cache of dequantised block weights, shared by the agents of a host "
+        "(default: the edgepart cache directory, $EDGEPART_CACHE or ~/.cache/edgepart)",
+    )
+    cache.add_argument(
+        "--no-weight-cache",
+        action="store_true",
+        help="read every block from the checkpoint, cache nothing",
     )
     p.add_argument(
         "--shaping",
@@ -78,6 +91,11 @@ def config_from_args(argv: list[str] | None = None) -> AgentConfig:
             parser().error(f"--dataplane-key {args.dataplane_key}: {exc.strerror}")
         if len(key) < 16:
             parser().error(f"--dataplane-key {args.dataplane_key}: shorter than 16 bytes")
+    weight_cache = None
+    if not args.no_weight_cache:
+        from llm.host_profile import default_cache_dir
+
+        weight_cache = str(args.weight_cache or default_cache_dir())
     return AgentConfig(
         name=args.name,
         broker=args.broker,
@@ -95,6 +113,7 @@ def config_from_args(argv: list[str] | None = None) -> AgentConfig:
         shaping=args.shaping,
         dataplane_key=key,
         join_file=args.join_file,
+        weight_cache=weight_cache,
     )
 
 

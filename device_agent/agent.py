@@ -1,11 +1,17 @@
 """The process on each device: holds blocks, runs them per token, moves them on command.
 
-Control arrives over MQTT (``device_agent.protocol``); data travels agent to agent over
-the TCP data plane (``device_agent.dataplane``). ``Agent`` holds the MQTT session and
+Control arrives over MQTT (``control_plane.protocol``) through the agent's
+``control_plane.session.BrokerSession`` (connects, reconnects, decodes, counts malformed
+messages); the agent keeps only its own callbacks: announce itself online after every
+connect (its last will says offline), carry out each command once (a resent one gets the
+kept reply), follow placement epochs, learn peers' data ports from their statuses. Data
+travels agent to agent over the TCP data plane (``device_agent.dataplane``). ``Agent``
 dispatches commands, placements and frames to the parts of the device:
 
 - ``blocks.DeviceBlocks``: the blocks held under the memory budget; loads, migrations in
   and out, weights fetched from and served to peers;
+- ``staging.Staging``: a switch in two phases: blocks prepared in a background thread,
+  committed in one batch per target, discarded;
 - ``epochs.Epochs``: the placement epochs known, waited for by frames and commands;
 - ``runner.TokenRunner``: each token's program (``device_agent.program``), run in a single
   compute thread, paced to the device's speed (``pacing.Pacer``);
@@ -30,9 +36,11 @@ from typing import Literal
 
 import aiomqtt
 import torch
+from pydantic import BaseModel
 
-from device_agent import mqtt
-from device_agent import protocol as proto
+from control_plane import mqtt
+from control_plane import protocol as proto
+from control_plane.session import BrokerSession, Publish, SessionHooks, first_error
 from device_agent.ballast import MemoryPressure
 from device_agent.blocks import CommandRefused, DeviceBlocks
 from device_agent.burners import BackgroundLoad
@@ -42,6 +50,7 @@ from device_agent.links import LinkShaping
 from device_agent.pacing import Pacer
 from device_agent.program import Routes
 from device_agent.runner import TokenRunner
+from device_agent.staging import Staging
 from device_agent.tc import TcUnavailable
 from device_agent.telemetry import CpuMeter, PeerProbes
 from device_agent.wire import Frame, FrameError, Kind
@@ -49,16 +58,15 @@ from llm.blocks import block_table
 from llm.calibration import ComputeProfile, calibrated_table
 from llm.loader import open_model
 from llm.runtime import BlockHost
+from llm.weight_cache import WeightCache
 
 log = logging.getLogger("edgepart.agent")
 
 TELEMETRY_PERIOD_S = 0.5
+#: s; short, so that the broker publishes a lost device's last will (offline) soon
 MQTT_KEEPALIVE_S = 5
-MQTT_TIMEOUT_S = 30  # per MQTT operation (s): an embedded broker on a loaded host is slow
-JOIN_WINDOW_S = 90.0  # how long (s) an agent keeps trying to reach the broker at start
-#: how long (s) an agent that lost its broker keeps reconnecting before it gives up; its
-#: blocks and caches stay, the data plane keeps running meanwhile
-BROKER_LOST_WINDOW_S = 60.0
+#: the topic kinds an agent reads: its commands, the placement, every device's status
+READS: frozenset[str] = frozenset({"cmd", "placement", "status"})
 REPLIES_KEPT = 256  # answered commands whose replies are kept for a resent command
 STOP_GRACE_S = 3.0  # longest orderly shutdown after SIGTERM before the process just exits
 GIL_SWITCH_INTERVAL_S = 0.0005  # s; see run_agent
@@ -88,6 +96,9 @@ class AgentConfig:
     dataplane_key: bytes | None = None
     #: a device that joins later: it joins once this file exists (None: at once)
     join_file: str | None = None
+    #: where dequantised block weights are cached, shared by the agents of a host (None:
+    #: no cache, every block is read from the checkpoint)
+    weight_cache: str | None = None
 
 
 class Agent:
@@ -99,21 +110,26 @@ class Agent:
         self.name = config.name
         opened = open_model(config.model)
         self.spec = opened.arch.spec
-        host = BlockHost(self.name, opened.source, opened.arch, torch.float32)
+        cache = _weight_cache(config.weight_cache, opened.file.path)
+        host = BlockHost(self.name, opened.source, opened.arch, torch.float32, cache)
         table = block_table(self.spec)
         timed = calibrated_table(table, config.profile) if config.profile else table
         self.errors: Counter[str] = Counter()  # failures by kind (command op, step, ...)
-        self.dropped_messages: Counter[str] = Counter()
         self.epochs = Epochs()
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-compute")
         self.plane = DataPlane(self.name, self._on_frame, key=config.dataplane_key)
-        self.blocks = DeviceBlocks(
-            host, table, config.memory_bytes, self.plane, self.epochs, self.compute, self.errors
-        )
         self.pacer = Pacer(config.cpu_share)  # the device's CPU share and background load
+        self.blocks = DeviceBlocks(
+            host, table, config.memory_bytes, self.plane, self.epochs, self.compute, self.errors,
+            self.pacer,
+        )  # fmt: skip
         self.runner = TokenRunner(
             self.blocks, timed, self.plane, self.epochs, self.pacer, self.compute, self._spawn,
             self.errors,
+        )  # fmt: skip
+        self.staging = Staging(
+            self.blocks, self.plane, self.epochs, self.compute, config.cpu_share, self.errors,
+            running=lambda: bool(self.runner.programs),
         )  # fmt: skip
         self.load = BackgroundLoad(config.cpu_share)  # CPU burners (cpu traces)
         self.pressure = MemoryPressure(  # a memory ballast (memory traces)
@@ -122,17 +138,48 @@ class Agent:
         self.links = LinkShaping(self.name, self.plane, self.epochs.endpoint, self.errors)
         self.probes = PeerProbes(self.plane, self._spawn)
         self.endpoint = ""
-        self.client: aiomqtt.Client | None = None
         self.tasks: set[asyncio.Task] = set()
         self.replies: OrderedDict[str, proto.Reply] = OrderedDict()  # by command id
         self.running: set[str] = set()  # ids of commands being carried out
-        self.broker_losses = 0
         self.metrics = None
         self.cpu = CpuMeter(config.cpu_share)
+        testbed = config.testbed
+        offline = proto.Status(name=self.name, state="offline")
+        # a broker slow to answer while a testbed starts is retried, and so is one lost
+        # later (restarted): the agent rejoins with its blocks, caches and programs intact
+        self.session = BrokerSession(
+            config.broker,
+            f"edgepart-{testbed}-{self.name}",
+            [
+                proto.device_topic(testbed, self.name, "cmd"),
+                proto.placement_topic(testbed),
+                # peers' retained statuses name their data ports: links are probed before
+                # any plan
+                proto.subscription(testbed, "status"),
+            ],
+            log=logging.getLogger(f"edgepart.agent.{self.name}"),
+            hooks=SessionHooks(
+                on_message=self._on_message,
+                accepts=lambda topic: topic.kind in READS,
+                on_connected=self._announce,
+            ),
+            error=BrokerGone,
+            auth=config.broker_auth,
+            will=aiomqtt.Will(self._topic("status"), proto.encode(offline), qos=1, retain=True),
+            keepalive=MQTT_KEEPALIVE_S,
+        )
+
+    @property
+    def dropped_messages(self) -> Counter[str]:
+        """Malformed MQTT messages dropped so far, by topic kind."""
+        return self.session.dropped.by_kind
+
+    def _topic(self, kind: proto.TopicKind) -> str:
+        return proto.device_topic(self.config.testbed, self.name, kind)
 
     # -- lifecycle ---------------------------------------------------------------------
     async def run(self) -> None:
-        """Serve until cancelled or the broker connection is lost for good."""
+        """Serve until cancelled or the broker stays away (BrokerGone)."""
         if self.config.shaping == "tc":
             # htb on the interface of the advertised (else listen) host
             await self.links.start_kernel(
@@ -150,40 +197,17 @@ class Agent:
             self.metrics.serve(self.config.metrics_port, listen_host)
         if self.config.join_file is not None:
             await self._until_told_to_join(self.config.join_file)
-        testbed = self.config.testbed
-        status_topic = proto.device_topic(testbed, self.name, "status")
-        offline = proto.Status(name=self.name, state="offline")
-        # a broker slow to answer while a testbed starts is retried, and so is one lost
-        # later (restarted): the agent rejoins with its blocks, caches and programs intact
-        deadline = time.monotonic() + JOIN_WINDOW_S
-        delay = 0.2
         try:
-            while True:
-                # a fresh client per attempt: one whose connect failed is not reused
-                client = mqtt.client(
-                    self.config.broker,
-                    identifier=f"edgepart-{testbed}-{self.name}",
-                    auth=self.config.broker_auth,
-                    keepalive=MQTT_KEEPALIVE_S,
-                    will=aiomqtt.Will(status_topic, proto.encode(offline), qos=1, retain=True),
-                    timeout=MQTT_TIMEOUT_S,
-                )
-                try:
-                    async with client:
-                        await self._serve(client, status_topic)
-                    return
-                except (aiomqtt.MqttError, BrokerLost) as exc:
-                    if self.client is not None:  # it was connected: a new loss
-                        log.warning("%s: lost the broker (%s), reconnecting", self.name, exc)
-                        self.client = None
-                        self.broker_losses += 1
-                        deadline = time.monotonic() + BROKER_LOST_WINDOW_S
-                        delay = 0.2
-                    if time.monotonic() + delay > deadline:
-                        raise
-                    log.info("%s: broker not reachable (%s), retrying", self.name, exc)
-                    await asyncio.sleep(delay)
-                    delay = min(2 * delay, 2.0)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._telemetry_loop())
+                if self.config.exit_with_parent:
+                    tg.create_task(self._exit_with_parent(asyncio.current_task()))
+                await self.session.run()
+        except BaseExceptionGroup as group:
+            gone = first_error(group, BrokerGone)
+            if gone is None:
+                raise
+            raise gone from None
         finally:
             await self._shutdown()
 
@@ -195,32 +219,11 @@ class Agent:
         while not os.path.exists(path):
             await asyncio.sleep(JOIN_POLL_S)
 
-    async def _serve(self, client: aiomqtt.Client, status_topic: str) -> None:
-        testbed = self.config.testbed
-        await client.subscribe(proto.device_topic(testbed, self.name, "cmd"), qos=1)
-        await client.subscribe(proto.placement_topic(testbed), qos=1)
-        # peers' retained statuses name their data ports: links are probed before any plan
-        await client.subscribe(proto.subscription(testbed, "status"), qos=1)
+    async def _announce(self, publish: Publish) -> None:
+        """After every connect: online, with the data plane's endpoint (retained)."""
         online = proto.Status(name=self.name, state="online", listen=self.endpoint, ts=time.time())
-        await client.publish(status_topic, proto.encode(online), qos=1, retain=True)
-        self.client = client
+        await publish(self._topic("status"), online, retain=True)
         log.info("%s: online, data plane on %s", self.name, self.endpoint)
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._telemetry_loop())
-                if self.config.exit_with_parent:
-                    tg.create_task(self._watch_parent())
-                await self._message_loop(client)
-        # not except*: before Python 3.11.4 (Debian's 3.11.2 in the image) an exception
-        # raised in an except* handler leaves it wrapped in a group
-        except BaseExceptionGroup as group:
-            lost = group.subgroup(aiomqtt.MqttError)
-            if lost is None:
-                raise
-            first = lost
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
-            raise BrokerLost(str(first)) from None
 
     async def _shutdown(self) -> None:
         self.runner.cancel()
@@ -231,14 +234,16 @@ class Agent:
         await self.plane.close()
         await self.links.clear()
         self.compute.shutdown(wait=False, cancel_futures=True)
+        self.staging.shutdown()
 
-    async def _watch_parent(self) -> None:
+    async def _exit_with_parent(self, main: asyncio.Task | None) -> None:
+        """Cancel the agent's main task once the parent process is gone."""
         parent = os.getppid()
-        while True:
+        while os.getppid() == parent:
             await asyncio.sleep(0.5)
-            if os.getppid() != parent:
-                log.warning("%s: parent process gone, exiting", self.name)
-                raise asyncio.CancelledError
+        log.warning("%s: parent process gone, exiting", self.name)
+        if main is not None:
+            main.cancel()
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -247,41 +252,14 @@ class Agent:
         return task
 
     # -- MQTT --------------------------------------------------------------------------
-    async def _message_loop(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            topic = proto.parse_topic(message.topic.value)
-            payload = message.payload if isinstance(message.payload, bytes) else b""
-            if topic is None or topic.kind not in ("cmd", "placement", "status"):
-                self._drop_message("topic", f"unexpected topic {message.topic.value}")
-                continue
-            decoded = proto.decode(topic.kind, payload)
-            if isinstance(decoded, proto.Malformed):
-                self._drop_message(topic.kind, decoded.reason)
-                continue
-            if isinstance(decoded, proto.PlacementEpoch):
-                self._set_epoch(decoded)
-            elif isinstance(decoded, proto.Status):
-                if decoded.name != self.name and decoded.listen and decoded.state == "online":
-                    self.plane.set_endpoints({decoded.name: decoded.listen})
-            else:
-                self._on_command(decoded)
-
-    def _drop_message(self, kind: str, reason: str) -> None:
-        if self.dropped_messages[kind] == 0:
-            log.warning(
-                "%s: dropped malformed %s message (%s); logged once per kind",
-                self.name,
-                kind,
-                reason,
-            )
-        self.dropped_messages[kind] += 1
-
-    async def _publish(self, kind: proto.TopicKind, message, retain: bool = False) -> None:
-        assert self.client is not None
-        topic = proto.device_topic(self.config.testbed, self.name, kind)
-        await self.client.publish(
-            topic, proto.encode(message), qos=1 if retain else 0, retain=retain
-        )
+    async def _on_message(self, topic: proto.Topic, message: BaseModel) -> None:
+        if isinstance(message, proto.PlacementEpoch):
+            self._set_epoch(message)
+        elif isinstance(message, proto.Status):
+            if message.name != self.name and message.listen and message.state == "online":
+                self.plane.set_endpoints({message.name: message.listen})
+        else:
+            self._on_command(message)
 
     async def _reply(self, command_id: str, ok: bool, error: str | None = None, **extra) -> None:
         reply = proto.Reply(id=command_id, name=self.name, ok=ok, error=error, **extra)
@@ -292,14 +270,8 @@ class Agent:
 
     async def _send_reply(self, reply: proto.Reply) -> None:
         """Publish a reply; without a broker it stays kept for the command's resend."""
-        client = self.client
-        if client is None:
-            return
-        topic = proto.device_topic(self.config.testbed, self.name, "reply")
-        try:
-            await client.publish(topic, proto.encode(reply), qos=1)
-        except aiomqtt.MqttError as exc:
-            log.info("%s: reply %s kept until the broker is back (%s)", self.name, reply.id, exc)
+        if self.session.is_ready:
+            await self.session.publish(self._topic("reply"), reply, retry=False)
 
     def _on_command(self, cmd) -> None:
         """Run a command once: a resent one (the controller lost the broker meanwhile) gets
@@ -319,16 +291,19 @@ class Agent:
             "load": self.blocks.load,
             "drop": self.blocks.drop,
             "migrate": self.blocks.migrate,
+            "prepare": self.staging.prepare,
+            "commit": self.staging.commit,
+            "discard": self.staging.discard,
             "shape": self.links.shape,
             "inject_load": self._inject_load,
             "set_budget": self._set_budget,
             "decode": self.runner.decode,
-            "reset": self.runner.reset,
+            "reset": self._reset,
         }
         try:
             extra = await handlers[cmd.op](cmd) or {}
         except CommandRefused as exc:
-            await self._reply(cmd.id, False, str(exc))
+            await self._reply(cmd.id, False, str(exc), **exc.reply)
         except (
             ValueError,
             KeyError,
@@ -350,7 +325,7 @@ class Agent:
         try:
             routes = Routes(msg.placement, self.spec.layers, self.spec.kv_heads)
         except ValueError as exc:
-            self._drop_message("placement", str(exc))
+            self.session.dropped("placement", str(exc))
             return
         newest = self.epochs.add(Epoch(msg.epoch, dict(msg.placement), routes, dict(msg.endpoints)))
         self.plane.set_endpoints({k: v for k, v in msg.endpoints.items() if k != self.name})
@@ -364,10 +339,16 @@ class Agent:
     # -- commands that reach several parts --------------------------------------------
     async def _set_budget(self, cmd: proto.SetBudget) -> None:
         self.blocks.budget = cmd.memory_bytes
+        self.staging.fit_budget()  # prepared blocks go first
         await self.pressure.set_target(cmd.occupied_bytes)
+
+    async def _reset(self, cmd: proto.Reset) -> None:
+        self.staging.free_all()
+        await self.runner.reset(cmd)
 
     async def _inject_load(self, cmd: proto.InjectLoad) -> None:
         self.pacer.set_background(cmd.fraction)
+        self.staging.set_background(cmd.fraction)
         # what was measured before is not the device under this load
         self.runner.speed.reset()
         self.load.set(cmd.fraction)
@@ -386,8 +367,10 @@ class Agent:
             self.blocks.answer_fetch(frame)  # a FETCH's answer: migrations' frames carry token 0
         elif frame.kind == Kind.BLOCK_STATE:
             self._spawn(self.blocks.receive(frame))
-        elif frame.kind in (Kind.ACK, Kind.ERROR):
-            self.blocks.migration_answered(frame)
+        elif frame.kind == Kind.BLOCK_BATCH:
+            self._spawn(self.staging.receive_batch(frame))
+        elif frame.kind in (Kind.ACK, Kind.ERROR) and not self.staging.answered(frame):
+            self.blocks.migration_answered(frame)  # not a batch's answer: a migration's
 
     # -- telemetry ---------------------------------------------------------------------
     def telemetry(self) -> proto.Telemetry:
@@ -405,13 +388,14 @@ class Agent:
             blocks=tuple(sorted(host.blocks)),
             peer_throughput_mbit=self.plane.measured_mbit(),
             compute_measured=measured,
-            dropped_messages=sum(self.dropped_messages.values()),
+            dropped_messages=self.session.dropped.total,
             dropped_frames=sum(self.plane.bad_frames.values()),
             peer_latency_s=self.plane.measured_latency_s(),
             send_overhead_s=max(0.0, self.runner.handoff.value()),
             receive_overhead_s=max(0.0, self.runner.wakeup.value()),
             occupied_bytes=float(self.pressure.held_bytes),
             unreachable_peers=tuple(sorted(self.plane.unreachable & set(self.plane.peers()))),
+            prepared_bytes=float(self.blocks.prepared.bytes()),
         )
 
     async def _telemetry_loop(self) -> None:
@@ -420,12 +404,32 @@ class Agent:
             if not self.pressure.settling:
                 self._spawn(self.pressure.settle())
             self.probes.probe_next()
-            await self._publish("telemetry", self.telemetry())
+            if self.session.is_ready:  # none while the broker is away: it would be stale
+                await self.session.publish(
+                    self._topic("telemetry"), self.telemetry(), retry=False, qos=0
+                )
             await asyncio.sleep(TELEMETRY_PERIOD_S)
 
 
-class BrokerLost(RuntimeError):
-    """The MQTT connection broke while serving (the broker stopped or restarted)."""
+def _weight_cache(directory: str | None, checkpoint: os.PathLike | str) -> WeightCache | None:
+    """The checkpoint's weight cache under ``directory``; None without one, or when it
+    cannot be written (the agent then reads every block from the checkpoint)."""
+    if directory is None:
+        return None
+    try:
+        cache = WeightCache.for_checkpoint(checkpoint, directory)
+        cache.directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("no weight cache in %s: %s", directory, exc)
+        return None
+    if not os.access(cache.directory, os.W_OK):
+        log.warning("no weight cache: %s is not writable", cache.directory)
+        return None
+    return cache
+
+
+class BrokerGone(RuntimeError):
+    """The broker did not answer at the start, or stayed away after a loss."""
 
 
 def run_agent(config: AgentConfig) -> int:
@@ -456,8 +460,8 @@ def run_agent(config: AgentConfig) -> int:
         asyncio.run(main())
     except (asyncio.CancelledError, KeyboardInterrupt):
         code = 0
-    except aiomqtt.MqttError as exc:
-        log.error("%s: broker connection failed: %s", config.name, exc)
+    except BrokerGone as exc:
+        log.error("%s: %s", config.name, exc)
         code = 1
     except TcUnavailable as exc:
         log.error("%s: %s", config.name, exc)

@@ -1,10 +1,13 @@
 """The blocks a device holds, under its memory budget, and how they come and go.
 
 ``DeviceBlocks`` admits blocks against the budget before anything is fetched or allocated,
-loads them (from this device's checkpoint, or with weights FETCHed from a peer over the
-data plane), migrates them out as ``llm.state`` blobs and takes them in (acknowledging or
-refusing to the sender), and serves peers' fetches of its weights. Torch work runs in the
-agent's single compute thread; the event loop only waits.
+loads them (from this device's weight cache or checkpoint, or with weights FETCHed from a
+peer over the data plane), migrates them out as ``llm.state`` blobs and takes them in
+(acknowledging or refusing to the sender), and serves peers' fetches of its weights. Torch
+work runs in the agent's single compute thread; the event loop only waits.
+
+``PreparedBlocks`` are the blocks built for a coming switch beside the live ones
+(``device_agent.staging``): their memory counts from admission on.
 """
 
 from __future__ import annotations
@@ -12,18 +15,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 
-from device_agent import protocol as proto
+from control_plane import protocol as proto
 from device_agent.dataplane import SEND_TIMEOUT_S, DataPlane
 from device_agent.epochs import Epochs
+from device_agent.pacing import Pacer
 from device_agent.wire import Frame, Kind
 from llm.blocks import BlockTable
 from llm.runtime import BlockHost
 from llm.state import BlockState, block_state, dump_state, load_state
-from llm.torch_blocks import FFNBlock, KVGroupBlock, ProjBlock, parse_block_name
+from llm.torch_blocks import (
+    MOVABLE_KINDS,
+    AnyBlock,
+    FFNBlock,
+    KVGroupBlock,
+    ProjBlock,
+    parse_block_name,
+)
 
 log = logging.getLogger("edgepart.agent")
 
@@ -32,7 +44,66 @@ FETCH_TIMEOUT_S = SEND_TIMEOUT_S + 30.0
 
 
 class CommandRefused(RuntimeError):
-    """A command the agent will not carry out (e.g. over its memory budget)."""
+    """A command the agent will not carry out (e.g. over its memory budget); ``reply``: the
+    fields its Reply carries besides the reason (e.g. ``refused``)."""
+
+    def __init__(self, reason: str, **reply) -> None:
+        super().__init__(reason)
+        self.reply = reply
+
+
+@dataclass
+class Prepared:
+    """A block admitted for a coming switch: its memory, and the block once built."""
+
+    name: str
+    reserved_bytes: int  # its weights and its cache at the prepare's context
+    block: AnyBlock | None = None  # None while it is being built
+
+
+class PreparedBlocks:
+    """The blocks prepared here, by name, apart from the live ones (event loop only)."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Prepared] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def __iter__(self) -> Iterator[Prepared]:
+        return iter(list(self._by_name.values()))
+
+    def get(self, name: str) -> Prepared | None:
+        """The prepared block of that name, if any."""
+        return self._by_name.get(name)
+
+    def reserve(self, name: str, reserved_bytes: int) -> Prepared:
+        """Admit a block (not built yet)."""
+        record = self._by_name[name] = Prepared(name, int(reserved_bytes))
+        return record
+
+    def free(self, name: str) -> Prepared | None:
+        """Forget a prepared block (its memory goes with the last reference)."""
+        return self._by_name.pop(name, None)
+
+    def bytes(self) -> int:
+        """Bytes reserved by every prepared block (built or being built)."""
+        return sum(p.reserved_bytes for p in self._by_name.values())
+
+
+def mean_by_kind(seconds: Mapping[str, list[float]]) -> dict[str, float]:
+    """Mean seconds per block of each kind that has any."""
+    return {kind: sum(times) / len(times) for kind, times in seconds.items() if times}
+
+
+def timed(work: Callable[[], AnyBlock], pacer: Pacer) -> tuple[AnyBlock, float]:
+    """Run a build in this thread; the block and the time (s) it takes at the device's
+    speed: the wall time, stretched by ``pacer`` as its paced duration would be."""
+    start = time.perf_counter()
+    cpu0 = time.thread_time()
+    block = work()
+    cpu_s, wall_s = time.thread_time() - cpu0, time.perf_counter() - start
+    return block, wall_s + pacer.pace_s(cpu_s, wall_s)
 
 
 class DeviceBlocks:
@@ -47,6 +118,7 @@ class DeviceBlocks:
         epochs: Epochs,
         compute: Executor,
         errors: Counter[str],
+        pacer: Pacer,
     ) -> None:
         self.name = host.name
         self.host = host
@@ -58,6 +130,8 @@ class DeviceBlocks:
         self.epochs = epochs
         self.compute = compute  # the agent's one compute thread
         self.errors = errors  # the agent's failure counts by kind
+        self.pacer = pacer  # the compute thread's: the device's speed
+        self.prepared = PreparedBlocks()  # built for a coming switch, not live yet
         self.acks: dict[tuple[int, str], asyncio.Future] = {}  # (epoch, block) -> ack/error
         #: (request number, block) -> the peer's answer to a FETCH: state bytes, or an error
         self.fetches: dict[tuple[int, str], asyncio.Future] = {}
@@ -65,8 +139,9 @@ class DeviceBlocks:
 
     # -- memory ------------------------------------------------------------------------
     def used_bytes(self) -> int:
-        """Bytes of weights and KV caches held."""
-        return self.host.weight_bytes() + self.host.cache_bytes() + self.incoming
+        """Bytes of weights and KV caches held, arriving or prepared."""
+        held = self.host.weight_bytes() + self.host.cache_bytes()
+        return held + self.incoming + self.prepared.bytes()
 
     def block_bytes(self, block: str, length: int) -> int:
         """Bytes a block will take when held with ``length`` cached positions."""
@@ -89,7 +164,10 @@ class DeviceBlocks:
 
     # -- loads and drops ---------------------------------------------------------------
     async def load(self, cmd: proto.Load) -> dict:
-        """Hold the named blocks, read from disk or with weights from the named peer."""
+        """Hold the named blocks, read from disk (the weight cache, else the checkpoint) or
+        with weights from the named peer. The reply's ``install_s``: per kind of movable
+        block, the mean time (s) one took to fetch and build, its build at the device's
+        speed (paced duration; a load itself runs unpaced, at the start)."""
         todo = [b for b in cmd.blocks if b not in self.host.blocks]
         order = sorted(todo, key=lambda b: b != "embed")  # a tied head needs the embedding
         peer = cmd.peer if cmd.weights_from == "peer" else None
@@ -100,18 +178,26 @@ class DeviceBlocks:
         self.admit(order, 0)  # before anything is fetched or allocated
         start = time.monotonic()
         loop = asyncio.get_running_loop()
+        install_s: dict[str, list[float]] = defaultdict(list)
         for block in order:
-            if peer is None:
-                await loop.run_in_executor(self.compute, self.host.load, block)
-                continue
-            need = self.block_bytes(block, 0)
-            self.incoming += need  # admitted: counted while its weights are on the way
+            fetch_start = time.monotonic()
+            weights = None
+            # admitted: counted while its weights are on the way
+            need = self.block_bytes(block, 0) if peer is not None else 0
+            self.incoming += need
             try:
-                state = await self._fetch_weights(peer, block)
-                await loop.run_in_executor(self.compute, self.host.load, block, state.weights)
+                if peer is not None:
+                    weights = (await self.fetch_weights(peer, block)).weights
+                fetch_s = time.monotonic() - fetch_start
+                _, build_s = await loop.run_in_executor(
+                    self.compute, timed, lambda b=block, w=weights: self.host.load(b, w), self.pacer
+                )
             finally:
                 self.incoming -= need
-        return {"seconds": time.monotonic() - start}
+            kind = parse_block_name(block).kind
+            if kind in MOVABLE_KINDS:
+                install_s[kind].append(fetch_s + build_s)
+        return {"seconds": time.monotonic() - start, "install_s": mean_by_kind(install_s)}
 
     async def drop(self, cmd: proto.Drop) -> None:
         """Free the named blocks held here."""
@@ -136,7 +222,7 @@ class DeviceBlocks:
         await asyncio.get_running_loop().run_in_executor(self.compute, reset)
 
     # -- weights from a peer -----------------------------------------------------------
-    async def _fetch_weights(self, peer: str, block: str) -> BlockState:
+    async def fetch_weights(self, peer: str, block: str) -> BlockState:
         """A block's weights from a peer over the data plane: FETCH, then its BLOCK_STATE
         (or ERROR) answer with the same request number; every wait is bounded."""
         await self.epochs.endpoint_known(peer)

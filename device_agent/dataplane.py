@@ -8,8 +8,10 @@ current placement epoch names (``admit``); answers to this agent's own requests 
 to them. Garbage (a FrameError) is counted, logged once per reason and the connection
 closed, since a byte stream cannot be re-synchronised after a bad length; the port stays up.
 Outbound: the first frame to a peer opens a connection to its endpoint (bounded wait),
-wrapped in a ShapedWriter that applies the pair's bandwidth and latency. Large frames
-measure the throughput the link actually gave, which telemetry reports.
+wrapped in a ShapedWriter that applies the pair's bandwidth and latency. Large activations
+measure the throughput the link actually gave, which telemetry reports; migration frames
+(block states, batches, fetches) do not: they meet a receiver busy installing blocks and
+would report a link slower than the tokens see.
 """
 
 from __future__ import annotations
@@ -46,9 +48,11 @@ SEND_TIMEOUT_S = 120.0  # longest (s) one frame may take on a shaped link (a mig
 HANDSHAKE_TIMEOUT_S = 5.0
 NONCE_BYTES = 16
 #: frames that make this agent compute or hold something: only from admitted peers
-ADMITTED_KINDS = frozenset({Kind.ACTIVATION, Kind.FETCH})
+ADMITTED_KINDS = frozenset({Kind.ACTIVATION, Kind.FETCH, Kind.BLOCK_BATCH})
 #: frames at least this large (bytes) are long enough on the wire to measure a rate from
 MEASURE_MIN_BYTES = 32 * 1024
+#: the only kind of frame whose sends are link-throughput samples: what tokens send
+MEASURED_KIND = Kind.ACTIVATION
 #: a throughput measurement is reported for this long (s) after it was taken
 MEASURE_TTL_S = 30.0
 
@@ -180,7 +184,8 @@ class DataPlane:
             self._endpoints[peer] = new
 
     def admit(self, peers) -> None:
-        """Take activations, migrated blocks and fetches only from these peers from now on."""
+        """Take activations, migrated blocks, committed batches and fetches only from these
+        peers from now on."""
         self.admitted = frozenset(peers)
 
     def peers(self) -> list[str]:
@@ -202,7 +207,7 @@ class DataPlane:
         return self._shapes.get(peer, LinkShape())
 
     def measured_mbit(self, now: float | None = None) -> dict[str, float]:
-        """Recently measured throughput per peer (Mbit/s), from large frames."""
+        """Recently measured throughput per peer (Mbit/s), from large activations."""
         now = time.monotonic() if now is None else now
         return {p: r for p, (r, t) in self._measured.items() if now - t <= MEASURE_TTL_S}
 
@@ -288,7 +293,7 @@ class DataPlane:
                 broken.close()
             raise ConnectionError(f"{self.name} -> {peer}: {exc!r}") from exc
         self.bytes_sent[peer] += len(data)
-        if len(data) >= MEASURE_MIN_BYTES:
+        if frame.kind == MEASURED_KIND and len(data) >= MEASURE_MIN_BYTES:
             on_wire = time.monotonic() - start - writer.latency_s
             if on_wire > 0:
                 rate = len(data) * 8 / on_wire / 1e6

@@ -17,7 +17,7 @@ import socket
 from collections import Counter
 from collections.abc import Callable
 
-from device_agent import protocol as proto
+from control_plane import protocol as proto
 from device_agent.dataplane import DataPlane
 from device_agent.tc import TcShaper, TcUnavailable, interface_for
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from device_agent import protocol as proto
+from control_plane import protocol as proto
 from device_agent.blocks import DeviceBlocks
 from device_agent.dataplane import SEND_TIMEOUT_S, DataPlane, RecentMean
 from device_agent.epochs import Epoch, Epochs

@@ -5,7 +5,7 @@ Frame layout (little-endian):
     magic  b"EPF1"            4 bytes
     version                   u8
     kind                      u8   (ACTIVATION=1, BLOCK_STATE=2, ACK=3, ERROR=4, PING=6,
-                                    PONG=7, FETCH=8)
+                                    PONG=7, FETCH=8, CHALLENGE=9, HELLO=10, BLOCK_BATCH=11)
     epoch                     u32  placement epoch the frame belongs to
     token                     u32  decode step (token index); a FETCH's request number
     name length               u16
@@ -18,6 +18,18 @@ ACK or ERROR with token 0. FETCH=8 (token: the requester's request number, from 
 the requester's UTF-8 device name) asks a peer for a block's weights; the peer answers with
 a BLOCK_STATE of them, or an ERROR giving the reason, carrying the request's token, which
 tells the answer apart from a migration's frames.
+
+BLOCK_BATCH=11 commits a prepared switch (``control_plane.protocol.Commit``): one frame
+from a block's current holder to one target with every block moving there, token 0, the
+sender's device name as the name, the commit's epoch. The target answers ACK (it took
+them all) or ERROR (the reason; it took none), with its own device name and the same
+epoch. The payload (``encode_batch``) is:
+
+    count                     u32
+    per block:  name length   u16
+                name          UTF-8 block name
+                state length  u64  (0: a projection or FFN block, which carries no state)
+                state         an ``llm.state`` blob without weights (a KV group's cache)
 
 A tensor payload (``tensor_to_payload``) is:
 
@@ -50,6 +62,8 @@ _TENSOR_HEAD = struct.Struct("<BB")  # dtype code, ndim
 _DIM = struct.Struct("<I")
 _U32_MAX = 0xFFFF_FFFF
 _U16_MAX = 0xFFFF
+_COUNT = struct.Struct("<I")
+_NAME_LEN = struct.Struct("<H")
 
 DTYPE_CODES: dict[torch.dtype, int] = {
     torch.float32: 1,
@@ -84,6 +98,7 @@ class Kind(enum.IntEnum):
     FETCH = 8  # a block's weights, please: answered by BLOCK_STATE or ERROR, same token
     CHALLENGE = 9  # first frame of an accepted connection: a nonce the connecting peer signs
     HELLO = 10  # the connecting peer's answer: its name and its signature of the nonce
+    BLOCK_BATCH = 11  # a commit: the states of every block moving from sender to receiver
 
 
 @dataclass(frozen=True)
@@ -176,6 +191,47 @@ def decode_frame(
             f"{len(view) - start} bytes given"
         )
     return Frame(kind, epoch, token, name, bytes(view[start:]))
+
+
+def encode_batch(states: list[tuple[str, bytes]]) -> bytes:
+    """A BLOCK_BATCH payload: (block name, its state blob or b"") in order."""
+    parts = [_COUNT.pack(len(states))]
+    for name, blob in states:
+        raw = name.encode("utf-8")
+        if len(raw) > _U16_MAX:
+            raise FrameError(f"block batch: a name of {len(raw)} bytes is too long")
+        parts += [_NAME_LEN.pack(len(raw)), raw, _PAYLOAD_LEN.pack(len(blob)), blob]
+    return b"".join(parts)
+
+
+def decode_batch(payload: bytes | bytearray | memoryview) -> list[tuple[str, bytes]]:
+    """The (block name, state blob) entries of a BLOCK_BATCH payload; FrameError (kind
+    ``block batch``) when it is truncated, has trailing bytes or names a block twice."""
+    view = memoryview(payload).cast("B")
+    at = 0
+
+    def take(n: int, what: str) -> memoryview:
+        nonlocal at
+        if len(view) - at < n:
+            raise FrameError(f"block batch: truncated in the {what}")
+        at += n
+        return view[at - n : at]
+
+    (count,) = _COUNT.unpack(take(_COUNT.size, "count"))
+    states: list[tuple[str, bytes]] = []
+    for _ in range(count):
+        (name_len,) = _NAME_LEN.unpack(take(_NAME_LEN.size, "name length"))
+        try:
+            name = bytes(take(name_len, "name")).decode("utf-8")
+        except UnicodeDecodeError:
+            raise FrameError("block batch: a name is not UTF-8") from None
+        (length,) = _PAYLOAD_LEN.unpack(take(_PAYLOAD_LEN.size, "state length"))
+        states.append((name, bytes(take(length, "state"))))
+    if at != len(view):
+        raise FrameError(f"block batch: {len(view) - at} bytes after the last entry")
+    if len({name for name, _ in states}) != len(states):
+        raise FrameError("block batch: a block is named twice")
+    return states
 
 
 def tensor_to_payload(t: torch.Tensor) -> bytes:

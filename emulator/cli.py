@@ -128,17 +128,17 @@ def testbed_up(
     from emulator import docker_cli
     from emulator.backends.docker import UP_TIMEOUT_S
     from emulator.compose import BROKER_IMAGE, write_project
-    from emulator.images import ImageBuildError, build_image, image_exists, image_is_current
+    from emulator.images import ImageBuildError, ensure_current, image_exists
     from emulator.testbed_secrets import SecretsError
     from llm.host_profile import cache_path
 
     sc = open_scenario(scenario)
-    if not image_is_current(image):
-        err.print(f"building {image} from this tree (edgepart testbed build)")
-        try:
-            build_image(image, progress=lambda line: err.print(f"  {line}", highlight=False))
-        except ImageBuildError as exc:
-            raise fail(str(exc), 1) from None
+    try:
+        ensure_current(
+            image, say=err.print, progress=lambda line: err.print(f"  {line}", highlight=False)
+        )
+    except ImageBuildError as exc:
+        raise fail(str(exc), 1) from None
     broker = BROKER_IMAGE if image_exists(BROKER_IMAGE) else image
     ref, options = _render_options(sc, algorithm, image, swarm, broker_image=broker, tls=tls)
     name, directory = _project(sc, project_dir)
@@ -197,8 +197,14 @@ def testbed_drive(
     out_dir: Annotated[Path, typer.Option("--out", help="Where result.json goes.")] = Path("out"),
 ) -> None:
     """The emulator driver (the testbed service): applies traces, prints and saves results."""
-    from controller.orchestrator import RunResult
-    from emulator.driver import DriverError, docker_kill, docker_start, drive, save_outcome
+    from emulator.driver import (
+        DriverError,
+        docker_kill,
+        docker_start,
+        drive,
+        outcome_record,
+        save_outcome,
+    )
     from emulator.report import comparison_table
     from llm.loader import open_model
 
@@ -234,21 +240,8 @@ def testbed_drive(
     text = tokenizer.decode(outcome.result["output_token_ids"], skip_special_tokens=True)
     path = save_outcome(outcome, text, out_dir)
     out.print(text, markup=False, highlight=False)
-    run = _DriverRun(RunResult.from_summary(outcome.result), text)
-    out.print(comparison_table(sc, [run]))
+    out.print(comparison_table(sc, [outcome_record(outcome, text)]))
     err.print(f"wrote {path}")
-
-
-class _DriverRun:
-    """A testbed run as the report functions read it."""
-
-    backend = "docker"
-    isolation = "container cgroup + time dilation"
-    telemetry = "measured"
-
-    def __init__(self, result, text: str) -> None:
-        self.result = result
-        self.text = text
 
 
 @testbed_app.command("build")

@@ -66,7 +66,7 @@ def check_algorithm(name: str) -> PlacementAlgorithm:
 
 def load_broker_auth(path: Path | None):
     """The credentials of a --broker-auth file (exit 2 naming the file when unusable)."""
-    from device_agent.mqtt import load_auth
+    from control_plane.mqtt import load_auth
 
     try:
         return load_auth(path)

@@ -5,12 +5,14 @@ agent's runtime as ``mem_limit``, ``NET_ADMIN`` to shape its own links with tc),
 broker, the controller, a one-shot ``calibrate`` service that measures this CPU's block
 speeds once into ``./cache`` (every role reads them from there), and the ``testbed``
 service, the emulator driver: it applies the traces and prints and saves the results, so
-``docker compose up testbed`` runs the whole experiment. Under the profile
-``observability``: Prometheus and Grafana with the dashboards of ``grafana/``. Every
-service sits on one ``internal: true`` network: nothing leaves the testbed. The broker
-admits only the testbed's identities (controller, driver, one per agent) and lets each do
-only its part (``emulator.testbed_secrets``: passwords, ACL, optional TLS, mounted as
-compose secrets from ``secrets/``, which ``write_project`` writes).
+``docker compose up testbed`` runs the whole experiment. The agents share one named volume
+of dequantised block weights (``llm.weight_cache``): a block built once is read by all.
+Under the profile ``observability``: Prometheus and Grafana with the dashboards of
+``grafana/``. Every service sits on one ``internal: true`` network: nothing leaves the
+testbed. The broker admits only the testbed's identities (controller, driver, one per
+agent) and lets each do only its part (``emulator.testbed_secrets``: passwords, ACL,
+optional TLS, mounted as compose secrets from ``secrets/``, which ``write_project``
+writes).
 
 ``render`` is pure (scenario in, documents out); ``write_project`` puts them on disk.
 ``--swarm`` output is the same file plus ``deploy`` sections, for ``docker stack deploy``.
@@ -26,9 +28,9 @@ from typing import Any
 
 import yaml
 
-from device_agent import protocol as proto
+from control_plane import protocol as proto
 from emulator import testbed_secrets as sec
-from emulator.scenario import GgufModel, HfModel, PresetModel, Scenario
+from emulator.scenario import Device, GgufModel, HfModel, PresetModel, Scenario
 
 IMAGE = "edgepart:latest"
 BROKER_IMAGE = "eclipse-mosquitto:2"
@@ -45,6 +47,9 @@ NETWORK = "testbed"
 #: where the project directory is mounted in the edgepart containers
 TESTBED_DIR = "/testbed"
 CACHE_DIR = "/cache"
+#: the named volume of dequantised block weights every agent reads and fills, and its mount
+WEIGHTS_VOLUME = "weights"
+WEIGHT_CACHE_DIR = "/weight-cache"
 PROFILE = f"{CACHE_DIR}/profile.json"
 #: a share below this cannot run a token in reasonable time (and docker rounds to 0.01)
 MIN_CPUS = 0.01
@@ -110,70 +115,134 @@ def mem_limit_mib(memory_mib: float) -> int:
 def render(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
     """The compose document (a dict ready for YAML) of a scenario's testbed."""
     model = container_model_ref(scenario)
-    testbed = testbed_name(scenario)
     project = options.project or project_name(scenario)
-    broker = f"broker:{BROKER_TLS_PORT if options.tls else BROKER_PORT}"
     shares = cpus(scenario, options.reference_gflops)
-    common = {"image": options.image, "environment": {"EDGEPART_CACHE": CACHE_DIR}}
-    calibrated = {"calibrate": {"condition": "service_completed_successfully"}}
     services: dict[str, Any] = {
         "calibrate": {
-            **common,
+            **_common(options),
             "command": ["calibrate", "--model", model, "--out", PROFILE],
             "volumes": [f"./cache:{CACHE_DIR}"],
             "network_mode": "none",
         },
         "broker": _broker(options),
+        **{d.name: _agent(scenario, d, options, model, shares[d.name]) for d in scenario.devices},
+        "controller": _controller(scenario, options),
+        "testbed": _driver(scenario, options, project),
+        **_observability(options),
     }
-    late = scenario.offline_at_start
-    for d in scenario.devices:
-        agent = [
-            "agent", "--name", d.name, "--broker", broker,
-            *_broker_auth(sec.agent_user(d.name)),
-            "--dataplane-key", f"{sec.MOUNT_DIR}/{sec.DATAPLANE_KEY}",
-            *(["--join-file", proto.JOIN_FILE] if d.name in late else []),
-            "--listen", f"0.0.0.0:{DATA_PORT}", "--advertise", f"{d.name}:{DATA_PORT}",
-            "--testbed", testbed, "--model", model,
-            "--memory-mib", _number(d.memory_mib), "--cpu-share", _number(shares[d.name]),
-            "--gflops", _number(d.compute_gflops), "--profile", PROFILE,
-            "--metrics-port", str(METRICS_PORT), "--shaping", "tc",
-        ]  # fmt: skip
-        services[d.name] = {
-            **common,
-            "hostname": d.name,
-            "command": agent,
-            "cpus": shares[d.name],
-            "mem_limit": f"{mem_limit_mib(d.memory_mib)}m",
-            "cap_add": ["NET_ADMIN"],
-            "volumes": [f"./cache:{CACHE_DIR}:ro"],
-            "networks": [NETWORK],
-            "depends_on": {"broker": {"condition": "service_started"}, **calibrated},
-            "secrets": [*_client_secrets(sec.agent_user(d.name), options.tls), sec.DATAPLANE_KEY],
-        }
-    scenario_path = f"{TESTBED_DIR}/{options.scenario_file}"
-    controller = [
-        "controller", "--scenario", scenario_path, "--broker", broker,
+    network: dict[str, Any] = {"internal": True}
+    if options.swarm:
+        network["driver"] = "overlay"
+        _to_swarm(services, shares, scenario)
+    document = {
+        "name": project,
+        "x-edgepart": {
+            "scenario": scenario.name,
+            "algorithm": options.algorithm,
+            # the CPU speed the shares were computed with: re-render on another machine
+            "reference_gflops": round(options.reference_gflops, 4),
+        },
+        "services": services,
+        "networks": {NETWORK: network},
+        "volumes": {WEIGHTS_VOLUME: {}},
+        # compose bind-mounts each file under /run/secrets (swarm: its own secret store)
+        "secrets": {
+            name: {"file": f"./{sec.SECRETS_DIR}/{name}"}
+            for name in sec.secret_names(scenario.device_names, options.tls)
+        },
+        **({"configs": SWARM_CONFIGS} if options.swarm else {}),
+    }
+    if options.swarm:
+        del document["name"]  # the stack's name is given to `docker stack deploy`
+        # stack files are compose file format 3: `version` tells the CLI to read them so
+        document = {"version": "3.8", **document}
+    return document
+
+
+_WEIGHTS_MOUNT = f"{WEIGHTS_VOLUME}:{WEIGHT_CACHE_DIR}"
+#: an edgepart role waits for the calibration's profile
+_CALIBRATED = {"calibrate": {"condition": "service_completed_successfully"}}
+
+
+def _common(options: RenderOptions) -> dict[str, Any]:
+    """What every edgepart service has: the image and where the profile's cache is."""
+    return {"image": options.image, "environment": {"EDGEPART_CACHE": CACHE_DIR}}
+
+
+def _broker_address(options: RenderOptions) -> str:
+    """The broker's host:port on the testbed network."""
+    return f"broker:{BROKER_TLS_PORT if options.tls else BROKER_PORT}"
+
+
+def _scenario_path(options: RenderOptions) -> str:
+    """Where the controller and the driver read the scenario in their container."""
+    return f"{TESTBED_DIR}/{options.scenario_file}"
+
+
+def _agent(
+    scenario: Scenario, device: Device, options: RenderOptions, model: str, share: float
+) -> dict[str, Any]:
+    """A device's service: its agent at its CPU share (cores) and memory limit."""
+    name = device.name
+    command = [
+        "agent", "--name", name, "--broker", _broker_address(options),
+        *_broker_auth(sec.agent_user(name)),
+        "--dataplane-key", f"{sec.MOUNT_DIR}/{sec.DATAPLANE_KEY}",
+        *(["--join-file", proto.JOIN_FILE] if name in scenario.offline_at_start else []),
+        "--listen", f"0.0.0.0:{DATA_PORT}", "--advertise", f"{name}:{DATA_PORT}",
+        "--testbed", testbed_name(scenario), "--model", model,
+        "--memory-mib", _number(device.memory_mib), "--cpu-share", _number(share),
+        "--gflops", _number(device.compute_gflops), "--profile", PROFILE,
+        "--metrics-port", str(METRICS_PORT), "--shaping", "tc",
+        "--weight-cache", WEIGHT_CACHE_DIR,
+    ]  # fmt: skip
+    return {
+        **_common(options),
+        "hostname": name,
+        "command": command,
+        "cpus": share,
+        "mem_limit": f"{mem_limit_mib(device.memory_mib)}m",
+        "cap_add": ["NET_ADMIN"],
+        "volumes": [f"./cache:{CACHE_DIR}:ro", _WEIGHTS_MOUNT],
+        "networks": [NETWORK],
+        "depends_on": {"broker": {"condition": "service_started"}, **_CALIBRATED},
+        "secrets": [*_client_secrets(sec.agent_user(name), options.tls), sec.DATAPLANE_KEY],
+    }
+
+
+def _controller(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
+    """The controller's service: it plans and runs the job, the world left to the driver."""
+    scenario_path = _scenario_path(options)
+    command = [
+        "controller", "--scenario", scenario_path, "--broker", _broker_address(options),
         *_broker_auth(sec.CONTROLLER),
-        "--algorithm", options.algorithm, "--testbed", testbed,
+        "--algorithm", options.algorithm, "--testbed", testbed_name(scenario),
         "--profile", PROFILE, "--metrics-port", str(METRICS_PORT), "--metrics-host", "0.0.0.0",
         "--world-driver", "--json",
     ]  # fmt: skip
-    driver = [
-        "testbed", "drive", scenario_path, "--broker", broker, *_broker_auth(sec.DRIVER),
-        "--testbed", testbed,
-        "--project", project, "--out", f"{TESTBED_DIR}/out",
-    ]  # fmt: skip
-    services["controller"] = {
-        **common,
-        "command": controller,
+    return {
+        **_common(options),
+        "command": command,
         "volumes": [f"./{options.scenario_file}:{scenario_path}:ro", f"./cache:{CACHE_DIR}:ro"],
         "networks": [NETWORK],
-        "depends_on": {"broker": {"condition": "service_started"}, **calibrated},
+        "depends_on": {"broker": {"condition": "service_started"}, **_CALIBRATED},
         "secrets": _client_secrets(sec.CONTROLLER, options.tls),
     }
-    services["testbed"] = {
-        **common,
-        "command": driver,
+
+
+def _driver(scenario: Scenario, options: RenderOptions, project: str) -> dict[str, Any]:
+    """The ``testbed`` service, the emulator driver: it applies the traces (``fail`` kills
+    a device's container) and saves the result under ./out."""
+    scenario_path = _scenario_path(options)
+    command = [
+        "testbed", "drive", scenario_path, "--broker", _broker_address(options),
+        *_broker_auth(sec.DRIVER),
+        "--testbed", testbed_name(scenario),
+        "--project", project, "--out", f"{TESTBED_DIR}/out",
+    ]  # fmt: skip
+    return {
+        **_common(options),
+        "command": command,
         "volumes": [
             f"./{options.scenario_file}:{scenario_path}:ro",
             f"./out:{TESTBED_DIR}/out",
@@ -188,34 +257,6 @@ def render(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
         },
         "secrets": _client_secrets(sec.DRIVER, options.tls),
     }
-    services.update(_observability(options))
-    network: dict[str, Any] = {"internal": True}
-    if options.swarm:
-        network["driver"] = "overlay"
-    if options.swarm:
-        _to_swarm(services, shares, scenario)
-    document = {
-        "name": project,
-        "x-edgepart": {
-            "scenario": scenario.name,
-            "algorithm": options.algorithm,
-            # the CPU speed the shares were computed with: re-render on another machine
-            "reference_gflops": round(options.reference_gflops, 4),
-        },
-        "services": services,
-        "networks": {NETWORK: network},
-        # compose bind-mounts each file under /run/secrets (swarm: its own secret store)
-        "secrets": {
-            name: {"file": f"./{sec.SECRETS_DIR}/{name}"}
-            for name in sec.secret_names(scenario.device_names, options.tls)
-        },
-        **({"configs": SWARM_CONFIGS} if options.swarm else {}),
-    }
-    if options.swarm:
-        del document["name"]  # the stack's name is given to `docker stack deploy`
-        # stack files are compose file format 3: `version` tells the CLI to read them so
-        document = {"version": "3.8", **document}
-    return document
 
 
 def _broker(options: RenderOptions) -> dict[str, Any]:
@@ -288,6 +329,7 @@ def _to_swarm(services: dict[str, Any], shares: dict[str, float], scenario: Scen
             service["deploy"]["resources"] = {"limits": limits}
             service.pop("cpus")
             service["configs"] = [{"source": "profile", "target": PROFILE}]
+            service["volumes"] = [_WEIGHTS_MOUNT]  # a node's agents share it
     services["broker"]["configs"] = [
         {"source": "mosquitto", "target": "/mosquitto/config/mosquitto.conf"}
     ]

@@ -4,7 +4,7 @@ This is the ``testbed`` service of a rendered compose project (``edgepart testbe
 It waits on the controller's turns (``run/world``), applies the traces due then through the
 agents' commands (CPU burners, memory budgets, link rates) or by killing the device's
 container, answers ``run/world_ready``, prints every token the controller announces, and
-finally prints the text and saves the result (DESIGN's emulate JSON) where it is told.
+finally prints the text and saves the result (the emulate JSON of docs/design.md) where it is told.
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ import json
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import aiomqtt
+from pydantic import BaseModel
 
-from device_agent import mqtt
-from device_agent import protocol as proto
+from control_plane import mqtt
+from control_plane import protocol as proto
+from control_plane.session import BrokerSession, SessionHooks, first_error
+from controller.result import RunRecord, RunResult
 from emulator import docker_cli
 from emulator.live_world import KillDevice, StartDevice, World
 from emulator.scenario import Scenario
@@ -30,13 +31,13 @@ from emulator.scenario import Scenario
 log = logging.getLogger("edgepart.driver")
 
 COMMAND_TIMEOUT_S = 30.0  # for an agent to carry out a trace's command, s
-MQTT_TIMEOUT_S = 30  # per MQTT operation, s
-CONNECT_WINDOW_S = 90.0  # how long the driver retries the broker while the testbed starts, s
-#: how long (s) the driver keeps reconnecting to a broker it lost mid-run (a restart)
-BROKER_LOST_WINDOW_S = 60.0
 JOIN_TIMEOUT_S = 120.0  # for a started device's agent to come online, s
 #: longest whole run (s) before the driver gives up on the controller
 RUN_TIMEOUT_S = 6 * 3600.0
+#: how a device's speed is enforced in a testbed's container (the record's isolation)
+CONTAINER_ISOLATION = "container cgroup + time dilation"
+#: the run/* and device topics the driver reads
+SUBSCRIBED: tuple[proto.TopicKind, ...] = ("world", "progress", "result", "reply", "status")
 
 
 class DriverError(RuntimeError):
@@ -59,32 +60,42 @@ class Driver:
         """The driver of a scenario's world; ``kill`` and ``start`` act on a device (its
         process or container) for fail and join traces."""
         self.scenario = scenario
-        self.broker = broker
-        self.auth = auth
         self.testbed = testbed
         self.on_token = on_token
         self._start = start
         self.world = World(scenario, self._command, kill, None if start is None else self._join)
+        # a restarted broker keeps no subscriptions or messages: the session subscribes
+        # again and sends the unanswered commands again (agents run each id once)
+        self.session = BrokerSession(
+            broker,
+            f"edgepart-{testbed}-driver",
+            [proto.subscription(testbed, kind) for kind in SUBSCRIBED],
+            log=log,
+            error=DriverError,
+            auth=auth,
+            hooks=SessionHooks(
+                on_message=self._on_message, accepts=lambda topic: topic.testbed == testbed
+            ),
+        )
         self._online_at: dict[str, float] = {}  # device -> when it was last seen online
-        self.client: aiomqtt.Client | None = None
-        self._replies: dict[str, asyncio.Future] = {}
         self._ids = (f"t{i}" for i in itertools.count())
         self._turns: asyncio.Queue[int] = asyncio.Queue()
         self._outcome: asyncio.Future | None = None
-        self.dropped_messages: Counter[str] = Counter()  # topic kind -> malformed messages
-        self.connection = asyncio.Event()  # set while a broker session is up
-        self.broker_losses = 0
-        self._unanswered: dict[str, tuple[str, bytes]] = {}  # command id -> (topic, payload)
         self._queued: set[int] = set()  # turns queued or being served
         self._served: dict[int, proto.WorldReady] = {}  # turns done: answered again if asked
         self._answering: set[asyncio.Task] = set()
+
+    @property
+    def broker_losses(self) -> int:
+        """Times the driver lost the broker and reconnected."""
+        return self.session.losses
 
     async def run(self, timeout_s: float = RUN_TIMEOUT_S) -> proto.RunOutcome:
         """Serve the world until the controller publishes the run's outcome."""
         self._outcome = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.TaskGroup() as tg:
-                link = tg.create_task(self._broker_link())
+                link = tg.create_task(self.session.run())
                 turns = tg.create_task(self._serve_turns())
                 try:
                     return await asyncio.wait_for(asyncio.shield(self._outcome), timeout_s)
@@ -95,83 +106,25 @@ class Driver:
                 finally:
                     link.cancel()
                     turns.cancel()
-        # not except*: before Python 3.11.4 an exception raised in its handler stays grouped
         except BaseExceptionGroup as group:
-            failed = group.subgroup(DriverError)
+            failed = first_error(group, DriverError)
             if failed is None:
                 raise
-            first = failed
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
-            raise first from None
+            raise failed from None
 
-    async def _broker_link(self) -> None:
-        """Keep a broker session up: connect while the testbed starts, and reconnect with
-        backoff after a loss (a restarted broker keeps no subscriptions or messages:
-        subscribe again, send the unanswered commands again; agents run each id once)."""
-        deadline = time.monotonic() + CONNECT_WINDOW_S
-        delay = 0.2
-        while True:
-            client = mqtt.client(
-                self.broker,
-                identifier=f"edgepart-{self.testbed}-driver",
-                auth=self.auth,
-                timeout=MQTT_TIMEOUT_S,
-            )
-            try:
-                async with client:
-                    for kind in ("world", "progress", "result", "reply", "status"):
-                        await client.subscribe(proto.subscription(self.testbed, kind), qos=1)
-                    self.client = client
-                    self.connection.set()
-                    delay = 0.2
-                    for topic, payload in list(self._unanswered.values()):
-                        await client.publish(topic, payload, qos=1)
-                    await self._read(client)
-            except aiomqtt.MqttError as exc:
-                if self.connection.is_set():  # lost mid-run: a fresh window to get back
-                    self.connection.clear()
-                    self.broker_losses += 1
-                    deadline = time.monotonic() + BROKER_LOST_WINDOW_S
-                    log.warning("lost the broker (%s); reconnecting", exc)
-                elif time.monotonic() + delay > deadline:
-                    raise DriverError(f"broker {self.broker}: {exc}") from None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-
-    async def _read(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            topic = proto.parse_topic(message.topic.value)
-            if topic is None or topic.testbed != self.testbed:
-                continue
-            payload = message.payload if isinstance(message.payload, bytes) else b""
-            decoded = proto.decode(topic.kind, payload)
-            if isinstance(decoded, proto.Malformed):
-                self._drop_message(decoded)
-            elif isinstance(decoded, proto.Status):
-                if decoded.state == "online":
-                    self._online_at[decoded.name] = time.monotonic()
-            elif isinstance(decoded, proto.Reply):
-                fut = self._replies.get(decoded.id)
-                if fut is not None and not fut.done():
-                    fut.set_result(decoded)
-            elif isinstance(decoded, proto.WorldTurn):
-                self._take_turn(decoded.token)
-            elif isinstance(decoded, proto.Progress):
-                if self.on_token is not None:
-                    self.on_token(decoded)
-            elif isinstance(decoded, proto.RunOutcome):
-                assert self._outcome is not None
-                if not self._outcome.done():
-                    self._outcome.set_result(decoded)
-
-    def _drop_message(self, bad: proto.Malformed) -> None:
-        """Count a malformed message by its topic kind; the first of each kind is logged."""
-        if self.dropped_messages[bad.kind] == 0:
-            log.warning(
-                "ignored a malformed %s message (%s); logged once per kind", bad.kind, bad.reason
-            )
-        self.dropped_messages[bad.kind] += 1
+    async def _on_message(self, topic: proto.Topic, message: BaseModel) -> None:
+        if isinstance(message, proto.Status):
+            if message.state == "online":
+                self._online_at[message.name] = time.monotonic()
+        elif isinstance(message, proto.WorldTurn):
+            self._take_turn(message.token)
+        elif isinstance(message, proto.Progress):
+            if self.on_token is not None:
+                self.on_token(message)
+        elif isinstance(message, proto.RunOutcome):
+            assert self._outcome is not None
+            if not self._outcome.done():
+                self._outcome.set_result(message)
 
     async def _join(self, device: str) -> None:
         """Start a device and return once its agent says it is online (it then takes the
@@ -199,7 +152,7 @@ class Driver:
 
     async def _answer_turn(self, ready: proto.WorldReady) -> None:
         try:
-            await self._publish(proto.run_topic(self.testbed, "world_ready"), ready)
+            await self.session.publish(proto.run_topic(self.testbed, "world_ready"), ready)
         except DriverError as exc:  # the controller asks again once it is back
             log.warning("could not answer turn %d again: %s", ready.token, exc)
 
@@ -221,43 +174,16 @@ class Driver:
                 ready = proto.WorldReady(token=token, ok=False, error=str(exc))
             self._served[token] = ready
             self._queued.discard(token)
-            await self._publish(proto.run_topic(self.testbed, "world_ready"), ready)
-
-    async def _publish(self, topic: str, message) -> None:
-        """Publish once a session is up, retried across a broker loss (DriverError when the
-        broker stays away)."""
-        payload = proto.encode(message) if not isinstance(message, bytes) else message
-        deadline = time.monotonic() + BROKER_LOST_WINDOW_S
-        while True:
-            try:
-                await asyncio.wait_for(self.connection.wait(), deadline - time.monotonic())
-            except TimeoutError:
-                raise DriverError(f"broker {self.broker} gone for good") from None
-            assert self.client is not None
-            try:
-                await self.client.publish(topic, payload, qos=1)
-                return
-            except aiomqtt.MqttError:
-                # the session is going: the link task notices and reconnects
-                if time.monotonic() > deadline:
-                    raise DriverError(f"broker {self.broker} gone for good") from None
-                await asyncio.sleep(0.1)
+            await self.session.publish(proto.run_topic(self.testbed, "world_ready"), ready)
 
     async def _command(self, device: str, command) -> proto.Reply:
-        fut = asyncio.get_running_loop().create_future()
-        self._replies[command.id] = fut
         topic = proto.device_topic(self.testbed, device, "cmd")
-        self._unanswered[command.id] = (topic, proto.encode(command))
         try:
-            await self._publish(topic, self._unanswered[command.id][1])
-            return await asyncio.wait_for(fut, COMMAND_TIMEOUT_S)
+            return await self.session.request(topic, command, COMMAND_TIMEOUT_S)
         except TimeoutError:
             raise DriverError(
                 f"{device} did not answer {command.op} in {COMMAND_TIMEOUT_S:.0f} s"
             ) from None
-        finally:
-            self._replies.pop(command.id, None)
-            self._unanswered.pop(command.id, None)
 
 
 def docker_kill(project: str) -> KillDevice:
@@ -306,7 +232,8 @@ def docker_start(project: str) -> StartDevice:
 
 
 def save_outcome(outcome: proto.RunOutcome, text: str, out_dir: Path) -> Path:
-    """Write the run's JSON (DESIGN's emulate keys plus the text) to out_dir/result.json."""
+    """Write the run's JSON (the emulate keys of docs/design.md plus the text) to
+    out_dir/result.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "result.json"
     data = {**outcome.result, "backend": "docker", "text": text}
@@ -314,6 +241,12 @@ def save_outcome(outcome: proto.RunOutcome, text: str, out_dir: Path) -> Path:
         data = {"error": outcome.error}
     path.write_text(json.dumps(data, indent=1), encoding="utf-8")
     return path
+
+
+def outcome_record(outcome: proto.RunOutcome, text: str) -> RunRecord:
+    """The run a controller announced, as every backend records it."""
+    result = RunResult.from_summary(outcome.result)
+    return RunRecord(result, "docker", text, isolation=CONTAINER_ISOLATION)
 
 
 def drive(

@@ -376,26 +376,7 @@ def random_scenario(
         },
         "traces": [],
     }
-    spec = TypeAdapter(ModelSource).validate_python(model_map).spec()
-    table = block_table(spec)
-    need = float(table.memory_bytes(prompt_tokens + generate_tokens).sum())
-    need += table.source_weight_bytes
-    mem = [d["memory_mib"] for d in data["devices"]]
-    factor = max(
-        need * FIT_HEADROOM / (sum(mem) * MIB),
-        table.source_weight_bytes * FIT_HEADROOM / (mem[0] * MIB),
-        1.0,
-    )
-    if factor > 1.0:
-        if fit == "raise":
-            raise ValueError(
-                f"{scenario_name}: {spec.name} needs {need / MIB:.1f} MiB but the devices have "
-                f"{sum(mem)} MiB (source {mem[0]} MiB for {table.source_weight_bytes / MIB:.1f})"
-            )
-        mem = [math.ceil(m * factor) for m in mem]
-        for d, m in zip(data["devices"], mem, strict=True):
-            d["memory_mib"] = m
-        data["name"] = f"{scenario_name}-memfit{factor:.2f}"
+    mem, need = _fit_memory(data, fit)
 
     if traces == "load-and-bandwidth":
         data["traces"] = _load_and_bandwidth_traces(g, n, generate_tokens, links)
@@ -407,6 +388,34 @@ def random_scenario(
             data["traces"].append(drop)
             data["traces"].sort(key=lambda t: t["at_token"])
     return parse_scenario(data, f"<random seed={seed}>")
+
+
+def _fit_memory(data: dict[str, Any], fit: Literal["scale", "raise"]) -> tuple[list[int], float]:
+    """Make a scenario's devices (``data``, changed in place) hold its model with
+    FIT_HEADROOM: every device's memory scaled up (and ``-memfit<factor>`` added to the
+    name), or with ``fit="raise"`` a ValueError. The devices' memory (MiB each) and what
+    the model needs at the final context (bytes)."""
+    spec = TypeAdapter(ModelSource).validate_python(data["model"]).spec()
+    table = block_table(spec)
+    need = float(table.memory_bytes(data["prompt_tokens"] + data["generate_tokens"]).sum())
+    need += table.source_weight_bytes
+    mem = [d["memory_mib"] for d in data["devices"]]
+    factor = max(
+        need * FIT_HEADROOM / (sum(mem) * MIB),
+        table.source_weight_bytes * FIT_HEADROOM / (mem[0] * MIB),
+        1.0,
+    )
+    if factor > 1.0:
+        if fit == "raise":
+            raise ValueError(
+                f"{data['name']}: {spec.name} needs {need / MIB:.1f} MiB but the devices have "
+                f"{sum(mem)} MiB (source {mem[0]} MiB for {table.source_weight_bytes / MIB:.1f})"
+            )
+        mem = [math.ceil(m * factor) for m in mem]
+        for d, m in zip(data["devices"], mem, strict=True):
+            d["memory_mib"] = m
+        data["name"] = f"{data['name']}-memfit{factor:.2f}"
+    return mem, need
 
 
 def _pick_topology(

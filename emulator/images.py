@@ -54,7 +54,7 @@ STAMP = ".stamp"
 #: label of the image: the digest of the code it was built from (``source_digest``)
 SOURCE_LABEL = "org.edgepart.source"
 #: the packages the image carries
-PACKAGES = ("llm", "device_agent", "controller", "emulator")
+PACKAGES = ("llm", "control_plane", "device_agent", "controller", "emulator")
 
 Progress = Callable[[str], None]
 
@@ -380,3 +380,15 @@ def build_image(
             error=ImageBuildError,
         )  # fmt: skip
     return _inspect(tag, "{{.Id}}")
+
+
+def ensure_current(
+    tag: str = DEFAULT_TAG, say: Progress = _quiet, progress: Progress = _quiet
+) -> None:
+    """Build the image from this tree unless it carries this tree's code already: the
+    containers must run this tree's code (only the code layer changes). ``say`` hears that
+    a build starts, ``progress`` its steps; ImageBuildError when it fails."""
+    if image_is_current(tag):
+        return
+    say(f"building {tag} from this tree (edgepart testbed build)")
+    build_image(tag, progress=progress)

@@ -12,7 +12,7 @@ service); the testbed's containers name the model with ``compose.container_model
 
 from __future__ import annotations
 
-from controller.orchestrator import ControllerConfig, TelemetryMode
+from controller.config import ControllerConfig, TelemetryMode
 from emulator.scenario import GgufModel, HfModel, PresetModel, Scenario
 from emulator.world import WorldState
 

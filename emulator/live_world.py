@@ -14,10 +14,10 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 
+from control_plane import protocol as proto
 from controller.view import PlanningWindow, ResourceView
-from device_agent import protocol as proto
-from emulator.backends.sim import apply_due_traces, initial_state
 from emulator.scenario import (
+    MIB,
     FailTrace,
     JoinTrace,
     LinkTrace,
@@ -26,7 +26,7 @@ from emulator.scenario import (
     Scenario,
     Trace,
 )
-from emulator.world import MIB
+from emulator.world import apply_due_traces, initial_state
 
 #: sends one command to a device's agent and returns its reply
 SendCommand = Callable[[str, object], Awaitable[proto.Reply]]

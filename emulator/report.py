@@ -1,4 +1,5 @@
-"""Reports of live emulations: the comparison table and per-token latency plots."""
+"""Reports of live emulations: the comparison table and per-token latency plots, read from
+the runs' records (``controller.result.RunRecord``, whatever backend ran them)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from pathlib import Path
 
 from rich.table import Table
 
-from emulator.backends.local import LocalRun
+from controller.result import RunRecord
 from emulator.scenario import Scenario
 
 
-def fidelity(run: LocalRun) -> tuple[float, float]:
+def fidelity(run: RunRecord) -> tuple[float, float]:
     """Median and p90 of |measured / predicted - 1| over a run's tokens (ratios)."""
     errors = sorted(
         abs(m / p - 1.0)
@@ -26,7 +27,7 @@ def fidelity(run: LocalRun) -> tuple[float, float]:
     return statistics.median(errors), p90
 
 
-def comparison_table(scenario: Scenario, runs: Sequence[LocalRun]) -> Table:
+def comparison_table(scenario: Scenario, runs: Sequence[RunRecord]) -> Table:
     """One row per algorithm: measured speed, prediction error, migrations, peak memory."""
     best = min(r.result.total_s for r in runs)
     table = Table(
@@ -64,7 +65,7 @@ def comparison_table(scenario: Scenario, runs: Sequence[LocalRun]) -> Table:
     return table
 
 
-def save_plots(scenario: Scenario, runs: Sequence[LocalRun], out_dir: Path) -> list[Path]:
+def save_plots(scenario: Scenario, runs: Sequence[RunRecord], out_dir: Path) -> list[Path]:
     """Per-token latency, measured against predicted, one PNG per run plus an overlay."""
     try:
         import matplotlib
@@ -109,7 +110,7 @@ def save_plots(scenario: Scenario, runs: Sequence[LocalRun], out_dir: Path) -> l
     return written
 
 
-def save_json(runs: Sequence[LocalRun], path: Path) -> Path:
+def save_json(runs: Sequence[RunRecord], path: Path) -> Path:
     """The runs' JSON objects in one file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([r.to_json() for r in runs], indent=1), encoding="utf-8")

@@ -2,7 +2,7 @@
 
 A scenario names the model, the prompt and generation lengths, the devices with their
 compute and memory, the links between them and the traces that change the world while
-tokens are generated. See the "Scenario file" section of DESIGN.md for the contract.
+tokens are generated. See the "Scenario file" section of docs/design.md for the contract.
 
 Every bad input raises ``ScenarioError`` with one line per problem, each
 ``<file>: <key.path[index]>: <reason>``.

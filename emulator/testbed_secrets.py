@@ -8,7 +8,7 @@ project mounts each file read-only into the one container that needs it, under
 
 - one identity per role: ``controller``, ``driver`` (the emulator driver) and
   ``agent-<device>`` per device agent, each with a random password
-  (``mqtt-<identity>``: a JSON credentials file, ``device_agent.mqtt.BrokerAuth``);
+  (``mqtt-<identity>``: a JSON credentials file, ``control_plane.mqtt.BrokerAuth``);
 - ``broker-passwd``: mosquitto's password file (PBKDF2-SHA512, mosquitto's ``$7$``);
 - ``broker-acl``: mosquitto's ACL. An agent may publish only its own telemetry, status and
   replies and read only its own commands, the placement and its peers' statuses; only the
@@ -38,8 +38,8 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from device_agent import protocol as proto
-from device_agent.mqtt import BrokerAuth
+from control_plane import protocol as proto
+from control_plane.mqtt import BrokerAuth
 
 #: where compose and swarm mount the secrets in a container
 MOUNT_DIR = "/run/secrets"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
+from controller.cost import CONTROL_RTT_PRIOR_S, install_prior_s
 from controller.view import PlanningWindow, ResourceView
 from emulator.scenario import (
+    MIB,
     FailTrace,
     JoinTrace,
     LinkTrace,
@@ -16,8 +19,9 @@ from emulator.scenario import (
     Scenario,
     Trace,
 )
+from llm.blocks import block_table
 
-MIB = 2**20
+_table = functools.cache(block_table)  # a scenario's table, built once per model
 
 
 @dataclass
@@ -95,7 +99,8 @@ class WorldState:
         return np.where(self.reachable, self.nominal_gflops * (1.0 - self.background_load), 0.0)
 
     def view(self, scenario: Scenario, window: PlanningWindow) -> ResourceView:
-        """What a planner sees of this state (a snapshot: later changes do not leak into it)."""
+        """What a planner sees of this state (a snapshot: later changes do not leak into it),
+        with the prior time to build a block of each kind at each device's speed."""
         return ResourceView(
             devices=self.names,
             compute_gflops=self.available_gflops.copy(),
@@ -106,4 +111,27 @@ class WorldState:
             window=window,
             weights_from=scenario.weights_from,
             alive=self.reachable.copy(),
+            install_s=install_prior_s(_table(scenario.model_spec()), self.available_gflops),
+            control_rtt_s=CONTROL_RTT_PRIOR_S,
         )
+
+
+def apply_due_traces(state: WorldState, pending: list[Trace], token: int, clock_s: float) -> None:
+    """Apply (and drop from ``pending``) the traces due before generated token ``token``."""
+    due = [
+        t
+        for t in pending
+        if (t.at_token is not None and t.at_token <= token)
+        or (t.at_s is not None and t.at_s <= clock_s)
+    ]
+    for trace in due:
+        state.apply(trace)
+        pending.remove(trace)
+
+
+def initial_state(scenario: Scenario) -> tuple[WorldState, list[Trace]]:
+    """The world when generation starts (traces at token 0 applied) and the traces still due."""
+    state = WorldState.from_scenario(scenario)
+    pending = list(scenario.traces)
+    apply_due_traces(state, pending, 0, 0.0)
+    return state, pending

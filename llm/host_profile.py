@@ -52,6 +52,10 @@ QUICK = Settings(contexts=(32, 128), warmup=2, reps=15)
 FULL = Settings(contexts=(32, 128, 512, 1024), warmup=3, reps=30)
 # Measurements per call before giving up on a KV-group time that grows with context.
 MEASURE_ATTEMPTS = 3
+#: the share of the measurement's wall time the measuring thread must have run on a CPU
+#: for the profile to be kept: less means another process took the CPU meanwhile, and a
+#: slow profile kept would make every later emulation's devices too slow
+BUSY_SHARE = 0.85
 
 
 def cpu_name() -> str:
@@ -141,12 +145,24 @@ def _write_atomically(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
+def cached_profile(model_ref: str = DEFAULT_MODEL, threads: int = 1,
+                   cache_dir: Path | None = None) -> dict[str, Any] | None:
+    """The cache file's content for (model, threads, this CPU), None if there is none usable:
+    what ``edgepart calibrate --show`` prints (measured_at, load, cpu_share, speeds)."""
+    key = cache_key(model_ref, threads)
+    path = cache_path(model_ref, threads, cache_dir)
+    if not isinstance(_read_cache(path, key, quick=True), ComputeProfile):
+        return None
+    return {"path": str(path), **json.loads(path.read_text(encoding="utf-8"))}
+
+
 def host_profile(
     model_ref: str = DEFAULT_MODEL,
     threads: int = 1,
     cache_dir: Path | None = None,
     quick: bool = True,
     progress: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> ComputeProfile:
     """This CPU's block times (s) for model_ref at `threads` torch threads; cached, else measured.
 
@@ -155,14 +171,16 @@ def host_profile(
     holding the profile and the raw GFLOP/s ``ComputeProfile.from_measurements`` reads.
     A quick request accepts a full measurement from the cache; a full one re-measures a
     quick file. If the KV-group time never grows with context (a busy CPU), the profile
-    returned has a flat group time and is not cached. ``progress`` receives status lines.
+    returned has a flat group time and is not cached; nor is one measured while another
+    process took the CPU (the measuring thread ran less than BUSY_SHARE of the time).
+    ``force`` measures even when a profile is cached. ``progress`` receives status lines.
     """
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
     say = progress or (lambda _msg: None)
     key = cache_key(model_ref, threads)
     path = cache_path(model_ref, threads, cache_dir)
-    cached = _read_cache(path, key, quick)
+    cached = "asked to measure again" if force else _read_cache(path, key, quick)
     if isinstance(cached, ComputeProfile):
         return cached
     if cached != "none yet":
@@ -180,6 +198,7 @@ def host_profile(
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    wall0, cpu0 = time.perf_counter(), time.thread_time()
     try:
         for attempt in range(1, MEASURE_ATTEMPTS + 1):
             measured = measure_gflops(model, settings.contexts, settings.warmup, settings.reps)
@@ -194,6 +213,9 @@ def host_profile(
             )
     finally:
         torch.set_num_threads(previous)
+    # with one thread the measuring thread is all the work: its CPU time over the wall time
+    # is the share of a core it got; more threads share their work, so only one is judged
+    cpu_share = (time.thread_time() - cpu0) / max(1e-9, time.perf_counter() - wall0)
     total_s = time.perf_counter() - t0
     data = {
         "key": key,
@@ -206,10 +228,17 @@ def host_profile(
         },
         "duration_s": {"load": loaded_s, "total": total_s},
         "load_average_1min": load_average,
+        "cpu_share": cpu_share,
         "gflops": gflops,
         "profile": asdict(profile),
     }
-    if profile.group_per_context_s <= 0:
+    busy = threads == 1 and cpu_share < BUSY_SHARE
+    if busy:
+        where = (
+            f"the CPU was busy (this measurement ran {100 * cpu_share:.0f} % of the time); "
+            "not cached, the next call measures again"
+        )
+    elif profile.group_per_context_s <= 0:
         # A falling line would turn negative at long contexts: keep its mean, flat, for this
         # run only (a least-squares line passes through the mean of the points).
         mean_n = float(np.mean([int(n) for n in gflops["group"]]))
@@ -219,25 +248,16 @@ def host_profile(
             group_per_context_s=0.0,
         )
         where = "KV-group time taken as flat; not cached, the next call measures again"
-        written = False
     else:
         try:
             _write_atomically(path, data)
-            where, written = f"cached in {path}", True
+            where = f"cached in {path}"
         except OSError as exc:
             # an unwritable cache costs a re-measurement next time, not this run
-            where, written = f"not cached ({exc})", False
+            where = f"not cached ({exc})"
     say(
         f"calibrated in {total_s:.1f} s: {profile.reference_gflops:.2f} GFLOP/s on the FFN, "
         f"KV group {1e6 * profile.group_fixed_s:.0f} us + "
         f"{1e9 * profile.group_per_context_s:.0f} ns x context; {where}"
     )
-    cores = os.cpu_count() or 1
-    busy = load_average is not None and load_average > cores - threads + 0.5
-    if busy and written:
-        # the cache would keep a slow measurement for good: say how to redo it
-        say(
-            f"the CPU was busy (1-min load average {load_average:.1f} on {cores} cores); "
-            f"if the speeds look low, delete {path} to measure again"
-        )
     return profile

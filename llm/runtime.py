@@ -58,11 +58,18 @@ class BlockHost:
         self.rope = RopeTable(arch, dtype) if arch.positions == "rope" else None
 
     def load(self, block_name: str, weights: dict[str, torch.Tensor] | None = None) -> AnyBlock:
-        """Build a block from the source (only its slices), or from ``weights`` (a movable
-        block's ``weight_tensors()`` from elsewhere: no source read); returns it. With a
-        weight cache a movable block is read from it, and built blocks are added to it."""
+        """Build a block (``build``) and hold it; returns it."""
         if block_name in self.blocks:
             raise ValueError(f"{self.name} already holds {block_name}")
+        block = self.build(block_name, weights)
+        self.blocks[block_name] = block
+        return block
+
+    def build(self, block_name: str, weights: dict[str, torch.Tensor] | None = None) -> AnyBlock:
+        """A block built from the source (only its slices), or from ``weights`` (a movable
+        block's ``weight_tensors()`` from elsewhere: no source read), NOT held here (e.g. a
+        block prepared for a coming switch; ``adopt`` holds it later). With a weight cache a
+        movable block is read from it, and blocks built from the source are added to it."""
         cache = self.weight_cache
         movable = parse_block_name(block_name).kind in MOVABLE_KINDS
         if weights is None and cache is not None and movable:
@@ -70,23 +77,16 @@ class BlockHost:
             if weights is None:
                 block = build_block(self.source, self.arch, block_name, self.dtype, rope=self.rope)
                 cache.put(block_name, block.weight_tensors())
-                self.blocks[block_name] = block
                 return block
         if weights is not None:
-            block: AnyBlock = block_from_weights(
-                self.arch, block_name, weights, self.dtype, rope=self.rope
-            )
-            self.blocks[block_name] = block
-            return block
+            return block_from_weights(self.arch, block_name, weights, self.dtype, rope=self.rope)
         tied = None
         embed = self.blocks.get("embed")
         if block_name == "head" and isinstance(embed, EmbedBlock):
             tied = embed.wte
-        block = build_block(
+        return build_block(
             self.source, self.arch, block_name, self.dtype, rope=self.rope, tied_embedding=tied
         )
-        self.blocks[block_name] = block
-        return block
 
     def restore(self, state: BlockState) -> AnyBlock:
         """Hold a migrated block: from the state's weights if it carries them, else from the
@@ -99,12 +99,12 @@ class BlockHost:
 
     def weights_of(self, block_name: str) -> BlockState:
         """A movable block's weights (a group with an empty cache), from the copy held here
-        or read from the source without holding it: what a peer without the checkpoint
-        loads the block from."""
+        or built without holding it (from the weight cache or the source): what a peer
+        without the checkpoint loads the block from."""
         weight_shapes(self.arch, block_name)  # ValueError unless a movable block of the model
         block = self.blocks.get(block_name)
         if block is None:
-            block = build_block(self.source, self.arch, block_name, self.dtype, rope=self.rope)
+            block = self.build(block_name)  # from the weight cache, if there is one
         assert isinstance(block, KVGroupBlock | ProjBlock | FFNBlock)
         return block_state(block, self.arch.spec.name, with_weights=True, with_cache=False)
 

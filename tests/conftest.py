@@ -28,6 +28,19 @@ SCENARIOS = REPO / "scenarios"
 _DELIBERATE: list[int] = []
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """The tests calibrate and cache weights in a directory of their own, never the user's
+    ~/.cache/edgepart: a profile measured there under load would change every later run."""
+    before = os.environ.get("EDGEPART_CACHE")
+    os.environ["EDGEPART_CACHE"] = str(tmp_path_factory.mktemp("edgepart-cache"))
+    yield
+    if before is None:
+        os.environ.pop("EDGEPART_CACHE", None)
+    else:
+        os.environ["EDGEPART_CACHE"] = before
+
+
 @pytest.fixture
 def deliberate_oom_kills() -> list[int]:
     """Where a test that makes the kernel OOM-kill on purpose (in its own cgroup) says so."""

@@ -4,8 +4,8 @@ Every part runs containers of the edgepart image (``--image``, default ``edgepar
 pinned to its image id when the run starts, so a rebuild by someone else mid-run changes
 nothing) on networks this benchmark creates with ``--internal``; every container and
 network is named ``tbf-<pid>-...`` (compose projects ``edgepart-tbf-...-<pid>``) and removed
-again, also on errors and Ctrl-C. The image's Python files of ``llm``, ``device_agent``,
-``controller`` and ``emulator`` are compared with this tree's (sha256) and the result is
+again, also on errors and Ctrl-C. The image's Python files of its packages
+(``emulator.images.PACKAGES``) are compared with this tree's (sha256) and the result is
 recorded under ``image``.
 
 Modules (each part's docstring says what it measures and its target):

@@ -32,7 +32,7 @@ from typing import Any
 
 from benchmarks.common import ByMode, console, line_printer, load1, pct, print_table
 from benchmarks.testbed_fidelity import MODEL
-from benchmarks.testbed_fidelity.docker_calls import BenchError, Scratch, docker, program_source
+from benchmarks.testbed_fidelity.docker_calls import BenchError, Scratch, call, program_source
 
 DEFAULTS = {
     "shares": ByMode([0.25, 0.5, 1.0], [0.5]),  # cores
@@ -69,11 +69,11 @@ def run_compute(image: str, scratch: Scratch, config: dict[str, Any], settings: 
     name = scratch.name("cpu-" + re.sub(r"[^a-z0-9]+", "-", config["label"]).strip("-"))
     scratch.containers.append(name)
     cmd = [
-        "run", "--rm", "--name", name, "--network", "none", "--memory", COMPUTE_MEMORY,
+        "docker", "run", "--rm", "--name", name, "--network", "none", "--memory", COMPUTE_MEMORY,
         *config["args"], "--entrypoint", "python", image,
         "-c", program_source("compute"), json.dumps(settings),
     ]  # fmt: skip
-    out = docker(*cmd, timeout_s=COMPUTE_TIMEOUT_S)
+    out = call(cmd, timeout_s=COMPUTE_TIMEOUT_S)
     for line in reversed(out.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])

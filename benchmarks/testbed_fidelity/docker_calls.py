@@ -1,6 +1,9 @@
 """Every docker CLI call of the testbed benchmark, and the programs it ships into containers.
 
-- ``docker``: one CLI call, bounded, its stdout (``BenchError`` on a failure);
+Each call goes through ``emulator.docker_cli`` (its runner, ``docker ps`` and ``docker
+exec`` command lines and compose labels), its failures raised as ``BenchError``.
+
+- ``call``: one docker command line, bounded, its stdout (``BenchError`` on a failure);
 - ``Scratch``: the containers and networks one part creates, all removed again;
 - queries: ``container_ip``, ``compose_containers`` (one service of a compose project),
   ``memory_usage`` (``docker stats``), ``image_info`` (the image's id and whether its
@@ -24,31 +27,21 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import ROOT
+from emulator import docker_cli
+from emulator.images import PACKAGES
 
 DOCKER_TIMEOUT_S = 60.0  # for any one docker call unless the caller says otherwise
 PROGRAMS = Path(__file__).resolve().parent / "programs"
-IMAGE_PACKAGES = ("llm", "device_agent", "controller", "emulator")  # the image's own code
 
 
 class BenchError(RuntimeError):
     """A step of the benchmark failed; the message says which and what docker said."""
 
 
-def docker(*args: str, timeout_s: float = DOCKER_TIMEOUT_S, check: bool = True) -> str:
-    """One docker CLI call; its stdout (BenchError on a failure or after timeout_s)."""
-    cmd = ["docker", *args]
-    try:
-        done = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL
-        )
-    except FileNotFoundError:
-        raise BenchError("docker is not installed (compose/docker-setup.sh)") from None
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"docker {' '.join(args[:3])}: no answer in {timeout_s:.0f} s") from None
-    if check and done.returncode != 0:
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-10:])
-        raise BenchError(f"docker {' '.join(args[:4])} failed (exit {done.returncode}): {tail}")
-    return done.stdout
+def call(cmd: Sequence[str], *, timeout_s: float = DOCKER_TIMEOUT_S, check: bool = True) -> str:
+    """One docker command line; its stdout (BenchError when docker is missing, after
+    timeout_s, or with check on a non-zero exit)."""
+    return docker_cli.run(cmd, timeout_s=timeout_s, check=check, error=BenchError).stdout
 
 
 class Scratch:
@@ -75,14 +68,14 @@ class Scratch:
         """Create an internal bridge network (nothing leaves it); its name."""
         name = self.name(what)
         self.networks.append(name)  # before: a timed-out create may still have made it
-        docker("network", "create", "--internal", name)
+        call(["docker", "network", "create", "--internal", name])
         return name
 
     def run(self, what: str, *args: str, timeout_s: float = DOCKER_TIMEOUT_S) -> str:
         """``docker run -d --name <prefix>-what ARGS``; the container's name."""
         name = self.name(what)
         self.containers.append(name)
-        docker("run", "-d", "--name", name, *args, timeout_s=timeout_s)
+        call(["docker", "run", "-d", "--name", name, *args], timeout_s=timeout_s)
         return name
 
     def close(self) -> None:
@@ -95,12 +88,11 @@ class Scratch:
         self.networks.clear()
 
     def _remove(self, *args: str) -> None:
+        cmd = ["docker", *args]
         try:
-            done = subprocess.run(
-                ["docker", *args], capture_output=True, text=True, timeout=DOCKER_TIMEOUT_S
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            self.cleanup_errors.append(f"docker {' '.join(args)}: {exc}")
+            done = docker_cli.run(cmd, timeout_s=DOCKER_TIMEOUT_S, check=False, error=BenchError)
+        except BenchError as exc:  # docker missing or no answer
+            self.cleanup_errors.append(str(exc))
             return
         err = done.stderr.strip()
         if done.returncode != 0 and "No such" not in err and "not found" not in err:
@@ -110,7 +102,7 @@ class Scratch:
 def container_ip(container: str, network: str) -> str:
     """The container's IPv4 address on a network."""
     template = f'{{{{(index .NetworkSettings.Networks "{network}").IPAddress}}}}'
-    ip = docker("inspect", "-f", template, container).strip()
+    ip = call(["docker", "inspect", "-f", template, container]).strip()
     if not ip:
         raise BenchError(f"{container} has no address on {network}")
     return ip
@@ -118,16 +110,12 @@ def container_ip(container: str, network: str) -> str:
 
 def compose_containers(project: str, service: str, *options: str) -> str:
     """``docker ps -a OPTIONS`` of one service of a compose project (e.g. ``-q``); its output."""
-    return docker(
-        "ps", "-a", *options,
-        "--filter", f"label=com.docker.compose.project={project}",
-        "--filter", f"label=com.docker.compose.service={service}",
-    )  # fmt: skip
+    return call(docker_cli.ps_command(docker_cli.service_labels(project, service), *options))
 
 
 def memory_usage() -> list[tuple[str, str]]:
     """Every running container's name and memory use as ``docker stats`` words it."""
-    out = docker("stats", "--no-stream", "--format", "{{.Name}}\t{{.MemUsage}}")
+    out = call(["docker", "stats", "--no-stream", "--format", "{{.Name}}\t{{.MemUsage}}"])
     rows = []
     for line in out.splitlines():
         name, _, usage = line.partition("\t")
@@ -137,7 +125,7 @@ def memory_usage() -> list[tuple[str, str]]:
 
 def _source_hashes() -> dict[str, str]:
     out = {}
-    for package in IMAGE_PACKAGES:
+    for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
             out[str(path.relative_to(ROOT))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
@@ -145,15 +133,16 @@ def _source_hashes() -> dict[str, str]:
 
 def image_info(tag: str, scratch: Scratch) -> dict[str, Any]:
     """The image's id and creation time, and whether its Python code is this tree's."""
-    image_id, created = docker("image", "inspect", "--format", "{{.Id}} {{.Created}}", tag).split()
+    inspect = ["docker", "image", "inspect", "--format", "{{.Id}} {{.Created}}", tag]
+    image_id, created = call(inspect).split()
     name = scratch.name("image-check")
     scratch.containers.append(name)
-    listing = docker(
-        "run", "--rm", "--name", name, "--network", "none", "--entrypoint", "sh", image_id, "-c",
+    listing = call([
+        "docker", "run", "--rm", "--name", name, "--network", "none", "--entrypoint", "sh",
+        image_id, "-c",
         "cd /opt/venv/lib/python3*/site-packages && "
-        f"find {' '.join(IMAGE_PACKAGES)} -name '*.py' -exec sha256sum {{}} +",
-        timeout_s=120,
-    )  # fmt: skip
+        f"find {' '.join(PACKAGES)} -name '*.py' -exec sha256sum {{}} +",
+    ], timeout_s=120)  # fmt: skip
     inside = {}
     for line in listing.splitlines():
         digest, _, path = line.strip().partition("  ")
@@ -193,7 +182,11 @@ class LineProcess:
     def in_container(cls, container: str, program: str, *args: str) -> LineProcess:
         """``docker exec -i CONTAINER python -u -c <programs/PROGRAM.py> ARGS``."""
         source = program_source(program)
-        return cls(["docker", "exec", "-i", container, "python", "-u", "-c", source, *args])
+        return cls(
+            docker_cli.exec_command(
+                container, "python", "-u", "-c", source, *args, interactive=True
+            )
+        )
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None

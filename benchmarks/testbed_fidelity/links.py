@@ -30,9 +30,10 @@ from benchmarks.testbed_fidelity.docker_calls import (
     BenchError,
     LineProcess,
     Scratch,
+    call,
     container_ip,
-    docker,
 )
+from emulator.docker_cli import exec_command
 
 RATES_MBIT = [1.0, 10.0, 100.0]
 DEFAULTS = {
@@ -48,10 +49,10 @@ IPERF_GRACE_S = 60.0
 
 def iperf(sender: str, receiver_ip: str, seconds: float) -> dict[str, Any]:
     """``iperf3 -c`` from the sender for `seconds`; its JSON (retried while the server starts)."""
-    cmd = ["exec", sender, "iperf3", "-c", receiver_ip, "-p", str(IPERF_PORT),
-           "-t", f"{seconds:g}", "-J", "--get-server-output"]  # fmt: skip
+    cmd = exec_command(sender, "iperf3", "-c", receiver_ip, "-p", str(IPERF_PORT),
+                       "-t", f"{seconds:g}", "-J", "--get-server-output")  # fmt: skip
     for attempt in range(10):
-        text = docker(*cmd, timeout_s=seconds + IPERF_GRACE_S, check=False)
+        text = call(cmd, timeout_s=seconds + IPERF_GRACE_S, check=False)
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
@@ -127,15 +128,14 @@ def part_links(image: str, prefix: str, seconds: float, unshaped_reference: bool
         rx = scratch.run("rx", *common)
         tx = scratch.run("tx", *common)
         rx_ip = container_ip(rx, net)
-        docker("exec", "-d", rx, "iperf3", "-s", "-J", "-p", str(IPERF_PORT))
+        call(exec_command(rx, "iperf3", "-s", "-J", "-p", str(IPERF_PORT), detach=True))
         shaper = LineProcess.in_container(tx, "shaper", rx_ip)
         try:
             ready = shaper.read(SHAPER_TIMEOUT_S)
             ifname = ready["ifname"]
-            mtu_text, ts_text = docker(
-                "exec", tx, "cat", f"/sys/class/net/{ifname}/mtu",
-                "/proc/sys/net/ipv4/tcp_timestamps",
-            ).split()  # fmt: skip
+            mtu_text, ts_text = call(exec_command(
+                tx, "cat", f"/sys/class/net/{ifname}/mtu", "/proc/sys/net/ipv4/tcp_timestamps",
+            )).split()  # fmt: skip
             factor = header_factor(int(mtu_text), ts_text.strip() != "0")
             console.print(
                 f"  sender {tx} shapes {ifname} towards {rx_ip}; MTU {factor['mtu']}, "

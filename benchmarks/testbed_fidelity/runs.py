@@ -30,8 +30,8 @@ from benchmarks.common import (
 from benchmarks.testbed_fidelity.docker_calls import (
     DOCKER_TIMEOUT_S,
     BenchError,
+    call,
     compose_containers,
-    docker,
     memory_usage,
 )
 from emulator.scenario import MIB
@@ -103,7 +103,7 @@ class Watchdog:
             with contextlib.suppress(BenchError):
                 ids = compose_containers(self.project, "testbed", "-q").split()
                 if ids:
-                    docker("kill", *ids, check=False)
+                    call(["docker", "kill", *ids], check=False)
             self._stop.wait(10)
 
 

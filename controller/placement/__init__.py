@@ -1,13 +1,30 @@
 """Placement algorithms, one module each, all behind ``place(view, model, current)``.
 
-- ``base``: the ``PlacementAlgorithm`` protocol and the ``Placement`` it returns.
-- Planners: ``myopic`` (the paper's policy, re-planned), ``optimal`` (the same decision as
-  a MILP on HiGHS), ``static_heads``, ``edgeshard``, ``memory_proportional``, ``galaxy``.
-- The myopic planner's parts: ``seeds`` (placements built directly), ``scored_placement``
-  (incremental pricing of moves), ``local_search`` (the descent from each seed) and
-  ``forced`` (forced re-plans relocate the fewest bytes within a slack of the best; shared
-  with ``optimal``).
-- ``layers``: contiguous layer splits, shared by the layer baselines and the myopic seeds.
+base: the ``PlacementAlgorithm`` protocol and the ``Placement`` it returns.
+
+The planners:
+
+myopic: the paper's policy: resource-aware head-level placement, re-planned.
+optimal: the same decision as a mixed-integer program on HiGHS.
+static_heads: myopic's head-level placement, decided once and never migrated.
+edgeshard: EdgeShard's latency-optimal contiguous layer split.
+memory_proportional: the layer split in proportion to memory (exo, llama.cpp RPC).
+galaxy: Galaxy's static head-level split in proportion to compute speed.
+
+Their parts:
+
+seeds: myopic's seeds, placements built directly.
+scored_placement: a placement that prices moves of a few blocks incrementally.
+local_search: myopic's descent from each seed on the exact objective.
+forced: forced re-plans relocate the fewest bytes within a slack of the best (shared with
+optimal).
+layers: contiguous layer splits, shared by the layer baselines and myopic's seeds.
+
+``ALGORITHMS`` names every planner for the command line and the backends; ``make_algorithm``
+makes a fresh one.
+
+Imports: ``llm.blocks``, ``controller.view`` and ``controller.cost`` only (pure: no I/O, no
+MQTT); the live controller and the simulator build on the planners, never the reverse.
 """
 
 from __future__ import annotations

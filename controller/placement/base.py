@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,11 +23,12 @@ class Placement:
         arr.setflags(write=False)
         object.__setattr__(self, "assignment", arr)
 
-    def to_dict(self, table: BlockTable, view: ResourceView) -> dict[str, str]:
-        """Block name -> device name, pinned source blocks included."""
-        mapping = {name: view.devices[view.source] for name in PINNED_BLOCKS}
+    def to_dict(self, table: BlockTable, devices: Sequence[str], source: int) -> dict[str, str]:
+        """Block name -> device name (``devices`` by index; ``source``, the index of the
+        device holding the pinned blocks), pinned source blocks included."""
+        mapping = {name: devices[source] for name in PINNED_BLOCKS}
         mapping.update(
-            (name, view.devices[d]) for name, d in zip(table.names, self.assignment, strict=True)
+            (name, devices[d]) for name, d in zip(table.names, self.assignment, strict=True)
         )
         return mapping
 

@@ -19,35 +19,17 @@ from __future__ import annotations
 import numpy as np
 
 from controller.placement.base import NoFeasiblePlacement, Placement
-from controller.placement.layers import (
-    largest_remainder,
-    pinned_bytes,
-    require_source,
-    usable_devices,
-)
+from controller.placement.layers import pinned_bytes, proportional_split, require_source
 from controller.view import ResourceView
 from llm.blocks import BlockKind, BlockTable
-
-
-def speed_order(view: ResourceView) -> np.ndarray:
-    """Usable devices by available compute, fastest first (ties: lower index first)."""
-    dev = usable_devices(view)
-    return dev[np.argsort(-view.compute_gflops[dev], kind="stable")]
-
-
-def group_split(view: ResourceView, groups: int) -> tuple[np.ndarray, np.ndarray]:
-    """Devices fastest first and how many KV groups of each layer each gets by speed."""
-    order = speed_order(view)
-    if order.size == 0:
-        raise NoFeasiblePlacement("galaxy: no usable device")
-    return order, largest_remainder(groups, view.compute_gflops[order])
 
 
 def galaxy_placement(view: ResourceView, model: BlockTable) -> Placement:
     """Galaxy's speed-proportional head split, repaired to fit at the final context."""
     require_source(view, model)
     n = view.window.final_context
-    order, counts = group_split(view, model.groups)
+    # devices fastest first, and how many KV groups of each layer each gets by speed
+    order, counts = proportional_split(view, view.compute_gflops, model.groups, "galaxy")
     size = model.memory_bytes(n)
     room = view.memory_bytes - pinned_bytes(view, model)
     assignment = np.full(model.size, -1, dtype=np.int64)

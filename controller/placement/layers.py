@@ -108,6 +108,19 @@ def largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
     return counts
 
 
+def proportional_split(
+    view: ResourceView, amount: np.ndarray, total: int, planner: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The usable devices, largest ``amount`` first (ties: lower index first), and how many
+    of ``total`` units (layers, KV groups) each gets in proportion to its amount (e.g. its
+    GFLOP/s or bytes); NoFeasiblePlacement naming the planner when no device is usable."""
+    dev = usable_devices(view)
+    order = dev[np.argsort(-amount[dev], kind="stable")]
+    if order.size == 0:
+        raise NoFeasiblePlacement(f"{planner}: no usable device")
+    return order, largest_remainder(total, amount[order])
+
+
 def layer_split_candidates(view: ResourceView, model: BlockTable) -> list[Placement]:
     """Feasible EdgeShard and memory-proportional placements (distinct), to seed a planner."""
     # Imported here: both planners import this module.

@@ -21,30 +21,15 @@ import numpy as np
 from controller.placement.base import NoFeasiblePlacement, Placement
 from controller.placement.layers import (
     Shard,
-    largest_remainder,
     layer_memory_bytes,
     pinned_bytes,
+    proportional_split,
     require_source,
     shards_to_placement,
     split_fits,
-    usable_devices,
 )
 from controller.view import ResourceView
 from llm.blocks import BlockTable
-
-
-def memory_order(view: ResourceView) -> np.ndarray:
-    """Usable devices by available memory, largest first (ties: lower index first)."""
-    dev = usable_devices(view)
-    return dev[np.argsort(-view.memory_bytes[dev], kind="stable")]
-
-
-def proportional_counts(view: ResourceView, layers: int) -> tuple[np.ndarray, np.ndarray]:
-    """Devices in memory order and their layer counts before any memory repair."""
-    order = memory_order(view)
-    if order.size == 0:
-        raise NoFeasiblePlacement("memory-proportional: no usable device")
-    return order, largest_remainder(layers, view.memory_bytes[order])
 
 
 def memory_proportional_split(view: ResourceView, model: BlockTable) -> list[Shard]:
@@ -52,7 +37,8 @@ def memory_proportional_split(view: ResourceView, model: BlockTable) -> list[Sha
     require_source(view, model)
     layers = model.spec.layers
     n = view.window.final_context
-    order, target = proportional_counts(view, layers)
+    # devices largest memory first, and their layer counts before any memory repair
+    order, target = proportional_split(view, view.memory_bytes, layers, "memory-proportional")
     per_layer = float(layer_memory_bytes(model, n).max())
     room = view.memory_bytes[order] - pinned_bytes(view, model)[order]
     capacity = np.floor(np.maximum(room, 0.0) / per_layer).astype(np.int64)

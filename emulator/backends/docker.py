@@ -5,7 +5,8 @@ directory, starts it with ``docker compose up`` (the ``calibrate`` service first
 broker, one agent container per device, the controller and the ``testbed`` driver), follows
 the driver's output until it exits, reads the result it saved, and removes every container,
 network and volume of the project, also on error or Ctrl-C. The JSON has the local
-backend's keys (DESIGN's emulate keys). Every docker call goes through ``emulator.docker_cli``.
+backend's keys (the emulate keys of docs/design.md). Every docker call goes through
+``emulator.docker_cli``.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
-from controller.orchestrator import RunResult
+from controller.result import RunRecord, RunResult
 from emulator import docker_cli
 from emulator.compose import (
     BROKER_IMAGE,
@@ -31,6 +31,7 @@ from emulator.compose import (
     project_name,
     write_project,
 )
+from emulator.driver import CONTAINER_ISOLATION
 from emulator.scenario import Scenario
 
 #: longest `docker compose up -d` (containers created, calibrate finished), s
@@ -46,31 +47,14 @@ class DockerBackendError(docker_cli.DockerError):
 
 
 @dataclass
-class DockerRun:
-    """What a docker-backend run measured, plus where its project lives."""
+class DockerRun(RunRecord):
+    """The record of a docker-backend run, plus where its project lives."""
 
-    backend: ClassVar[str] = "docker"
-    result: RunResult
-    text: str
-    project: str
-    directory: Path
-    shares: dict[str, float] = field(default_factory=dict)
-    start_s: float = 0.0  # from `compose up` to every container started, s
+    backend: str = "docker"
+    isolation: str = CONTAINER_ISOLATION
+    project: str = ""  # the compose project's name
+    directory: Path = Path()  # the rendered project
     logs: str = ""  # the driver's output
-    telemetry: str = "measured"
-    isolation: str = "container cgroup + time dilation"
-
-    def to_json(self) -> dict:
-        """The CLI's ``emulate --json`` object (DESIGN's keys)."""
-        return {
-            **self.result.summary(),
-            "backend": "docker",
-            "text": self.text,
-            "telemetry": self.telemetry,
-            "isolation": self.isolation,
-            "cpu_share": self.shares,
-            "start_s": self.start_s,
-        }
 
 
 def compose(directory: Path, project: str, *args: str, timeout_s: float = 120.0) -> str:
@@ -134,17 +118,14 @@ def run_docker(
     """
     from emulator.backends.local import cpu_shares
     from emulator.host_limits import host_cores
-    from emulator.images import ImageBuildError, build_image, image_exists, image_is_current
+    from emulator.images import ImageBuildError, ensure_current, image_exists
     from llm.host_profile import cache_path, host_profile
 
     say = status or (lambda _msg: None)
-    if not image_is_current(image):
-        # the containers must run this tree's code: rebuild (only the code layer changes)
-        say(f"building {image} from this tree (edgepart testbed build)")
-        try:
-            build_image(image, progress=lambda _line: None)
-        except ImageBuildError as exc:
-            raise DockerBackendError(f"the image {image} could not be built: {exc}") from None
+    try:
+        ensure_current(image, say=say)
+    except ImageBuildError as exc:
+        raise DockerBackendError(f"the image {image} could not be built: {exc}") from None
     ref = container_model_ref(scenario)
     profile = host_profile(ref, threads=1, progress=say)
     shares = cpu_shares(scenario, profile.reference_gflops, host_cores())
@@ -172,22 +153,36 @@ def run_docker(
         logs = _follow(directory, project, "testbed", on_line)
         if on_finished is not None:
             on_finished()
-        code = _exit_code(project, "testbed")
-        path = directory / "out" / "result.json"
-        if code != 0 or not path.is_file():
-            controller = compose(directory, project, "logs", "--no-color", "controller")
-            tail = docker_cli.tail(controller, 20)
-            raise DockerBackendError(
-                f"the testbed driver exited with {code}:\n{logs[-2000:]}\ncontroller:\n{tail}"
-            )
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if "error" in saved:
-            raise DockerBackendError(f"the run failed: {saved['error']}")
+        saved = _saved_result(directory, project, logs)
     finally:
         if not keep:
             down(directory, project)
-    result = RunResult.from_summary(saved)
-    return DockerRun(result, saved.get("text", ""), project, directory, shares, start_s, logs)
+    return DockerRun(
+        RunResult.from_summary(saved),
+        text=saved.get("text", ""),
+        shares=shares,
+        start_s=start_s,
+        project=project,
+        directory=directory,
+        logs=logs,
+    )
+
+
+def _saved_result(directory: Path, project: str, logs: str) -> dict:
+    """The summary the driver saved once it exited (DockerBackendError when it failed, with
+    its output and the controller's last lines)."""
+    code = _exit_code(project, "testbed")
+    path = directory / "out" / "result.json"
+    if code != 0 or not path.is_file():
+        controller = compose(directory, project, "logs", "--no-color", "controller")
+        tail = docker_cli.tail(controller, 20)
+        raise DockerBackendError(
+            f"the testbed driver exited with {code}:\n{logs[-2000:]}\ncontroller:\n{tail}"
+        )
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if "error" in saved:
+        raise DockerBackendError(f"the run failed: {saved['error']}")
+    return saved
 
 
 def _follow(

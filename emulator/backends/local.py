@@ -7,6 +7,14 @@ enforced by a cgroup when running as root and by time dilation in the agent alwa
 links are shaped in each agent's sender; the scenario's traces are applied when
 generation reaches them (CPU burners, memory budgets, link rates, ``kill -9``).
 Everything started is torn down on exit, error or Ctrl-C.
+
+- ``run_local``: one run: ``LocalJob.prepare`` (model, host profile, CPU shares), the
+  broker, the agents, the controller, and the ``LocalRun`` record;
+- ``LocalAgents``: the agent processes' lifecycle (``spawn_agent``, cgroups, ``kill -9``,
+  ``stop_agents``);
+- ``LocalWorld``: the controller's ``WorldHooks``: the traces applied by
+  ``emulator.live_world.World`` over the controller's line to the agents;
+- ``cpu_shares``: each device's share of this host's cores (also the docker backend's).
 """
 
 from __future__ import annotations
@@ -23,18 +31,20 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING
 
-from controller.orchestrator import (
-    Controller,
-    ControllerError,
-    RunResult,
-    TelemetryMode,
-)
+from control_plane import protocol as proto
+from controller.agent_link import AgentLink
+from controller.config import TelemetryMode
+from controller.orchestrator import Controller
+from controller.result import ControllerError, RunRecord, RunResult
 from emulator.job import controller_config, model_ref, prompt_ids
 from emulator.live_world import World
-from emulator.scenario import Scenario
-from emulator.world import MIB
+from emulator.scenario import MIB, Scenario
+
+if TYPE_CHECKING:  # torch comes with the model: opened only when a run starts
+    from llm.blocks import BlockTable
+    from llm.loader import OpenModel
 
 log = logging.getLogger("edgepart.local")
 
@@ -81,39 +91,139 @@ class AgentProcess:
 
 
 @dataclass
-class LocalRun:
-    """The result of a local emulation: the controller's measurements plus the setup."""
+class LocalRun(RunRecord):
+    """The record of a local emulation, plus where its agents ran and logged."""
 
-    backend: ClassVar[str] = "local"
-    result: RunResult
-    text: str
-    shares: dict[str, float]
-    isolation: str  # "cgroup" or "time dilation"
-    telemetry: TelemetryMode
-    broker: str
-    dropped_messages: int = 0
+    backend: str = "local"
+    broker: str = ""  # the broker's host:port
+    dropped_messages: int = 0  # malformed MQTT messages the controller dropped
     logs: dict[str, str] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)  # the agent processes (all reaped)
 
-    def to_json(self) -> dict:
-        """The CLI's ``emulate --json`` object (DESIGN's keys)."""
-        return {
-            **self.result.summary(),
-            "backend": "local",
-            "text": self.text,
-            "telemetry": self.telemetry,
-            "isolation": self.isolation,
-            "cpu_share": self.shares,
-        }
+
+class LocalAgents:
+    """The agent processes of a run, one per online device: started (again after a fail,
+    in the device's old cgroup), capped, killed and stopped.
+
+    ``spawn`` starts one device's agent process; with ``cgroups`` each device gets a cgroup
+    holding its CPU share (``testbed`` names them).
+    """
+
+    def __init__(
+        self,
+        spawn: Callable[[str], AgentProcess],
+        shares: Mapping[str, float],
+        testbed: str,
+        cgroups: bool,
+    ) -> None:
+        """No agent started yet."""
+        self._spawn = spawn
+        self._shares = shares
+        self._testbed = testbed
+        self._cgroups = cgroups
+        self.processes: dict[str, AgentProcess] = {}  # device -> its latest agent
+
+    def launch(self, device: str) -> AgentProcess:
+        """Start a device's agent; its cgroup holds the CPU share, no memory cap yet."""
+        from emulator.host_limits import CgroupLimits
+
+        agent = self._spawn(device)
+        previous = self.processes.get(device)
+        if previous is not None:  # a device back after a fail: its old group
+            agent.cgroup = previous.cgroup
+        elif self._cgroups:
+            # joined once online: start-up (imports, opening the model) is not what a
+            # device's speed emulates, and at a 0.1-core share it takes a minute
+            agent.cgroup = CgroupLimits.create(
+                f"{self._testbed}-{device}", cpu_share=self._shares[device], memory_bytes=None
+            )
+        self.processes[device] = agent
+        return agent
+
+    def cap(self, device: str, budget_bytes: float) -> None:
+        """Put an online agent into its cgroup (when it has one), memory capped at its
+        budget plus its measured runtime plus slack (bytes)."""
+        agent = self.processes[device]
+        if agent.cgroup is not None:
+            _limit(agent, budget_bytes)
+
+    def kill(self, device: str) -> None:
+        """kill -9 a device's agent and its burners (its whole session)."""
+        agent = self.processes[device]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(agent.process.pid, signal.SIGKILL)
+        agent.process.wait(timeout=AGENT_STOP_S)
+
+    def dead(self) -> list[AgentProcess]:
+        """The agents whose process has exited."""
+        return [a for a in self.processes.values() if not a.alive()]
+
+    def stop(self) -> None:
+        """Stop every agent (reaped, burners included), then remove the cgroups."""
+        stop_agents(self.processes)
+        for agent in self.processes.values():
+            if agent.cgroup is not None:
+                agent.cgroup.remove()
 
 
-async def _kill_agent(agent: AgentProcess, controller: Controller | None) -> None:
-    """kill -9 a device's agent and its burners, then wait until the controller notices."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(agent.process.pid, signal.SIGKILL)
-    agent.process.wait(timeout=AGENT_STOP_S)
-    assert controller is not None
-    await controller.until_gone(agent.name)
+class LocalWorld:
+    """The local backend's world around the controller (its WorldHooks): the scenario's
+    traces applied from this process to the agent processes, each agent's memory capped
+    (with cgroups) once it is online.
+
+    The world acts over the controller's line to the agents, which the controller hands
+    over at ``setup``, before the first trace is due.
+    """
+
+    run_topics: tuple = ()  # no run topics are followed
+
+    def __init__(self, scenario: Scenario, agents: LocalAgents) -> None:
+        """The world of a scenario acting on ``agents``."""
+        self.agents = agents
+        self.link: AgentLink | None = None
+        self.world = World(scenario, self._command, self._kill, self._join, self._reconnected)
+
+    async def setup(self, link: AgentLink) -> None:
+        """Cap each started agent's memory; then the world's setup (links shaped, traces
+        due at the start applied)."""
+        self.link = link
+        for device in self.agents.processes:
+            self.agents.cap(device, self._budget_bytes(device))
+        await self.world.setup()
+
+    async def before_token(self, link: AgentLink, token: int) -> None:
+        """The traces due before generated token ``token``."""
+        self.link = link
+        await self.world.before_token(token)
+
+    def on_run_message(self, message: object) -> None:
+        """No run topics are followed."""
+
+    def _budget_bytes(self, device: str) -> float:
+        """A device's memory budget now (bytes)."""
+        state = self.world.state
+        return float(state.memory_bytes[state.index(device)])
+
+    def _line(self) -> AgentLink:
+        assert self.link is not None, "the world acts only from the controller's turns"
+        return self.link
+
+    async def _command(self, device: str, command: object) -> proto.Reply:
+        return await self._line().command(device, command, WORLD_COMMAND_TIMEOUT_S)
+
+    async def _kill(self, device: str) -> None:
+        """kill -9 the device's agent, then wait until the controller notices."""
+        self.agents.kill(device)
+        await self._line().until_gone(device)
+
+    async def _join(self, device: str) -> None:
+        """Start the device's agent, wait until it is online, then cap its memory."""
+        self.agents.launch(device)
+        await self._line().until_online(device)
+        self.agents.cap(device, self._budget_bytes(device))
+
+    async def _reconnected(self, device: str) -> None:
+        await self._line().until_online(device)
 
 
 def spawn_agent(
@@ -126,8 +236,11 @@ def spawn_agent(
     log_dir: Path,
     metrics_port: int | None = None,
     dataplane_key: Path | None = None,
+    weight_cache: Path | None = None,
 ) -> AgentProcess:
-    """Start one device's agent process (own session, logs to log_dir/<device>.log)."""
+    """Start one device's agent process (own session, logs to log_dir/<device>.log);
+    ``weight_cache``: the directory of dequantised block weights the agents share (None:
+    the agent's default)."""
     dev = scenario.device(device)
     log_path = log_dir / f"{device}.log"
     args = [
@@ -148,6 +261,8 @@ def spawn_agent(
         args += ["--metrics-port", str(metrics_port)]
     if dataplane_key is not None:
         args += ["--dataplane-key", str(dataplane_key)]
+    if weight_cache is not None:
+        args += ["--weight-cache", str(weight_cache)]
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             args,
@@ -201,6 +316,39 @@ def _broker(endpoint: str | None) -> Iterator[str]:
         broker.stop()
 
 
+@dataclass(frozen=True)
+class LocalJob:
+    """What a local run needs before any process starts: the opened model, this host's
+    CPU share of each device (cores), the calibrated block table and the prompt's ids."""
+
+    ref: str  # what llm.loader.open_model opened
+    opened: OpenModel  # its tokenizer decodes the output
+    shares: dict[str, float]
+    table: BlockTable  # its times from this host's profile
+    ids: list[int]
+
+    @classmethod
+    def prepare(cls, scenario: Scenario, say: Callable[[str], None]) -> LocalJob:
+        """Open the model, profile this host (cached) and split its cores among the devices
+        (LocalBackendError when they need more than it has)."""
+        from emulator.host_limits import host_cores
+        from llm.blocks import block_table
+        from llm.calibration import calibrated_table
+        from llm.host_profile import host_profile
+        from llm.loader import open_model
+
+        ref = model_ref(scenario)
+        opened = open_model(ref)
+        profile = host_profile(ref, threads=1, progress=say)
+        shares = cpu_shares(scenario, profile.reference_gflops, host_cores())
+        table = calibrated_table(block_table(opened.arch.spec), profile)
+        return cls(ref, opened, shares, table, prompt_ids(scenario, opened.tokenizer))
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Generated token ids as text."""
+        return self.opened.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
 def run_local(
     scenario: Scenario,
     algorithm: str,
@@ -222,122 +370,71 @@ def run_local(
     generation is done and before anything is stopped, so every endpoint still serves
     (e.g. for a Prometheus to scrape them).
     """
-    from emulator.host_limits import CgroupLimits, host_cores
-    from llm.blocks import block_table
-    from llm.calibration import calibrated_table
-    from llm.host_profile import cache_path, host_profile
-    from llm.loader import open_model
+    from emulator.host_limits import CgroupLimits
+    from llm.host_profile import cache_path, default_cache_dir
 
     say = status or (lambda _msg: None)
-    ref = model_ref(scenario)
-    opened = open_model(ref)
-    profile = host_profile(ref, threads=1, progress=say)
-    shares = cpu_shares(scenario, profile.reference_gflops, host_cores())
-    table = calibrated_table(block_table(opened.arch.spec), profile)
-    ids = prompt_ids(scenario, opened.tokenizer)
+    job = LocalJob.prepare(scenario, say)
     testbed = f"{scenario.name}-{os.getpid()}"
     log_dir = work_dir / testbed
     log_dir.mkdir(parents=True, exist_ok=True)
     key = write_secret(log_dir / "dataplane.key")
     if cgroups is None:
         cgroups = CgroupLimits.detect() is not None
-    agents: dict[str, AgentProcess] = {}
+    ports = agent_metrics_ports or {}
     controller: Controller | None = None
     with _broker(broker) as endpoint:
+
+        def spawn(name: str) -> AgentProcess:
+            return spawn_agent(
+                scenario, name, endpoint, testbed, job.shares[name],
+                cache_path(job.ref, threads=1), log_dir, ports.get(name), key,
+                # one cache for every agent: a block dequantised once is read by all
+                default_cache_dir(),
+            )  # fmt: skip
+
+        agents = LocalAgents(spawn, job.shares, testbed, cgroups)
         try:
             late = scenario.offline_at_start
             say(f"starting {len(scenario.devices) - len(late)} agents (broker {endpoint})")
-
-            def launch(name: str) -> AgentProcess:
-                agent = spawn_agent(
-                    scenario, name, endpoint, testbed, shares[name],
-                    cache_path(ref, threads=1), log_dir,
-                    (agent_metrics_ports or {}).get(name), key,
-                )  # fmt: skip
-                previous = agents.get(name)
-                if previous is not None:  # a device back after a fail: its old group
-                    agent.cgroup = previous.cgroup
-                elif cgroups:
-                    # joined once online: start-up (imports, opening the model) is not
-                    # what a device's speed emulates, and at a 0.1-core share it takes a
-                    # minute
-                    agent.cgroup = CgroupLimits.create(
-                        f"{testbed}-{name}", cpu_share=shares[name], memory_bytes=None
-                    )
-                agents[name] = agent
-                return agent
-
-            async def join(name: str) -> None:
-                agent = launch(name)
-                assert controller is not None
-                await controller.until_online(name)
-                if agent.cgroup is not None:
-                    _limit(agent, float(world.state.memory_bytes[world.state.index(name)]))
-
             for d in scenario.devices:
                 if d.name not in late:
-                    launch(d.name)
-            world = World(
-                scenario,
-                lambda device, cmd: controller.command(device, cmd, WORLD_COMMAND_TIMEOUT_S),
-                lambda device: _kill_agent(agents[device], controller),
-                join,
-                lambda device: controller.until_online(device),
-            )
+                    agents.launch(d.name)
+            hooks = LocalWorld(scenario, agents)
             config = controller_config(
-                scenario, table, ids, endpoint, testbed, algorithm, telemetry, metrics_port
+                scenario, job.table, job.ids, endpoint, testbed, algorithm, telemetry, metrics_port
             )
             controller = Controller(
-                config,
-                before_token=world.before_token,
-                configured_view=world.view,
-                progress=progress,
+                config, world=hooks, configured_view=hooks.world.view, progress=progress
             )
-            world.controller = controller
-            controller.on_joined = world.setup
-            if cgroups:
-                controller.on_joined = _with_memory_limits(world, agents)
-            try:
-                result = asyncio.run(_run(controller, agents))
-            except ControllerError as exc:
-                if exc.partial is not None:  # the text generated until the run stopped
-                    exc.partial_text = opened.tokenizer.decode(
-                        exc.partial.output_token_ids, skip_special_tokens=True
-                    )
-                raise
+            result = _generate(controller, agents, job)
             if on_finished is not None:
                 on_finished(result)
         finally:
-            stop_agents(agents)
+            agents.stop()
             if controller is not None and controller.metrics is not None:
                 controller.metrics.close()  # the port is free for the next run
-            for agent in agents.values():
-                if agent.cgroup is not None:
-                    agent.cgroup.remove()
-    text = opened.tokenizer.decode(result.output_token_ids, skip_special_tokens=True)
     return LocalRun(
         result=result,
-        text=text,
-        shares=shares,
+        text=job.decode(result.output_token_ids),
+        shares=job.shares,
         isolation="cgroup + time dilation" if cgroups else "time dilation",
         telemetry=telemetry,
         broker=endpoint,
-        dropped_messages=controller.dropped_messages,
-        logs={n: str(a.log_path) for n, a in agents.items()},
-        pids={n: a.process.pid for n, a in agents.items()},
+        dropped_messages=controller.link.session.dropped.total,
+        logs={n: str(a.log_path) for n, a in agents.processes.items()},
+        pids={n: a.process.pid for n, a in agents.processes.items()},
     )
 
 
-def _with_memory_limits(world: World, agents: dict[str, AgentProcess]):
-    """Setup that puts each agent into its cgroup and caps its memory: budget + its
-    measured runtime + slack."""
-
-    async def setup() -> None:
-        for name, agent in agents.items():
-            _limit(agent, float(world.state.memory_bytes[world.state.index(name)]))
-        await world.setup()
-
-    return setup
+def _generate(controller: Controller, agents: LocalAgents, job: LocalJob) -> RunResult:
+    """The controller's run; a ControllerError carries the text generated until it stopped."""
+    try:
+        return asyncio.run(_run(controller, agents))
+    except ControllerError as exc:
+        if exc.partial is not None:
+            exc.partial_text = job.decode(exc.partial.output_token_ids)
+        raise
 
 
 def _limit(agent: AgentProcess, budget_bytes: float) -> None:
@@ -361,11 +458,11 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
-async def _run(controller: Controller, agents: dict[str, AgentProcess]) -> RunResult:
+async def _run(controller: Controller, agents: LocalAgents) -> RunResult:
     """Run the controller, failing fast if an agent process dies before it joins."""
     run = asyncio.create_task(controller.run())
     while not run.done():
-        dead = [a for a in agents.values() if not a.alive() and not controller.joined.is_set()]
+        dead = [] if controller.link.joined.is_set() else agents.dead()
         if dead:
             run.cancel()
             tail = dead[0].log_path.read_text(errors="replace")[-2000:]

@@ -356,7 +356,9 @@ def test_interval_objective_is_k_tokens_at_mean_context_plus_migration(random_vi
 
 
 def test_interval_objective_is_inf_when_memory_breaks_at_the_interval_end(make_view):
-    window = PlanningWindow(context_tokens=20, interval_tokens=6, final_context=100)
+    window = PlanningWindow(
+        context_tokens=20, interval_tokens=6, final_context=100, memory_tokens=6
+    )
     x = np.zeros(TINY.size, dtype=int)
     at_end = cost.memory_use(TINY, make_view([1.0], [1.0]), x, 26)
     at_start = cost.memory_use(TINY, make_view([1.0], [1.0]), x, 20)
@@ -368,8 +370,20 @@ def test_interval_objective_is_inf_when_memory_breaks_at_the_interval_end(make_v
     assert cost.interval_objective_s(TINY, breaks, x, None) == math.inf
 
 
+def test_memory_holds_until_the_generations_end_unless_told_otherwise(make_view):
+    window = PlanningWindow(context_tokens=20, interval_tokens=6, final_context=100)
+    assert window.interval_end_context == 100
+    assert window.memory_to_horizon().interval_end_context == 26
+    x = np.zeros(TINY.size, dtype=int)
+    at_end = cost.memory_use(TINY, make_view([1.0], [1.0]), x, 100)
+    short = make_view([10.0], at_end - 1, window=window)
+    assert cost.interval_objective_s(TINY, short, x, None) == math.inf
+
+
 def test_interval_end_is_capped_by_the_final_context(make_view):
-    window = PlanningWindow(context_tokens=20, interval_tokens=8, final_context=24)
+    window = PlanningWindow(
+        context_tokens=20, interval_tokens=8, final_context=24, memory_tokens=8
+    )
     assert window.interval_end_context == 24
     x = np.zeros(TINY.size, dtype=int)
     need = cost.memory_use(TINY, make_view([1.0], [1.0]), x, 24)

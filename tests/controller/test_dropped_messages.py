@@ -13,15 +13,30 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from control_plane import protocol as proto
+from controller.config import ControllerConfig
 from controller.metrics import ControllerMetrics
-from controller.orchestrator import Controller, ControllerConfig
-from device_agent import protocol as proto
+from controller.orchestrator import Controller, NoWorld
+from llm.blocks import block_table
+from llm.model import ModelSpec
 
 TESTBED = "tb"
 DEVICES = ("d0", "d1")
 
 
-def _controller() -> Controller:
+class _Following(NoWorld):
+    """A world that follows world_ready and keeps what arrives on it."""
+
+    run_topics = ("world_ready",)
+
+    def __init__(self) -> None:
+        self.seen: list[object] = []
+
+    def on_run_message(self, message) -> None:
+        self.seen.append(message)
+
+
+def _controller(world: NoWorld) -> Controller:
     d = len(DEVICES)
     config = ControllerConfig(
         testbed=TESTBED,
@@ -33,11 +48,12 @@ def _controller() -> Controller:
         memory_bytes=np.full(d, 2.0**30),
         bandwidth_mbit=np.full((d, d), 100.0),
         latency_s=np.full((d, d), 0.001),
-        table=None,  # type: ignore[arg-type]  # the reading loop never plans
+        table=block_table(ModelSpec("t", 1, 16, 2, 2, 32, 10, head_dim=8)),
         prompt_ids=(1,),
         generate_tokens=1,
+        metrics_port=0,  # metrics kept (served only by a run)
     )
-    return Controller(config)
+    return Controller(config, world)
 
 
 def _telemetry(name: str) -> bytes:
@@ -68,20 +84,17 @@ def test_malformed_messages_are_counted_per_kind_and_logged_once(
         (proto.run_topic(TESTBED, "world_ready"), b'{"v": 1, "token": ' + b"9" * 5000 + b"}"),
     ]
     good = [(topic(TESTBED, name, "telemetry"), _telemetry(name)) for name in DEVICES]
-    controller = _controller()
-    controller.metrics = ControllerMetrics()
-    controller.run_topics = ("world_ready",)
-    seen: list[object] = []
-    controller.on_run_message = seen.append
+    world = _Following()
+    controller = _controller(world)
     with caplog.at_level(logging.WARNING, logger="edgepart.controller"):
-        asyncio.run(controller._read(replayed(bad + good)))
+        asyncio.run(controller.link.session.read(replayed(bad + good)))
 
     want = {"telemetry": 3, "status": 1, "reply": 2, "world_ready": 1}
-    assert dict(controller.dropped_by_kind) == want
-    assert controller.dropped_messages == sum(want.values())
-    assert seen == []
+    assert dict(controller.link.session.dropped.by_kind) == want
+    assert controller.link.session.dropped.total == sum(want.values())
+    assert world.seen == []
     # the loop went on: the valid telemetry after the bad input was taken
-    assert all(controller.devices[name].telemetry is not None for name in DEVICES)
+    assert all(controller.telemetry.devices[name].telemetry is not None for name in DEVICES)
     logged = Counter(r.args[0] for r in caplog.records if "once per kind" in r.getMessage())
     assert logged == {kind: 1 for kind in want}
 

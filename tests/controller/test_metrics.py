@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from control_plane.protocol import Telemetry
 from controller.metrics import ControllerMetrics
-from device_agent.protocol import Telemetry
 
 PROMTOOL = shutil.which("promtool") or shutil.which("/usr/bin/promtool")
 

@@ -221,7 +221,10 @@ def mha8_view(seed: int = 42, devices: int = 5) -> tuple[BlockTable, ResourceVie
     model = block_table(spec)
     rng = np.random.default_rng(seed)
     bw = rng.uniform(100, 1000, (devices, devices))
-    window = PlanningWindow(context_tokens=512, interval_tokens=8, final_context=4096)
+    # memory holds over the interval only: until 4096 positions nothing would fit
+    window = PlanningWindow(
+        context_tokens=512, interval_tokens=8, final_context=4096, memory_tokens=8
+    )
     memory = rng.uniform(0.25, 0.5, devices) * model.memory_bytes(520).sum()
     memory[0] += model.source_weight_bytes
     view = ResourceView(

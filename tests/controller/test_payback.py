@@ -108,11 +108,11 @@ def test_episodes_are_measured_between_changes():
     history.observe(0, compute, links)
     assert history.expected_persistence(4, default_tokens=24) == 24
     assert history.observe(10, np.array([3.0, 0.9]), links)  # a load starts
-    assert history.lengths == [10]
+    assert history.lengths == []  # how long the start lasted says nothing of a change
     assert not history.observe(12, np.array([3.1, 0.95]), links)  # jitter within 20 %
     assert history.observe(18, compute, links)  # it ends after 8 tokens
-    assert history.lengths == [10, 8]
-    assert history.expected_persistence(18, default_tokens=24) == 9
+    assert history.lengths == [8]
+    assert history.expected_persistence(18, default_tokens=24) == 8
     # a state that has lasted long is expected to last about as long again
     assert history.expected_persistence(60, default_tokens=24) == 42
 

@@ -15,6 +15,7 @@ from controller.replan import (
     planning_window,
     worth_switching,
 )
+from controller.switch import plan_switch
 from controller.view import PlanningWindow, ResourceView
 from llm.blocks import block_table
 from llm.model import ModelSpec
@@ -150,8 +151,8 @@ def test_the_horizon_is_cut_to_how_long_changes_last() -> None:
     assert policy.window(4, 20).horizon_tokens == 24  # three intervals before any change
     policy.observe(10, _view(2.0, 0.3))
     policy.observe(14, _view(2.0, 1.0))  # a load of 4 tokens
-    assert policy.history.lengths == [10, 4]
-    assert policy.window(14, 30).payback_tokens == 7  # the median episode
+    assert policy.history.lengths == [4]
+    assert policy.window(14, 30).payback_tokens == 4  # the one episode seen
     assert policy.window(14, 30).horizon_tokens == 8  # a placement is kept an interval
     assert policy.window(70, 78).horizon_tokens == 2  # never beyond the tokens left
 
@@ -160,7 +161,7 @@ def test_a_forced_switch_is_always_accepted() -> None:
     policy = _policy()
     x = np.zeros(TABLE.size, dtype=np.int64)
     view = replace(_view(2.0, 1.0), window=policy.window(8, 24))
-    estimate = policy.estimate(TABLE, view, x, x)
+    estimate = policy.estimate(TABLE, view, plan_switch(x, x, view, TABLE, 24))
     assert not policy.accept(estimate, forced=False)
     assert policy.accept(estimate, forced=True)
 
@@ -170,6 +171,6 @@ def test_a_switch_off_a_slowed_device_is_taken_when_it_pays() -> None:
     on_b = np.ones(TABLE.size, dtype=np.int64)
     on_a = np.zeros(TABLE.size, dtype=np.int64)
     view = replace(_view(2.0, 0.2), window=policy.window(8, 24), control_rtt_s=0.003)
-    estimate = policy.estimate(TABLE, view, on_b, on_a)
+    estimate = policy.estimate(TABLE, view, plan_switch(on_b, on_a, view, TABLE, 24))
     assert estimate.new_token_s < estimate.current_token_s
     assert policy.accept(estimate, forced=False)

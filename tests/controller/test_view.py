@@ -8,7 +8,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from controller.orchestrator import MOVE_S_PRIOR, _per_device_load_s
 from controller.view import PlanningWindow, ResourceView, with_hop_overheads
 
 seconds = st.floats(0.0, 0.01)
@@ -54,11 +53,3 @@ def test_a_moved_block_costs_its_targets_install_time() -> None:
     assert (_view(0.5).move_s_per_block == 0.5).all()  # one time for every device
     with pytest.raises(ValueError):
         _view(np.array([0.01, 0.02]))
-
-
-def test_devices_that_loaded_nothing_get_a_load_time_from_their_speed() -> None:
-    load_s = _per_device_load_s({0: 0.02, 1: 0.04}, np.array([4.0, 2.0, 1.0, 0.0]))
-    assert load_s[:2].tolist() == [0.02, 0.04]
-    assert load_s[2] == pytest.approx(0.08)  # 0.08 GFLOP per block at 1 GFLOP/s
-    assert load_s[3] == 0.04  # no speed to scale by: the slowest measured
-    assert (_per_device_load_s({}, np.ones(2)) == MOVE_S_PRIOR).all()

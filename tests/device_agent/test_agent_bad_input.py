@@ -21,7 +21,7 @@ import aiomqtt
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from device_agent import protocol as proto
+from control_plane import protocol as proto
 from device_agent.dataplane import DataPlane
 from device_agent.wire import Frame, Kind, encode_frame, tensor_to_payload
 from emulator.broker import EmbeddedBroker

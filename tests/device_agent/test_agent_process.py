@@ -10,7 +10,7 @@ import sys
 
 import aiomqtt
 
-from device_agent import protocol as proto
+from control_plane import protocol as proto
 from emulator.broker import EmbeddedBroker
 
 TESTBED = "agent-test"

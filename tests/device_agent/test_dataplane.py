@@ -167,11 +167,11 @@ def test_work_is_taken_only_from_the_admitted_peers_probes_from_any() -> None:
     async def main() -> list[Frame]:
         async with _keyed_pair() as (sender, receiver, got):
             receiver.admit({"someone-else"})
-            for kind in (Kind.ACTIVATION, Kind.FETCH, Kind.BLOCK_STATE):
+            for kind in (Kind.ACTIVATION, Kind.FETCH, Kind.BLOCK_STATE, Kind.BLOCK_BATCH):
                 await sender.send("r", Frame(kind, 0, 0, "x", b"data"), TIMEOUT_S)
             # one stream, read in order: once the probe is answered, the frames were judged
             assert await sender.probe("r", TIMEOUT_S) is not None
-            assert receiver.bad_frames["not admitted"] == 3
+            assert receiver.bad_frames["not admitted"] == 4
             assert got == []
             receiver.admit({"s"})
             await sender.send("r", Frame(Kind.ACTIVATION, 0, 2, "x", b"data"), TIMEOUT_S)
@@ -213,3 +213,24 @@ def test_a_cut_link_holds_frames_and_its_probes_fail_until_restored() -> None:
 
     got = asyncio.run(main())
     assert [f.token for f in got] == [2]  # the frame sent while cut never arrived
+
+
+def test_only_activations_are_link_throughput_samples() -> None:
+    big = b"\0" * (256 * 1024)  # well over what a rate is measured from
+
+    async def main() -> tuple[dict[str, float], dict[str, float]]:
+        sender, receiver = await _pair(lambda frame: asyncio.sleep(0))
+        try:
+            # a migration's, a commit's and a fetch answer's frames: not what tokens send
+            for kind in (Kind.BLOCK_STATE, Kind.BLOCK_BATCH, Kind.ERROR):
+                await sender.send("r", Frame(kind, 1, 0, "L0.ffn", big), TIMEOUT_S)
+            migrations = sender.measured_mbit()
+            await sender.send("r", Frame(Kind.ACTIVATION, 1, 3, "x0", big), TIMEOUT_S)
+            return migrations, sender.measured_mbit()
+        finally:
+            await sender.close()
+            await receiver.close()
+
+    migrations, activations = asyncio.run(main())
+    assert migrations == {}
+    assert set(activations) == {"r"} and activations["r"] > 0

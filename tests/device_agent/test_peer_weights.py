@@ -13,7 +13,7 @@ from functools import cache
 import pytest
 import torch
 
-from device_agent import protocol as proto
+from control_plane import protocol as proto
 from device_agent.agent import Agent, AgentConfig
 from device_agent.blocks import CommandRefused
 from llm.blocks import block_table
@@ -57,12 +57,22 @@ def _placement(on_dst: tuple[str, ...]) -> dict[str, str]:
 Pair = tuple[Agent, Agent]
 
 
-def _with_pair(body: Callable[[Agent, Agent], Awaitable[None]], dst_budget: int = 1 << 30) -> None:
-    """Run body(src, dst) with two agents whose data planes listen on loopback."""
-    src = Agent(AgentConfig("src", broker="127.0.0.1:1", listen="127.0.0.1:0", model=MODEL))
+def _with_pair(
+    body: Callable[[Agent, Agent], Awaitable[None]], dst_budget: int = 1 << 30, **config
+) -> None:
+    """Run body(src, dst) with two agents whose data planes listen on loopback (``config``:
+    more AgentConfig fields of both)."""
+    src = Agent(
+        AgentConfig("src", broker="127.0.0.1:1", listen="127.0.0.1:0", model=MODEL, **config)
+    )
     dst = Agent(
         AgentConfig(
-            "dst", broker="127.0.0.1:1", listen="127.0.0.1:0", model=MODEL, memory_bytes=dst_budget
+            "dst",
+            broker="127.0.0.1:1",
+            listen="127.0.0.1:0",
+            model=MODEL,
+            memory_bytes=dst_budget,
+            **config,
         )
     )
 
@@ -80,6 +90,7 @@ def _with_pair(body: Callable[[Agent, Agent], Awaitable[None]], dst_budget: int 
                     task.cancel()
                 await agent.plane.close()
                 agent.compute.shutdown(wait=False, cancel_futures=True)
+                agent.staging.shutdown()
 
     asyncio.run(main())
 

@@ -381,7 +381,7 @@ AGENT_SCRIPT = textwrap.dedent(
     f"""
     import asyncio, json, subprocess, sys
     import aiomqtt
-    from device_agent import protocol as proto
+    from control_plane import protocol as proto
     from device_agent.tc import TcShaper
     from emulator.broker import EmbeddedBroker
     from llm.blocks import PINNED_BLOCKS, block_table

@@ -17,7 +17,9 @@ from device_agent.wire import (
     FrameError,
     Kind,
     StreamClosed,
+    decode_batch,
     decode_frame,
+    encode_batch,
     encode_frame,
     payload_to_tensor,
     read_frame,
@@ -181,6 +183,31 @@ def test_malformed_tensor_payloads_raise(case: str) -> None:
 def test_unencodable_frames_raise(frame: Frame) -> None:
     with pytest.raises(FrameError):
         encode_frame(frame)
+
+
+@given(
+    st.dictionaries(st.text(min_size=1, max_size=12), st.binary(max_size=64), max_size=6).map(
+        lambda d: list(d.items())
+    )
+)
+def test_block_batch_round_trip(states: list[tuple[str, bytes]]) -> None:
+    assert decode_batch(encode_batch(states)) == states
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"\x01\x00", "truncated in the count"),
+        (struct.pack("<IH", 1, 4) + b"L0.", "truncated in the name"),
+        (struct.pack("<IH", 1, 6) + b"L0.ffn" + struct.pack("<Q", 2**40), "truncated in the state"),
+        (encode_batch([("L0.ffn", b"")]) + b"x", "after the last entry"),
+        (encode_batch([("L0.ffn", b""), ("L0.ffn", b"")]), "named twice"),
+        (struct.pack("<IH", 1, 2) + b"\xff\xfe" + struct.pack("<Q", 0), "not UTF-8"),
+    ],
+)
+def test_malformed_block_batches_raise_under_one_kind(payload: bytes, reason: str) -> None:
+    with pytest.raises(FrameError, match=f"^block batch: .*{reason}"):
+        decode_batch(payload)
 
 
 def test_unsupported_tensor_dtype_raises() -> None:

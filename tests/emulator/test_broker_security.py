@@ -28,9 +28,9 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from device_agent import mqtt
-from device_agent import protocol as proto
-from device_agent.mqtt import BrokerAuth
+from control_plane import mqtt
+from control_plane import protocol as proto
+from control_plane.mqtt import BrokerAuth
 from emulator.broker import free_port, mosquitto_path
 from emulator.compose import mosquitto_conf
 from emulator.driver import Driver

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from test_local_backend import SCENARIO, _reference
 
-from device_agent import protocol as proto
+from control_plane import protocol as proto
 from emulator.backends.local import AgentProcess, spawn_agent, stop_agents
 from emulator.broker import Mosquitto, mosquitto_available
 from emulator.driver import Driver

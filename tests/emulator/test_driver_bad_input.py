@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from device_agent import protocol as proto
+from control_plane import protocol as proto
 from emulator.driver import Driver
 from emulator.scenario import parse_scenario
 
@@ -57,7 +57,7 @@ def test_malformed_messages_are_counted_per_kind_and_logged_once(
             parse_scenario(SCENARIO, "driver"), "127.0.0.1:1883", TESTBED, _no_kill, tokens.append
         )
         driver._outcome = asyncio.get_running_loop().create_future()
-        await driver._read(replayed(bad + good))
+        await driver.session.read(replayed(bad + good))
         assert driver._turns.get_nowait() == 2
         assert driver._outcome.result() == outcome
         return driver
@@ -65,7 +65,7 @@ def test_malformed_messages_are_counted_per_kind_and_logged_once(
     with caplog.at_level(logging.WARNING, logger="edgepart.driver"):
         driver = asyncio.run(main())
     want = {"world": 2, "progress": 1, "result": 1, "reply": 1}
-    assert dict(driver.dropped_messages) == want
+    assert dict(driver.session.dropped.by_kind) == want
     assert tokens == [progress]
     logged = Counter(r.args[0] for r in caplog.records if "once per kind" in r.getMessage())
     assert logged == {kind: 1 for kind in want}

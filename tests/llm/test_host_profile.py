@@ -8,6 +8,10 @@ cache's rules, not the CPU.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,6 +41,16 @@ def made_up_gflops(per_context_s: float = 100e-9) -> dict[str, Any]:
     return {"group": group, "proj": 7.0, "ffn": 8.0, "head": 7.5}
 
 
+FAKE_MEASURE_S = 0.02  # CPU a made-up measurement spends (s)
+
+
+def _spin(seconds: float) -> None:
+    """Keep this thread on the CPU for ``seconds`` of its own CPU time."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
     """No model opened; measurement i has KV-group slope slopes[i] (s/position, last repeats)."""
@@ -46,6 +60,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
     def measure(model, contexts, warmup, reps, **_kw):
         slope = slopes[min(len(calls), len(slopes) - 1)] if slopes else 100e-9
         calls.append(slope)
+        _spin(FAKE_MEASURE_S)  # a measurement keeps its thread busy: the busy check sees it
         return {**made_up_gflops(slope), "blocks": {}, "block_counts": {}}
 
     monkeypatch.setattr(hp, "measure_gflops", measure)
@@ -206,3 +221,41 @@ def test_the_default_cache_dir_follows_the_environment(
     hp.host_profile(MODEL)
     assert [p.name for p in (tmp_path / "mine").iterdir()] == [hp.cache_path(MODEL, 1).name]
     assert hp.cache_path(MODEL, 1).name.startswith("host-profile-smollm2-135m-1t-")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity")
+def test_a_profile_measured_while_another_process_takes_the_cpu_is_not_cached(
+    tmp_path: Path, fake: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A busy loop on the same core gets about half of it: the profile is used for this
+    run only, never written (it would slow every later emulation's devices)."""
+    monkeypatch.setattr(sys.modules[__name__], "FAKE_MEASURE_S", 0.3)
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    burner = subprocess.Popen(
+        [sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"]
+    )
+    os.sched_setaffinity(0, {cpu})
+    try:
+        messages: list[str] = []
+        hp.host_profile(MODEL, cache_dir=tmp_path, progress=messages.append)
+    finally:
+        os.sched_setaffinity(0, before)
+        burner.kill()
+        burner.wait()
+    assert any("the CPU was busy" in m and "not cached" in m for m in messages)
+    assert hp.cached_profile(MODEL, 1, tmp_path) is None
+
+
+def test_force_measures_again_and_show_tells_when_and_how_busy(
+    tmp_path: Path, fake: SimpleNamespace
+) -> None:
+    hp.host_profile(MODEL, cache_dir=tmp_path)
+    hp.host_profile(MODEL, cache_dir=tmp_path)
+    assert len(fake.calls) == 1
+    hp.host_profile(MODEL, cache_dir=tmp_path, force=True)
+    assert len(fake.calls) == 2
+    shown = hp.cached_profile(MODEL, 1, tmp_path)
+    assert shown is not None and shown["path"] == str(hp.cache_path(MODEL, 1, tmp_path))
+    assert shown["cpu_share"] > hp.BUSY_SHARE and "measured_at" in shown
+    assert "load_average_1min" in shown

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import aiomqtt
 
-from device_agent import protocol as proto
+from control_plane import protocol as proto
 
 DEFAULT_KEEPALIVE_S = 60  # aiomqtt's default
-DEFAULT_TIMEOUT_S = 30.0  # per MQTT operation (s): an embedded broker on a loaded host is slow
+MQTT_TIMEOUT_S = 30.0  # per MQTT operation (s): an embedded broker on a loaded host is slow
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def client(
     auth: BrokerAuth | None = None,
     will: aiomqtt.Will | None = None,
     keepalive: int = DEFAULT_KEEPALIVE_S,
-    timeout: float = DEFAULT_TIMEOUT_S,
+    timeout: float = MQTT_TIMEOUT_S,
 ) -> aiomqtt.Client:
     """A fresh (not yet connected) client of the broker at ``host:port``: a client whose
     connect failed is not reused, so every attempt calls this again. Sockets send at once

@@ -8,14 +8,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from device_agent.protocol import (
+from control_plane.protocol import (
     MAX_PAYLOAD_BYTES,
+    Commit,
+    Discard,
     Drop,
     InjectLoad,
     Load,
     Malformed,
     Migrate,
     PlacementEpoch,
+    Prepare,
     Reply,
     SetBudget,
     Shape,
@@ -70,6 +73,9 @@ def test_telemetry_round_trips(name, cpu, numbers, held, peers):
         Load(id="1", op="load", blocks=("L0.g0", "L0.proj"), weights_from="peer", peer="d1"),
         Drop(id="2", op="drop", blocks=("L3.ffn",)),
         Migrate(id="3", op="migrate", block="L2.g1", to="d4", epoch=7, with_weights=True),
+        Prepare(id="7", op="prepare", blocks=("L2.g1", "L2.ffn"), context=40, peers={}),
+        Commit(id="8", op="commit", epoch=3, moves={"L2.g1": "d4", "L2.ffn": "d4"}),
+        Discard(id="9", op="discard", blocks=("L2.g1",)),
         Shape(id="4", op="shape", peer="d2", bandwidth_mbit=20.0, latency_ms=5.0),
         InjectLoad(id="5", op="inject_load", fraction=0.6),
         SetBudget(id="6", op="set_budget", memory_bytes=256 * 2**20),

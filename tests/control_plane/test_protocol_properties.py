@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from device_agent import protocol as proto
-from device_agent.protocol import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, Malformed, decode, encode
+from control_plane import protocol as proto
+from control_plane.protocol import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, Malformed, decode, encode
 
 # -- valid messages, one strategy per schema ----------------------------------------------
 
@@ -109,6 +109,31 @@ SCHEMAS: dict[str, tuple[proto.TopicKind, st.SearchStrategy[BaseModel]]] = {
             epoch=counts,
             with_weights=st.booleans(),
         ),
+    ),
+    "prepare": (
+        "cmd",
+        st.builds(
+            proto.Prepare,
+            id=ids,
+            op=st.just("prepare"),
+            blocks=block_tuples.filter(len),
+            context=counts,
+            peers=st.dictionaries(blocks, names, max_size=4),
+        ),
+    ),
+    "commit": (
+        "cmd",
+        st.builds(
+            proto.Commit,
+            id=ids,
+            op=st.just("commit"),
+            epoch=counts,
+            moves=st.dictionaries(blocks, names, min_size=1, max_size=4),
+        ),
+    ),
+    "discard": (
+        "cmd",
+        st.builds(proto.Discard, id=ids, op=st.just("discard"), blocks=block_tuples),
     ),
     "shape": (
         "cmd",
@@ -214,7 +239,8 @@ WRONG_VALUES: list[Any] = [[{"x": 1}], {"x": [1]}]
 
 CLASSES: dict[str, type[BaseModel]] = {
     "telemetry": proto.Telemetry, "status": proto.Status, "load": proto.Load,
-    "drop": proto.Drop, "migrate": proto.Migrate, "shape": proto.Shape,
+    "drop": proto.Drop, "migrate": proto.Migrate, "prepare": proto.Prepare,
+    "commit": proto.Commit, "discard": proto.Discard, "shape": proto.Shape,
     "inject_load": proto.InjectLoad, "set_budget": proto.SetBudget, "reset": proto.Reset,
     "decode": proto.Decode, "reply": proto.Reply, "placement": proto.PlacementEpoch,
     "world": proto.WorldTurn, "world_ready": proto.WorldReady, "progress": proto.Progress,

@@ -86,6 +86,8 @@ class Telemetry(_Message):
     occupied_bytes: NonNegative = 0.0  # memory another application holds now (bytes)
     #: peers whose last latency probe got no answer: the link to them is down
     unreachable_peers: tuple[DeviceName, ...] = ()
+    #: of memory_used_bytes, what blocks prepared for a coming switch take (bytes)
+    prepared_bytes: NonNegative = 0.0
 
 
 class Status(_Message):
@@ -128,6 +130,44 @@ class Migrate(_Command):
     to: DeviceName
     epoch: Annotated[int, Field(ge=0)]  # the epoch the move prepares
     with_weights: bool = False
+
+
+class Prepare(_Command):
+    """Build blocks a coming switch brings here, beside the blocks in use (first phase).
+
+    Their weights come from this device's weight cache or checkpoint, or from the peers
+    named in ``peers`` (weights from peers), and are built in a background thread at low
+    priority, paced to the device's share, while tokens go on. Memory is admitted first,
+    for the weights and for the caches they will take (``context`` positions); blocks are
+    admitted in the order given while they fit, and the reply's ``refused`` names the
+    rest. A prepared block is used only once a commit hands it its state, and is freed by
+    a discard (or when the budget is cut below what the device holds)."""
+
+    op: Literal["prepare"]
+    blocks: Annotated[tuple[BlockName, ...], Field(min_length=1)]
+    context: Annotated[int, Field(ge=0)]
+    peers: dict[BlockName, DeviceName] = {}
+
+
+class Commit(_Command):
+    """Hand prepared blocks their state (second phase, at a token boundary: no token runs).
+
+    Sent to a block's current holder: for each target it sends one frame with the state
+    of every block moving there (a KV group's cache; nothing more for the others) and
+    waits until the target took them all, or refused them all. It keeps its own copies
+    until an epoch no longer places them here. The reply's ``refused`` names the blocks
+    of targets that refused (the reason in ``error``)."""
+
+    op: Literal["commit"]
+    epoch: Annotated[int, Field(ge=0)]  # the epoch that will name the targets
+    moves: Annotated[dict[BlockName, DeviceName], Field(min_length=1)]  # block -> target
+
+
+class Discard(_Command):
+    """Free prepared blocks that will not be committed (every prepared one if none named)."""
+
+    op: Literal["discard"]
+    blocks: tuple[BlockName, ...] = ()
 
 
 class Shape(_Command):
@@ -176,7 +216,8 @@ class Decode(_Command):
 
 
 Command = Annotated[
-    Load | Drop | Migrate | Shape | InjectLoad | SetBudget | Reset | Decode,
+    Load | Drop | Migrate | Prepare | Commit | Discard | Shape | InjectLoad | SetBudget | Reset
+    | Decode,
     Field(discriminator="op"),
 ]
 
@@ -191,6 +232,10 @@ class Reply(_Message):
     bytes_moved: NonNegative = 0.0
     seconds: NonNegative = 0.0
     token_id: Annotated[int, Field(ge=0)] | None = None  # a decode's greedy next token
+    #: a load's or prepare's mean time (s) to build one block of each kind it built
+    install_s: dict[Literal["group", "proj", "ffn"], NonNegative] = {}
+    #: a prepare's blocks that did not fit, a commit's blocks whose target refused them
+    refused: tuple[BlockName, ...] = ()
 
 
 class PlacementEpoch(_Message):
@@ -231,7 +276,7 @@ class Progress(_Message):
 
 
 class RunOutcome(_Message):
-    """The run's result (DESIGN's emulate JSON keys), or the error that ended it."""
+    """The run's result (docs/design.md's emulate JSON keys), or the error that ended it."""
 
     ok: bool
     error: str = ""
@@ -305,6 +350,9 @@ Message = (
     | Load
     | Drop
     | Migrate
+    | Prepare
+    | Commit
+    | Discard
     | Shape
     | InjectLoad
     | SetBudget
