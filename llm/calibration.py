@@ -138,6 +138,65 @@ def _counted(block: Any, call: Callable[[], Any]) -> int:
     return block.flops - before
 
 
+def _pass_entry(
+    items: Sequence[Any], call: Callable[[Any], Any], flops: int, warmup: int, reps: int
+) -> dict[str, Any]:
+    """Timed passes of ``call`` over every block of ``items`` (model order, so weights stream
+    from memory as in a decode step): pass times and per-block median time (s), formula and
+    counter FLOPs."""
+
+    def run_pass() -> None:
+        for b in items:
+            call(b)
+
+    passes = _time_passes(run_pass, warmup, reps)
+    return {
+        "blocks_per_pass": len(items),
+        "pass_s": passes,
+        "block_s": float(np.median(passes)) / len(items),
+        "flops": flops,
+        "flops_counter": _counted(items[0], lambda: call(items[0])),
+    }
+
+
+def _group_entry(
+    spec: Any, groups: Sequence[KVGroupBlock], x: torch.Tensor, n: int, warmup: int, reps: int
+) -> dict[str, Any]:
+    """The KV groups' pass at context n (caches filled to n-1 positions beforehand); each
+    call is rolled back, so every repetition sees the same n."""
+
+    def call(b: KVGroupBlock) -> None:
+        b(x)
+        b.length -= 1
+
+    return _pass_entry(groups, call, int(group_flops(spec, n)), warmup, reps)
+
+
+def _whole_token_entry(
+    model: PartitionedModel, groups: Sequence[KVGroupBlock], warmup: int, reps: int
+) -> dict[str, Any]:
+    """Decode step times (s) of the whole model at its current context, rolled back."""
+
+    def token_step() -> None:
+        model.decode(1)
+        for b in groups:
+            b.length -= 1
+        model.length -= 1
+
+    steps = _time_passes(token_step, warmup, reps)
+    return {"step_s": steps, "median_s": float(np.median(steps))}
+
+
+def _check_measure_args(contexts: Sequence[int], warmup: int, reps: int) -> list[int]:
+    """The sorted distinct contexts (ValueError on a bad argument)."""
+    ns = sorted({int(n) for n in contexts})
+    if not ns or ns[0] < 1:
+        raise ValueError(f"contexts must be non-empty and at least 1, got {list(contexts)}")
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"need reps >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
+    return ns
+
+
 def measure_gflops(
     model: PartitionedModel,
     contexts: Sequence[int],
@@ -160,19 +219,15 @@ def measure_gflops(
     """
     if len(model.hosts) != 1:
         raise ValueError("measure_gflops needs a monolithic model (every block on one host)")
-    ns = sorted({int(n) for n in contexts})
-    if not ns or ns[0] < 1:
-        raise ValueError(f"contexts must be non-empty and at least 1, got {list(contexts)}")
-    if reps < 1 or warmup < 0:
-        raise ValueError(f"need reps >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
+    ns = _check_measure_args(contexts, warmup, reps)
     say = progress or (lambda _msg: None)
     spec = model.arch.spec
-    blocks = next(iter(model.hosts.values())).blocks
-    groups = [b for b in blocks.values() if isinstance(b, KVGroupBlock)]
-    projs = [b for b in blocks.values() if isinstance(b, ProjBlock)]
-    ffns = [b for b in blocks.values() if isinstance(b, FFNBlock)]
-    head = next(b for b in blocks.values() if isinstance(b, HeadBlock))
-    embed = next(b for b in blocks.values() if isinstance(b, EmbedBlock))
+    blocks = list(next(iter(model.hosts.values())).blocks.values())
+    groups = [b for b in blocks if isinstance(b, KVGroupBlock)]
+    projs = [b for b in blocks if isinstance(b, ProjBlock)]
+    ffns = [b for b in blocks if isinstance(b, FFNBlock)]
+    head = next(b for b in blocks if isinstance(b, HeadBlock))
+    embed = next(b for b in blocks if isinstance(b, EmbedBlock))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, spec.d_model, generator=gen, dtype=model.dtype)
     heads_in = torch.randn(1, spec.heads * spec.head_dim, generator=gen, dtype=model.dtype)
@@ -184,58 +239,23 @@ def measure_gflops(
         with torch.no_grad():
             for n in ns:
                 _fill_caches(model, groups, n, seed=n)
-
-                def group_pass() -> None:
-                    for b in groups:
-                        b(x)
-                        b.length -= 1  # roll back: the next call sees the same n
-
-                passes = _time_passes(group_pass, warmup, reps)
-                counter = _counted(groups[0], lambda: groups[0](x))
-                groups[0].length -= 1
-                entry = {
-                    "blocks_per_pass": len(groups),
-                    "pass_s": passes,
-                    "block_s": float(np.median(passes)) / len(groups),
-                    "flops": int(group_flops(spec, n)),
-                    "flops_counter": counter,
-                }
-                detail["group"][str(n)] = entry
+                entry = detail["group"][str(n)] = _group_entry(spec, groups, x, n, warmup, reps)
                 line = f"n={n}: KV group {1e6 * entry['block_s']:.1f} us/block"
                 if whole_token:
-
-                    def token_step() -> None:
-                        model.decode(1)
-                        for b in groups:
-                            b.length -= 1
-                        model.length -= 1
-
-                    steps = _time_passes(token_step, warmup, reps)
-                    median = float(np.median(steps))
-                    steps_by_n[str(n)] = {"step_s": steps, "median_s": median}
-                    line += f", whole token {1000 * median:.1f} ms"
+                    steps_by_n[str(n)] = _whole_token_entry(model, groups, warmup, reps)
+                    line += f", whole token {1000 * steps_by_n[str(n)]['median_s']:.1f} ms"
                 say(line)
-
-            def simple(kind: str, items: list, call: Callable[[Any], Any], flops: int) -> None:
-                def run_pass() -> None:
-                    for b in items:
-                        call(b)
-
-                passes = _time_passes(run_pass, warmup, reps)
-                detail[kind] = {
-                    "blocks_per_pass": len(items),
-                    "pass_s": passes,
-                    "block_s": float(np.median(passes)) / len(items),
-                    "flops": flops,
-                    "flops_counter": _counted(items[0], lambda: call(items[0])),
-                }
-                say(f"{kind}: {1e6 * detail[kind]['block_s']:.1f} us/block")
-
-            simple("proj", projs, lambda b: b(heads_in, x), proj_flops(spec))
-            simple("ffn", ffns, lambda b: b(x), ffn_flops(spec))
-            simple("head", [head] * HEAD_CALLS_PER_PASS, lambda b: b(x), lm_head_flops(spec))
+            detail["proj"] = _pass_entry(
+                projs, lambda b: b(heads_in, x), proj_flops(spec), warmup, reps
+            )
+            detail["ffn"] = _pass_entry(ffns, lambda b: b(x), ffn_flops(spec), warmup, reps)
+            detail["head"] = _pass_entry(
+                [head] * HEAD_CALLS_PER_PASS, lambda b: b(x), lm_head_flops(spec), warmup, reps
+            )
             detail["head"]["blocks_per_pass"] = 1
             detail["head"]["note"] = f"one LM head, called {HEAD_CALLS_PER_PASS} times per pass"
+            for kind in ("proj", "ffn", "head"):
+                say(f"{kind}: {1e6 * detail[kind]['block_s']:.1f} us/block")
             passes = _time_passes(lambda: embed(token, 0), warmup, reps)
             detail["embed"] = {"block_s": float(np.median(passes)), "flops": 0}
     finally:

@@ -156,6 +156,86 @@ def cached_profile(model_ref: str = DEFAULT_MODEL, threads: int = 1,
     return {"path": str(path), **json.loads(path.read_text(encoding="utf-8"))}
 
 
+def _measure(
+    model_ref: str, threads: int, settings: Settings, say: Callable[[str], None]
+) -> tuple[ComputeProfile, dict[str, Any]]:
+    """Open the model (float32, every block on one host) and measure it at ``threads``
+    torch threads (restored afterwards): the profile and the cache file's content (its key
+    aside), with the load and the measuring thread's share of a core."""
+    from llm.loader import open_model  # opening a model pulls in the GGUF reader: only on a miss
+    from llm.runtime import monolithic
+
+    t0 = time.perf_counter()
+    om = open_model(model_ref)
+    model = monolithic(om.source, om.arch, torch.float32)
+    loaded_s = time.perf_counter() - t0
+    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    wall0, cpu0 = time.perf_counter(), time.thread_time()
+    try:
+        for attempt in range(1, MEASURE_ATTEMPTS + 1):
+            measured = measure_gflops(model, settings.contexts, settings.warmup, settings.reps)
+            gflops = gflops_only(measured)
+            profile = ComputeProfile.from_measurements(model.table, gflops)
+            if profile.group_per_context_s > 0:
+                break
+            # attention over more positions cannot be cheaper: another process took the CPU
+            say(
+                f"the KV-group time fell with context (attempt {attempt} of "
+                f"{MEASURE_ATTEMPTS}); is the CPU busy?"
+            )
+    finally:
+        torch.set_num_threads(previous)
+    # with one thread the measuring thread is all the work: its CPU time over the wall time
+    # is the share of a core it got; more threads share their work, so only one is judged
+    cpu_share = (time.thread_time() - cpu0) / max(1e-9, time.perf_counter() - wall0)
+    data = {
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "settings": {
+            "quick": settings is QUICK,
+            "contexts": list(settings.contexts),
+            "warmup": settings.warmup,
+            "reps": settings.reps,
+        },
+        "duration_s": {"load": loaded_s, "total": time.perf_counter() - t0},
+        "load_average_1min": load_average,
+        "cpu_share": cpu_share,
+        "gflops": gflops,
+        "profile": asdict(profile),
+    }
+    return profile, data
+
+
+def _kept(
+    profile: ComputeProfile, data: dict[str, Any], path: Path, threads: int
+) -> tuple[ComputeProfile, str]:
+    """The profile to use and where it went: cached, unless the CPU was busy while it was
+    measured or its KV-group time fell with context (then flat, for this run only)."""
+    cpu_share = data["cpu_share"]
+    if threads == 1 and cpu_share < BUSY_SHARE:
+        return profile, (
+            f"the CPU was busy (this measurement ran {100 * cpu_share:.0f} % of the time); "
+            "not cached, the next call measures again"
+        )
+    if profile.group_per_context_s <= 0:
+        # A falling line would turn negative at long contexts: keep its mean, flat, for this
+        # run only (a least-squares line passes through the mean of the points).
+        mean_n = float(np.mean([int(n) for n in data["gflops"]["group"]]))
+        flat = replace(
+            profile,
+            group_fixed_s=profile.group_fixed_s + profile.group_per_context_s * mean_n,
+            group_per_context_s=0.0,
+        )
+        return flat, "KV-group time taken as flat; not cached, the next call measures again"
+    try:
+        _write_atomically(path, data)
+        return profile, f"cached in {path}"
+    except OSError as exc:
+        # an unwritable cache costs a re-measurement next time, not this run
+        return profile, f"not cached ({exc})"
+
+
 def host_profile(
     model_ref: str = DEFAULT_MODEL,
     threads: int = 1,
@@ -186,75 +266,12 @@ def host_profile(
     if cached != "none yet":
         say(f"ignoring the cached profile {path}: {cached}")
 
-    from llm.loader import open_model  # opening a model pulls in the GGUF reader: only on a miss
-    from llm.runtime import monolithic
-
     settings = QUICK if quick else FULL
     say(f"calibrating {model_ref} on this CPU ({threads} thread{'' if threads == 1 else 's'})...")
-    t0 = time.perf_counter()
-    om = open_model(model_ref)
-    model = monolithic(om.source, om.arch, torch.float32)
-    loaded_s = time.perf_counter() - t0
-    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    wall0, cpu0 = time.perf_counter(), time.thread_time()
-    try:
-        for attempt in range(1, MEASURE_ATTEMPTS + 1):
-            measured = measure_gflops(model, settings.contexts, settings.warmup, settings.reps)
-            gflops = gflops_only(measured)
-            profile = ComputeProfile.from_measurements(model.table, gflops)
-            if profile.group_per_context_s > 0:
-                break
-            # attention over more positions cannot be cheaper: another process took the CPU
-            say(
-                f"the KV-group time fell with context (attempt {attempt} of "
-                f"{MEASURE_ATTEMPTS}); is the CPU busy?"
-            )
-    finally:
-        torch.set_num_threads(previous)
-    # with one thread the measuring thread is all the work: its CPU time over the wall time
-    # is the share of a core it got; more threads share their work, so only one is judged
-    cpu_share = (time.thread_time() - cpu0) / max(1e-9, time.perf_counter() - wall0)
-    total_s = time.perf_counter() - t0
-    data = {
-        "key": key,
-        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "settings": {
-            "quick": quick,
-            "contexts": list(settings.contexts),
-            "warmup": settings.warmup,
-            "reps": settings.reps,
-        },
-        "duration_s": {"load": loaded_s, "total": total_s},
-        "load_average_1min": load_average,
-        "cpu_share": cpu_share,
-        "gflops": gflops,
-        "profile": asdict(profile),
-    }
-    busy = threads == 1 and cpu_share < BUSY_SHARE
-    if busy:
-        where = (
-            f"the CPU was busy (this measurement ran {100 * cpu_share:.0f} % of the time); "
-            "not cached, the next call measures again"
-        )
-    elif profile.group_per_context_s <= 0:
-        # A falling line would turn negative at long contexts: keep its mean, flat, for this
-        # run only (a least-squares line passes through the mean of the points).
-        mean_n = float(np.mean([int(n) for n in gflops["group"]]))
-        profile = replace(
-            profile,
-            group_fixed_s=profile.group_fixed_s + profile.group_per_context_s * mean_n,
-            group_per_context_s=0.0,
-        )
-        where = "KV-group time taken as flat; not cached, the next call measures again"
-    else:
-        try:
-            _write_atomically(path, data)
-            where = f"cached in {path}"
-        except OSError as exc:
-            # an unwritable cache costs a re-measurement next time, not this run
-            where = f"not cached ({exc})"
+    profile, data = _measure(model_ref, threads, settings, say)
+    data = {"key": key, **data}
+    profile, where = _kept(profile, data, path, threads)
+    total_s = data["duration_s"]["total"]
     say(
         f"calibrated in {total_s:.1f} s: {profile.reference_gflops:.2f} GFLOP/s on the FFN, "
         f"KV group {1e6 * profile.group_fixed_s:.0f} us + "
