@@ -4,7 +4,7 @@ Topics live under ``edgepart/<testbed>/``:
 
 - ``devices/<name>/telemetry`` agent -> all, periodic: what the device has and uses;
 - ``devices/<name>/status``    retained; the agent's MQTT last will sets it offline;
-- ``devices/<name>/cmd``       controller -> agent: load, drop, migrate, shape, ...;
+- ``devices/<name>/cmd``       controller -> agent: load, prepare, commit, shape, ...;
 - ``devices/<name>/reply``     agent -> controller: the outcome of one command;
 - ``placement``                retained: the epoch and routing table every agent follows;
 - ``run/world``                controller -> emulator driver: token T is next, apply its traces;
@@ -122,16 +122,6 @@ class Drop(_Command):
     blocks: tuple[BlockName, ...]
 
 
-class Migrate(_Command):
-    """Stream a block's state to another agent; once that one holds it, free the copy here."""
-
-    op: Literal["migrate"]
-    block: BlockName
-    to: DeviceName
-    epoch: Annotated[int, Field(ge=0)]  # the epoch the move prepares
-    with_weights: bool = False
-
-
 class Prepare(_Command):
     """Build blocks a coming switch brings here, beside the blocks in use (first phase).
 
@@ -216,8 +206,7 @@ class Decode(_Command):
 
 
 Command = Annotated[
-    Load | Drop | Migrate | Prepare | Commit | Discard | Shape | InjectLoad | SetBudget | Reset
-    | Decode,
+    Load | Drop | Prepare | Commit | Discard | Shape | InjectLoad | SetBudget | Reset | Decode,
     Field(discriminator="op"),
 ]
 
@@ -349,7 +338,6 @@ Message = (
     | Status
     | Load
     | Drop
-    | Migrate
     | Prepare
     | Commit
     | Discard

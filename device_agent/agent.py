@@ -8,8 +8,8 @@ kept reply), follow placement epochs, learn peers' data ports from their statuse
 travels agent to agent over the TCP data plane (``device_agent.dataplane``). ``Agent``
 dispatches commands, placements and frames to the parts of the device:
 
-- ``blocks.DeviceBlocks``: the blocks held under the memory budget; loads, migrations in
-  and out, weights fetched from and served to peers;
+- ``blocks.DeviceBlocks``: the blocks held under the memory budget; loads, drops, weights
+  fetched from and served to peers;
 - ``staging.Staging``: a switch in two phases: blocks prepared in a background thread,
   committed in one batch per target, discarded;
 - ``epochs.Epochs``: the placement epochs known, waited for by frames and commands;
@@ -290,7 +290,6 @@ class Agent:
         handlers = {
             "load": self.blocks.load,
             "drop": self.blocks.drop,
-            "migrate": self.blocks.migrate,
             "prepare": self.staging.prepare,
             "commit": self.staging.commit,
             "discard": self.staging.discard,
@@ -364,13 +363,14 @@ class Agent:
         elif frame.kind == Kind.FETCH:
             self._spawn(self.blocks.serve_fetch(frame))
         elif frame.token and frame.kind in (Kind.BLOCK_STATE, Kind.ERROR):
-            self.blocks.answer_fetch(frame)  # a FETCH's answer: migrations' frames carry token 0
-        elif frame.kind == Kind.BLOCK_STATE:
-            self._spawn(self.blocks.receive(frame))
+            self.blocks.answer_fetch(frame)  # a FETCH's answer: its request number, from 1
         elif frame.kind == Kind.BLOCK_BATCH:
             self._spawn(self.staging.receive_batch(frame))
-        elif frame.kind in (Kind.ACK, Kind.ERROR) and not self.staging.answered(frame):
-            self.blocks.migration_answered(frame)  # not a batch's answer: a migration's
+        elif frame.kind in (Kind.ACK, Kind.ERROR):  # a batch's answer (token 0)
+            if not self.staging.answered(frame):
+                self.errors["late_batch_answer"] += 1  # its commit gave up waiting
+        else:  # no agent sends these here (a block state unasked for, a second handshake)
+            self.plane.count_bad(f"unexpected frame: {frame.kind.name} {frame.name[:40]!r}")
 
     # -- telemetry ---------------------------------------------------------------------
     def telemetry(self) -> proto.Telemetry:

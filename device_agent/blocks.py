@@ -2,9 +2,9 @@
 
 ``DeviceBlocks`` admits blocks against the budget before anything is fetched or allocated,
 loads them (from this device's weight cache or checkpoint, or with weights FETCHed from a
-peer over the data plane), migrates them out as ``llm.state`` blobs and takes them in
-(acknowledging or refusing to the sender), and serves peers' fetches of its weights. Torch
-work runs in the agent's single compute thread; the event loop only waits.
+peer over the data plane), drops them, and serves peers' fetches of its weights. Blocks
+move between devices in a switch's two phases (``device_agent.staging``). Torch work runs
+in the agent's single compute thread; the event loop only waits.
 
 ``PreparedBlocks`` are the blocks built for a coming switch beside the live ones
 (``device_agent.staging``): their memory counts from admission on.
@@ -27,15 +27,8 @@ from device_agent.pacing import Pacer
 from device_agent.wire import Frame, Kind
 from llm.blocks import BlockTable
 from llm.runtime import BlockHost
-from llm.state import BlockState, block_state, dump_state, load_state
-from llm.torch_blocks import (
-    MOVABLE_KINDS,
-    AnyBlock,
-    FFNBlock,
-    KVGroupBlock,
-    ProjBlock,
-    parse_block_name,
-)
+from llm.state import BlockState, dump_state, load_state
+from llm.torch_blocks import MOVABLE_KINDS, AnyBlock, KVGroupBlock, parse_block_name
 
 log = logging.getLogger("edgepart.agent")
 
@@ -107,7 +100,7 @@ def timed(work: Callable[[], AnyBlock], pacer: Pacer) -> tuple[AnyBlock, float]:
 
 
 class DeviceBlocks:
-    """One device's block host, its memory budget, and the block transfers in and out."""
+    """One device's block host, its memory budget, and the weights fetched in and served out."""
 
     def __init__(
         self,
@@ -125,17 +118,16 @@ class DeviceBlocks:
         self.spec = host.arch.spec
         self.table = table
         self.budget = int(budget_bytes)  # bytes the device offers to edgepart
-        self.incoming = 0  # bytes of blocks being adopted (admitted, not yet held)
+        self.incoming = 0  # bytes of blocks on the way in (admitted, not yet held)
         self.plane = plane
         self.epochs = epochs
         self.compute = compute  # the agent's one compute thread
         self.errors = errors  # the agent's failure counts by kind
         self.pacer = pacer  # the compute thread's: the device's speed
         self.prepared = PreparedBlocks()  # built for a coming switch, not live yet
-        self.acks: dict[tuple[int, str], asyncio.Future] = {}  # (epoch, block) -> ack/error
         #: (request number, block) -> the peer's answer to a FETCH: state bytes, or an error
         self.fetches: dict[tuple[int, str], asyncio.Future] = {}
-        self.fetch_requests = 0  # FETCH request numbers start at 1 (token 0 is a migration's)
+        self.fetch_requests = 0  # FETCH request numbers start at 1 (a FETCH of token 0 is bad)
 
     # -- memory ------------------------------------------------------------------------
     def used_bytes(self) -> int:
@@ -279,88 +271,3 @@ class DeviceBlocks:
             self.errors["late_fetch_answer"] += 1
             return
         fut.set_result((frame.kind, frame.payload))
-
-    # -- migrations --------------------------------------------------------------------
-    async def migrate(self, cmd: proto.Migrate) -> dict:
-        """Stream a block (a group's KV cache, weights if asked) to the target; done when it
-        acks. Every kind travels as an llm.state blob; with weights the target reads nothing
-        from its own disk."""
-        block = self.host[cmd.block]
-        if not isinstance(block, KVGroupBlock | ProjBlock | FFNBlock):
-            raise ValueError(f"{cmd.block} is pinned to this device")
-        payload = await asyncio.get_running_loop().run_in_executor(
-            self.compute,
-            lambda: dump_state(block_state(block, self.spec.name, with_weights=cmd.with_weights)),
-        )
-        key = (cmd.epoch, cmd.block)
-        fut = self.acks[key] = asyncio.get_running_loop().create_future()
-        start = time.monotonic()
-        try:
-            await self.plane.send(
-                cmd.to, Frame(Kind.BLOCK_STATE, cmd.epoch, 0, cmd.block, payload), SEND_TIMEOUT_S
-            )
-            error = await asyncio.wait_for(fut, SEND_TIMEOUT_S)
-        finally:
-            self.acks.pop(key, None)
-        if error:
-            raise CommandRefused(error)
-        # the target holds it now and no token runs during a switch: free it here at once,
-        # so what this device receives in the same re-plan finds the room
-        self.host.drop(cmd.block)
-        return {"bytes_moved": float(len(payload)), "seconds": time.monotonic() - start}
-
-    def migration_answered(self, frame: Frame) -> None:
-        """The target's ACK (or ERROR with its reason) of a block this device migrated."""
-        fut = self.acks.get((frame.epoch, frame.name))
-        if fut is not None and not fut.done():
-            error = frame.payload.decode(errors="replace") if frame.kind == Kind.ERROR else ""
-            fut.set_result(error)
-
-    async def receive(self, frame: Frame) -> None:
-        """Take a migrated block, then acknowledge (or refuse) to the sender."""
-        # the epoch the move leaves names the sender, and its switch may free memory here
-        try:
-            leaving = await self.epochs.wait_for(frame.epoch - 1)
-            sender = leaving.placement[frame.name]
-        except (TimeoutError, KeyError):  # no one to answer: counted as bad input
-            self.plane.count_bad(
-                f"block state: {frame.name[:40]!r} has no sender in epoch {frame.epoch - 1}"
-            )
-            return
-        error = ""
-        try:
-            await self._adopt(frame)
-        except (CommandRefused, ValueError, KeyError) as exc:
-            error = str(exc)
-            if not isinstance(exc, CommandRefused):  # a bad blob, not a refusal: count it
-                self.plane.count_bad(f"block state: {error}")
-        kind = Kind.ERROR if error else Kind.ACK
-        await self.plane.send(
-            sender, Frame(kind, frame.epoch, 0, frame.name, error.encode()), SEND_TIMEOUT_S
-        )
-
-    async def _adopt(self, frame: Frame) -> None:
-        """Hold a migrated block within the budget: from the state's weights when it carries
-        them (no disk read), else from this device's checkpoint; a group takes the state's
-        cache. Raises CommandRefused, or ValueError/KeyError for a bad blob."""
-        state = load_state(frame.payload, expect_model=self.spec.name) if frame.payload else None
-        if state is not None and state.block != frame.name:
-            raise ValueError(f"the state sent as {frame.name} is of {state.block}")
-        length = state.length if state is not None else 0
-        if frame.name in self.host.blocks:
-            raise CommandRefused(f"{self.name} already holds {frame.name}")
-        self.admit([frame.name], length)
-        need = self.block_bytes(frame.name, length)
-        self.incoming += need
-        try:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self.compute, self._hold, frame.name, state)
-        finally:
-            self.incoming -= need
-
-    def _hold(self, name: str, state: BlockState | None) -> None:
-        """In the compute thread: build a received block from its state, or load it."""
-        if state is None:
-            self.host.load(name)
-            return
-        self.host.restore(state)

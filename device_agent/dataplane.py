@@ -3,7 +3,7 @@
 Inbound: every accepted connection first proves which agent it comes from (the port sends a
 nonce, the peer answers with its name and, when the testbed has a data-plane key, an HMAC of
 both), then is read frame by frame and handed to ``on_frame``. Frames that start work or
-state here (activations, migrated blocks, weight fetches) count only from the peers the
+state here (activations, committed batches, weight fetches) count only from the peers the
 current placement epoch names (``admit``); answers to this agent's own requests are matched
 to them. Garbage (a FrameError) is counted, logged once per reason and the connection
 closed, since a byte stream cannot be re-synchronised after a bad length; the port stays up.
@@ -184,8 +184,7 @@ class DataPlane:
             self._endpoints[peer] = new
 
     def admit(self, peers) -> None:
-        """Take activations, migrated blocks, committed batches and fetches only from these
-        peers from now on."""
+        """Take activations, committed batches and fetches only from these peers from now on."""
         self.admitted = frozenset(peers)
 
     def peers(self) -> list[str]:
@@ -379,8 +378,7 @@ class DataPlane:
         """Whether a frame from this (authenticated) peer may start work here."""
         if self.admitted is None or peer in self.admitted:
             return True
-        unsolicited_block = frame.kind == Kind.BLOCK_STATE and frame.token == 0
-        return frame.kind not in ADMITTED_KINDS and not unsolicited_block
+        return frame.kind not in ADMITTED_KINDS
 
     def _answer_probe_soon(self, peer: str, frame: Frame) -> None:
         task = asyncio.create_task(self._answer_probe(peer, frame))

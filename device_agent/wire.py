@@ -13,11 +13,10 @@ Frame layout (little-endian):
     payload length            u64
     payload                   bytes
 
-BLOCK_STATE carries an ``llm.state`` blob. A migration sends one with token 0, answered by
-ACK or ERROR with token 0. FETCH=8 (token: the requester's request number, from 1; payload:
-the requester's UTF-8 device name) asks a peer for a block's weights; the peer answers with
-a BLOCK_STATE of them, or an ERROR giving the reason, carrying the request's token, which
-tells the answer apart from a migration's frames.
+FETCH=8 (token: the requester's request number, from 1; payload: the requester's UTF-8
+device name) asks a peer for a block's weights; the peer answers with a BLOCK_STATE (an
+``llm.state`` blob of them), or an ERROR giving the reason, carrying the request's token,
+which tells the answer apart from a batch's (token 0).
 
 BLOCK_BATCH=11 commits a prepared switch (``control_plane.protocol.Commit``): one frame
 from a block's current holder to one target with every block moving there, token 0, the

@@ -16,7 +16,6 @@ from control_plane.protocol import (
     InjectLoad,
     Load,
     Malformed,
-    Migrate,
     PlacementEpoch,
     Prepare,
     Reply,
@@ -72,7 +71,6 @@ def test_telemetry_round_trips(name, cpu, numbers, held, peers):
     [
         Load(id="1", op="load", blocks=("L0.g0", "L0.proj"), weights_from="peer", peer="d1"),
         Drop(id="2", op="drop", blocks=("L3.ffn",)),
-        Migrate(id="3", op="migrate", block="L2.g1", to="d4", epoch=7, with_weights=True),
         Prepare(id="7", op="prepare", blocks=("L2.g1", "L2.ffn"), context=40, peers={}),
         Commit(id="8", op="commit", epoch=3, moves={"L2.g1": "d4", "L2.ffn": "d4"}),
         Discard(id="9", op="discard", blocks=("L2.g1",)),

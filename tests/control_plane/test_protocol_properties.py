@@ -98,18 +98,6 @@ SCHEMAS: dict[str, tuple[proto.TopicKind, st.SearchStrategy[BaseModel]]] = {
         ),
     ),
     "drop": ("cmd", st.builds(proto.Drop, id=ids, op=st.just("drop"), blocks=block_tuples)),
-    "migrate": (
-        "cmd",
-        st.builds(
-            proto.Migrate,
-            id=ids,
-            op=st.just("migrate"),
-            block=blocks,
-            to=names,
-            epoch=counts,
-            with_weights=st.booleans(),
-        ),
-    ),
     "prepare": (
         "cmd",
         st.builds(
@@ -239,9 +227,9 @@ WRONG_VALUES: list[Any] = [[{"x": 1}], {"x": [1]}]
 
 CLASSES: dict[str, type[BaseModel]] = {
     "telemetry": proto.Telemetry, "status": proto.Status, "load": proto.Load,
-    "drop": proto.Drop, "migrate": proto.Migrate, "prepare": proto.Prepare,
-    "commit": proto.Commit, "discard": proto.Discard, "shape": proto.Shape,
-    "inject_load": proto.InjectLoad, "set_budget": proto.SetBudget, "reset": proto.Reset,
+    "drop": proto.Drop, "prepare": proto.Prepare, "commit": proto.Commit,
+    "discard": proto.Discard, "shape": proto.Shape, "inject_load": proto.InjectLoad,
+    "set_budget": proto.SetBudget, "reset": proto.Reset,
     "decode": proto.Decode, "reply": proto.Reply, "placement": proto.PlacementEpoch,
     "world": proto.WorldTurn, "world_ready": proto.WorldReady, "progress": proto.Progress,
     "result": proto.RunOutcome,

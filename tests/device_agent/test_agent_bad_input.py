@@ -2,10 +2,10 @@
 
 Payloads that once escaped the decoder (an integer of 5000 digits, arrays nested 100 000
 deep) and data-plane input that parses but cannot be used (activations of the wrong dtype or
-shape, a migrated block whose checksum fails, a block no epoch names) must each be dropped
-and counted under its kind; the agent answers the bad migration with an ERROR naming the
-checksum, keeps answering commands, exports the counts on /metrics with a ``kind`` label,
-and exits cleanly when told to.
+shape, a committed batch whose block state fails its checksum, a block state no agent sends
+unasked) must each be dropped and counted under its kind; the agent answers the bad batch
+with an ERROR naming the checksum, keeps answering commands, exports the counts on /metrics
+with a ``kind`` label, and exits cleanly when told to.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from control_plane import protocol as proto
 from device_agent.dataplane import DataPlane
-from device_agent.wire import Frame, Kind, encode_frame, tensor_to_payload
+from device_agent.wire import Frame, Kind, encode_batch, encode_frame, tensor_to_payload
 from emulator.broker import EmbeddedBroker
 from llm.model import preset
 from llm.state import BlockState, dump_state
@@ -42,7 +42,8 @@ FRAME_KINDS = {
     "frame over the limit",
     "unknown tensor dtype",
     "activation",
-    "block state",
+    "block batch",
+    "unexpected frame",
 }
 
 
@@ -137,8 +138,8 @@ async def _scenario(endpoint: str, metrics_port: int) -> str:
             blob = bytearray(dump_state(BlockState(SPEC.name, "L0.ffn", "float32")))
             blob[12] ^= 0x01  # in the JSON header: the checksum no longer matches
             forged += [
-                Frame(Kind.BLOCK_STATE, 1, 0, "L0.ffn", bytes(blob)),
-                Frame(Kind.BLOCK_STATE, 1, 0, "L0.nothing", b"whatever"),  # no epoch names it
+                Frame(Kind.BLOCK_BATCH, 1, 0, PEER, encode_batch([("L0.ffn", bytes(blob))])),
+                Frame(Kind.BLOCK_STATE, 1, 0, "L0.ffn", b"whatever"),  # only a FETCH's answer
             ]
             for frame in forged:
                 await peer.send(NAME, frame, TIMEOUT_S)
@@ -151,11 +152,11 @@ async def _scenario(endpoint: str, metrics_port: int) -> str:
             await client.publish(cmd, proto.encode(proto.Reset(id="r", op="reset")), qos=1)
             reply = await _until(client, "reply", lambda r: r.id == "r")
             assert reply.ok, reply.error
-        # the bad migration was answered, naming why
+        # the bad batch was answered, naming why
         async with asyncio.timeout(TIMEOUT_S):
-            while not any(f.kind == Kind.ERROR and f.name == "L0.ffn" for f in answers):
+            while not any(f.kind == Kind.ERROR and f.name == NAME for f in answers):
                 await asyncio.sleep(0.05)
-        errors = [f for f in answers if f.kind == Kind.ERROR and f.name == "L0.ffn"]
+        errors = [f for f in answers if f.kind == Kind.ERROR and f.name == NAME]
         assert b"checksum" in errors[0].payload, errors
     finally:
         await peer.close()
@@ -193,6 +194,7 @@ def test_every_kind_of_bad_input_is_counted_by_kind_and_survived() -> None:
         "frame over the limit": 1,
         "unknown tensor dtype": 1,
         "activation": 3,
-        "block state": 2,
+        "block batch": 1,
+        "unexpected frame": 1,
     }
     assert set(messages) == MESSAGE_KINDS and set(frames) == FRAME_KINDS

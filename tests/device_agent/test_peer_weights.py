@@ -1,8 +1,8 @@
 """Weights from a peer, at the agent level: two real Agents (SmolLM2-135M) joined by their
 TCP data planes on loopback. A device loads blocks by FETCHing their weights from the one
-with the checkpoint, and migrations with weights carry every block kind; either way the
-block built from the peer's weights reads nothing from disk and computes exactly what the
-block loaded from disk computes."""
+with the checkpoint, and a switch prepares every block kind with weights from the holder,
+then commits the caches; either way the block built from the peer's weights reads nothing
+from disk and computes exactly what the block loaded from disk computes."""
 
 from __future__ import annotations
 
@@ -140,10 +140,10 @@ def test_blocks_loaded_from_a_peer_compute_like_blocks_loaded_from_disk() -> Non
             assert torch.equal(_run(block, hidden), _run(disk, hidden)), name
 
 
-def test_a_migration_with_weights_carries_every_kind_and_its_cache() -> None:
+def test_a_switch_prepared_from_the_peer_carries_every_kind_and_its_cache() -> None:
     moved = ("L5.g2", "L5.proj", "L5.ffn")
     got: dict[str, object] = {}
-    replies: dict[str, dict] = {}
+    seen: dict[str, float] = {}
     before: dict[str, torch.Tensor] = {}
 
     async def body(src: Agent, dst: Agent) -> None:
@@ -153,21 +153,21 @@ def test_a_migration_with_weights_carries_every_kind_and_its_cache() -> None:
         assert isinstance(group, KVGroupBlock)
         group(_hidden(4, 7))  # a cache of 4 positions
         before["keys"] = group.keys.clone()
-        # epoch 1 (dst holds them) is published only once the moves are acknowledged
-        for name in moved:
-            cmd = proto.Migrate(
-                id=name, op="migrate", block=name, to="dst", epoch=1, with_weights=True
-            )
-            replies[name] = await src.blocks.migrate(cmd)
+        peers = dict.fromkeys(moved, "src")
+        prepare = proto.Prepare(id="p", op="prepare", blocks=moved, context=5, peers=peers)
+        await dst.staging.prepare(prepare)
+        seen["weights_received"] = dst.plane.bytes_received
+        # epoch 1 (dst holds them) is published only once the commit is acknowledged
+        commit = proto.Commit(id="c", op="commit", epoch=1, moves=dict.fromkeys(moved, "dst"))
+        await src.staging.commit(commit)
         got.update(dst.blocks.host.blocks)
-        assert not src.blocks.host.blocks  # freed once acknowledged
 
     _with_pair(body)
     table = block_table(_model().arch.spec)
+    assert seen["weights_received"] >= sum(table.weight_bytes[table.index(n)] for n in moved)
     for name in moved:
         block = got[name]
         assert block.loaded_elements == 0, name  # nothing read from dst's disk
-        assert replies[name]["bytes_moved"] >= table.weight_bytes[table.index(name)]
         disk = _disk(name)
         if isinstance(block, KVGroupBlock):
             assert block.length == 4 and torch.equal(block.keys, before["keys"])
