@@ -23,7 +23,7 @@ model: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/edgepart emulate scenarios/demo.yaml --backend local \
-		--algorithm myopic,edgeshard,static-heads --plots out/demo
+		--algorithm myopic,edgeshard,static-heads --out out/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
