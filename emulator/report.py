@@ -103,7 +103,7 @@ def save_plots(scenario: Scenario, runs: Sequence[RunRecord], out_dir: Path) -> 
         ax_all.axvline(at, color="grey", alpha=0.3)
     ax_all.set(
         xlabel="generated token",
-        ylabel="latency (ms)",
+        ylabel="measured latency (ms)",
         title=f"{scenario.name}: per-token latency (grey: traces)",
     )
     ax_all.legend()

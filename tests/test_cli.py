@@ -267,11 +267,3 @@ def test_compare_reports_a_failing_algorithm_in_the_table(write_scenario, scenar
     assert result.exit_code == 0
     assert "failed" in result.stdout
     assert "edgeshard" in result.stdout and "galaxy" in result.stdout
-
-
-def test_version_comes_from_the_installed_metadata():
-    from importlib import metadata
-
-    result = cli("--version")
-    assert result.exit_code == 0
-    assert result.stdout.strip() == f"edgepart {metadata.version('edgepart')}"

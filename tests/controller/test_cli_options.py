@@ -129,6 +129,14 @@ def wide_help(*command: str) -> str:
     return CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).stdout
 
 
+def test_version_comes_from_the_installed_metadata():
+    from importlib import metadata
+
+    result = cli("--version")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"edgepart {metadata.version('edgepart')}"
+
+
 def test_help_lists_the_choices_of_backend_and_telemetry():
     shown = wide_help("emulate")
     assert "sim|local|docker" in shown and "measured|configured" in shown
