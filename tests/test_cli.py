@@ -124,7 +124,7 @@ def test_compare_prints_every_algorithm():
 
 def test_compare_json_lists_one_result_per_algorithm(write_scenario, scenario_data):
     path = write_scenario(scenario_data())
-    result = cli("compare", path, "--algorithms", "edgeshard,galaxy", "--json")
+    result = cli("compare", path, "--algorithm", "edgeshard,galaxy", "--json")
     assert result.exit_code == 0, result.stderr
     out = json.loads(result.stdout)
     assert [r["algorithm"] for r in out] == ["edgeshard", "galaxy"]
@@ -195,7 +195,7 @@ def test_unknown_algorithm_exits_2(command):
 
 
 def test_unknown_algorithm_in_compare_exits_2_before_simulating():
-    result = cli("compare", TOY, "--algorithms", "myopic,greedy")
+    result = cli("compare", TOY, "-a", "myopic,greedy")
     assert result.exit_code == 2
     assert "greedy" in result.stderr and result.stdout == ""
 
@@ -263,7 +263,7 @@ def test_simulate_exits_1_when_the_source_dies_under_edgeshard(write_scenario, s
 
 def test_compare_reports_a_failing_algorithm_in_the_table(write_scenario, scenario_data):
     path = write_scenario(_unplaceable(scenario_data))
-    result = cli("compare", path, "--algorithms", "edgeshard,galaxy")
+    result = cli("compare", path, "--algorithm", "edgeshard,galaxy")
     assert result.exit_code == 0
     assert "failed" in result.stdout
     assert "edgeshard" in result.stdout and "galaxy" in result.stdout

@@ -64,6 +64,17 @@ def test_partitioned_over_a_scenario_gives_the_same_tokens(reference_ids):
     assert json.loads(result.stdout)["output_token_ids"] == reference_ids
 
 
+def test_each_algorithm_of_a_list_places_and_generates_the_same_tokens(reference_ids):
+    result = generate(
+        "--max-new-tokens", str(NEW_TOKENS), "--scenario", str(SCENARIOS / "demo.yaml"),
+        "-a", "edgeshard,galaxy", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    runs = json.loads(result.stdout)
+    assert [r["algorithm"] for r in runs] == ["edgeshard", "galaxy"]
+    assert all(r["output_token_ids"] == reference_ids for r in runs)
+
+
 def test_chat_applies_the_models_template(reference):
     tok, model = reference
     ids = tok.apply_chat_template(

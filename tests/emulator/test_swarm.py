@@ -69,7 +69,7 @@ def test_the_stack_runs_the_experiment_and_leaves_nothing(swarm, tmp_path: Path)
     path.write_text(scenario.to_yaml(), encoding="utf-8")
     stack = project_name(scenario)
     project = tmp_path / "project"
-    up = _edgepart("testbed", "up", str(path), "--swarm", "--dir", str(project))
+    up = _edgepart("testbed", "up", str(path), "--swarm", "--out", str(project))
     try:
         assert up.returncode == 0, up.stderr + up.stdout
         network = _docker("network", "inspect", f"{stack}_testbed").stdout

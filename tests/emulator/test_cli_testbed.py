@@ -1,0 +1,60 @@
+"""`edgepart testbed ...`: every bad value exits 2 with one line and no traceback, before
+any calibration, image build or docker call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from controller.cli import app
+
+DEMO = Path(__file__).resolve().parents[2] / "scenarios" / "demo.yaml"
+
+
+def cli(*args):
+    return CliRunner().invoke(app, ["testbed", *(str(a) for a in args)])
+
+
+def assert_one_line_exit_2(result, *words: str) -> None:
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.output and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+@pytest.fixture
+def a_file(tmp_path) -> Path:
+    path = tmp_path / "taken"
+    path.write_text("not a folder")
+    return path
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_render_out_naming_a_file_exits_2(a_file, below):
+    out = a_file / "project" if below else a_file
+    assert_one_line_exit_2(cli("render", DEMO, "--out", out), "--out", "is a file, not a folder")
+    assert a_file.read_text() == "not a folder"
+
+
+def test_up_out_naming_a_file_exits_2(a_file):
+    assert_one_line_exit_2(cli("up", DEMO, "--out", a_file), "is a file, not a folder")
+
+
+def test_drive_out_naming_a_file_exits_2(a_file):
+    result = cli("drive", DEMO, "--broker", "127.0.0.1:1", "--out", a_file)
+    assert_one_line_exit_2(result, "is a file, not a folder")
+
+
+@pytest.mark.parametrize("command", ["render", "up"])
+@pytest.mark.parametrize(
+    ("algorithm", "words"),
+    [("", "names no algorithm"), ("bogus", "unknown algorithm"), ("myopic,galaxy", "one algo")],
+)
+def test_render_and_up_take_one_known_algorithm(tmp_path, command, algorithm, words):
+    result = cli(command, DEMO, "-a", algorithm, "--out", tmp_path / "project")
+    assert_one_line_exit_2(result, words)
+    assert not (tmp_path / "project").exists()
