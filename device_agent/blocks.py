@@ -233,7 +233,7 @@ class DeviceBlocks:
         try:
             request = Frame(Kind.FETCH, epoch, key[0], block, self.name.encode())
             await self.plane.send(peer, request, SEND_TIMEOUT_S)
-            kind, payload = await asyncio.wait_for(fut, FETCH_TIMEOUT_S)
+            kind, payload = await asyncio.wait_for(fut, self.plane.wall_s(FETCH_TIMEOUT_S))
         finally:
             self.fetches.pop(key, None)
         if kind == Kind.ERROR:
@@ -299,7 +299,7 @@ class DeviceBlocks:
             await self.plane.send(
                 cmd.to, Frame(Kind.BLOCK_STATE, cmd.epoch, 0, cmd.block, payload), SEND_TIMEOUT_S
             )
-            error = await asyncio.wait_for(fut, SEND_TIMEOUT_S)
+            error = await asyncio.wait_for(fut, self.plane.wall_s(SEND_TIMEOUT_S))
         finally:
             self.acks.pop(key, None)
         if error:
