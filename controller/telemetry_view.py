@@ -284,10 +284,10 @@ class TelemetryView:
         nominal = float(self.config.nominal_gflops[i])
         at_nominal = available_gflops / nominal if nominal > 0 and available_gflops > 0 else 1.0
         for kind, seconds in install_s.items():
-            k = INSTALL_KINDS[kind]
-            old = self.install_nominal_s[i, k]
+            column = INSTALL_KINDS[kind]
+            old = self.install_nominal_s[i, column]
             new = seconds * min(at_nominal, 1.0)
-            self.install_nominal_s[i, k] = new if not np.isfinite(old) else (
+            self.install_nominal_s[i, column] = new if not np.isfinite(old) else (
                 (1 - INSTALL_SMOOTHING) * old + INSTALL_SMOOTHING * new
             )  # fmt: skip
 

@@ -23,8 +23,10 @@ import typer
 from emulator.cli_common import (
     AlgorithmOpt,
     BrokerAuthOpt,
+    RoleDilationOpt,
     ScenarioArg,
     check_algorithm,
+    dilation_note,
     err,
     fail,
     load_broker_auth,
@@ -195,6 +197,7 @@ def testbed_drive(
         str, typer.Option(help="Compose project (or stack) whose containers `fail` kills.")
     ] = "",
     out_dir: Annotated[Path, typer.Option("--out", help="Where result.json goes.")] = Path("out"),
+    time_dilation: RoleDilationOpt = 1.0,
 ) -> None:
     """The emulator driver (the testbed service): applies traces, prints and saves results."""
     from emulator.driver import (
@@ -210,6 +213,8 @@ def testbed_drive(
 
     sc = open_scenario(scenario)
     auth = load_broker_auth(broker_auth)
+    if time_dilation > 1.0:
+        err.print(dilation_note(time_dilation), highlight=False)
 
     def on_token(p) -> None:
         if p.token == 1:
@@ -230,6 +235,7 @@ def testbed_drive(
             on_token,
             auth,
             docker_start(project or testbed),
+            time_dilation,
         )
     except DriverError as exc:
         raise fail(str(exc), 1) from None
