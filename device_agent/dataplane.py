@@ -312,14 +312,15 @@ class DataPlane:
                 self._measured[peer] = (min(rate, cap) if cap else rate, time.monotonic())
 
     async def probe(self, peer: str, timeout_s: float = PROBE_TIMEOUT_S) -> float | None:
-        """One latency probe to a peer: the round trip (s), None if it got no answer."""
+        """One latency probe to a peer: the round trip (wall s), None if it got no answer
+        within timeout_s (scenario s)."""
         token = next(self._probe_ids) % 2**32
         fut = asyncio.get_running_loop().create_future()
         self._probes[(peer, token)] = fut
         start = time.monotonic()
         try:
             await self.send(peer, Frame(Kind.PING, 0, token, self.name, b""), timeout_s)
-            await asyncio.wait_for(fut, timeout_s)
+            await asyncio.wait_for(fut, self.wall_s(timeout_s))
         except (ConnectionError, TimeoutError):
             # a later probe may have been answered meanwhile (a peer back on a new port)
             if self._answered_at.get(peer, -math.inf) < start:
