@@ -14,6 +14,10 @@ agent) and lets each do only its part (``emulator.testbed_secrets``: passwords, 
 optional TLS, mounted as compose secrets from ``secrets/``, which ``write_project``
 writes).
 
+Under time dilation k (``RenderOptions.time_dilation``, a host too small for the scenario's
+devices) every device gets its share / k as ``cpus`` and its speed / k, the driver shapes
+links at their rate / k and latency x k, and the controller reports in scenario time.
+
 ``render`` is pure (scenario in, documents out); ``write_project`` puts them on disk.
 ``--swarm`` output is the same file plus ``deploy`` sections, for ``docker stack deploy``.
 """
@@ -68,6 +72,8 @@ class RenderOptions:
     scenario_file: str = "scenario.yaml"
     project: str | None = None  # compose project / stack name (default: from the scenario)
     tls: bool = False  # the broker speaks only TLS (its own CA, in secrets/)
+    #: the world runs this many times slower than the scenario (k >= 1): see the module
+    time_dilation: float = 1.0
 
 
 def project_name(scenario: Scenario) -> str:
@@ -97,14 +103,23 @@ def container_model_ref(scenario: Scenario) -> str:
     raise ValueError("model: explicit shapes have no weights to run on the docker testbed")
 
 
-def cpus(scenario: Scenario, reference_gflops: float) -> dict[str, float]:
-    """Each device's CPU share (cores) from its GFLOP/s and this CPU's speed per core."""
+def cpus(
+    scenario: Scenario, reference_gflops: float, time_dilation: float = 1.0
+) -> dict[str, float]:
+    """Each device's CPU share (cores) from its GFLOP/s and this CPU's speed per core, in a
+    world time_dilation times slower than the scenario."""
     if reference_gflops <= 0:
         raise ValueError(f"reference speed must be positive, got {reference_gflops} GFLOP/s")
     return {
-        d.name: max(MIN_CPUS, round(d.compute_gflops / reference_gflops, 3))
+        d.name: max(MIN_CPUS, round(d.compute_gflops / reference_gflops / time_dilation, 3))
         for d in scenario.devices
     }
+
+
+def _dilated(options: RenderOptions) -> list[str]:
+    """The option that tells a role the world's time dilation (none at k = 1)."""
+    k = options.time_dilation
+    return ["--time-dilation", _number(k)] if k != 1.0 else []
 
 
 def mem_limit_mib(memory_mib: float) -> int:
@@ -116,7 +131,7 @@ def render(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
     """The compose document (a dict ready for YAML) of a scenario's testbed."""
     model = container_model_ref(scenario)
     project = options.project or project_name(scenario)
-    shares = cpus(scenario, options.reference_gflops)
+    shares = cpus(scenario, options.reference_gflops, options.time_dilation)
     services: dict[str, Any] = {
         "calibrate": {
             **_common(options),
@@ -141,6 +156,7 @@ def render(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
             "algorithm": options.algorithm,
             # the CPU speed the shares were computed with: re-render on another machine
             "reference_gflops": round(options.reference_gflops, 4),
+            **({"time_dilation": options.time_dilation} if options.time_dilation != 1 else {}),
         },
         "services": services,
         "networks": {NETWORK: network},
@@ -192,9 +208,9 @@ def _agent(
         "--listen", f"0.0.0.0:{DATA_PORT}", "--advertise", f"{name}:{DATA_PORT}",
         "--testbed", testbed_name(scenario), "--model", model,
         "--memory-mib", _number(device.memory_mib), "--cpu-share", _number(share),
-        "--gflops", _number(device.compute_gflops), "--profile", PROFILE,
-        "--metrics-port", str(METRICS_PORT), "--shaping", "tc",
-        "--weight-cache", WEIGHT_CACHE_DIR,
+        "--gflops", _number(device.compute_gflops / options.time_dilation),
+        "--profile", PROFILE, "--metrics-port", str(METRICS_PORT), "--shaping", "tc",
+        "--weight-cache", WEIGHT_CACHE_DIR, *_dilated(options),
     ]  # fmt: skip
     return {
         **_common(options),
@@ -218,7 +234,7 @@ def _controller(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
         *_broker_auth(sec.CONTROLLER),
         "--algorithm", options.algorithm, "--testbed", testbed_name(scenario),
         "--profile", PROFILE, "--metrics-port", str(METRICS_PORT), "--metrics-host", "0.0.0.0",
-        "--world-driver", "--json",
+        "--world-driver", "--json", *_dilated(options),
     ]  # fmt: skip
     return {
         **_common(options),
@@ -238,7 +254,7 @@ def _driver(scenario: Scenario, options: RenderOptions, project: str) -> dict[st
         "testbed", "drive", scenario_path, "--broker", _broker_address(options),
         *_broker_auth(sec.DRIVER),
         "--testbed", testbed_name(scenario),
-        "--project", project, "--out", f"{TESTBED_DIR}/out",
+        "--project", project, "--out", f"{TESTBED_DIR}/out", *_dilated(options),
     ]  # fmt: skip
     return {
         **_common(options),

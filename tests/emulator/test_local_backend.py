@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -21,9 +22,11 @@ from typer.testing import CliRunner
 from controller.cli import app
 from emulator.backends.local import LocalBackendError, run_local
 from emulator.broker import Mosquitto, mosquitto_available
+from emulator.host_limits import RESERVED_CORES
 from emulator.job import prompt_ids
-from emulator.scenario import parse_scenario
+from emulator.scenario import MIB, parse_scenario
 from llm.blocks import block_table
+from llm.host_profile import host_profile
 from llm.loader import open_model
 from llm.runtime import monolithic
 
@@ -203,16 +206,61 @@ def test_runs_over_a_real_mosquitto(tmp_path: Path) -> None:
     _assert_no_orphans(run.pids)
 
 
-def test_a_scenario_larger_than_this_host_is_refused_with_the_numbers(tmp_path: Path) -> None:
-    big = _scenario(
-        devices=[
-            {"name": "a", "compute_gflops": 400, "memory_mib": 800, "source": True},
-            {"name": "b", "compute_gflops": 300, "memory_mib": 800},
-        ],
-        traces=[],
+@pytest.fixture
+def reference_gflops(monkeypatch: pytest.MonkeyPatch) -> float:
+    """This CPU's speed per core (GFLOP/s) as the runs of the test see it: one profile, not
+    one per call (a profile measured on a busy host is measured again, not cached)."""
+    profile = host_profile("smollm2-135m", threads=1)
+    monkeypatch.setattr("llm.host_profile.host_profile", lambda *_a, **_k: profile)
+    return profile.reference_gflops
+
+
+def test_a_run_forced_twice_slower_reports_scenario_time(
+    tmp_path: Path, reference_gflops: float
+) -> None:
+    # every device at half its share and speed, links at half their rate and twice their
+    # latency: the controller divides what it measures by 2 and plans as at k = 1
+    run = run_local(_scenario(traces=[]), "myopic", work_dir=tmp_path, time_dilation=2.0)
+    assert run.result.output_token_ids == _reference()
+    assert run.result.time_dilation == 2.0
+    assert run.to_json()["time_dilation"] == 2.0
+    assert run.shares == pytest.approx(
+        {d["name"]: d["compute_gflops"] / reference_gflops / 2 for d in SCENARIO["devices"]}
     )
-    with pytest.raises(LocalBackendError, match=r"needs \d+\.\d+ cores"):
-        run_local(big, "myopic", work_dir=tmp_path)
+    ratios = [
+        m / p
+        for m, p in zip(run.result.per_token_s, run.result.predicted_per_token_s, strict=True)
+    ]
+    # scenario time, not wall time (which is twice as long): near the prediction on any
+    # host, within a band wide enough for a loaded one
+    assert 0.5 <= statistics.median(ratios) <= 2.0, ratios
+    _assert_no_orphans(run.pids)
+
+
+def test_a_scenario_larger_than_this_host_runs_dilated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference_gflops: float
+) -> None:
+    # a host with one core free for devices, and devices worth 1.5 cores of it
+    monkeypatch.setattr("emulator.host_limits.host_cores", lambda: 1.0 + RESERVED_CORES)
+    devices = [
+        {**d, "compute_gflops": cores * reference_gflops}
+        for d, cores in zip(SCENARIO["devices"], (0.6, 0.5, 0.4), strict=True)
+    ]
+    big = _scenario(devices=devices, traces=[], generate_tokens=3)
+    run = run_local(big, "static-heads", telemetry="configured", work_dir=tmp_path)
+    assert run.result.output_token_ids == _reference(3)
+    assert run.result.time_dilation == pytest.approx(1.5)
+    assert sum(run.shares.values()) == pytest.approx(1.0)
+    _assert_no_orphans(run.pids)
+
+
+def test_a_scenario_whose_agents_cannot_fit_this_hosts_memory_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("emulator.host_limits.free_memory_bytes", lambda: 100 * MIB)
+    with pytest.raises(LocalBackendError, match=r"need about \d+ MiB .* but 100 MiB are free"):
+        run_local(_scenario(), "myopic", work_dir=tmp_path)
+    assert not list(tmp_path.iterdir())  # refused before anything started
 
 
 def _agents_of(testbed: str) -> list[int]:
