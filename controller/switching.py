@@ -172,11 +172,10 @@ class Switching:
 
     def _begin(self, token: int, view: ResourceView, context: int, new: Placement) -> None:
         """Weigh a finished plan against staying; if it pays, start its first wave."""
-        if new == self.placement:
-            return
-        plan = self._plan_switch(new, view, context)
-        estimate = self.policy.estimate(self.config.table, view, plan)
-        if not plan.waves or not self.policy.accept(estimate, forced=False):
+        reported = self.telemetry.reported_memory_bytes()
+        x = self.placement.assignment
+        plan = self.policy.weigh(self.config.table, view, x, new.assignment, context, reported)
+        if plan is None:
             return
         self.active = ActiveSwitch(plan, forced=False)
         self.active.prepared = self.deployment.prepare(plan, plan.waves[0], context)
