@@ -437,6 +437,20 @@ def run_local(
             agents.stop()
             if controller is not None and controller.metrics is not None:
                 controller.metrics.close()  # the port is free for the next run
+    assert controller is not None  # generation ran: it was made
+    return _record(job, result, agents, cgroups, telemetry, endpoint, controller)
+
+
+def _record(
+    job: LocalJob,
+    result: RunResult,
+    agents: LocalAgents,
+    cgroups: bool,
+    telemetry: TelemetryMode,
+    endpoint: str,
+    controller: Controller,
+) -> LocalRun:
+    """The run's record: the result with the agents' shares, logs and pids."""
     return LocalRun(
         result=result,
         text=job.decode(result.output_token_ids),
