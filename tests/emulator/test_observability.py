@@ -34,9 +34,10 @@ from emulator.broker import free_port
 from emulator.scenario import Scenario, parse_scenario
 
 REPO = Path(__file__).resolve().parents[2]
-DASHBOARD = REPO / "grafana" / "dashboards" / "edgepart.json"
-DATASOURCES = REPO / "grafana" / "provisioning" / "datasources" / "prometheus.yaml"
-DASHBOARD_PROVIDERS = REPO / "grafana" / "provisioning" / "dashboards" / "edgepart.yaml"
+GRAFANA = REPO / "compose" / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "edgepart.json"
+DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yaml"
+DASHBOARD_PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "edgepart.yaml"
 COMPOSE_PROMETHEUS = REPO / "compose" / "prometheus.yml"
 
 PROMETHEUS = shutil.which("prometheus")
