@@ -16,6 +16,14 @@ generation reaches them). For each run it reports:
 - whether the greedy output ids equal those of the scenario's first successful run (the
   same prompt on the same weights: a partition must not change the tokens).
 
+With ``--dilation 1.5,3`` every scenario and algorithm also runs forced to each time
+dilation k (``run_local(time_dilation=k)``: every device at its share / k and speed / k,
+links at rate / k and latency x k; the controller measures and predicts in scenario time,
+wall / k), after its run at the least k this host needs (1 when the scenario fits, the
+run the others are compared with). Per dilated run: the fidelity median in scenario time
+(target <= 20%) and its tokens/s in scenario time against that first run's (target:
+within 10%).
+
 The headline table puts the measured tokens/s and peak memory per device of myopic next
 to every other algorithm, per scenario. A run that raises is recorded with its error text
 (type and message) and left out of the numbers; the library is not worked around.
@@ -36,12 +44,14 @@ average is recorded); every wait is bounded.
 
 Run: ``.venv/bin/python -m benchmarks.emulation_fidelity [--quick] [--scenarios F ...]
 [--algorithms A ...] [--tokens N] [--telemetry measured|configured] [--seconds S]
-[--out DIR]``. ``--quick``: only lan-3 with myopic and edgeshard, 12 tokens, 1 s of traffic
-per rate. Writes DIR/emulation_fidelity.json; agent logs go under DIR/local/ALGORITHM/.
+[--dilation K,K,...] [--out DIR]``. ``--quick``: only lan-3 with myopic and edgeshard, 12
+tokens, 1 s of traffic per rate. Writes DIR/emulation_fidelity.json; agent logs go under
+DIR/local/ALGORITHM/least/ (and .../kK/ per forced dilation).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import math
 import statistics
@@ -90,14 +100,19 @@ RATES_MBIT = [1.0, 10.0, 100.0]
 FRAME_VALUES = 16384  # float32 values per ACTIVATION frame: a 64 KiB payload
 FIDELITY_TARGET = 0.20
 GOODPUT_TARGET = 0.05
+#: a dilated run's tokens/s in scenario time may differ this much (relative) from the first
+DILATED_SPEED_TARGET = 0.10
 FRAME_TIMEOUT_S = 30.0  # for any one frame to be sent
 
 
 # ---------------------------------------------------------------- (a) live runs
 
 
-def run_one(scenario, algorithm: str, telemetry: str, work_dir: Path) -> dict[str, Any]:
-    """One live run on the local backend, summarised (or its error)."""
+def run_one(
+    scenario, algorithm: str, telemetry: str, work_dir: Path, dilation: float | None = None
+) -> dict[str, Any]:
+    """One live run on the local backend, summarised (or its error); ``dilation`` forces
+    the world's time dilation (None: the least this host needs)."""
     from emulator.backends.local import run_local
     from emulator.report import fidelity
 
@@ -109,10 +124,12 @@ def run_one(scenario, algorithm: str, telemetry: str, work_dir: Path) -> dict[st
             telemetry=telemetry,  # type: ignore[arg-type]
             work_dir=work_dir,
             status=line_printer("    "),
+            time_dilation=dilation,
         )
     except Exception as exc:  # reported, not worked around
         return {
             "algorithm": algorithm,
+            "forced_dilation": dilation,
             "ok": False,
             "error": error_text(exc),
             "traceback": traceback_text(exc),
@@ -124,6 +141,8 @@ def run_one(scenario, algorithm: str, telemetry: str, work_dir: Path) -> dict[st
     peaks = {k: v / MIB for k, v in r.peak_memory_bytes.items()}
     return {
         "algorithm": algorithm,
+        "forced_dilation": dilation,
+        "time_dilation": r.time_dilation,
         "ok": True,
         "error": r.failure,
         "fidelity_median": median,
@@ -142,9 +161,14 @@ def run_one(scenario, algorithm: str, telemetry: str, work_dir: Path) -> dict[st
     }
 
 
+def _dilated_label(dilation: float | None) -> str:
+    return "" if dilation is None else f", time dilation {dilation:g}"
+
+
 def run_scenario(path: Path, algorithms: list[str], tokens: int | None, telemetry: str,
-                 work_dir: Path) -> dict[str, Any]:
-    """Every algorithm on one scenario, plus whether their greedy ids agree."""
+                 work_dir: Path, dilations: list[float]) -> dict[str, Any]:
+    """Every algorithm on one scenario, at the least time dilation this host needs and at
+    every one of ``dilations``, plus whether their greedy ids agree."""
     from emulator.scenario import load_scenario
 
     scenario = load_scenario(path)
@@ -152,17 +176,24 @@ def run_scenario(path: Path, algorithms: list[str], tokens: int | None, telemetr
         scenario = scenario.model_copy(update={"generate_tokens": tokens})
     runs: list[dict[str, Any]] = []
     for algorithm in algorithms:
-        console.rule(f"{scenario.name}: {algorithm} ({scenario.generate_tokens} tokens)")
-        run = run_one(scenario, algorithm, telemetry, work_dir / algorithm)
-        if run["ok"]:
-            console.print(
-                f"  {run['tokens']} tokens, {num(run['tokens_per_s'], '.2f')} tokens/s, "
-                f"fidelity median {pct(run['fidelity_median'], 1)}, "
-                f"{run['migrations']} migrated blocks, wall {run['wall_s']:.0f} s"
+        for dilation in [None, *dilations]:
+            console.rule(
+                f"{scenario.name}: {algorithm} ({scenario.generate_tokens} tokens"
+                f"{_dilated_label(dilation)})"
             )
-        else:
-            console.print(f"  [red]failed[/]: {run['error']}")
-        runs.append(run)
+            where = work_dir / algorithm / ("least" if dilation is None else f"k{dilation:g}")
+            run = run_one(scenario, algorithm, telemetry, where, dilation)
+            if run["ok"]:
+                console.print(
+                    f"  {run['tokens']} tokens, {num(run['tokens_per_s'], '.2f')} tokens/s, "
+                    f"fidelity median {pct(run['fidelity_median'], 1)}, "
+                    f"{run['migrations']} migrated blocks, k {run['time_dilation']:.2f}, "
+                    f"wall {run['wall_s']:.0f} s"
+                )
+            else:
+                console.print(f"  [red]failed[/]: {run['error']}")
+            runs.append(run)
+    _compare_dilated(runs)
     ok = [r for r in runs if r["ok"]]
     reference = ok[0]["run"]["output_token_ids"] if ok else None
     for r in ok:
@@ -179,6 +210,52 @@ def run_scenario(path: Path, algorithms: list[str], tokens: int | None, telemetr
     }
 
 
+def _compare_dilated(runs: list[dict[str, Any]]) -> None:
+    """Each forced-dilation run's tokens/s (scenario time) over its algorithm's first run's
+    (``speed_vs_least``), None where either failed."""
+    first = {
+        r["algorithm"]: r for r in runs if r["ok"] and r["forced_dilation"] is None
+    }
+    for r in runs:
+        if r["forced_dilation"] is None:
+            continue
+        base = first.get(r["algorithm"])
+        ok = r["ok"] and base is not None and r["tokens_per_s"] and base["tokens_per_s"]
+        r["speed_vs_least"] = r["tokens_per_s"] / base["tokens_per_s"] if ok else None
+
+
+def print_dilation(results: list[dict[str, Any]]) -> None:
+    """The runs per time dilation: fidelity and tokens/s in scenario time."""
+    rows = []
+    for sc in results:
+        for r in sc["runs"]:
+            forced = "least" if r["forced_dilation"] is None else f"{r['forced_dilation']:g}"
+            if not r["ok"]:
+                rows.append((sc["scenario"], r["algorithm"], forced, "error", "", "", "", ""))
+                continue
+            ratio = r.get("speed_vs_least")
+            rows.append(
+                (
+                    sc["scenario"],
+                    r["algorithm"],
+                    forced,
+                    f"{r['time_dilation']:.2f}",
+                    pct(r["fidelity_median"], 1),
+                    num(r["tokens_per_s"], ".2f"),
+                    "-" if ratio is None else f"{ratio:.3f}",
+                    f"{r['wall_s']:.0f}",
+                )
+            )
+    print_table(
+        "Time dilation: measured vs predicted and tokens/s, in scenario time",
+        ["scenario", "algorithm", "forced k", "k", "|m/p-1| median", "tokens/s",
+         "vs least k", "wall s"],
+        rows,
+        caption="least: the run at the least k this host needs (1 when the scenario fits); "
+        "vs least k: tokens/s over that run's; every time is scenario time (wall / k)",
+    )
+
+
 def _mib(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}"
 
@@ -188,12 +265,15 @@ def print_fidelity(results: list[dict[str, Any]]) -> None:
     for sc in results:
         for r in sc["runs"]:
             if not r["ok"]:
-                rows.append((sc["scenario"], r["algorithm"], "error", "", "", "", "", "", "", ""))
+                rows.append(
+                    (sc["scenario"], r["algorithm"], "", "error", "", "", "", "", "", "", "")
+                )
                 continue
             rows.append(
                 (
                     sc["scenario"],
                     r["algorithm"],
+                    f"{r['time_dilation']:.2f}",
                     pct(r["fidelity_median"], 1),
                     pct(r["fidelity_p90"], 1),
                     "[green]yes[/]" if r["fidelity_median"] <= FIDELITY_TARGET else "[red]no[/]",
@@ -206,11 +286,12 @@ def print_fidelity(results: list[dict[str, Any]]) -> None:
             )
     print_table(
         "Live runs on the local backend: measured vs predicted per-token time",
-        ["scenario", "algorithm", "|m/p-1| median", "p90", "<= 20%", "tokens/s", "total s",
-         "migrated", "peak MiB (max dev)", "ids = ref"],
+        ["scenario", "algorithm", "k", "|m/p-1| median", "p90", "<= 20%", "tokens/s",
+         "total s", "migrated", "peak MiB (max dev)", "ids = ref"],
         rows,
-        caption="ids = ref: greedy output ids equal those of the scenario's first run "
-        "(its reference); tokens/s = tokens / sum of per-token decode times",
+        caption="k: the run's time dilation (times in scenario time, wall / k); ids = ref: "
+        "greedy output ids equal those of the scenario's first run (its reference); "
+        "tokens/s = tokens / sum of per-token decode times",
     )
     for sc in results:
         for r in sc["runs"]:
@@ -221,9 +302,10 @@ def print_fidelity(results: list[dict[str, Any]]) -> None:
 def print_headline(results: list[dict[str, Any]]) -> None:
     rows = []
     for sc in results:
-        by = {r["algorithm"]: r for r in sc["runs"] if r["ok"]}
+        least = [r for r in sc["runs"] if r["forced_dilation"] is None]
+        by = {r["algorithm"]: r for r in least if r["ok"]}
         mine = by.get("myopic")
-        for r in sc["runs"]:
+        for r in least:
             if not r["ok"]:
                 rows.append((sc["scenario"], r["algorithm"], "error", "", "", ""))
                 continue
@@ -339,7 +421,41 @@ def make_parser() -> BenchParser:
         "--seconds", type=float, default=None,
         help=f"traffic per shaped rate (s; {DEFAULTS['seconds']})",
     )
+    parser.add_argument(
+        "--dilation", type=_dilations, default=[], metavar="K,K,...",
+        help="also run every scenario and algorithm at these time dilations (each >= 1 and "
+        "at least what this host needs; default: none)",
+    )
     return parser
+
+
+def _dilations(text: str) -> list[float]:
+    """A comma-separated list of time dilations (each >= 1)."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        what = f"not a comma-separated list of numbers: {text!r}"
+        raise argparse.ArgumentTypeError(what) from None
+    if not values or any(not (v >= 1.0 and math.isfinite(v)) for v in values):
+        raise argparse.ArgumentTypeError(f"time dilations must be numbers >= 1: {text!r}")
+    return values
+
+
+def dilation_targets(results: list[dict[str, Any]], dilations: list[float]) -> list[dict]:
+    """Per forced dilation: the worst fidelity median and the worst tokens/s ratio to the
+    least-k run (|ratio - 1|), over the runs that finished."""
+    targets = []
+    for k in dilations:
+        runs = [r for sc in results for r in sc["runs"] if r["forced_dilation"] == k and r["ok"]]
+        medians = [r["fidelity_median"] for r in runs]
+        speeds = [abs(r["speed_vs_least"] - 1) for r in runs if r["speed_vs_least"] is not None]
+        targets += [
+            target(f"fidelity median at k = {k:g}, worst run", max(medians, default=None),
+                   FIDELITY_TARGET),
+            target(f"tokens/s at k = {k:g} vs least k, worst |ratio - 1|",
+                   max(speeds, default=None), DILATED_SPEED_TARGET),
+        ]  # fmt: skip
+    return targets
 
 
 def targets_of(results: list[dict[str, Any]], goodput: list[dict[str, Any]]) -> list[dict]:
@@ -375,14 +491,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work_dir = args.out / "local"
 
     results = [
-        run_scenario(repo_path(s), algorithms, tokens, args.telemetry, work_dir) for s in scenarios
+        run_scenario(repo_path(s), algorithms, tokens, args.telemetry, work_dir, args.dilation)
+        for s in scenarios
     ]
     console.rule("shaped goodput on loopback")
     goodput = shaped_goodput(RATES_MBIT, seconds)
-    targets = targets_of(results, goodput)
+    targets = targets_of(results, goodput) + dilation_targets(results, args.dilation)
 
     print_fidelity(results)
     print_headline(results)
+    if args.dilation:
+        print_dilation(results)
     print_table(
         "Output ids across algorithms",
         ["scenario", "reference", "identical across algorithms"],
@@ -414,6 +533,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "algorithms": algorithms,
             "tokens_override": tokens,
             "telemetry": args.telemetry,
+            "dilations": args.dilation,
             "backend": "local",
             "rates_mbit": RATES_MBIT,
             "seconds_per_rate": seconds,

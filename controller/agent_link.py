@@ -169,9 +169,12 @@ class AgentLink:
                 f"agents not online after {JOIN_TIMEOUT_S:.0f} s: {missing}"
             ) from None
 
-    async def until_gone(self, device: str, timeout_s: float = DETECTION_TIMEOUT_S) -> None:
-        """Wait until this controller's own detection (status, telemetry) sees a device gone;
-        the time it took is the run's detection time."""
+    async def until_gone(self, device: str, timeout_s: float | None = None) -> None:
+        """Wait until this controller's own detection (status, telemetry) sees a device gone,
+        at most timeout_s (wall; default DETECTION_TIMEOUT_S of scenario time); the time it
+        took is the run's detection time (scenario s)."""
+        if timeout_s is None:
+            timeout_s = self.config.clock.wall_s(DETECTION_TIMEOUT_S)
         start = time.monotonic()
         while self.telemetry.is_alive(device):
             if time.monotonic() > start + timeout_s:

@@ -33,12 +33,14 @@ from emulator.cli_common import (
     AlgorithmOpt,
     BrokerAuthOpt,
     JsonOpt,
+    RoleDilationOpt,
     ScenarioArg,
     TelemetryOpt,
     check_algorithm,
     check_algorithms,
     check_one_algorithm,
     check_out_dir,
+    dilation_note,
     err,
     fail,
     load_broker_auth,
@@ -327,20 +329,35 @@ def emulate(
         int | None,
         typer.Option(help="Serve the controller's Prometheus /metrics here (local backend)."),
     ] = None,
+    time_dilation: Annotated[
+        float | None,
+        typer.Option(
+            min=1.0,
+            metavar="K",
+            help="Run the world K times slower than the scenario, at least as slow as this "
+            "host needs (default: that least, 1 when the devices fit its free cores).",
+        ),
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
-    """The generation with real agents, real compute and shaped links (or on the sim)."""
+    """The generation with real agents, real compute and shaped links (or on the sim).
+
+    When the devices need more CPU than this host has free, the local and docker backends
+    run the world k times slower (time dilation): every time reported is scenario time."""
     sc = open_scenario(scenario)
     names = check_algorithms(algorithm)
-    _check_emulate_options(backend, broker, telemetry, metrics_port, out_dir)
+    _check_emulate_options(backend, broker, telemetry, metrics_port, out_dir, time_dilation)
     simulated = []
     if backend == "sim":  # recorded like the live runs, for the JSON and the plots
         simulated = [_run(sc, n, show_progress=err.is_terminal and not json_) for n in names]
         runs = [result.record() for result in simulated]
     elif backend == "docker":
-        runs = [_emulate_docker(sc, scenario, n, json_) for n in names]
+        runs = [_emulate_docker(sc, scenario, n, json_, time_dilation) for n in names]
     else:
-        runs = [_emulate_local(sc, n, broker, telemetry, metrics_port, json_) for n in names]
+        runs = [
+            _emulate_local(sc, n, broker, telemetry, metrics_port, json_, time_dilation)
+            for n in names
+        ]
     if json_:
         print(_one_json([r.to_json() for r in runs]))
     elif backend == "sim":
@@ -348,6 +365,9 @@ def emulate(
     else:
         from emulator.report import comparison_table
 
+        note = dilation_note(max(r.result.time_dilation for r in runs))
+        if note:
+            err.print(note, highlight=False)
         for run in runs:
             out.print(f"[bold]{run.result.algorithm}[/]: ", end="")
             out.print(run.text, markup=False, highlight=False)
@@ -359,7 +379,9 @@ def emulate(
         err.print("wrote " + ", ".join(str(p) for p in written))
 
 
-def _check_emulate_options(backend, broker, telemetry, metrics_port, out_dir) -> None:
+def _check_emulate_options(
+    backend, broker, telemetry, metrics_port, out_dir, time_dilation
+) -> None:
     """Exit 2 for an option the backend would ignore, or an --out it cannot write."""
     ignored = []
     if backend != "local":
@@ -370,17 +392,19 @@ def _check_emulate_options(backend, broker, telemetry, metrics_port, out_dir) ->
         ignored.append(f"--telemetry {telemetry}")
     if ignored:
         raise fail(f"{', '.join(ignored)}: not used by the {backend} backend", 2)
+    if backend == "sim" and time_dilation is not None:
+        raise fail("--time-dilation: the sim backend runs on a virtual clock, no dilation", 2)
     if out_dir is not None:
         check_out_dir(out_dir)
         if importlib.util.find_spec("matplotlib") is None:
             raise fail("--out draws plots with matplotlib: pip install 'edgepart[dev]'", 2)
 
 
-def _emulate_docker(sc: Scenario, path: Path, name: str, quiet: bool):
+def _emulate_docker(sc: Scenario, path: Path, name: str, quiet: bool, time_dilation):
     from emulator.backends.docker import run_docker
-    from emulator.backends.local import LocalBackendError
     from emulator.cli import container_model_ref
     from emulator.docker_cli import DockerError
+    from emulator.host_limits import HostTooSmall
 
     container_model_ref(sc)  # exit 2 now for a model the image cannot run
     say = (lambda _m: None) if quiet else (lambda m: err.print(f"    {m}", highlight=False))
@@ -389,8 +413,11 @@ def _emulate_docker(sc: Scenario, path: Path, name: str, quiet: bool):
     try:
         # the driver prints its tokens, then the text and table this command prints too
         tokens = None if quiet else (lambda line: say(line) if line.startswith("token ") else None)
-        return run_docker(sc, path.read_text(encoding="utf-8"), name, status=say, on_line=tokens)
-    except LocalBackendError as exc:
+        return run_docker(
+            sc, path.read_text(encoding="utf-8"), name, status=say, on_line=tokens,
+            time_dilation=time_dilation,
+        )  # fmt: skip
+    except HostTooSmall as exc:
         raise fail(str(exc), 2) from None
     except DockerError as exc:  # DockerBackendError, or the engine's
         raise fail(str(exc), 1) from None
@@ -409,7 +436,9 @@ def _keep_partial(exc, json_out: bool) -> None:
         print(json.dumps({**partial.summary(), "text": exc.partial_text, "error": str(exc)}))
 
 
-def _emulate_local(sc: Scenario, name: str, broker, telemetry, metrics_port, quiet: bool):
+def _emulate_local(
+    sc: Scenario, name: str, broker, telemetry, metrics_port, quiet: bool, time_dilation
+):
     from controller.result import ControllerError
     from emulator.backends.local import LocalBackendError, run_local
     from emulator.job import JobError
@@ -445,6 +474,7 @@ def _emulate_local(sc: Scenario, name: str, broker, telemetry, metrics_port, qui
                 progress=progress,
                 status=status,
                 metrics_port=metrics_port,
+                time_dilation=time_dilation,
             )
         except (JobError, LocalBackendError) as exc:
             raise fail(str(exc), 2) from None
@@ -492,6 +522,7 @@ def controller_command(
         bool,
         typer.Option(help="An emulator driver applies the scenario's traces: wait for it."),
     ] = False,
+    time_dilation: RoleDilationOpt = 1.0,
     json_: JsonOpt = False,
 ) -> None:
     """The controller of a running testbed: plans, migrates and decodes over MQTT."""
@@ -527,7 +558,7 @@ def controller_command(
         table = calibrated_table(table, host_profile(ref, threads=1))
     config = controller_config(
         sc, table, prompt_ids(sc, opened.tokenizer), broker, testbed, algorithm, telemetry,
-        metrics_port,
+        metrics_port, time_dilation,
     )  # fmt: skip
     config = dataclasses.replace(config, announce=True, metrics_host=metrics_host, broker_auth=auth)
     static = WorldState.from_scenario(sc)

@@ -129,7 +129,13 @@ class Controller:
             config, self.telemetry, self.link.command, self.link.publish, self.next_id
         )
         self.switching = Switching(
-            config, self.algorithm, self.deployment, self.telemetry, self.result, self.metrics
+            config,
+            self.algorithm,
+            self.deployment,
+            self.telemetry,
+            self.result,
+            self.metrics,
+            connected=lambda: self.link.session.is_ready,
         )
         self.control_s: list[float] = []  # per decode step, its control round trip (s)
 

@@ -16,7 +16,7 @@ from controller.payback import (
 )
 from controller.payback import worth_switching as payback_worth
 from controller.placement import NoFeasiblePlacement, Placement, PlacementAlgorithm
-from controller.switch import SwitchPlan
+from controller.switch import SwitchPlan, plan_switch
 from controller.view import PlanningWindow, ResourceView
 from llm.blocks import BlockTable
 
@@ -166,6 +166,26 @@ class ReplanPolicy:
     def accept(self, estimate: SwitchEstimate, forced: bool) -> bool:
         """Whether to carry out the switch (always when forced by memory or a failure)."""
         return forced or payback_worth(estimate, self.calibration.alpha)
+
+    def weigh(
+        self,
+        table: BlockTable,
+        view: ResourceView,
+        current: np.ndarray,
+        new: np.ndarray,
+        context: int,
+        reported_bytes: np.ndarray | None = None,
+    ) -> SwitchPlan | None:
+        """The unforced switch from ``current`` to ``new`` (device per block) at ``context``
+        cached positions, in waves (``plan_switch``; ``reported_bytes``: what the agents
+        report holding), if it pays; None to stay. The one gate of the simulator and the
+        live controller."""
+        if np.array_equal(current, new):
+            return None
+        plan = plan_switch(current, new, view, table, context, reported_bytes)
+        if not plan.waves or not self.accept(self.estimate(table, view, plan), forced=False):
+            return None
+        return plan
 
     def switched(self, token: int, forced: bool) -> None:
         """A switch was committed before generated ``token``."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from controller import cost
@@ -28,6 +29,9 @@ from controller.telemetry_view import TelemetryView
 from controller.view import PlanningWindow, ResourceView
 
 log = logging.getLogger("edgepart.controller")
+
+#: how often (s) a switch carried out at once looks whether its targets are still there
+ANSWER_CHECK_S = 0.1
 
 
 @dataclass
@@ -56,7 +60,10 @@ class Switching:
         telemetry: TelemetryView,
         result: RunResult,
         metrics=None,
+        connected: Callable[[], bool] = lambda: True,
     ) -> None:
+        """``connected()``: whether the controller's broker session is up (the agents'
+        liveness is known only then)."""
         self.config = config
         self.clock = config.clock
         self.algorithm = algorithm
@@ -64,6 +71,7 @@ class Switching:
         self.telemetry = telemetry
         self.result = result
         self.metrics = metrics
+        self.connected = connected
         # positions cached when the last token decodes: the prefill's token is the first and
         # the last token is never fed back, so the final context - context before generated
         # token i is the tokens still to decode (generate - i)
@@ -119,15 +127,31 @@ class Switching:
     async def switch_now(
         self, new: Placement, view: ResourceView, context: int, token: int
     ) -> None:
-        """Carry a switch out inside this boundary, every wave prepared and committed."""
+        """Carry a switch out inside this boundary, every wave prepared and committed;
+        abandoned once a target still preparing is seen gone."""
         plan = self._plan_switch(new, view, context)
         if not plan.waves:
             return
         self.active = ActiveSwitch(plan, forced=True)
         self.active.prepared = self.deployment.prepare(plan, plan.waves[0], context)
         while self.active is not None and self.active.prepared is not None:
-            await asyncio.gather(*self.active.prepared.replies.values(), return_exceptions=True)
+            if not await self._answered(self.active.prepared):
+                await self._abandon(token)  # the device's loss is for recovery to handle
+                return
             await self._commit(token, view, context)
+
+    async def _answered(self, prepared: PreparedWave) -> bool:
+        """Wait until every target of a wave answered its prepare; False as soon as one
+        still building is seen gone (its answer would never come: the command would wait
+        for its whole timeout). Who is gone is only known while the broker is there."""
+        pending = set(prepared.replies.values())
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=ANSWER_CHECK_S)
+            if pending and self.connected():
+                waiting = [d for d, task in prepared.replies.items() if not task.done()]
+                if not all(self.telemetry.is_alive(d) for d in waiting):
+                    return False
+        return True
 
     async def cancel_planning(self) -> None:
         """Drop a background plan (a failure or a forced switch decides instead)."""
@@ -172,11 +196,10 @@ class Switching:
 
     def _begin(self, token: int, view: ResourceView, context: int, new: Placement) -> None:
         """Weigh a finished plan against staying; if it pays, start its first wave."""
-        if new == self.placement:
-            return
-        plan = self._plan_switch(new, view, context)
-        estimate = self.policy.estimate(self.config.table, view, plan)
-        if not plan.waves or not self.policy.accept(estimate, forced=False):
+        reported = self.telemetry.reported_memory_bytes()
+        x = self.placement.assignment
+        plan = self.policy.weigh(self.config.table, view, x, new.assignment, context, reported)
+        if plan is None:
             return
         self.active = ActiveSwitch(plan, forced=False)
         self.active.prepared = self.deployment.prepare(plan, plan.waves[0], context)

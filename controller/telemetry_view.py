@@ -2,9 +2,10 @@
 
 ``TelemetryView`` takes every agent's telemetry and status, and answers two questions:
 
-- who is alive (``alive``, ``is_alive``): online, reported within TELEMETRY_STALE_S and
-  reachable from the source over the data plane; side-effect free, so it may be asked
-  as often as a decode step likes;
+- who is alive (``alive``, ``is_alive``): online, reported within TELEMETRY_STALE_S (of
+  scenario time: an agent of a world dilated k times runs at share / k, k times slower to
+  say anything) and reachable from the source over the data plane; side-effect free, so
+  it may be asked as often as a decode step likes;
 - what the planner sees (``view``): the measured speeds, memory budgets, link rates,
   latencies and hop overheads, each replaced only once it moved past its deadband (the
   hysteresis that keeps jittery readings from re-planning), with each device's measured
@@ -70,6 +71,8 @@ class TelemetryView:
             raise ValueError("configured telemetry needs the world's view (configured_view)")
         self.config = config
         self.configured = configured
+        #: a device silent this long (wall s) is not planned on
+        self.stale_s = config.clock.wall_s(TELEMETRY_STALE_S)
         self.devices = {name: DeviceReport() for name in config.devices}
         self.index = {name: i for i, name in enumerate(config.devices)}
         self.measured_gflops: dict[str, float] = {}  # device -> speed planned with, GFLOP/s
@@ -124,12 +127,12 @@ class TelemetryView:
         }
 
     def reporting_lately(self) -> set[str]:
-        """The devices that reported within TELEMETRY_STALE_S."""
+        """The devices that reported within TELEMETRY_STALE_S (scenario time)."""
         now = time.monotonic()
         return {
             name
             for name, d in self.devices.items()
-            if d.telemetry is not None and now - d.telemetry_at <= TELEMETRY_STALE_S
+            if d.telemetry is not None and now - d.telemetry_at <= self.stale_s
         }
 
     def silence_counts_from_now(self, but: set[str]) -> None:
@@ -151,9 +154,9 @@ class TelemetryView:
 
     # -- who is alive (no side effect) ---------------------------------------------------
     def alive(self) -> np.ndarray:
-        """Per device, whether it is online, reported within TELEMETRY_STALE_S and the source
-        reaches it over the data plane (a cut link counts as the device's loss); with
-        configured telemetry also whether the world has it running."""
+        """Per device, whether it is online, reported within TELEMETRY_STALE_S (scenario time)
+        and the source reaches it over the data plane (a cut link counts as the device's
+        loss); with configured telemetry also whether the world has it running."""
         now = time.monotonic()
         source = self.devices[self.config.source].telemetry
         cut_off = set(source.unreachable_peers) if source is not None else set()
@@ -161,7 +164,7 @@ class TelemetryView:
             [
                 d.telemetry is not None
                 and d.online
-                and now - d.telemetry_at <= TELEMETRY_STALE_S
+                and now - d.telemetry_at <= self.stale_s
                 and name not in cut_off
                 for name, d in self.devices.items()
             ]
@@ -284,10 +287,10 @@ class TelemetryView:
         nominal = float(self.config.nominal_gflops[i])
         at_nominal = available_gflops / nominal if nominal > 0 and available_gflops > 0 else 1.0
         for kind, seconds in install_s.items():
-            k = INSTALL_KINDS[kind]
-            old = self.install_nominal_s[i, k]
+            column = INSTALL_KINDS[kind]
+            old = self.install_nominal_s[i, column]
             new = seconds * min(at_nominal, 1.0)
-            self.install_nominal_s[i, k] = new if not np.isfinite(old) else (
+            self.install_nominal_s[i, column] = new if not np.isfinite(old) else (
                 (1 - INSTALL_SMOOTHING) * old + INSTALL_SMOOTHING * new
             )  # fmt: skip
 

@@ -24,7 +24,7 @@ tc: kernel link shaping of the agent's own interface (htb per peer, via pyroute2
 
 The emulated device:
 
-pacing: time dilation: this host's CPU made to run at the device's speed.
+pacing: this host's CPU made to run at the device's speed.
 burners: background CPU load: child processes burning a fraction of the cores.
 ballast: memory another application takes: resident bytes in a child process.
 telemetry: what the agent measures besides its blocks and links (CPU use, probes).

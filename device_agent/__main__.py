@@ -29,6 +29,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-mib", type=float, default=1024, help="memory budget (MiB)")
     p.add_argument("--cpu-share", type=float, help="cores this device is worth (paces compute)")
     p.add_argument("--gflops", type=float, help="nominal speed (GFLOP/s) reported before measuring")
+    p.add_argument(
+        "--time-dilation",
+        type=float,
+        default=1.0,
+        metavar="K",
+        help="the emulator runs the world K times slower than its scenario (K >= 1; give the "
+        "share and speed already divided by K): waits on links and peers are K times longer",
+    )
     p.add_argument("--profile", type=Path, help="host calibration JSON (block speeds)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the parent dies")
@@ -79,6 +87,8 @@ def config_from_args(argv: list[str] | None = None) -> AgentConfig:
             parser().error(f"--profile {args.profile}: {exc}")
     if args.cpu_share is not None and args.cpu_share <= 0:
         parser().error("--cpu-share must be > 0 cores")
+    if not args.time_dilation >= 1.0:
+        parser().error(f"--time-dilation must be at least 1, got {args.time_dilation}")
     try:
         broker_auth = load_auth(args.broker_auth)
     except ValueError as exc:
@@ -114,6 +124,7 @@ def config_from_args(argv: list[str] | None = None) -> AgentConfig:
         dataplane_key=key,
         join_file=args.join_file,
         weight_cache=weight_cache,
+        time_dilation=args.time_dilation,
     )
 
 

@@ -99,6 +99,10 @@ class AgentConfig:
     #: where dequantised block weights are cached, shared by the agents of a host (None:
     #: no cache, every block is read from the checkpoint)
     weight_cache: str | None = None
+    #: the emulator runs the world this many times slower than its scenario (k >= 1;
+    #: cpu_share, nominal_gflops and the link rates are already divided by it): waits on
+    #: links and on peers' work are k times longer
+    time_dilation: float = 1.0
 
 
 class Agent:
@@ -117,7 +121,9 @@ class Agent:
         self.errors: Counter[str] = Counter()  # failures by kind (command op, step, ...)
         self.epochs = Epochs()
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-compute")
-        self.plane = DataPlane(self.name, self._on_frame, key=config.dataplane_key)
+        self.plane = DataPlane(
+            self.name, self._on_frame, key=config.dataplane_key, time_dilation=config.time_dilation
+        )
         self.pacer = Pacer(config.cpu_share)  # the device's CPU share and background load
         self.blocks = DeviceBlocks(
             host, table, config.memory_bytes, self.plane, self.epochs, self.compute, self.errors,

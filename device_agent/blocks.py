@@ -225,7 +225,7 @@ class DeviceBlocks:
         try:
             request = Frame(Kind.FETCH, epoch, key[0], block, self.name.encode())
             await self.plane.send(peer, request, SEND_TIMEOUT_S)
-            kind, payload = await asyncio.wait_for(fut, FETCH_TIMEOUT_S)
+            kind, payload = await asyncio.wait_for(fut, self.plane.wall_s(FETCH_TIMEOUT_S))
         finally:
             self.fetches.pop(key, None)
         if kind == Kind.ERROR:

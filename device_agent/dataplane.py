@@ -121,10 +121,16 @@ class DataPlane:
         on_frame: FrameHandler,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         key: bytes | None = None,
+        time_dilation: float = 1.0,
     ):
         """A plane for agent ``name``; with ``key`` (the testbed's shared data-plane secret)
-        peers must sign the connection nonce with it."""
+        peers must sign the connection nonce with it. ``time_dilation`` (k >= 1): the
+        emulator runs the world k times slower, links at their rate / k, so every wait on
+        a send, or on the work a frame asks of a peer, is k times longer (``wall_s``)."""
+        if not time_dilation >= 1.0:
+            raise ValueError(f"time dilation must be at least 1, got {time_dilation}")
         self.name = name
+        self.time_dilation = float(time_dilation)
         self._on_frame = on_frame
         self._max_payload = max_payload
         self._key = key
@@ -279,13 +285,18 @@ class DataPlane:
             return None
         return hello.name
 
+    def wall_s(self, scenario_s: float) -> float:
+        """A timeout of the scenario's world (s) in this dilated one (s)."""
+        return scenario_s * self.time_dilation
+
     async def send(self, peer: str, frame: Frame, timeout_s: float) -> None:
-        """Send one frame to a peer, shaped; raises on a broken or slow link (timeout in s)."""
+        """Send one frame to a peer, shaped; raises on a broken or slow link (timeout in
+        scenario s: k times longer under time dilation k)."""
         data = encode_frame(frame)
         try:
             writer = await self._writer(peer)
             start = time.monotonic()
-            await asyncio.wait_for(writer.send(data), timeout=timeout_s)
+            await asyncio.wait_for(writer.send(data), timeout=self.wall_s(timeout_s))
         except (OSError, TimeoutError) as exc:
             broken = self._writers.pop(peer, None)
             if broken is not None:
@@ -300,14 +311,15 @@ class DataPlane:
                 self._measured[peer] = (min(rate, cap) if cap else rate, time.monotonic())
 
     async def probe(self, peer: str, timeout_s: float = PROBE_TIMEOUT_S) -> float | None:
-        """One latency probe to a peer: the round trip (s), None if it got no answer."""
+        """One latency probe to a peer: the round trip (wall s), None if it got no answer
+        within timeout_s (scenario s)."""
         token = next(self._probe_ids) % 2**32
         fut = asyncio.get_running_loop().create_future()
         self._probes[(peer, token)] = fut
         start = time.monotonic()
         try:
             await self.send(peer, Frame(Kind.PING, 0, token, self.name, b""), timeout_s)
-            await asyncio.wait_for(fut, timeout_s)
+            await asyncio.wait_for(fut, self.wall_s(timeout_s))
         except (ConnectionError, TimeoutError):
             # a later probe may have been answered meanwhile (a peer back on a new port)
             if self._answered_at.get(peer, -math.inf) < start:

@@ -1,4 +1,4 @@
-"""Time dilation: this host's CPU made to run at an emulated device's speed, no privileges.
+"""Pacing: this host's CPU made to run at an emulated device's speed, no privileges.
 
 A piece of work that used ``cpu_s`` of CPU here is stretched to last ``cpu_s / share`` of
 wall time, as on a device worth ``share`` of this host's cores. Background load (a CPU
@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 import time
 
-#: shorter dilation waits (s) are owed, not slept: they add up until they are worth a sleep
+#: shorter pacing waits (s) are owed, not slept: they add up until they are worth a sleep
 PACE_MIN_SLEEP_S = 0.0005
 
 
 class Pacer:
-    """The device's CPU share (cores), the background load on it, and the dilation owed.
+    """The device's CPU share (cores), the background load on it, and the wait owed.
 
     Sleeps shorter than PACE_MIN_SLEEP_S are owed and what a sleep overshoots is credited
     back, so the device's speed is right on average, not only per call.
@@ -27,7 +27,7 @@ class Pacer:
         """A device of share (cores, > 0) of this host's CPU; None runs at host speed."""
         self._share = None if share is None else _check_share(share)
         self._background = 0.0
-        self.debt_s = 0.0  # time dilation owed (s), negative when a sleep overshot
+        self.debt_s = 0.0  # pacing wait owed (s), negative when a sleep overshot
 
     @property
     def share(self) -> float | None:
@@ -67,7 +67,7 @@ class Pacer:
         return max(0.0, cpu_s / share - elapsed_s)
 
     def owe(self, cpu_s: float, elapsed_s: float) -> float:
-        """Add this work's dilation to the debt; the sleep (s) due now, 0 while the debt is
+        """Add this work's wait to the debt; the sleep (s) due now, 0 while the debt is
         under PACE_MIN_SLEEP_S."""
         self.debt_s += self.pace_s(cpu_s, elapsed_s)
         return self.debt_s if self.debt_s >= PACE_MIN_SLEEP_S else 0.0

@@ -275,7 +275,8 @@ class TokenRunner:
             while run.next < len(steps):
                 for name in steps[run.next].inputs:
                     if name not in have:
-                        have[name] = await self.mailbox.get(position, name, STEP_TIMEOUT_S)
+                        timeout_s = self.plane.wall_s(STEP_TIMEOUT_S)
+                        have[name] = await self.mailbox.get(position, name, timeout_s)
                 await loop.run_in_executor(self.compute, self._run_steps, run)
             # the thread's last send callbacks run before this point: they were queued first
             await asyncio.sleep(0)

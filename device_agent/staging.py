@@ -4,7 +4,7 @@ Prepare (on a target): memory is admitted first, the blocks in the order given w
 fit (weights and their caches at the prepare's context), the rest refused; the admitted
 ones are then built in a background thread, beside the compute thread: at the lowest
 priority (nice 19, per thread on Linux) and paced to the device's share by a Pacer of its
-own, so that time dilation holds for background work too. Weights come from the weight
+own, so that pacing holds for background work too. Weights come from the weight
 cache or checkpoint (``BlockHost.build``) or, for blocks with a named peer, are FETCHed
 from it. Built blocks wait in ``DeviceBlocks.prepared``, counted in the memory used.
 
@@ -236,7 +236,7 @@ class Staging:
         """Wait (bounded) until no token runs here: a cache dumped mid-token would miss or
         half-hold its position. The controller commits between tokens; this only lets the
         last token's program finish its sends."""
-        deadline = time.monotonic() + TOKEN_END_TIMEOUT_S
+        deadline = time.monotonic() + self.plane.wall_s(TOKEN_END_TIMEOUT_S)
         while self.running():
             if time.monotonic() > deadline:
                 raise CommandRefused(f"{self.name}: a token still runs, no commit mid-token")
@@ -266,7 +266,7 @@ class Staging:
         try:
             frame = Frame(Kind.BLOCK_BATCH, epoch, 0, self.name, payload)
             await self.plane.send(target, frame, SEND_TIMEOUT_S)
-            return await asyncio.wait_for(answer, BATCH_ANSWER_TIMEOUT_S)
+            return await asyncio.wait_for(answer, self.plane.wall_s(BATCH_ANSWER_TIMEOUT_S))
         except (ConnectionError, TimeoutError) as exc:
             self.errors["commit"] += 1
             return f"no answer from {target}: {exc!r}"

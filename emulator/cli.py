@@ -26,9 +26,11 @@ import typer
 from emulator.cli_common import (
     AlgorithmOpt,
     BrokerAuthOpt,
+    RoleDilationOpt,
     ScenarioArg,
     check_one_algorithm,
     check_out_dir,
+    dilation_note,
     err,
     fail,
     load_broker_auth,
@@ -266,6 +268,7 @@ def testbed_drive(
         str, typer.Option(help="Compose project (or stack) whose containers `fail` kills.")
     ] = "",
     out_dir: Annotated[Path, typer.Option("--out", help="Where result.json goes.")] = Path("out"),
+    time_dilation: RoleDilationOpt = 1.0,
 ) -> None:
     """The emulator driver (the testbed service): applies traces, prints and saves results."""
     from emulator.driver import (
@@ -282,6 +285,8 @@ def testbed_drive(
     sc = open_scenario(scenario)
     check_out_dir(out_dir)
     auth = load_broker_auth(broker_auth)
+    if time_dilation > 1.0:
+        err.print(dilation_note(time_dilation), highlight=False)
 
     def on_token(p) -> None:
         if p.token == 1:
@@ -302,6 +307,7 @@ def testbed_drive(
             on_token,
             auth,
             docker_start(project or testbed),
+            time_dilation,
         )
     except DriverError as exc:
         raise fail(str(exc), 1) from None

@@ -6,7 +6,8 @@
 - ``open_scenario``, ``check_algorithms``, ``check_one_algorithm``, ``check_out_dir``,
   ``load_broker_auth``: the checks of the common options, each exiting 2 with the problem.
 - The options' types: ``ScenarioArg``, ``AlgorithmOpt`` (``-a/--algorithm``, a comma list),
-  ``JsonOpt``, ``BrokerAuthOpt``, ``TelemetryOpt``. Every output folder is ``--out``.
+  ``JsonOpt``, ``BrokerAuthOpt``, ``TelemetryOpt``, ``RoleDilationOpt``; ``dilation_note``:
+  the line that says a run was time-dilated. Every output folder is ``--out``.
 
 The main app (``controller.cli``) and the testbed sub-app (``emulator.cli``) both use it;
 importing it is cheap (no backend, no torch).
@@ -52,6 +53,29 @@ BrokerAuthOpt = Annotated[
         "default: anonymous)."
     ),
 ]
+
+#: the time dilation a testbed role (controller, driver) is told by the emulator
+RoleDilationOpt = Annotated[
+    float,
+    typer.Option(
+        "--time-dilation",
+        min=1.0,
+        metavar="K",
+        help="The emulator runs the world K times slower than the scenario: timeouts are K "
+        "times longer, times are reported in scenario time (wall / K).",
+    ),
+]
+
+
+def dilation_note(time_dilation: float) -> str:
+    """The line that says every time shown is scenario time (empty at k = 1)."""
+    k = time_dilation
+    if k <= 1.0:
+        return ""
+    return (
+        f"this host runs the scenario {k:.2f}x slower than real time (time dilation "
+        f"{k:.2f}): every time below is scenario time"
+    )
 
 
 def fail(message: str, code: int) -> typer.Exit:

@@ -33,6 +33,10 @@ backend, which renders for this host and runs at once. With ``--tls`` the secret
 at render time instead (their certificates need openssl, which the image lacks), as files
 under ``secrets/`` mounted as compose secrets; a stack gets the same files.
 
+Under time dilation k (``RenderOptions.time_dilation``, a host too small for the scenario's
+devices) every device gets its share / k as ``cpus`` and its speed / k, the driver shapes
+links at their rate / k and latency x k, and the controller reports in scenario time.
+
 ``render`` is pure (scenario in, documents out); ``write_project`` puts them on disk.
 """
 
@@ -102,6 +106,8 @@ class RenderOptions:
     scenario_file: str = "scenario.yaml"
     project: str | None = None  # compose project / stack name (default: from the scenario)
     tls: bool = False  # the broker speaks only TLS (its own CA, in secrets/)
+    #: the world runs this many times slower than the scenario (k >= 1): see the module
+    time_dilation: float = 1.0
 
     @property
     def secrets_at_start(self) -> bool:
@@ -137,12 +143,15 @@ def container_model_ref(scenario: Scenario) -> str:
     raise ValueError("model: explicit shapes have no weights to run on the docker testbed")
 
 
-def cpus(scenario: Scenario, reference_gflops: float) -> dict[str, float]:
-    """Each device's CPU share (cores) from its GFLOP/s and this CPU's speed per core."""
+def cpus(
+    scenario: Scenario, reference_gflops: float, time_dilation: float = 1.0
+) -> dict[str, float]:
+    """Each device's CPU share (cores) from its GFLOP/s and this CPU's speed per core, in a
+    world time_dilation times slower than the scenario."""
     if reference_gflops <= 0:
         raise ValueError(f"reference speed must be positive, got {reference_gflops} GFLOP/s")
     return {
-        d.name: max(MIN_CPUS, round(d.compute_gflops / reference_gflops, 3))
+        d.name: max(MIN_CPUS, round(d.compute_gflops / reference_gflops / time_dilation, 3))
         for d in scenario.devices
     }
 
@@ -156,6 +165,12 @@ def start_options(scenario: Scenario, reference_gflops: float) -> dict[str, list
     }
 
 
+def _dilated(options: RenderOptions) -> list[str]:
+    """The option that tells a role the world's time dilation (none at k = 1)."""
+    k = options.time_dilation
+    return ["--time-dilation", _number(k)] if k != 1.0 else []
+
+
 def mem_limit_mib(memory_mib: float) -> int:
     """A device container's memory limit (MiB): its block budget plus the agent's runtime."""
     return round(memory_mib) + AGENT_RUNTIME_MIB
@@ -167,7 +182,11 @@ def render(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
     project = options.project or project_name(scenario)
     if options.swarm and options.reference_gflops is None:
         raise ValueError("a swarm stack has no start-up step: render it with this CPU's speed")
-    shares = None if options.reference_gflops is None else cpus(scenario, options.reference_gflops)
+    shares = (
+        None
+        if options.reference_gflops is None
+        else cpus(scenario, options.reference_gflops, options.time_dilation)
+    )
     roles = (sec.BROKER, *sec.identities(scenario.device_names))
     services: dict[str, Any] = {
         "calibrate": _calibrate(options),
@@ -189,6 +208,8 @@ def render(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
     if options.reference_gflops is not None:
         # the CPU speed the frozen shares were computed with: re-render on another machine
         about["reference_gflops"] = round(options.reference_gflops, 4)
+    if options.time_dilation != 1:
+        about["time_dilation"] = options.time_dilation
     document = {
         "name": project,
         "x-edgepart": about,
@@ -321,9 +342,9 @@ def _agent(
         "--testbed", testbed_name(scenario), "--model", model,
         "--memory-mib", _number(device.memory_mib),
         *(["--cpu-share", _number(share)] if share is not None else []),
-        "--gflops", _number(device.compute_gflops), "--profile", PROFILE,
-        "--metrics-port", str(METRICS_PORT), "--shaping", "tc",
-        "--weight-cache", WEIGHT_CACHE_DIR,
+        "--gflops", _number(device.compute_gflops / options.time_dilation),
+        "--profile", PROFILE, "--metrics-port", str(METRICS_PORT), "--shaping", "tc",
+        "--weight-cache", WEIGHT_CACHE_DIR, *_dilated(options),
     ]  # fmt: skip
     secret_mounts, secret_files = _role_secrets(identity, options)
     service: dict[str, Any] = {**_common(options), "hostname": name}
@@ -353,7 +374,7 @@ def _controller(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
         *_broker_auth(sec.CONTROLLER),
         "--algorithm", options.algorithm, "--testbed", testbed_name(scenario),
         "--profile", PROFILE, "--metrics-port", str(METRICS_PORT), "--metrics-host", "0.0.0.0",
-        "--world-driver", "--json",
+        "--world-driver", "--json", *_dilated(options),
     ]  # fmt: skip
     secret_mounts, secret_files = _role_secrets(sec.CONTROLLER, options)
     return {
@@ -374,7 +395,7 @@ def _driver(scenario: Scenario, options: RenderOptions, project: str) -> dict[st
         "testbed", "drive", _scenario_path(options), "--broker", _broker_address(options),
         *_broker_auth(sec.DRIVER),
         "--testbed", testbed_name(scenario),
-        "--project", project, "--out", f"{TESTBED_DIR}/out",
+        "--project", project, "--out", f"{TESTBED_DIR}/out", *_dilated(options),
     ]  # fmt: skip
     secret_mounts, secret_files = _role_secrets(sec.DRIVER, options)
     healthy = {"condition": "service_healthy"}

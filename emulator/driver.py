@@ -35,7 +35,7 @@ JOIN_TIMEOUT_S = 120.0  # for a started device's agent to come online, s
 #: longest whole run (s) before the driver gives up on the controller
 RUN_TIMEOUT_S = 6 * 3600.0
 #: how a device's speed is enforced in a testbed's container (the record's isolation)
-CONTAINER_ISOLATION = "container cgroup + time dilation"
+CONTAINER_ISOLATION = "container cgroup + pacing"
 #: the run/* and device topics the driver reads
 SUBSCRIBED: tuple[proto.TopicKind, ...] = ("world", "progress", "result", "reply", "status")
 
@@ -56,14 +56,19 @@ class Driver:
         on_token: Callable[[proto.Progress], None] | None = None,
         auth: mqtt.BrokerAuth | None = None,
         start: StartDevice | None = None,
+        time_dilation: float = 1.0,
     ) -> None:
         """The driver of a scenario's world; ``kill`` and ``start`` act on a device (its
-        process or container) for fail and join traces."""
+        process or container) for fail and join traces; the world runs ``time_dilation``
+        times slower than the scenario (its links shaped so, every command's wait so long)."""
         self.scenario = scenario
         self.testbed = testbed
         self.on_token = on_token
         self._start = start
-        self.world = World(scenario, self._command, kill, None if start is None else self._join)
+        self.world = World(
+            scenario, self._command, kill, None if start is None else self._join,
+            time_dilation=time_dilation,
+        )  # fmt: skip
         # a restarted broker keeps no subscriptions or messages: the session subscribes
         # again and sends the unanswered commands again (agents run each id once)
         self.session = BrokerSession(
@@ -178,12 +183,12 @@ class Driver:
 
     async def _command(self, device: str, command) -> proto.Reply:
         topic = proto.device_topic(self.testbed, device, "cmd")
+        timeout_s = COMMAND_TIMEOUT_S * self.world.time_dilation
         try:
-            return await self.session.request(topic, command, COMMAND_TIMEOUT_S)
+            return await self.session.request(topic, command, timeout_s)
         except TimeoutError:
-            raise DriverError(
-                f"{device} did not answer {command.op} in {COMMAND_TIMEOUT_S:.0f} s"
-            ) from None
+            what = f"{device} did not answer {command.op} in {timeout_s:.0f} s"
+            raise DriverError(what) from None
 
 
 def docker_kill(project: str) -> KillDevice:
@@ -257,6 +262,8 @@ def drive(
     on_token: Callable[[proto.Progress], None] | None = None,
     auth: mqtt.BrokerAuth | None = None,
     start: StartDevice | None = None,
+    time_dilation: float = 1.0,
 ) -> proto.RunOutcome:
     """Run the driver to the end of the controller's generation (blocking)."""
-    return asyncio.run(Driver(scenario, broker, testbed, kill, on_token, auth, start).run())
+    driver = Driver(scenario, broker, testbed, kill, on_token, auth, start, time_dilation)
+    return asyncio.run(driver.run())

@@ -1,14 +1,20 @@
-"""Host tooling that makes one host process behave like a small edge device (local backend).
+"""Host tooling that makes one host process behave like a small edge device, and how a
+scenario's devices fit this host (local and docker backends).
 
+- ``fit_scenario``: each device's CPU share of this host and the time dilation k >= 1 the
+  world runs at (k = 1 when the devices fit the free cores, else the smallest k whose
+  shares / k fit); ``check_memory`` refuses a scenario whose agents cannot fit this host's
+  memory, which no dilation fixes (``HostTooSmall``, bad input). Pure.
 - ``CgroupLimits``: the kernel enforces the device's CPU share (CFS bandwidth quota) and
   memory size (OOM kill above it), one cgroup ``edgepart/<testbed>-<device>`` per device.
   Needs root and a writable cpu controller (cgroup v1 or v2). An agent inside it (and the
   CPU burners it starts, ``device_agent.burners``) competes for the CPU as a device would.
 - ``host_cores`` says how much CPU this process may use at all, the budget the emulated
   devices' shares are carved from.
-- ``kernel_oom_kills`` counts the kernel's out-of-memory kills (a run must cause none).
+- ``kernel_oom_kills`` counts the kernel's out-of-memory kills (a run must cause none);
+  ``free_memory_bytes`` is the memory the agents may take.
 
-Without root the agents still run at their devices' speeds by time dilation
+Without root the agents still run at their devices' speeds by pacing
 (``device_agent.pacing``).
 """
 
@@ -20,9 +26,13 @@ import math
 import os
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from emulator.scenario import MIB, MemoryTrace, Scenario
+from llm.blocks import block_table
 
 CgroupVersion = Literal["v1", "v2"]
 
@@ -587,3 +597,167 @@ def _level_quota_cores(level: Path, version: str) -> float | None:
     except (OSError, ValueError):
         return None
     return quota_us / period_us if quota_us > 0 else None
+
+
+def free_memory_bytes() -> float | None:
+    """Memory (bytes) new processes may take here: the kernel's MemAvailable, capped by
+    what this process's cgroup still allows; None where unknown."""
+    try:
+        lines = Path("/proc/meminfo").read_text(encoding="ascii").splitlines()
+    except OSError:
+        return None
+    # "MemAvailable:   20867392 kB"
+    found = [line.split()[1] for line in lines if line.startswith("MemAvailable:")]
+    if not found:
+        return None
+    free = int(found[0]) * 1024.0
+    headroom = _own_memory_headroom_bytes()
+    return free if headroom is None else min(free, headroom)
+
+
+def _own_memory_headroom_bytes() -> float | None:
+    """Limit minus usage of our own memory cgroup (bytes), None if unlimited or unknown."""
+    mounts, own = _cgroup_mounts(), _own_cgroups()
+    memory = _v1_mount(mounts, "memory")
+    try:
+        if memory is not None:
+            level = _own_dir_unstripped(memory, own.get("memory"))
+            limit = int(_read_raw(level / "memory.limit_in_bytes"))
+            used = int(_read_raw(level / "memory.usage_in_bytes"))
+            return None if limit >= _UNLIMITED_MEMORY else float(max(0, limit - used))
+        unified = _v2_mount(mounts)
+        if unified is None:
+            return None
+        level = _own_dir_unstripped(unified, own.get(""))
+        limit_text = _read_raw(level / "memory.max").strip()
+        if limit_text == "max":
+            return None
+        return float(max(0, int(limit_text) - int(_read_raw(level / "memory.current"))))
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- a scenario here
+
+#: CPU kept free for the broker, the controller and the agents' own event loops (cores)
+RESERVED_CORES = 0.25
+#: the most CPU one agent turns into compute (cores): it computes in one thread
+#: (``device_agent.agent``: one compute worker, torch at one thread), so a device worth
+#: more than one core of this host would run at one core, slower than its scenario says
+AGENT_MAX_CORES = 1.0
+#: what one agent process holds besides its blocks (Python, torch, the opened checkpoint):
+#: an idle agent of SmolLM2-135M is about 450 MiB resident
+AGENT_RUNTIME_BYTES = 450 * MIB
+
+
+class HostTooSmall(ValueError):
+    """The scenario cannot run on this host, not even slowed down (bad input: exit 2)."""
+
+
+@dataclass(frozen=True)
+class HostFit:
+    """How a scenario's devices run on this host: each device's CPU share at the scenario's
+    speed (cores, at k = 1) and the time dilation k >= 1 the world runs at, in which each
+    device gets share / k (``dilated_shares``)."""
+
+    shares: Mapping[str, float]
+    time_dilation: float
+    usable_cores: float  # this host's cores free for devices
+
+    @property
+    def dilated_shares(self) -> dict[str, float]:
+        """Each device's CPU share of this host in the dilated world (cores)."""
+        return {name: share / self.time_dilation for name, share in self.shares.items()}
+
+
+def device_shares(scenario: Scenario, reference_gflops: float) -> dict[str, float]:
+    """Each device's CPU share (cores) at the scenario's speed, from this CPU's speed per
+    core (GFLOP/s, the calibrated host profile)."""
+    if not reference_gflops > 0:
+        raise ValueError(f"reference speed must be > 0 GFLOP/s, got {reference_gflops}")
+    return {d.name: d.compute_gflops / reference_gflops for d in scenario.devices}
+
+
+def fits(shares: Mapping[str, float], dilation: float, usable_cores: float) -> bool:
+    """Whether the shares (cores) / dilation fit: together in usable_cores, each within
+    AGENT_MAX_CORES."""
+    dilated = [share / dilation for share in shares.values()]
+    return sum(dilated) <= usable_cores and max(dilated, default=0.0) <= AGENT_MAX_CORES
+
+
+def minimum_dilation(shares: Mapping[str, float], usable_cores: float) -> float:
+    """The smallest k >= 1 for which the shares (cores) / k fit (see ``fits``)."""
+    if not usable_cores > 0:
+        raise ValueError(f"usable cores must be > 0, got {usable_cores}")
+    total = sum(shares.values())
+    biggest = max(shares.values(), default=0.0)
+    k = max(1.0, total / usable_cores, biggest / AGENT_MAX_CORES)
+    while not fits(shares, k, usable_cores):  # a rounding step or two above the quotient
+        k = math.nextafter(k, math.inf)
+    return k
+
+
+def fit_scenario(
+    scenario: Scenario,
+    reference_gflops: float,
+    cores: float,
+    dilation: float | None = None,
+) -> HostFit:
+    """Each device's CPU share of a host of ``cores`` (its CPUs, RESERVED_CORES of them kept
+    for the broker and the controller) and the time dilation to run at: the smallest that
+    fits (1 when the scenario fits as it is), or ``dilation`` when given, which must be at
+    least that (HostTooSmall otherwise)."""
+    usable = cores - RESERVED_CORES
+    if not usable > 0:
+        raise HostTooSmall(
+            f"devices: this host has {cores:.2f} cores, none free for devices once "
+            f"{RESERVED_CORES} are kept for the broker and the controller"
+        )
+    shares = device_shares(scenario, reference_gflops)
+    least = minimum_dilation(shares, usable)
+    if dilation is None:
+        dilation = least
+    elif not math.isfinite(dilation) or not fits(shares, dilation, usable):
+        detail = ", ".join(f"{n} {s:.2f}" for n, s in shares.items())
+        raise HostTooSmall(
+            f"time dilation {dilation:g}: this host needs at least {least:.3f}; the scenario "
+            f"needs {sum(shares.values()):.2f} cores of it ({detail}; this CPU runs "
+            f"{reference_gflops:.2f} GFLOP/s per core, an agent computes on at most "
+            f"{AGENT_MAX_CORES:g}) and {usable:.2f} of its {cores:.2f} are free for devices"
+        )
+    return HostFit(shares, float(dilation), usable)
+
+
+def model_footprint_bytes(scenario: Scenario) -> float:
+    """The model's resident bytes at the last token: every block's weights and KV cache, and
+    the source's embedding and LM head."""
+    table = block_table(scenario.model_spec())
+    blocks = table.memory_bytes(scenario.final_context).sum()
+    return float(blocks + table.source_weight_bytes)
+
+
+def memory_needed_bytes(scenario: Scenario, runtime_bytes: float = AGENT_RUNTIME_BYTES) -> float:
+    """The most memory a scenario's agents take on one host (bytes): each agent's runtime,
+    plus the model's blocks twice (a switch builds the new copies before the old ones go),
+    or the devices' budgets together if they are less."""
+    budgets = {d.name: d.memory_mib for d in scenario.devices}
+    for trace in scenario.traces:  # a device may be given more memory later
+        if isinstance(trace, MemoryTrace):
+            budgets[trace.device] = max(budgets[trace.device], trace.memory_mib)
+    blocks = min(sum(budgets.values()) * MIB, 2.0 * model_footprint_bytes(scenario))
+    return len(scenario.devices) * runtime_bytes + blocks
+
+
+def check_memory(
+    scenario: Scenario, free_bytes: float | None, runtime_bytes: float = AGENT_RUNTIME_BYTES
+) -> None:
+    """Refuse (HostTooSmall) a scenario whose agents need more memory than free_bytes (None:
+    unknown, nothing refused): running it slower would not make it smaller."""
+    needed = memory_needed_bytes(scenario, runtime_bytes)
+    if free_bytes is not None and needed > free_bytes:
+        raise HostTooSmall(
+            f"devices: the scenario's {len(scenario.devices)} agents need about "
+            f"{needed / MIB:.0f} MiB of this host's memory ({runtime_bytes / MIB:.0f} MiB "
+            f"each to run, plus the model's blocks) but {free_bytes / MIB:.0f} MiB are free; "
+            "use fewer devices or the docker backend on more hosts"
+        )

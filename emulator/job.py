@@ -62,8 +62,10 @@ def controller_config(
     algorithm: str,
     telemetry: TelemetryMode = "measured",
     metrics_port: int | None = None,
+    time_dilation: float = 1.0,
 ) -> ControllerConfig:
-    """The controller's settings for running a scenario's job on its devices."""
+    """The controller's settings for running a scenario's job on its devices, in a world
+    ``time_dilation`` times slower than the scenario."""
     state = WorldState.from_scenario(scenario)
     return ControllerConfig(
         testbed=testbed,
@@ -83,4 +85,5 @@ def controller_config(
         telemetry=telemetry,
         metrics_port=metrics_port,
         late_devices=scenario.offline_at_start,
+        time_dilation=time_dilation,
     )

@@ -3,6 +3,9 @@
 Backend-neutral: a backend supplies how a command reaches an agent (the controller's MQTT
 connection in the local backend, the emulator driver's own in the docker testbed) and how
 a device dies (``kill -9`` of its process session, ``docker kill`` of its container).
+Under time dilation k (the host runs the world k times slower than its scenario) every
+link is shaped at its rate / k and its latency x k, and a trace due at a scenario time
+fires at k times that wall time.
 """
 
 from __future__ import annotations
@@ -55,10 +58,15 @@ class World:
         kill: KillDevice,
         start: StartDevice | None = None,
         reconnected: AwaitDevice | None = None,
+        time_dilation: float = 1.0,
     ) -> None:
         """The world of a scenario; ``start`` (needed for join traces) starts an agent,
-        ``reconnected`` (optional) waits until a device cut off is seen back."""
+        ``reconnected`` (optional) waits until a device cut off is seen back;
+        ``time_dilation`` (k >= 1) slows the links k times (see the module)."""
+        if not time_dilation >= 1.0:
+            raise ValueError(f"time dilation must be at least 1, got {time_dilation}")
         self.scenario = scenario
+        self.time_dilation = float(time_dilation)
         self._command_fn = command
         self._kill = kill
         self._start = start
@@ -87,7 +95,8 @@ class World:
             return []
         before = list(self.pending)
         was_reachable = self.state.reachable.copy()
-        apply_due_traces(self.state, self.pending, token, time.monotonic() - self.started)
+        scenario_s = (time.monotonic() - self.started) / self.time_dilation
+        apply_due_traces(self.state, self.pending, token, scenario_s)
         killed, started = [], []
         for trace in before:
             if trace not in self.pending:
@@ -110,9 +119,11 @@ class World:
             raise WorldError(f"{device} refused {command.op}: {reply.error}")
 
     async def _shape(self, a: str, b: str) -> None:
+        """Shape the link a -> b as the world has it now, dilated."""
         i, j = self.state.index(a), self.state.index(b)
-        rate = 0.0 if self.state.cut[i, j] else float(self.state.bandwidth_mbit[i, j])
-        latency_ms = float(self.state.latency_s[i, j]) * 1000.0
+        k = self.time_dilation
+        rate = 0.0 if self.state.cut[i, j] else float(self.state.bandwidth_mbit[i, j]) / k
+        latency_ms = float(self.state.latency_s[i, j]) * 1000.0 * k
         cmd = proto.Shape(
             id=next(self._ids), op="shape", peer=b, bandwidth_mbit=rate, latency_ms=latency_ms
         )

@@ -30,9 +30,11 @@ def fidelity(run: RunRecord) -> tuple[float, float]:
 def comparison_table(scenario: Scenario, runs: Sequence[RunRecord]) -> Table:
     """One row per algorithm: measured speed, prediction error, migrations, peak memory."""
     best = min(r.result.total_s for r in runs)
+    dilation = max(r.result.time_dilation for r in runs)
     table = Table(
         title=f"{scenario.name}: {scenario.generate_tokens} tokens on {len(scenario.devices)} "
-        f"devices, {runs[0].backend} backend ({runs[0].isolation}, {runs[0].telemetry} telemetry)"
+        f"devices, {runs[0].backend} backend ({runs[0].isolation}, {runs[0].telemetry} telemetry"
+        + (f", time dilation {dilation:.2f}: scenario time)" if dilation > 1 else ")")
     )
     for col in (
         "algorithm",
@@ -78,6 +80,8 @@ def save_plots(scenario: Scenario, runs: Sequence[RunRecord], out_dir: Path) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     traces = [t.at_token for t in scenario.traces if t.at_token is not None]
+    # a dilated run's times are scenario time (wall / k)
+    unit = "ms, scenario time" if any(r.result.time_dilation > 1 for r in runs) else "ms"
     fig_all, ax_all = plt.subplots(figsize=(9, 4.5))
     for run in runs:
         r = run.result
@@ -91,7 +95,9 @@ def save_plots(scenario: Scenario, runs: Sequence[RunRecord], out_dir: Path) -> 
         for at in traces:
             ax.axvline(at, color="grey", alpha=0.3)
         ax.set(
-            xlabel="generated token", ylabel="latency (ms)", title=f"{scenario.name}: {r.algorithm}"
+            xlabel="generated token",
+            ylabel=f"latency ({unit})",
+            title=f"{scenario.name}: {r.algorithm}",
         )
         ax.legend()
         path = out_dir / f"latency-{r.algorithm}.png"
@@ -103,7 +109,7 @@ def save_plots(scenario: Scenario, runs: Sequence[RunRecord], out_dir: Path) -> 
         ax_all.axvline(at, color="grey", alpha=0.3)
     ax_all.set(
         xlabel="generated token",
-        ylabel="measured latency (ms)",
+        ylabel=f"measured latency ({unit})",
         title=f"{scenario.name}: per-token latency (grey: traces)",
     )
     ax_all.legend()

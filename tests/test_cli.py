@@ -267,3 +267,25 @@ def test_compare_reports_a_failing_algorithm_in_the_table(write_scenario, scenar
     assert result.exit_code == 0
     assert "failed" in result.stdout
     assert "edgeshard" in result.stdout and "galaxy" in result.stdout
+
+
+# ----------------------------------------------------------------- time dilation
+
+
+def test_a_time_dilation_below_one_or_on_the_sim_is_bad_input():
+    below = cli("emulate", TOY, "--backend", "local", "--time-dilation", "0.5")
+    assert below.exit_code == 2
+    assert "--time-dilation" in below.stderr
+    sim = cli("emulate", TOY, "--backend", "sim", "--time-dilation", "2")
+    assert sim.exit_code == 2
+    assert "virtualclock" in squash(sim.stderr)
+
+
+def test_the_dilation_note_says_times_are_scenario_time():
+    from emulator.cli_common import dilation_note
+
+    assert dilation_note(1.0) == ""
+    assert dilation_note(1.4) == (
+        "this host runs the scenario 1.40x slower than real time (time dilation 1.40): "
+        "every time below is scenario time"
+    )

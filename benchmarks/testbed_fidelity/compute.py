@@ -4,7 +4,7 @@ For each share s (0.25, 0.5, 1.0 cores) a container runs with ``--cpus s`` (dock
 quota: s x 100 ms per 100 ms period), plus 0.25 with a 10 ms period (``--cpu-period 10000
 --cpu-quota 2500``) and one without a limit (the host's state right now). Inside it one
 Python process (``programs/compute.py``), one torch thread, no agent and so none of the
-agent's time dilation, opens SmolLM2-135M (float32, every block in one process) and times
+agent's pacing, opens SmolLM2-135M (float32, every block in one process) and times
 its blocks in two ways:
 
 - per pass: ``llm.calibration.measure_gflops`` (contexts 32 and 128), the host profile's
@@ -202,7 +202,7 @@ def print_compute(part: dict[str, Any]) -> None:
         ))  # fmt: skip
     hp = part["host_profile"]
     print_table(
-        f"Part 2: block times in a CPU-limited container (1 torch thread, no time dilation) "
+        f"Part 2: block times in a CPU-limited container (1 torch thread, no pacing) "
         f"vs host profile / share; KV group at context {SUSTAIN_CONTEXT}",
         [
             "cpu limit",

@@ -4,7 +4,7 @@
 sim: the scenario replayed token by token on a virtual clock with the cost model; no
     process, no weights (``SimResult.record()`` is its record).
 local: real agents as processes on this machine, one per device, a broker and the
-    controller in this process; CPU shares by cgroup and time dilation (``LocalRun``).
+    controller in this process; CPU shares by cgroup and pacing (``LocalRun``).
 docker: every device a resource-limited container, links shaped in the kernel, the
     controller and the emulator driver in containers of their own (``DockerRun``).
 

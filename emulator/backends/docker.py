@@ -6,7 +6,10 @@ broker, one agent container per device, the controller and the ``testbed`` drive
 the driver's output until it exits, reads the result it saved, and removes every container,
 network and volume of the project, also on error or Ctrl-C. The JSON has the local
 backend's keys (the emulate keys of docs/design.md). Every docker call goes through
-``emulator.docker_cli``.
+``emulator.docker_cli``. A scenario whose devices need more of this host's CPU than it has
+free runs time-dilated, as on the local backend (``emulator.host_limits.fit_scenario``,
+``RenderOptions.time_dilation``); one whose containers cannot fit its memory is refused
+(``HostTooSmall``).
 """
 
 from __future__ import annotations
@@ -109,26 +112,35 @@ def run_docker(
     on_started: Callable[[dict[str, str]], None] | None = None,
     on_finished: Callable[[], None] | None = None,
     keep: bool = False,
+    time_dilation: float | None = None,
 ) -> DockerRun:
     """Emulate the scenario in containers (the image must exist: ``edgepart testbed build``).
+
+    ``time_dilation`` forces the world's k (at least the least this host needs; None: that
+    least, 1 when the devices fit). HostTooSmall when that k is too small or the containers
+    cannot fit this host's memory.
 
     ``on_started`` gets every running service's address on the testbed network once the
     project is up (e.g. for a Prometheus on this host to scrape them); ``on_finished`` is
     called when the driver is done, before anything is removed.
     """
-    from emulator.backends.local import cpu_shares
-    from emulator.host_limits import host_cores
+    from emulator.compose import AGENT_RUNTIME_MIB
+    from emulator.host_limits import check_memory, fit_scenario, free_memory_bytes, host_cores
     from emulator.images import ImageBuildError, ensure_current, image_exists
+    from emulator.scenario import MIB
     from llm.host_profile import cache_path, host_profile
 
     say = status or (lambda _msg: None)
+    check_memory(scenario, free_memory_bytes(), AGENT_RUNTIME_MIB * MIB)
     try:
         ensure_current(image, say=say)
     except ImageBuildError as exc:
         raise DockerBackendError(f"the image {image} could not be built: {exc}") from None
     ref = container_model_ref(scenario)
     profile = host_profile(ref, threads=1, progress=say)
-    shares = cpu_shares(scenario, profile.reference_gflops, host_cores())
+    fit = fit_scenario(scenario, profile.reference_gflops, host_cores(), time_dilation)
+    if fit.time_dilation > 1.0:
+        say(f"time dilation {fit.time_dilation:.2f}: the world runs that many times slower")
     project = f"{project_name(scenario)}-{os.getpid()}"
     options = RenderOptions(
         project=project,
@@ -136,6 +148,7 @@ def run_docker(
         image=image,
         broker_image=BROKER_IMAGE if image_exists(BROKER_IMAGE) else image,
         reference_gflops=profile.reference_gflops,
+        time_dilation=fit.time_dilation,
     )
     directory = work_dir / project
     write_project(scenario, scenario_text, directory, options, cache_path(ref, threads=1))
@@ -159,7 +172,7 @@ def run_docker(
     return DockerRun(
         RunResult.from_summary(saved),
         text=saved.get("text", ""),
-        shares=shares,
+        shares=fit.dilated_shares,
         start_s=start_s,
         project=project,
         directory=directory,

@@ -3,18 +3,21 @@
 It starts an MQTT broker (embedded amqtt, or uses the one given), one ``device_agent``
 process per scenario device, and the controller in this process; it owns the world:
 device speed becomes a CPU share of this host (from the calibrated host profile),
-enforced by a cgroup when running as root and by time dilation in the agent always;
+enforced by a cgroup when running as root and by pacing in the agent always;
 links are shaped in each agent's sender; the scenario's traces are applied when
 generation reaches them (CPU burners, memory budgets, link rates, ``kill -9``).
-Everything started is torn down on exit, error or Ctrl-C.
+When the devices need more of this host's CPU than it has free, the whole world runs k
+times slower (time dilation, ``emulator.host_limits.fit_scenario``): each device at its
+share / k and its speed / k, links at their rate / k and latency x k, every timeout x k;
+the controller reports in scenario time (wall / k). Everything started is torn down on
+exit, error or Ctrl-C.
 
-- ``run_local``: one run: ``LocalJob.prepare`` (model, host profile, CPU shares), the
-  broker, the agents, the controller, and the ``LocalRun`` record;
+- ``run_local``: one run: ``LocalJob.prepare`` (model, host profile, CPU shares and time
+  dilation), the broker, the agents, the controller, and the ``LocalRun`` record;
 - ``LocalAgents``: the agent processes' lifecycle (``spawn_agent``, cgroups, ``kill -9``,
   ``stop_agents``);
 - ``LocalWorld``: the controller's ``WorldHooks``: the traces applied by
-  ``emulator.live_world.World`` over the controller's line to the agents;
-- ``cpu_shares``: each device's share of this host's cores (also the docker backend's).
+  ``emulator.live_world.World`` over the controller's line to the agents.
 """
 
 from __future__ import annotations
@@ -43,13 +46,12 @@ from emulator.live_world import World
 from emulator.scenario import MIB, Scenario
 
 if TYPE_CHECKING:  # torch comes with the model: opened only when a run starts
+    from emulator.host_limits import HostFit
     from llm.blocks import BlockTable
     from llm.loader import OpenModel
 
 log = logging.getLogger("edgepart.local")
 
-#: CPU kept free for the broker, the controller and the agents' own event loops (cores)
-RESERVED_CORES = 0.25
 #: memory a cgroup allows beyond the block budget: the agent's runtime (Python, torch)
 RUNTIME_SLACK_BYTES = 64 * MIB
 AGENT_STOP_S = 5.0
@@ -58,22 +60,6 @@ WORLD_COMMAND_TIMEOUT_S = 30.0  # for an agent to carry out a trace's command, s
 
 class LocalBackendError(RuntimeError):
     """The scenario cannot run on this machine as given (bad input: exit 2)."""
-
-
-def cpu_shares(scenario: Scenario, reference_gflops: float, cores: float) -> dict[str, float]:
-    """Each device's CPU share (cores) on this host; refuses scenarios the host cannot hold."""
-    shares = {d.name: d.compute_gflops / reference_gflops for d in scenario.devices}
-    usable = cores - RESERVED_CORES
-    total = sum(shares.values())
-    if total > usable:
-        detail = ", ".join(f"{n} {s:.2f}" for n, s in shares.items())
-        raise LocalBackendError(
-            f"devices: the scenario needs {total:.2f} cores of this host ({detail}; this CPU "
-            f"runs {reference_gflops:.2f} GFLOP/s per core) but {usable:.2f} of its "
-            f"{cores:.2f} are free for devices; lower compute_gflops or use the docker "
-            "backend on more hosts"
-        )
-    return shares
 
 
 @dataclass
@@ -177,11 +163,14 @@ class LocalWorld:
 
     run_topics: tuple = ()  # no run topics are followed
 
-    def __init__(self, scenario: Scenario, agents: LocalAgents) -> None:
-        """The world of a scenario acting on ``agents``."""
+    def __init__(self, scenario: Scenario, agents: LocalAgents, time_dilation: float = 1.0):
+        """The world of a scenario acting on ``agents``, ``time_dilation`` times slower than
+        the scenario says."""
         self.agents = agents
         self.link: AgentLink | None = None
-        self.world = World(scenario, self._command, self._kill, self._join, self._reconnected)
+        self.world = World(
+            scenario, self._command, self._kill, self._join, self._reconnected, time_dilation
+        )
 
     async def setup(self, link: AgentLink) -> None:
         """Cap each started agent's memory; then the world's setup (links shaped, traces
@@ -209,7 +198,8 @@ class LocalWorld:
         return self.link
 
     async def _command(self, device: str, command: object) -> proto.Reply:
-        return await self._line().command(device, command, WORLD_COMMAND_TIMEOUT_S)
+        timeout_s = WORLD_COMMAND_TIMEOUT_S * self.world.time_dilation
+        return await self._line().command(device, command, timeout_s)
 
     async def _kill(self, device: str) -> None:
         """kill -9 the device's agent, then wait until the controller notices."""
@@ -237,10 +227,12 @@ def spawn_agent(
     metrics_port: int | None = None,
     dataplane_key: Path | None = None,
     weight_cache: Path | None = None,
+    time_dilation: float = 1.0,
 ) -> AgentProcess:
     """Start one device's agent process (own session, logs to log_dir/<device>.log);
-    ``weight_cache``: the directory of dequantised block weights the agents share (None:
-    the agent's default)."""
+    ``share`` is its CPU share of this host (cores, already dilated); ``weight_cache``: the
+    directory of dequantised block weights the agents share (None: the agent's default);
+    ``time_dilation`` k: the agent runs at the device's speed / k, its waits k times longer."""
     dev = scenario.device(device)
     log_path = log_dir / f"{device}.log"
     args = [
@@ -252,7 +244,8 @@ def spawn_agent(
         "--model", model_ref(scenario),
         "--memory-mib", str(dev.memory_mib),
         "--cpu-share", f"{share:.6f}",
-        "--gflops", str(dev.compute_gflops),
+        "--gflops", f"{dev.compute_gflops / time_dilation:.6g}",
+        "--time-dilation", f"{time_dilation:.6g}",
         "--exit-with-parent",
     ]  # fmt: skip
     if profile_path is not None and profile_path.is_file():
@@ -318,31 +311,56 @@ def _broker(endpoint: str | None) -> Iterator[str]:
 
 @dataclass(frozen=True)
 class LocalJob:
-    """What a local run needs before any process starts: the opened model, this host's
-    CPU share of each device (cores), the calibrated block table and the prompt's ids."""
+    """What a local run needs before any process starts: the opened model, how the devices
+    fit this host (CPU shares, time dilation), the calibrated block table and the prompt's
+    ids."""
 
     ref: str  # what llm.loader.open_model opened
     opened: OpenModel  # its tokenizer decodes the output
-    shares: dict[str, float]
+    fit: HostFit
     table: BlockTable  # its times from this host's profile
     ids: list[int]
 
+    @property
+    def shares(self) -> dict[str, float]:
+        """Each device's CPU share of this host as it runs (cores, dilated)."""
+        return self.fit.dilated_shares
+
+    @property
+    def time_dilation(self) -> float:
+        """How many times slower than its scenario the world runs (k >= 1)."""
+        return self.fit.time_dilation
+
     @classmethod
-    def prepare(cls, scenario: Scenario, say: Callable[[str], None]) -> LocalJob:
-        """Open the model, profile this host (cached) and split its cores among the devices
-        (LocalBackendError when they need more than it has)."""
-        from emulator.host_limits import host_cores
+    def prepare(
+        cls, scenario: Scenario, say: Callable[[str], None], time_dilation: float | None = None
+    ) -> LocalJob:
+        """Open the model, profile this host (cached) and split its cores among the devices,
+        dilating time when they need more than it has (``time_dilation``: this k instead of
+        the least that fits). LocalBackendError when the agents cannot fit its memory or k
+        is too small."""
+        from emulator.host_limits import (
+            HostTooSmall,
+            check_memory,
+            fit_scenario,
+            free_memory_bytes,
+            host_cores,
+        )
         from llm.blocks import block_table
         from llm.calibration import calibrated_table
         from llm.host_profile import host_profile
         from llm.loader import open_model
 
         ref = model_ref(scenario)
-        opened = open_model(ref)
-        profile = host_profile(ref, threads=1, progress=say)
-        shares = cpu_shares(scenario, profile.reference_gflops, host_cores())
+        try:
+            check_memory(scenario, free_memory_bytes())
+            opened = open_model(ref)
+            profile = host_profile(ref, threads=1, progress=say)
+            fit = fit_scenario(scenario, profile.reference_gflops, host_cores(), time_dilation)
+        except HostTooSmall as exc:
+            raise LocalBackendError(str(exc)) from None
         table = calibrated_table(block_table(opened.arch.spec), profile)
-        return cls(ref, opened, shares, table, prompt_ids(scenario, opened.tokenizer))
+        return cls(ref, opened, fit, table, prompt_ids(scenario, opened.tokenizer))
 
     def decode(self, token_ids: list[int]) -> str:
         """Generated token ids as text."""
@@ -362,19 +380,23 @@ def run_local(
     cgroups: bool | None = None,
     agent_metrics_ports: Mapping[str, int] | None = None,
     on_finished: Callable[[RunResult], None] | None = None,
+    time_dilation: float | None = None,
 ) -> LocalRun:
     """Emulate the scenario with real agents on this machine; returns what was measured.
 
-    ``metrics_port`` serves the controller's /metrics, ``agent_metrics_ports`` (device ->
-    port) each agent's, on 127.0.0.1. ``on_finished`` is called with the result once
-    generation is done and before anything is stopped, so every endpoint still serves
-    (e.g. for a Prometheus to scrape them).
+    ``time_dilation`` forces the world's k (at least the least that fits this host; None:
+    that least, 1 when the scenario fits). ``metrics_port`` serves the controller's
+    /metrics, ``agent_metrics_ports`` (device -> port) each agent's, on 127.0.0.1.
+    ``on_finished`` is called with the result once generation is done and before anything
+    is stopped, so every endpoint still serves (e.g. for a Prometheus to scrape them).
     """
     from emulator.host_limits import CgroupLimits
     from llm.host_profile import cache_path, default_cache_dir
 
     say = status or (lambda _msg: None)
-    job = LocalJob.prepare(scenario, say)
+    job = LocalJob.prepare(scenario, say, time_dilation)
+    if job.time_dilation > 1.0:
+        say(f"time dilation {job.time_dilation:.2f}: the world runs that many times slower")
     testbed = f"{scenario.name}-{os.getpid()}"
     log_dir = work_dir / testbed
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -390,7 +412,7 @@ def run_local(
                 scenario, name, endpoint, testbed, job.shares[name],
                 cache_path(job.ref, threads=1), log_dir, ports.get(name), key,
                 # one cache for every agent: a block dequantised once is read by all
-                default_cache_dir(),
+                default_cache_dir(), job.time_dilation,
             )  # fmt: skip
 
         agents = LocalAgents(spawn, job.shares, testbed, cgroups)
@@ -400,10 +422,11 @@ def run_local(
             for d in scenario.devices:
                 if d.name not in late:
                     agents.launch(d.name)
-            hooks = LocalWorld(scenario, agents)
+            hooks = LocalWorld(scenario, agents, job.time_dilation)
             config = controller_config(
-                scenario, job.table, job.ids, endpoint, testbed, algorithm, telemetry, metrics_port
-            )
+                scenario, job.table, job.ids, endpoint, testbed, algorithm, telemetry,
+                metrics_port, job.time_dilation,
+            )  # fmt: skip
             controller = Controller(
                 config, world=hooks, configured_view=hooks.world.view, progress=progress
             )
@@ -414,11 +437,25 @@ def run_local(
             agents.stop()
             if controller is not None and controller.metrics is not None:
                 controller.metrics.close()  # the port is free for the next run
+    assert controller is not None  # generation ran: it was made
+    return _record(job, result, agents, cgroups, telemetry, endpoint, controller)
+
+
+def _record(
+    job: LocalJob,
+    result: RunResult,
+    agents: LocalAgents,
+    cgroups: bool,
+    telemetry: TelemetryMode,
+    endpoint: str,
+    controller: Controller,
+) -> LocalRun:
+    """The run's record: the result with the agents' shares, logs and pids."""
     return LocalRun(
         result=result,
         text=job.decode(result.output_token_ids),
         shares=job.shares,
-        isolation="cgroup + time dilation" if cgroups else "time dilation",
+        isolation="cgroup + pacing" if cgroups else "pacing",
         telemetry=telemetry,
         broker=endpoint,
         dropped_messages=controller.link.session.dropped.total,

@@ -222,12 +222,8 @@ class _Simulation:
     def weigh(self, i: int, view: ResourceView, new: Placement) -> None:
         """Start the switch to ``new`` (planned at the boundary before) if it pays."""
         x = self.placement.assignment  # type: ignore[union-attr]
-        if np.array_equal(new.assignment, x):
-            return
-        plan = plan_switch(x, new.assignment, view, self.table, self.n)
-        if not plan.waves or not self.policy.accept(
-            self.policy.estimate(self.table, view, plan), forced=False
-        ):
+        plan = self.policy.weigh(self.table, view, x, new.assignment, self.n)
+        if plan is None:
             return
         self.result.decisions[-1].taken = True
         self.result.decisions[-1].migration_s = plan.commit_s

@@ -99,3 +99,13 @@ def test_runtime_overhead_smoke(tmp_path: Path, positive, finite, quick_json) ->
         assert run["tokens"] == OVERHEAD_TOKENS - 1
         assert positive(run["per_token_s"]["median"])
     assert data["targets"][0]["value"] == hop["one_way_s"]["median"]
+
+
+def test_the_fidelity_benchmark_takes_a_list_of_time_dilations(tmp_path: Path) -> None:
+    parser = emulation_fidelity.make_parser()
+    args = parser.parse(["--quick", "--dilation", "1.5,3", "--out", str(tmp_path)])
+    assert args.dilation == [1.5, 3.0]
+    assert parser.parse(["--out", str(tmp_path)]).dilation == []
+    with pytest.raises(SystemExit) as exited:
+        parser.parse(["--dilation", "0.5", "--out", str(tmp_path)])
+    assert exited.value.code == 2

@@ -35,7 +35,7 @@ LIVE_KEYS = set(RunResult("x").summary()) | {
 
 def test_a_live_record_prints_the_summary_and_how_it_ran() -> None:
     result = RunResult("myopic", output_token_ids=[5, 6], tokens=[TokenRecord(6, 0.2, 0.25, 9, 0)])
-    local = RunRecord(result, "local", "hi", isolation="time dilation", shares={"a": 0.5})
+    local = RunRecord(result, "local", "hi", isolation="pacing", shares={"a": 0.5})
     out = local.to_json()
     assert set(out) == LIVE_KEYS and out["backend"] == "local" and out["cpu_share"] == {"a": 0.5}
     docker = RunRecord(result, "docker", "hi", start_s=3.0).to_json()

@@ -132,6 +132,20 @@ def test_a_device_that_refused_looks_full_to_the_next_decision() -> None:
     assert view.view(WINDOW).memory_bytes[1] == 1e9
 
 
+def test_under_time_dilation_a_device_may_be_silent_k_times_longer() -> None:
+    # an agent at share / k takes k times longer for anything, its telemetry included: the
+    # silence that means a lost device is TELEMETRY_STALE_S of scenario time
+    plain, dilated = _view(), _view(time_dilation=3.0)
+    for view in (plain, dilated):
+        for name in DEVICES:
+            _report(view, name)
+        view.devices["b"].telemetry_at -= 2 * TELEMETRY_STALE_S
+    assert plain.alive().tolist() == [True, True, False]
+    assert dilated.alive().tolist() == [True, True, True]
+    dilated.devices["b"].telemetry_at -= 2 * TELEMETRY_STALE_S  # 4 x: beyond 3 x
+    assert dilated.alive().tolist() == [True, True, False]
+
+
 def test_under_time_dilation_telemetry_is_read_in_scenario_units() -> None:
     """A world run k times slower reports k times lower speeds and rates and k times longer
     times; the view plans with the scenario's."""

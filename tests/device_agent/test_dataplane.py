@@ -234,3 +234,13 @@ def test_only_activations_are_link_throughput_samples() -> None:
     migrations, activations = asyncio.run(main())
     assert migrations == {}
     assert set(activations) == {"r"} and activations["r"] > 0
+
+
+def test_waits_on_a_dilated_world_are_k_times_longer() -> None:
+    async def ignore(_frame: Frame) -> None:
+        return None
+
+    assert DataPlane("a", ignore).wall_s(2.0) == 2.0
+    assert DataPlane("a", ignore, time_dilation=3.0).wall_s(2.0) == 6.0
+    with pytest.raises(ValueError, match="at least 1"):
+        DataPlane("a", ignore, time_dilation=0.5)

@@ -1,4 +1,4 @@
-"""Time dilation: the pacer's arithmetic, its background share and the debt it carries."""
+"""Pacing: the pacer's arithmetic, its background share and the debt it carries."""
 
 from __future__ import annotations
 

@@ -87,6 +87,27 @@ def _option(command: list[str], name: str) -> str | None:
     return command[command.index(name) + 1] if name in command else None
 
 
+def test_a_dilated_testbed_runs_every_device_and_link_k_times_slower() -> None:
+    scenario, options = _demo(time_dilation=2.0)
+    doc = render(scenario, options)
+    services = doc["services"]
+    for d in scenario.devices:
+        command = services[d.name]["command"]
+        assert services[d.name]["cpus"] == pytest.approx(d.compute_gflops / 7.0 / 2, abs=0.001)
+        assert float(_option(command, "--cpu-share")) == services[d.name]["cpus"]
+        assert float(_option(command, "--gflops")) == pytest.approx(d.compute_gflops / 2)
+        assert _option(command, "--time-dilation") == "2"
+    # the controller reports in scenario time, the driver shapes the links / k
+    assert _option(services["controller"]["command"], "--time-dilation") == "2"
+    assert _option(services["testbed"]["command"], "--time-dilation") == "2"
+    assert doc["x-edgepart"]["time_dilation"] == 2.0
+    # without dilation no role is told one
+    plain = render(*_demo())
+    assert "time_dilation" not in plain["x-edgepart"]
+    for name in ("controller", "testbed", *scenario.device_names):
+        assert "--time-dilation" not in plain["services"][name]["command"]
+
+
 def test_a_portable_project_takes_each_share_from_the_host_at_start_up() -> None:
     scenario, options = _portable()
     doc = render(scenario, options)

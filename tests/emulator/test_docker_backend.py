@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_local_backend import SCENARIO, _reference
+from live_e2e import SCENARIO, reference_ids
 
 from emulator import docker_cli
 from emulator.backends.docker import project_resources, run_docker
@@ -42,7 +42,7 @@ def test_containers_generate_the_monolithic_ids_and_migrate(tmp_path: Path, imag
     ]
     scenario = parse_scenario({**SCENARIO, "traces": traces}, "e2e")
     run = _run(scenario, "myopic", tmp_path, image)
-    assert run.result.output_token_ids == _reference()
+    assert run.result.output_token_ids == reference_ids()
     assert run.result.migrations >= 1
     assert run.result.migration_bytes > 0
     assert len(run.result.per_token_s) == SCENARIO["generate_tokens"] - 1
@@ -65,7 +65,7 @@ def test_a_killed_container_is_recovered(tmp_path: Path, image: str) -> None:
     )
     run = _run(scenario, "myopic", tmp_path, image)
     assert run.result.recoveries == 1  # docker kill of c's container
-    assert run.result.output_token_ids == _reference()
+    assert run.result.output_token_ids == reference_ids()
 
 
 def test_a_restarted_broker_container_loses_and_repeats_nothing(tmp_path: Path, image: str) -> None:
@@ -90,7 +90,7 @@ def test_a_restarted_broker_container_loses_and_repeats_nothing(tmp_path: Path, 
     )
     assert restarted
     assert run.result.broker_losses == 1
-    assert run.result.output_token_ids == _reference()  # nothing lost, nothing twice
+    assert run.result.output_token_ids == reference_ids()  # nothing lost, nothing twice
     assert run.result.recoveries == 0
     assert project_resources(run.project) == {"containers": [], "networks": [], "volumes": []}
 
@@ -116,7 +116,7 @@ def test_devices_join_in_containers(tmp_path: Path, image: str) -> None:
         "e2e-join",
     )
     run = _run(scenario, "myopic", tmp_path, image)
-    assert run.result.output_token_ids == _reference()
+    assert run.result.output_token_ids == reference_ids()
     assert run.result.recoveries <= 1  # c's loss, if it held blocks then
     assert run.result.detection_s  # the controller saw c go
     assert "d" in run.result.peak_memory_bytes  # d reported once it joined
@@ -142,5 +142,5 @@ def test_a_container_cut_off_the_source_is_recovered(tmp_path: Path, image: str)
         "e2e-cut",
     )
     run = _run(scenario, "myopic", tmp_path, image)
-    assert run.result.output_token_ids == _reference(12)
+    assert run.result.output_token_ids == reference_ids(12)
     assert run.result.recoveries == 1

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_local_backend import SCENARIO, _reference
+from live_e2e import SCENARIO, reference_ids
 
 from control_plane import protocol as proto
 from emulator.backends.local import AgentProcess, spawn_agent, stop_agents
@@ -96,7 +96,7 @@ def test_controller_and_driver_run_the_traces_over_mqtt(tmp_path: Path) -> None:
         outcome, driver, controller, stderr = _run_split(tmp_path, scenario, broker, tokens.append)
     assert outcome.ok, outcome.error
     result = outcome.result
-    assert result["output_token_ids"] == _reference(), stderr
+    assert result["output_token_ids"] == reference_ids(), stderr
     assert result["recoveries"] == 1  # c was killed by the driver and its blocks re-placed
     assert driver.world.failed == ["c"]
     assert [p.token for p in tokens] == list(range(1, SCENARIO["generate_tokens"] + 1))
@@ -122,7 +122,7 @@ def test_controller_driver_and_agents_get_over_a_restarted_broker(tmp_path: Path
         outcome, driver, controller, stderr = _run_split(tmp_path, scenario, broker, restart_once)
     assert outcome.ok, outcome.error
     result = outcome.result
-    assert result["output_token_ids"] == _reference(), stderr  # nothing lost, nothing twice
+    assert result["output_token_ids"] == reference_ids(), stderr  # nothing lost, nothing twice
     assert result["broker_losses"] == 1 and driver.broker_losses == 1
     assert result["recoveries"] == 0
     assert controller.returncode == 0

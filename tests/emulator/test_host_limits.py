@@ -1,5 +1,6 @@
-"""Host tooling of the local backend: real cgroups (root only), the host's cores, burners
-placed in a group."""
+"""Host tooling of the local and docker backends: real cgroups (root only), the host's
+cores and memory, burners placed in a group, and how a scenario fits the host (its CPU
+shares and time dilation, its memory)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,27 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from device_agent.burners import Burners
-from emulator.host_limits import CgroupLimits, LimitsError, group_name, host_cores
+from emulator.host_limits import (
+    AGENT_MAX_CORES,
+    AGENT_RUNTIME_BYTES,
+    RESERVED_CORES,
+    CgroupLimits,
+    HostTooSmall,
+    LimitsError,
+    check_memory,
+    fit_scenario,
+    fits,
+    free_memory_bytes,
+    group_name,
+    host_cores,
+    memory_needed_bytes,
+    minimum_dilation,
+)
+from emulator.scenario import parse_scenario
 
 REPO = Path(__file__).resolve().parents[2]
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -210,3 +229,106 @@ def test_burners_run_inside_the_group(
     processes.assert_cpu_rate(group.cpu_usage_s, 0.25)
     b.stop()
     assert group.pids() == []
+
+
+# ------------------------------------------------------------ a scenario on this host
+
+SHARES = st.dictionaries(
+    st.text("abcdefgh", min_size=1, max_size=3),
+    st.floats(0.001, 8.0, allow_nan=False),
+    min_size=1,
+    max_size=8,
+)
+USABLE_CORES = st.floats(0.05, 64.0, allow_nan=False)
+
+
+@given(SHARES, USABLE_CORES)
+def test_the_dilated_shares_always_fit(shares: dict[str, float], usable: float) -> None:
+    k = minimum_dilation(shares, usable)
+    assert k >= 1.0
+    assert fits(shares, k, usable)
+    assert sum(s / k for s in shares.values()) <= usable
+    assert max(s / k for s in shares.values()) <= AGENT_MAX_CORES
+
+
+@given(SHARES, USABLE_CORES)
+def test_no_dilation_when_the_shares_fit(shares: dict[str, float], usable: float) -> None:
+    if fits(shares, 1.0, usable):
+        assert minimum_dilation(shares, usable) == 1.0
+
+
+@given(SHARES, USABLE_CORES)
+def test_the_dilation_is_the_least_that_fits(shares: dict[str, float], usable: float) -> None:
+    k = minimum_dilation(shares, usable)
+    if k > 1.0:
+        assert not fits(shares, k * (1 - 1e-9), usable)
+
+
+def _devices(*gflops: float, memory_mib: float = 512) -> object:
+    devices = [
+        {"name": f"d{i}", "compute_gflops": g, "memory_mib": memory_mib, "source": i == 0}
+        for i, g in enumerate(gflops)
+    ]
+    data = {
+        "version": 1, "name": "fit", "model": {"preset": "smollm2-135m"}, "prompt_tokens": 16,
+        "generate_tokens": 16, "devices": devices,
+        "links": {"default": {"bandwidth_mbit": 100, "latency_ms": 1}},
+    }  # fmt: skip
+    return parse_scenario(data, "fit")
+
+
+def test_the_dilation_is_chosen_from_the_free_cores() -> None:
+    scenario = _devices(3.0, 3.0, 2.0)  # 8 GFLOP/s: 2 cores at 4 GFLOP/s per core
+    roomy = fit_scenario(scenario, 4.0, cores=4.0)
+    assert roomy.time_dilation == 1.0
+    assert roomy.dilated_shares == pytest.approx({"d0": 0.75, "d1": 0.75, "d2": 0.5})
+    # 2 cores, 1.75 free for devices: 2 / 1.75 times slower
+    tight = fit_scenario(scenario, 4.0, cores=2.0)
+    assert tight.usable_cores == 2.0 - RESERVED_CORES
+    assert tight.time_dilation == pytest.approx(2.0 / 1.75)
+    assert sum(tight.dilated_shares.values()) == pytest.approx(1.75)
+    assert tight.shares == roomy.shares  # at the scenario's speed, whatever the host
+    # one core free: twice as slow again
+    assert fit_scenario(scenario, 4.0, cores=1.25).time_dilation == pytest.approx(2.0)
+
+
+def test_a_device_faster_than_one_core_is_dilated_to_one() -> None:
+    # an agent computes in one thread: a device worth 1.5 cores needs k = 1.5, however many
+    # cores the host has
+    fit = fit_scenario(_devices(6.0, 1.0), 4.0, cores=16.0)
+    assert fit.time_dilation == pytest.approx(1.5)
+    assert fit.dilated_shares["d0"] == pytest.approx(AGENT_MAX_CORES)
+
+
+def test_a_forced_dilation_must_fit() -> None:
+    scenario = _devices(3.0, 3.0, 2.0)
+    assert fit_scenario(scenario, 4.0, cores=4.0, dilation=2.5).time_dilation == 2.5
+    with pytest.raises(HostTooSmall, match=r"time dilation 1\.1: this host needs at least 1\.14"):
+        fit_scenario(scenario, 4.0, cores=2.0, dilation=1.1)
+
+
+def test_a_host_without_free_cores_is_refused() -> None:
+    with pytest.raises(HostTooSmall, match="none free for devices"):
+        fit_scenario(_devices(1.0, 1.0), 4.0, cores=RESERVED_CORES)
+
+
+def test_memory_no_dilation_fixes_is_refused_with_the_numbers() -> None:
+    scenario = _devices(1.0, 1.0, memory_mib=4096)
+    needed = memory_needed_bytes(scenario)
+    # two agents' runtimes, plus the model twice (less than the budgets together)
+    assert 2 * AGENT_RUNTIME_BYTES < needed < 2 * AGENT_RUNTIME_BYTES + 2 * 4096 * MIB
+    check_memory(scenario, free_bytes=needed)
+    check_memory(scenario, free_bytes=None)  # unknown: nothing refused
+    with pytest.raises(HostTooSmall, match=r"2 agents need about \d+ MiB .* but 100 MiB are free"):
+        check_memory(scenario, free_bytes=100 * MIB)
+
+
+def test_small_budgets_bound_the_memory_needed() -> None:
+    # the devices hold the model (515 MiB) with little to spare: never twice the model
+    scenario = _devices(1.0, 1.0, memory_mib=300)
+    assert memory_needed_bytes(scenario, runtime_bytes=0) == 600 * MIB
+
+
+def test_this_host_reports_its_free_memory() -> None:
+    free = free_memory_bytes()
+    assert free is None or free > 0

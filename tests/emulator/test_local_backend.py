@@ -9,93 +9,49 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
-from functools import cache
 from pathlib import Path
 
 import pytest
+from live_e2e import (
+    SCENARIO,
+    agent_pid,
+    assert_no_orphans,
+    make_scenario,
+    reference_ids,
+)
 from typer.testing import CliRunner
 
 from controller.cli import app
 from emulator.backends.local import LocalBackendError, run_local
 from emulator.broker import Mosquitto, mosquitto_available
-from emulator.job import prompt_ids
-from emulator.scenario import parse_scenario
+from emulator.host_limits import RESERVED_CORES
+from emulator.scenario import MIB
 from llm.blocks import block_table
+from llm.host_profile import host_profile
 from llm.loader import open_model
-from llm.runtime import monolithic
-
-SCENARIO = {
-    "version": 1,
-    "name": "e2e",
-    "model": {"preset": "smollm2-135m"},
-    "prompt_tokens": 10,
-    "generate_tokens": 6,
-    "replan_every": 2,
-    "devices": [
-        {"name": "a", "compute_gflops": 2.0, "memory_mib": 400, "source": True},
-        {"name": "b", "compute_gflops": 2.0, "memory_mib": 300},
-        {"name": "c", "compute_gflops": 1.5, "memory_mib": 300},
-    ],
-    "links": {"default": {"bandwidth_mbit": 1000, "latency_ms": 0.2}},
-    "traces": [
-        {"at_token": 2, "device": "b", "background_load": 0.9},
-        {"at_token": 3, "link": ["a", "c"], "bandwidth_mbit": 20},
-    ],
-}
-
-
-def _scenario(**changes):
-    return parse_scenario({**SCENARIO, **changes}, "e2e")
-
-
-@cache
-def _reference(tokens: int = SCENARIO["generate_tokens"]) -> list[int]:
-    opened = open_model("smollm2-135m")
-    ids = prompt_ids(_scenario(), opened.tokenizer)
-    model = monolithic(opened.source, opened.arch)
-    return model.greedy(ids, tokens)
-
-
-def _session(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[3])
-
-
-def _assert_no_orphans(pids: dict[str, int]) -> None:
-    """No agent, and no process of an agent's session (its CPU burners), is left."""
-    agents = set(pids.values())
-    left = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            pid = int(entry)
-            if pid in agents or _session(pid) in agents:
-                left.append(pid)
-    assert not left, f"processes left behind: {left}"
 
 
 @pytest.mark.parametrize(
     "algorithm", ["myopic", "optimal", "static-heads", "edgeshard", "memory-proportional", "galaxy"]
 )
 def test_every_algorithm_generates_the_monolithic_ids(tmp_path: Path, algorithm: str) -> None:
-    run = run_local(_scenario(), algorithm, telemetry="configured", work_dir=tmp_path)
-    assert run.result.output_token_ids == _reference()
+    run = run_local(make_scenario(), algorithm, telemetry="configured", work_dir=tmp_path)
+    assert run.result.output_token_ids == reference_ids()
     assert len(run.result.per_token_s) == SCENARIO["generate_tokens"] - 1
     assert all(t > 0 for t in run.result.predicted_per_token_s)
     assert run.text
-    _assert_no_orphans(run.pids)
+    assert_no_orphans(run.pids)
 
 
 def test_traces_make_the_planner_migrate_blocks(tmp_path: Path) -> None:
-    run = run_local(_scenario(), "myopic", telemetry="configured", work_dir=tmp_path)
+    run = run_local(make_scenario(), "myopic", telemetry="configured", work_dir=tmp_path)
     assert run.result.migrations >= 1
     assert run.result.migration_bytes > 0  # KV caches travelled between agents
-    assert run.result.output_token_ids == _reference()
+    assert run.result.output_token_ids == reference_ids()
     # b lost 90 % of its compute at token 2: the re-plan moved work off it
     assert run.result.replans >= 2
 
@@ -105,22 +61,22 @@ def test_weights_from_peer_travel_with_every_move(tmp_path: Path) -> None:
     # every moved block's target fetches its weights from the holder while it prepares
     # (a group's cache follows at the commit), as the cost model says.
     # Moving weights does not pay off within two tokens, so b's memory shrinks to force moves
-    scenario = _scenario(
+    scenario = make_scenario(
         weights_from="peer", traces=[{"at_token": 2, "device": "b", "memory_mib": 40}]
     )
     run = run_local(scenario, "myopic", telemetry="configured", work_dir=tmp_path)
-    assert run.result.output_token_ids == _reference()
+    assert run.result.output_token_ids == reference_ids()
     assert run.result.migrations >= 1
     table = block_table(open_model("smollm2-135m").arch.spec)
     # the lightest block's weights (a KV group's, ~0.7 MB) dwarf any cache moved here
     # (2 x 16 positions x 64 x 4 B = 8 KiB): weights travelled for each of the moves
     assert run.result.migration_bytes >= run.result.migrations * table.weight_bytes.min()
-    _assert_no_orphans(run.pids)
+    assert_no_orphans(run.pids)
 
 
 def test_a_device_killed_mid_generation_is_recovered(tmp_path: Path) -> None:
     # c is the fastest device, so it holds blocks when it dies; a and b can hold the model
-    scenario = _scenario(
+    scenario = make_scenario(
         devices=[
             {"name": "a", "compute_gflops": 1.0, "memory_mib": 300, "source": True},
             {"name": "b", "compute_gflops": 1.0, "memory_mib": 360},
@@ -130,8 +86,8 @@ def test_a_device_killed_mid_generation_is_recovered(tmp_path: Path) -> None:
     )
     run = run_local(scenario, "myopic", telemetry="configured", work_dir=tmp_path)
     assert run.result.recoveries == 1
-    assert run.result.output_token_ids == _reference()
-    _assert_no_orphans(run.pids)
+    assert run.result.output_token_ids == reference_ids()
+    assert_no_orphans(run.pids)
 
 
 #: a switch plans at one boundary, prepares during the next token and commits after it:
@@ -146,21 +102,21 @@ JOIN_DEVICES = [
 
 def test_a_device_that_joins_late_is_used_from_the_next_replan(tmp_path: Path) -> None:
     # c, the fastest, is not there at the start: a and b hold the model until it joins
-    scenario = _scenario(
+    scenario = make_scenario(
         devices=JOIN_DEVICES,
         generate_tokens=JOIN_TOKENS,
         traces=[{"at_token": 2, "device": "c", "join": True}],
     )
     run = run_local(scenario, "myopic", telemetry="configured", work_dir=tmp_path)
-    assert run.result.output_token_ids == _reference(JOIN_TOKENS)
+    assert run.result.output_token_ids == reference_ids(JOIN_TOKENS)
     assert run.result.recoveries == 0
     assert run.result.peak_memory_bytes["c"] > 0, run.result.switches  # it held blocks
     assert all(s.token >= 2 for s in run.result.switches)
-    _assert_no_orphans(run.pids)
+    assert_no_orphans(run.pids)
 
 
 def test_a_device_back_after_a_fail_is_used_again(tmp_path: Path) -> None:
-    scenario = _scenario(
+    scenario = make_scenario(
         devices=JOIN_DEVICES,
         generate_tokens=JOIN_TOKENS,
         traces=[
@@ -169,17 +125,17 @@ def test_a_device_back_after_a_fail_is_used_again(tmp_path: Path) -> None:
         ],
     )
     run = run_local(scenario, "myopic", telemetry="configured", work_dir=tmp_path)
-    assert run.result.output_token_ids == _reference(JOIN_TOKENS)
+    assert run.result.output_token_ids == reference_ids(JOIN_TOKENS)
     assert run.result.recoveries == 1
     # blocks moved after c came back: to c, the only device faster than the others
     assert any(s.token >= 4 for s in run.result.switches)
-    _assert_no_orphans(run.pids)
+    assert_no_orphans(run.pids)
 
 
 def test_a_device_cut_off_the_source_is_lost_then_used_again(tmp_path: Path) -> None:
     # measured telemetry: the controller learns of the cut only from the source's probes
     # (enough tokens after the restore for moving back to c to pay)
-    scenario = _scenario(
+    scenario = make_scenario(
         devices=JOIN_DEVICES,
         generate_tokens=12,
         traces=[
@@ -188,31 +144,76 @@ def test_a_device_cut_off_the_source_is_lost_then_used_again(tmp_path: Path) -> 
         ],
     )
     run = run_local(scenario, "myopic", work_dir=tmp_path)
-    assert run.result.output_token_ids == _reference(12)
+    assert run.result.output_token_ids == reference_ids(12)
     assert run.result.recoveries == 1
     assert any(s.token >= 4 for s in run.result.switches)  # c, the fastest, used again
-    _assert_no_orphans(run.pids)
+    assert_no_orphans(run.pids)
 
 
 @pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed")
 def test_runs_over_a_real_mosquitto(tmp_path: Path) -> None:
     with Mosquitto() as broker:
-        run = run_local(_scenario(), "myopic", broker=broker.endpoint, work_dir=tmp_path)
-    assert run.result.output_token_ids == _reference()
+        run = run_local(make_scenario(), "myopic", broker=broker.endpoint, work_dir=tmp_path)
+    assert run.result.output_token_ids == reference_ids()
     assert run.broker == broker.endpoint
-    _assert_no_orphans(run.pids)
+    assert_no_orphans(run.pids)
 
 
-def test_a_scenario_larger_than_this_host_is_refused_with_the_numbers(tmp_path: Path) -> None:
-    big = _scenario(
-        devices=[
-            {"name": "a", "compute_gflops": 400, "memory_mib": 800, "source": True},
-            {"name": "b", "compute_gflops": 300, "memory_mib": 800},
-        ],
-        traces=[],
+@pytest.fixture
+def reference_gflops(monkeypatch: pytest.MonkeyPatch) -> float:
+    """This CPU's speed per core (GFLOP/s) as the runs of the test see it: one profile, not
+    one per call (a profile measured on a busy host is measured again, not cached)."""
+    profile = host_profile("smollm2-135m", threads=1)
+    monkeypatch.setattr("llm.host_profile.host_profile", lambda *_a, **_k: profile)
+    return profile.reference_gflops
+
+
+def test_a_run_forced_twice_slower_reports_scenario_time(
+    tmp_path: Path, reference_gflops: float
+) -> None:
+    # every device at half its share and speed, links at half their rate and twice their
+    # latency: the controller divides what it measures by 2 and plans as at k = 1
+    run = run_local(make_scenario(traces=[]), "myopic", work_dir=tmp_path, time_dilation=2.0)
+    assert run.result.output_token_ids == reference_ids()
+    assert run.result.time_dilation == 2.0
+    assert run.to_json()["time_dilation"] == 2.0
+    assert run.shares == pytest.approx(
+        {d["name"]: d["compute_gflops"] / reference_gflops / 2 for d in SCENARIO["devices"]}
     )
-    with pytest.raises(LocalBackendError, match=r"needs \d+\.\d+ cores"):
-        run_local(big, "myopic", work_dir=tmp_path)
+    ratios = [
+        m / p
+        for m, p in zip(run.result.per_token_s, run.result.predicted_per_token_s, strict=True)
+    ]
+    # scenario time, not wall time (which is twice as long): near the prediction on any
+    # host, within a band wide enough for a loaded one
+    assert 0.5 <= statistics.median(ratios) <= 2.0, ratios
+    assert_no_orphans(run.pids)
+
+
+def test_a_scenario_larger_than_this_host_runs_dilated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference_gflops: float
+) -> None:
+    # a host with one core free for devices, and devices worth 1.5 cores of it
+    monkeypatch.setattr("emulator.host_limits.host_cores", lambda: 1.0 + RESERVED_CORES)
+    devices = [
+        {**d, "compute_gflops": cores * reference_gflops}
+        for d, cores in zip(SCENARIO["devices"], (0.6, 0.5, 0.4), strict=True)
+    ]
+    big = make_scenario(devices=devices, traces=[], generate_tokens=3)
+    run = run_local(big, "static-heads", telemetry="configured", work_dir=tmp_path)
+    assert run.result.output_token_ids == reference_ids(3)
+    assert run.result.time_dilation == pytest.approx(1.5)
+    assert sum(run.shares.values()) == pytest.approx(1.0)
+    assert_no_orphans(run.pids)
+
+
+def test_a_scenario_whose_agents_cannot_fit_this_hosts_memory_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("emulator.host_limits.free_memory_bytes", lambda: 100 * MIB)
+    with pytest.raises(LocalBackendError, match=r"need about \d+ MiB .* but 100 MiB are free"):
+        run_local(make_scenario(), "myopic", work_dir=tmp_path)
+    assert not list(tmp_path.iterdir())  # refused before anything started
 
 
 def _agents_of(testbed: str) -> list[int]:
@@ -258,7 +259,7 @@ def test_ctrl_c_tears_everything_down(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
     assert _agents_of(testbed) == []
-    _assert_no_orphans({str(p): p for p in pids})
+    assert_no_orphans({str(p): p for p in pids})
 
 
 @pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed")
@@ -273,35 +274,20 @@ def test_a_restarted_broker_loses_and_repeats_nothing(tmp_path: Path) -> None:
                 broker.start()
 
         run = run_local(
-            _scenario(), "myopic", broker=broker.endpoint, work_dir=tmp_path, progress=restart_once
+            make_scenario(),
+            "myopic",
+            broker=broker.endpoint,
+            work_dir=tmp_path,
+            progress=restart_once,
         )
     assert run.result.broker_losses == 1
-    assert run.result.output_token_ids == _reference()  # nothing lost, nothing twice
+    assert run.result.output_token_ids == reference_ids()  # nothing lost, nothing twice
     assert run.result.recoveries == 0  # no device was taken for dead meanwhile
-    _assert_no_orphans(run.pids)
-
-
-def _agent_pid(name: str) -> int:
-    """The pid of this process's agent child for device ``name`` (from /proc)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if (
-            parent == os.getpid()
-            and b"--name" in argv
-            and argv[argv.index(b"--name") + 1] == name.encode()
-        ):
-            return int(entry)
-    raise AssertionError(f"no agent process for {name}")
+    assert_no_orphans(run.pids)
 
 
 def test_a_device_killed_by_hand_during_a_token_is_recovered(tmp_path: Path) -> None:
-    scenario = _scenario(
+    scenario = make_scenario(
         devices=[
             {"name": "a", "compute_gflops": 1.0, "memory_mib": 300, "source": True},
             {"name": "b", "compute_gflops": 1.0, "memory_mib": 360},
@@ -314,12 +300,12 @@ def test_a_device_killed_by_hand_during_a_token_is_recovered(tmp_path: Path) -> 
         # kill -9 from outside, on the controller's loop: it starts the next token before
         # it can see the last will, so the loss is found while that token waits for c
         if done == 3:
-            os.killpg(_agent_pid("c"), signal.SIGKILL)
+            os.killpg(agent_pid("c"), signal.SIGKILL)
 
     run = run_local(scenario, "myopic", telemetry="configured", work_dir=tmp_path, progress=kill_c)
     assert run.result.recoveries == 1
-    assert run.result.output_token_ids == _reference()
-    _assert_no_orphans(run.pids)
+    assert run.result.output_token_ids == reference_ids()
+    assert_no_orphans(run.pids)
 
 
 def test_survivors_too_small_stop_with_a_clear_error_and_keep_the_output(tmp_path: Path) -> None:
@@ -342,5 +328,5 @@ def test_survivors_too_small_stop_with_a_clear_error_and_keep_the_output(tmp_pat
     assert "the surviving devices cannot hold the model" in result.stderr
     partial = json.loads(result.stdout)
     assert "cannot hold" in partial["error"]
-    assert partial["output_token_ids"] == _reference()[:3]  # the tokens before the loss
+    assert partial["output_token_ids"] == reference_ids()[:3]  # the tokens before the loss
     assert partial["text"] and "partial output (3 tokens)" in result.stderr

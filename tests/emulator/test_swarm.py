@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_local_backend import SCENARIO, _reference
+from live_e2e import SCENARIO, reference_ids
 
 from emulator.compose import project_name
 from emulator.images import DEFAULT_TAG, build_image, docker_available
@@ -89,7 +89,7 @@ def test_the_stack_runs_the_experiment_and_leaves_nothing(swarm, tmp_path: Path)
         # the controller (--json) prints the run's result as its last line
         printed = _docker("service", "logs", "--raw", f"{stack}_controller").stdout
         result = json.loads(printed.strip().splitlines()[-1])
-        assert result["output_token_ids"] == _reference()
+        assert result["output_token_ids"] == reference_ids()
         limits = json.loads(_docker("service", "inspect", f"{stack}_a").stdout)[0]
         resources = limits["Spec"]["TaskTemplate"]["Resources"]["Limits"]
         assert resources["NanoCPUs"] > 0 and resources["MemoryBytes"] > 0
