@@ -22,6 +22,7 @@ import logging
 import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Protocol
 
 import numpy as np
@@ -111,9 +112,10 @@ class Controller:
         self.ids = (f"c{i}" for i in itertools.count())
         self.metrics = None
         if config.metrics_port is not None:
-            from controller.metrics import ControllerMetrics
+            from controller.metrics import ControllerMetrics, run_label
 
-            self.metrics = ControllerMetrics()
+            run = run_label(config.testbed, datetime.now(UTC))
+            self.metrics = ControllerMetrics(run, config.algorithm)
         self.link = AgentLink(
             config,
             self.telemetry,

@@ -263,5 +263,7 @@ class Switching:
         r.migration_s += active.commit_s
         r.migration_bytes += active.moved_bytes
         if self.metrics is not None:
-            self.metrics.migration(active.moved, active.moved_bytes, active.commit_s)
+            self.metrics.migration(
+                active.moved, active.moved_bytes, active.prepare_s, active.commit_s
+            )
 

@@ -21,6 +21,10 @@ from controller.result import ControllerError
 
 #: longest wait (s) for the driver to apply a token's traces (shaping every link included)
 WORLD_TURN_TIMEOUT_S = 120.0
+#: how often an unanswered turn is sent again (s): a driver that subscribed after the first
+#: send (it may start after the controller) gets it then; it serves a turn once and
+#: answers a repeated one again
+WORLD_TURN_RESEND_S = 2.0
 
 
 class RemoteWorld:
@@ -65,8 +69,7 @@ class RemoteWorld:
             # sent again after a broker loss, like an unanswered command: the driver serves
             # a turn once and answers a repeated one again
             with link.session.resent(f"world-turn-{token}", topic, turn):
-                await link.publish(topic, turn)
-                ready = await asyncio.wait_for(fut, self.timeout_s)
+                ready = await self._send_until_answered(link, topic, turn, fut)
         except TimeoutError:
             raise ControllerError(
                 f"the emulator driver did not apply the traces of token {token} within "
@@ -80,3 +83,19 @@ class RemoteWorld:
             await link.until_gone(device)
         for device in ready.joined:
             await link.until_online(device)
+
+    async def _send_until_answered(
+        self, link: AgentLink, topic: str, turn: bytes, answer: asyncio.Future
+    ) -> proto.WorldReady:
+        """Publish the turn every WORLD_TURN_RESEND_S until the driver answers it
+        (TimeoutError after the timeout)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        while True:
+            await link.publish(topic, turn)
+            wait_s = min(WORLD_TURN_RESEND_S, deadline - loop.time())
+            try:
+                return await asyncio.wait_for(asyncio.shield(answer), max(0.0, wait_s))
+            except TimeoutError:
+                if loop.time() >= deadline:
+                    raise

@@ -24,7 +24,7 @@ compose: a scenario rendered into a docker compose project (pure).
 testbed_secrets: the testbed broker's identities, passwords, ACL and TLS.
 images: the testbed's Docker image, built offline from a wheelhouse.
 docker_cli: the one way edgepart talks to Docker (CLI runner, command builders, SDK).
-cli: ``edgepart testbed`` (render, up, down, drive, build).
+cli: ``edgepart testbed`` (render, up, down, calibrate, secrets, drive, build).
 cli_common: what every ``edgepart`` command shares: consoles, options, exits.
 
 Imports: every package below it: ``llm``, ``control_plane`` and ``controller``

@@ -1,8 +1,11 @@
 """``edgepart testbed``: the Docker testbed of a scenario (render, up, down, drive, build).
 
-- ``render`` writes a scenario's compose project (``emulator.compose``), ``up`` renders it
-  and starts it in the background (building the image first when it lacks this tree's
-  code), ``down`` removes it; ``--swarm`` does both as a Docker Swarm stack.
+- ``render`` writes a scenario's compose project (``emulator.compose``: nothing of this
+  host in it), ``up`` renders it and starts it in the background (building the image
+  first when it lacks this tree's code), ``down`` removes it; ``--swarm`` does both as a
+  Docker Swarm stack (its shares frozen from this host's speed).
+- ``calibrate`` and ``secrets`` are the project's one-shot start-up services: this host's
+  block speeds and each device's CPU share of it; the broker's identities, per role.
 - ``drive`` is the project's ``testbed`` service: the emulator driver (``emulator.driver``)
   that applies the traces and prints and saves the result.
 - ``build`` builds the one image of every role (``emulator.images``).
@@ -39,6 +42,7 @@ from emulator.scenario import Scenario
 testbed_app = typer.Typer(
     no_args_is_help=True, help="The Docker testbed of a scenario: render, build, up, down."
 )
+OutDirOpt = Annotated[Path, typer.Option("--out", help="Folder to write into.")]
 
 TlsOpt = Annotated[
     bool, typer.Option(help="The broker speaks only TLS (port 8883, a CA of the testbed's own).")
@@ -56,17 +60,22 @@ def container_model_ref(sc: Scenario) -> str:
 
 
 def _render_options(sc: Scenario, algorithm: str, image: str, swarm: bool, **extra):
-    from emulator.compose import BROKER_IMAGE, RenderOptions
+    """The render's options; only a swarm stack (shares frozen into it) needs this host's
+    speed, measured here when no profile of this CPU is cached."""
+    from emulator.compose import RenderOptions
     from llm.host_profile import host_profile
 
     algorithm = check_one_algorithm(algorithm, "edgepart testbed")
     ref = container_model_ref(sc)
-    profile = host_profile(ref, threads=1, progress=lambda m: err.print(m, highlight=False))
+    reference_gflops = None
+    if swarm:
+        say = lambda m: err.print(m, highlight=False)  # noqa: E731
+        reference_gflops = host_profile(ref, threads=1, progress=say).reference_gflops
     return ref, RenderOptions(
         algorithm=algorithm,
         image=image,
-        broker_image=extra.get("broker_image") or BROKER_IMAGE,
-        reference_gflops=profile.reference_gflops,
+        broker_image=extra.get("broker_image"),
+        reference_gflops=reference_gflops,
         swarm=swarm,
         tls=extra.get("tls", False),
     )
@@ -81,17 +90,22 @@ def testbed_render(
     algorithm: AlgorithmOpt = "myopic",
     image: Annotated[str, typer.Option(help="The edgepart image.")] = "edgepart:latest",
     broker_image: Annotated[
-        str | None, typer.Option(help="MQTT broker image (default eclipse-mosquitto:2).")
+        str | None,
+        typer.Option(help="MQTT broker image (default: the edgepart image's mosquitto)."),
     ] = None,
     swarm: Annotated[bool, typer.Option(help="Render for docker stack deploy.")] = False,
     tls: TlsOpt = False,
     rotate_secrets: Annotated[
         bool,
-        typer.Option(help="New broker passwords (and TLS keys) instead of the existing ones."),
+        typer.Option(
+            help="New broker passwords (and TLS keys) instead of the existing ones (--tls "
+            "or --swarm: other projects make theirs at start-up, `docker compose down "
+            "--volumes` drops them)."
+        ),
     ] = False,
 ) -> None:
     """Write the compose project of a scenario (compose.yaml, broker and Prometheus configs,
-    the broker's passwords, ACL and each role's credentials in DIR/secrets/)."""
+    Grafana's provisioning; with --tls or --swarm the broker's secrets in DIR/secrets/)."""
     from emulator.compose import write_project
     from emulator.testbed_secrets import SecretsError
     from llm.host_profile import cache_path
@@ -99,6 +113,12 @@ def testbed_render(
     sc = open_scenario(scenario)
     check_out_dir(out_dir)
     ref, options = _render_options(sc, algorithm, image, swarm, broker_image=broker_image, tls=tls)
+    if rotate_secrets and options.secrets_at_start:
+        raise fail(
+            "--rotate-secrets: this project makes its secrets at start-up, in its volumes; "
+            f"`cd {out_dir} && docker compose down --volumes` drops them",
+            2,
+        )
     text = scenario.read_text(encoding="utf-8")
     try:
         path = write_project(
@@ -107,6 +127,51 @@ def testbed_render(
     except SecretsError as exc:
         raise fail(str(exc), 1) from None
     out.print(f"wrote {path}: `cd {out_dir} && docker compose up testbed` runs the experiment")
+
+
+@testbed_app.command("calibrate")
+def testbed_calibrate(scenario: ScenarioArg, out_dir: OutDirOpt = Path("cache")) -> None:
+    """This host's block speeds (DIR/profile.json) and each device's CPU share of it
+    (DIR/start/<device>): what a project's calibrate service runs at start-up."""
+    from emulator.compose import START_DIR, cpus, start_options
+    from emulator.host_limits import host_cores
+    from llm.host_profile import host_profile
+
+    sc = open_scenario(scenario)
+    check_out_dir(out_dir)
+    ref = container_model_ref(sc)
+    (out_dir / START_DIR).mkdir(parents=True, exist_ok=True)
+    say = lambda m: err.print(m, highlight=False)  # noqa: E731
+    profile = host_profile(ref, threads=1, progress=say, out=out_dir / "profile.json")
+    options = start_options(sc, profile.reference_gflops)
+    for name, args in options.items():
+        (out_dir / START_DIR / name).write_text(" ".join(args) + "\n", encoding="ascii")
+    shares = cpus(sc, profile.reference_gflops)
+    cores = host_cores()
+    out.print(
+        f"{profile.reference_gflops:.2f} GFLOP/s per core; CPU shares (of {cores:.2f} cores): "
+        + ", ".join(f"{name} {share:g}" for name, share in shares.items())
+    )
+    if sum(shares.values()) > cores:
+        err.print(
+            f"the devices need {sum(shares.values()):.2f} cores of this host's {cores:.2f}: "
+            "they will run slower than the scenario says when they compute at once",
+            highlight=False,
+        )
+
+
+@testbed_app.command("secrets")
+def testbed_make_secrets(scenario: ScenarioArg, out_dir: OutDirOpt = Path("secrets")) -> None:
+    """The broker's identities, one folder per role (DIR/broker, DIR/controller,
+    DIR/driver, DIR/agent-<device>), kept when all are there: what a project's secrets
+    service runs at start-up."""
+    from emulator.compose import testbed_name
+    from emulator.testbed_secrets import write_role_secrets
+
+    sc = open_scenario(scenario)
+    check_out_dir(out_dir)
+    made = write_role_secrets(out_dir, testbed_name(sc), sc.device_names)
+    out.print(f"{'made' if made else 'kept'} the secrets of testbed {testbed_name(sc)!r}")
 
 
 def _project(sc: Scenario, project_dir: Path | None) -> tuple[str, Path]:
@@ -132,8 +197,8 @@ def testbed_up(
     """Render and start the testbed in the background (`testbed down` removes it)."""
     from emulator import docker_cli
     from emulator.backends.docker import UP_TIMEOUT_S
-    from emulator.compose import BROKER_IMAGE, write_project
-    from emulator.images import ImageBuildError, ensure_current, image_exists
+    from emulator.compose import write_project
+    from emulator.images import ImageBuildError, ensure_current
     from emulator.testbed_secrets import SecretsError
     from llm.host_profile import cache_path
 
@@ -147,8 +212,7 @@ def testbed_up(
         )
     except ImageBuildError as exc:
         raise fail(str(exc), 1) from None
-    broker = BROKER_IMAGE if image_exists(BROKER_IMAGE) else image
-    ref, options = _render_options(sc, algorithm, image, swarm, broker_image=broker, tls=tls)
+    ref, options = _render_options(sc, algorithm, image, swarm, tls=tls)
     name, directory = _project(sc, project_dir)
     try:
         path = write_project(

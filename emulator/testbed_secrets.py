@@ -1,10 +1,17 @@
 """The docker testbed's broker secrets: who may log in to the broker and what each may do.
 
-``edgepart testbed render`` writes them into ``<project>/secrets/`` (mode 0700, every
-file 0600, a ``.gitignore`` of ``*``); they never enter an image (the image is built from
-a wheelhouse of the Python packages only) and never a command line or a log: the compose
-project mounts each file read-only into the one container that needs it, under
-``/run/secrets/`` (compose and swarm ``secrets:``), and the roles are told its path.
+They are made in one of two places, and never enter an image (the image is built from a
+wheelhouse of the Python packages only), a command line or a log; each role finds its own
+under ``/run/secrets/`` and is told the path:
+
+- at start-up (``write_role_secrets``, the compose project's one-shot ``secrets``
+  service): into one directory per role (``broker``, ``controller``, ``driver``,
+  ``agent-<device>``), each a named volume only that role mounts, holding only what that
+  role needs (``role_secrets``). Nothing on the host, so a project runs from a fresh clone;
+- at render time (``write_secrets``, for a TLS project, whose certificates need openssl on
+  the host, and for a swarm stack): into ``<project>/secrets/`` (mode 0700, every file
+  0600, a ``.gitignore`` of ``*``), each file mounted read-only into the containers that
+  need it (compose and swarm ``secrets:``).
 
 - one identity per role: ``controller``, ``driver`` (the emulator driver) and
   ``agent-<device>`` per device agent, each with a random password
@@ -20,8 +27,8 @@ project mounts each file read-only into the one container that needs it, under
   signed), ``broker-cert`` and ``broker-key`` (the broker's, for the names ``broker``,
   ``localhost``, 127.0.0.1 and ::1).
 
-Rendering again keeps every password, hash and certificate (running containers keep
-working; unchanged files are not rewritten) unless asked to rotate them.
+Rendering again (or starting again) keeps every password, hash and certificate (running
+containers keep working; unchanged files are not rewritten) unless asked to rotate them.
 """
 
 from __future__ import annotations
@@ -47,6 +54,9 @@ MOUNT_DIR = "/run/secrets"
 SECRETS_DIR = "secrets"
 CONTROLLER = "controller"
 DRIVER = "driver"
+#: the broker's own directory of secrets, when they are made at start-up
+BROKER = "broker"
+AGENT_PREFIX = "agent-"
 PASSWD = "broker-passwd"
 DATAPLANE_KEY = "dataplane-key"
 ACL = "broker-acl"
@@ -69,7 +79,7 @@ class SecretsError(RuntimeError):
 
 def agent_user(device: str) -> str:
     """The broker identity of a device's agent."""
-    return f"agent-{device}"
+    return f"{AGENT_PREFIX}{device}"
 
 
 def identities(devices: Iterable[str]) -> tuple[str, ...]:
@@ -86,6 +96,16 @@ def secret_names(devices: Iterable[str], tls: bool) -> tuple[str, ...]:
     """Every secret a testbed's compose project mounts."""
     names = [PASSWD, ACL, DATAPLANE_KEY, *(credentials_secret(i) for i in identities(devices))]
     return (*names, *(TLS_FILES if tls else ()))
+
+
+def role_secrets(role: str, tls: bool) -> tuple[str, ...]:
+    """The secrets one role mounts: the broker its password file and ACL (with TLS, its
+    certificate and key); a client its credentials (with TLS, the CA); an agent also the
+    data-plane key."""
+    if role == BROKER:
+        return (PASSWD, ACL, *((SERVER_CERT, SERVER_KEY) if tls else ()))
+    names = (credentials_secret(role), *((CA_CERT,) if tls else ()))
+    return (*names, DATAPLANE_KEY) if role.startswith(AGENT_PREFIX) else names
 
 
 # -- mosquitto's password file ------------------------------------------------------------
@@ -293,6 +313,26 @@ def write_secrets(
         if stale.name not in wanted:
             stale.unlink()
     return creds
+
+
+def write_role_secrets(root: Path, testbed: str, devices: Sequence[str]) -> bool:
+    """Make a testbed's secrets (no TLS) at start-up, one directory per role under root
+    (``BROKER`` and every identity), each holding only that role's ``role_secrets``. Kept as
+    they are when every one is there (a testbed started again keeps its passwords), else
+    all made anew; True when made."""
+    roles = (BROKER, *identities(devices))
+    if all((root / role / name).is_file() for role in roles for name in role_secrets(role, False)):
+        return False
+    with tempfile.TemporaryDirectory(prefix="edgepart-secrets-") as tmp:
+        made = Path(tmp)
+        write_secrets(made, testbed, devices, rotate=True)
+        for role in roles:
+            directory = root / role
+            directory.mkdir(parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)
+            for name in role_secrets(role, False):
+                _write_private(directory / name, (made / name).read_text(encoding="utf-8"))
+    return True
 
 
 def _kept_password(path: Path, identity: str) -> str | None:

@@ -243,6 +243,7 @@ def host_profile(
     quick: bool = True,
     progress: Callable[[str], None] | None = None,
     force: bool = False,
+    out: Path | None = None,
 ) -> ComputeProfile:
     """This CPU's block times (s) for model_ref at `threads` torch threads; cached, else measured.
 
@@ -254,6 +255,8 @@ def host_profile(
     returned has a flat group time and is not cached; nor is one measured while another
     process took the CPU (the measuring thread ran less than BUSY_SHARE of the time).
     ``force`` measures even when a profile is cached. ``progress`` receives status lines.
+    ``out``: also write the profile's file there (what ``--profile`` reads), cached or not:
+    a measurement on a busy CPU serves this run's roles without being kept for later ones.
     """
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
@@ -262,6 +265,8 @@ def host_profile(
     path = cache_path(model_ref, threads, cache_dir)
     cached = "asked to measure again" if force else _read_cache(path, key, quick)
     if isinstance(cached, ComputeProfile):
+        if out is not None:
+            _write_atomically(out, json.loads(path.read_text(encoding="utf-8")))
         return cached
     if cached != "none yet":
         say(f"ignoring the cached profile {path}: {cached}")
@@ -270,6 +275,8 @@ def host_profile(
     say(f"calibrating {model_ref} on this CPU ({threads} thread{'' if threads == 1 else 's'})...")
     profile, data = _measure(model_ref, threads, settings, say)
     data = {"key": key, **data}
+    if out is not None:
+        _write_atomically(out, data)
     profile, where = _kept(profile, data, path, threads)
     total_s = data["duration_s"]["total"]
     say(

@@ -149,7 +149,6 @@ def run_docker(
         broker_image=BROKER_IMAGE if image_exists(BROKER_IMAGE) else image,
         reference_gflops=profile.reference_gflops,
         time_dilation=fit.time_dilation,
-        grafana_dir=str(Path(__file__).resolve().parents[2] / "grafana"),
     )
     directory = work_dir / project
     write_project(scenario, scenario_text, directory, options, cache_path(ref, threads=1))

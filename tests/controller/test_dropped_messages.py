@@ -109,6 +109,6 @@ def test_malformed_messages_are_counted_per_kind_and_logged_once(
 
 
 def test_no_series_before_anything_is_dropped() -> None:
-    text = generate_latest(ControllerMetrics().registry).decode("utf-8")
+    text = generate_latest(ControllerMetrics("r", "myopic").registry).decode("utf-8")
     assert "# TYPE edgepart_controller_dropped_messages_total counter" in text
     assert "edgepart_controller_dropped_messages_total{" not in text

@@ -37,6 +37,7 @@ from emulator.driver import Driver
 from emulator.scenario import parse_scenario
 from emulator.testbed_secrets import (
     ACL,
+    BROKER,
     CA_CERT,
     CONTROLLER,
     DATAPLANE_KEY,
@@ -46,9 +47,12 @@ from emulator.testbed_secrets import (
     acl,
     agent_user,
     credentials_secret,
+    identities,
     parse_password_file,
     password_hash,
+    role_secrets,
     verify_password,
+    write_role_secrets,
     write_secrets,
 )
 
@@ -131,6 +135,31 @@ def test_secrets_are_private_and_a_render_again_keeps_them(tmp_path: Path) -> No
     assert "user agent-b" not in (d / ACL).read_text()
 
 
+def test_secrets_made_at_start_up_give_each_role_only_its_own(tmp_path: Path) -> None:
+    root = tmp_path / "volumes"
+    assert write_role_secrets(root, TESTBED, DEVICES)
+    roles = (BROKER, *identities(DEVICES))
+    assert sorted(p.name for p in root.iterdir()) == sorted(roles)
+    for role in roles:
+        assert _mode(root / role) == 0o700
+        assert sorted(p.name for p in (root / role).iterdir()) == sorted(role_secrets(role, False))
+        assert all(_mode(p) == 0o600 for p in (root / role).iterdir())
+    hashes = parse_password_file((root / BROKER / PASSWD).read_text())
+    for identity in identities(DEVICES):
+        auth = BrokerAuth.load(root / identity / credentials_secret(identity))
+        assert verify_password(auth.password, hashes[identity])
+    keys = {(root / agent_user(d) / DATAPLANE_KEY).read_bytes() for d in DEVICES}
+    assert len(keys) == 1  # the agents share the data plane's key
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    # started again: every password kept; one missing: all made anew
+    assert not write_role_secrets(root, TESTBED, DEVICES)
+    assert {p: p.read_bytes() for p in before} == before
+    (root / DRIVER / credentials_secret(DRIVER)).unlink()
+    assert write_role_secrets(root, TESTBED, DEVICES)
+    again = root / CONTROLLER / credentials_secret(CONTROLLER)
+    assert again.read_bytes() != before[again]
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 def test_tls_files_are_kept_until_rotated(tmp_path: Path) -> None:
     d = tmp_path / "secrets"
@@ -190,15 +219,24 @@ def test_credentials_errors_name_the_file_never_the_password(tmp_path: Path) -> 
 
 
 @contextlib.contextmanager
-def secured_broker(tmp_path: Path, tls: bool = False) -> Iterator[tuple[str, dict]]:
+def secured_broker(
+    tmp_path: Path, tls: bool = False, at_start: bool = False
+) -> Iterator[tuple[str, dict]]:
     """mosquitto with the rendered conf, password file and ACL on a loopback port; yields
-    its endpoint and every identity's credentials (as the roles load them)."""
+    its endpoint and every identity's credentials (as the roles load them). ``at_start``:
+    the secrets as a project's start-up makes them, each role's in its own folder."""
     d = tmp_path / "secrets"
-    creds = write_secrets(d, TESTBED, DEVICES, tls=tls)
-    auths = {i: BrokerAuth.load(d / credentials_secret(i)) for i in creds}
+    if at_start:
+        write_role_secrets(d, TESTBED, DEVICES)
+        broker_dir = d / BROKER
+        auths = {i: BrokerAuth.load(d / i / credentials_secret(i)) for i in identities(DEVICES)}
+    else:
+        creds = write_secrets(d, TESTBED, DEVICES, tls=tls)
+        broker_dir = d
+        auths = {i: BrokerAuth.load(d / credentials_secret(i)) for i in creds}
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
-    text = mosquitto_conf(tls=tls, port=port, host="127.0.0.1", secrets_dir=str(d))
+    text = mosquitto_conf(tls=tls, port=port, host="127.0.0.1", secrets_dir=str(broker_dir))
     conf.write_text(text + "log_dest stderr\n", encoding="utf-8")
     log_path = tmp_path / "mosquitto.log"
     with open(log_path, "wb") as log_file:
@@ -262,7 +300,8 @@ def _device(device: str, kind: proto.TopicKind) -> str:
 
 
 @needs_mosquitto
-def test_nobody_gets_in_without_the_right_password(tmp_path: Path) -> None:
+@pytest.mark.parametrize("at_start", [False, True], ids=["rendered", "made-at-start"])
+def test_nobody_gets_in_without_the_right_password(tmp_path: Path, at_start: bool) -> None:
     async def scenario(endpoint: str, auths: dict) -> None:
         refused = [
             None,  # anonymous
@@ -278,7 +317,7 @@ def test_nobody_gets_in_without_the_right_password(tmp_path: Path) -> None:
             async with _client(endpoint, auth):
                 pass
 
-    with secured_broker(tmp_path) as (endpoint, auths):
+    with secured_broker(tmp_path, at_start=at_start) as (endpoint, auths):
         asyncio.run(scenario(endpoint, auths))
 
 

@@ -58,3 +58,29 @@ def test_render_and_up_take_one_known_algorithm(tmp_path, command, algorithm, wo
     result = cli(command, DEMO, "-a", algorithm, "--out", tmp_path / "project")
     assert_one_line_exit_2(result, words)
     assert not (tmp_path / "project").exists()
+
+
+def test_rotating_secrets_made_at_start_up_exits_2(tmp_path):
+    # a project without --tls or --swarm makes its secrets at start-up, in its volumes
+    result = cli("render", DEMO, "--out", tmp_path / "p", "--rotate-secrets")
+    assert_one_line_exit_2(result, "--rotate-secrets", "down --volumes")
+
+
+def test_the_start_up_services_write_shares_and_secrets(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    def profile(model, threads, progress, out):  # this host: 5 GFLOP/s per core
+        out.write_text("{}")
+        return SimpleNamespace(reference_gflops=5.0)
+
+    monkeypatch.setattr("llm.host_profile.host_profile", profile)
+    calibrated = cli("calibrate", DEMO, "--out", tmp_path / "cache")
+    assert calibrated.exit_code == 0, calibrated.output
+    start = tmp_path / "cache" / "start"
+    assert (start / "laptop").read_text() == "--cpu-share 0.6\n"  # 3 GFLOP/s of 5
+    assert (start / "pi4").read_text() == "--cpu-share 0.16\n"
+    assert (tmp_path / "cache" / "profile.json").is_file()
+    made = cli("secrets", DEMO, "--out", tmp_path / "secrets")
+    assert made.exit_code == 0 and "made" in made.stdout
+    assert (tmp_path / "secrets" / "agent-pi4" / "mqtt-agent-pi4").is_file()
+    assert "kept" in cli("secrets", DEMO, "--out", tmp_path / "secrets").stdout

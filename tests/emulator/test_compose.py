@@ -1,4 +1,5 @@
-"""Rendering a scenario into a docker compose project (no container is started here)."""
+"""Rendering a scenario into a docker compose project (no container is started here;
+tests/emulator/test_compose_up.py runs one)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,22 @@ import yaml
 
 from emulator.compose import (
     AGENT_RUNTIME_MIB,
+    GRAFANA_PARTS,
+    GRAFANA_PORT,
     METRICS_PORT,
     MOSQUITTO_CONF,
     RenderOptions,
     container_model_ref,
-    dump,
+    cpus,
     mosquitto_conf,
     project_name,
     prometheus_config,
     render,
+    start_options,
     write_project,
 )
 from emulator.scenario import load_scenario, parse_scenario
+from emulator.testbed_secrets import BROKER, identities, role_secrets
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "scenarios" / "demo.yaml"
@@ -31,14 +36,29 @@ COMMITTED = REPO / "compose"
 
 
 def _demo(**options):
+    """The demo with its shares frozen from a CPU of 7 GFLOP/s per core (as the docker
+    backend renders it)."""
     return load_scenario(DEMO), RenderOptions(reference_gflops=7.0, **options)
+
+
+def _portable(**options):
+    """The demo as `testbed render` writes it: nothing of the host in it."""
+    return load_scenario(DEMO), RenderOptions(**options)
+
+
+def _fake_profile(directory: Path, reference_gflops: float) -> Path:
+    """A cached host profile of some CPU (only copied by a render, never read by it)."""
+    path = directory / "host-profile-smollm2-135m-1t-0123456789ab.json"
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"profile": {"reference_gflops": reference_gflops}}))
+    return path
 
 
 def test_every_device_is_a_limited_container_on_an_internal_network() -> None:
     scenario, options = _demo()
     doc = render(scenario, options)
     services = doc["services"]
-    assert doc["networks"] == {"testbed": {"internal": True}}
+    assert doc["networks"]["testbed"] == {"internal": True}
     for d in scenario.devices:
         service = services[d.name]
         assert service["cpus"] == pytest.approx(d.compute_gflops / 7.0, abs=0.001)
@@ -46,15 +66,19 @@ def test_every_device_is_a_limited_container_on_an_internal_network() -> None:
         assert service["cap_add"] == ["NET_ADMIN"]
         assert service["networks"] == ["testbed"]
         assert "--shaping" in service["command"]
-    # the driver runs last: every role it needs is up first
+    # the driver runs last: every role it needs is up first, the agents healthy
     assert set(services["testbed"]["depends_on"]) == {
-        "broker", "controller", *scenario.device_names
+        "calibrate", "secrets", "broker", "controller", *scenario.device_names
     }  # fmt: skip
-    # nothing but the testbed network: no published port, no default network
+    # nothing but the testbed network and no published port, Grafana aside (its own test)
     for name, service in services.items():
+        if name == "grafana":
+            continue
         assert "ports" not in service, name
-        assert service.get("networks", ["testbed"]) == ["testbed"] or name == "calibrate"
-    assert services["calibrate"]["network_mode"] == "none"
+        if name in ("calibrate", "secrets"):
+            assert service["network_mode"] == "none"
+        else:
+            assert service["networks"] == ["testbed"], name
     assert services["prometheus"]["profiles"] == ["observability"]
     assert services["grafana"]["profiles"] == ["observability"]
 
@@ -84,21 +108,89 @@ def test_a_dilated_testbed_runs_every_device_and_link_k_times_slower() -> None:
         assert "--time-dilation" not in plain["services"][name]["command"]
 
 
-def test_the_committed_testbed_is_the_render_of_the_demo_scenario() -> None:
-    committed = yaml.safe_load((COMMITTED / "compose.yaml").read_text(encoding="utf-8"))
-    scenario = load_scenario(DEMO)
-    # shares depend on the CPU the file was rendered on: re-render with that CPU's speed
-    options = RenderOptions(reference_gflops=committed["x-edgepart"]["reference_gflops"])
-    assert committed == yaml.safe_load(dump(render(scenario, options), scenario)), (
-        "compose/compose.yaml is stale: edgepart testbed render scenarios/demo.yaml --out compose"
-    )
+def test_a_portable_project_takes_each_share_from_the_host_at_start_up() -> None:
+    scenario, options = _portable()
+    doc = render(scenario, options)
+    services = doc["services"]
+    assert "reference_gflops" not in doc["x-edgepart"]
+    # the calibrate service measures the host that runs the project and writes the shares
+    assert services["calibrate"]["command"][:2] == ["testbed", "calibrate"]
+    assert "./cache:/cache" in services["calibrate"]["volumes"]
+    for d in scenario.devices:
+        service = services[d.name]
+        assert "cpus" not in service
+        assert _option(service["command"], "--cpu-share") is None
+        assert _option(service["command"], "--gflops") == f"{d.compute_gflops:g}"
+        entrypoint = service["entrypoint"]
+        assert entrypoint[:2] == ["sh", "-c"] and entrypoint[-1] == f"/cache/start/{d.name}"
+        # compose would read a single $ as one of its variables
+        assert "$$(cat" in entrypoint[2] and 'exec edgepart "$$@"' in entrypoint[2]
+    # what the calibrate service writes for each device, on hosts of two speeds
+    assert start_options(scenario, 4.0)["pi4"] == ["--cpu-share", f"{cpus(scenario, 4.0)['pi4']:g}"]
+    assert start_options(scenario, 8.0)["laptop"] == ["--cpu-share", "0.375"]
+
+
+def test_the_broker_and_the_agents_are_waited_on_until_healthy() -> None:
+    scenario, options = _portable()
+    services = render(scenario, options)["services"]
+    broker = services["broker"]
+    # the edgepart image's own mosquitto: no registry
+    assert broker["image"] == "edgepart:latest"
+    assert broker["entrypoint"] == ["mosquitto", "-c", "/mosquitto/config/mosquitto.conf"]
+    assert broker["healthcheck"]["test"][-1].endswith("/dev/tcp/127.0.0.1/1883")
+    for d in scenario.device_names:
+        assert services[d]["healthcheck"]["test"][-1].endswith(f"/127.0.0.1/{METRICS_PORT}")
+        assert services[d]["depends_on"]["broker"] == {"condition": "service_healthy"}
+        assert services["testbed"]["depends_on"][d] == {"condition": "service_healthy"}
+    assert services["controller"]["depends_on"]["broker"] == {"condition": "service_healthy"}
+    # only the driver's output is shown: `up --exit-code-from testbed` ends with it alone
+    assert [n for n, s in services.items() if s.get("attach", True)] == ["testbed"]
+    # a broker image of the user's own has no check we know of: its start is waited on
+    other = render(scenario, RenderOptions(broker_image="eclipse-mosquitto:2"))["services"]
+    assert "healthcheck" not in other["broker"]
+    assert other["laptop"]["depends_on"]["broker"] == {"condition": "service_started"}
+
+
+def test_the_committed_testbed_is_the_render_of_the_demo_scenario(tmp_path: Path) -> None:
+    scenario, options = _portable()
+    rendered = tmp_path / "compose"
+    write_project(scenario, DEMO.read_text(), rendered, options, _fake_profile(tmp_path, 3.0))
+    for name in ("compose.yaml", "scenario.yaml", "prometheus.yml", "mosquitto.conf"):
+        assert (COMMITTED / name).read_text() == (rendered / name).read_text(), (
+            f"compose/{name} is stale: edgepart testbed render scenarios/demo.yaml --out compose"
+        )
+    for part in GRAFANA_PARTS:
+        for path in (COMMITTED / "grafana" / part).rglob("*"):
+            if path.is_file():
+                copy = rendered / "grafana" / path.relative_to(COMMITTED / "grafana")
+                assert copy.read_bytes() == path.read_bytes(), path
     assert (COMMITTED / "scenario.yaml").read_text() == DEMO.read_text()
-    assert (COMMITTED / "prometheus.yml").read_text() == prometheus_config(scenario)
     # the broker answers at once: without TCP_NODELAY each message waits for a delayed ACK
-    assert (COMMITTED / "mosquitto.conf").read_text() == MOSQUITTO_CONF
     assert "\nset_tcp_nodelay true\n" in MOSQUITTO_CONF
-    # nobody anonymous; the passwords are generated at render time, never committed
+    # nobody anonymous; the passwords are made at start-up, never committed
     assert "\nallow_anonymous false\n" in MOSQUITTO_CONF
+    # the folders docker bind-mounts exist in a fresh clone, so docker does not make them
+    for folder in ("cache", "out"):
+        assert (COMMITTED / folder / ".gitignore").read_text() == (
+            rendered / folder / ".gitignore"
+        ).read_text()
+
+
+def test_the_render_holds_nothing_of_the_host(tmp_path: Path) -> None:
+    # two hosts of different speeds render the same project; only their caches differ
+    scenario, options = _portable()
+    slow, fast = tmp_path / "slow", tmp_path / "fast"
+    write_project(scenario, DEMO.read_text(), slow, options, _fake_profile(tmp_path / "s", 2.5))
+    write_project(scenario, DEMO.read_text(), fast, options, _fake_profile(tmp_path / "f", 9.0))
+    for name in ("compose.yaml", "scenario.yaml", "prometheus.yml", "mosquitto.conf"):
+        assert (slow / name).read_bytes() == (fast / name).read_bytes(), name
+    doc = yaml.safe_load((slow / "compose.yaml").read_text())
+    assert "reference_gflops" not in doc["x-edgepart"]
+    assert not any("cpus" in s for s in doc["services"].values())
+    assert "secrets" not in doc  # no file of the render: the secrets service makes them
+    assert not (slow / "secrets").exists()
+    cached = [next((d / "cache").glob("host-profile-*")).read_text() for d in (slow, fast)]
+    assert cached[0] != cached[1]
 
 
 def test_prometheus_scrapes_the_controller_and_every_agent() -> None:
@@ -114,7 +206,11 @@ def test_prometheus_scrapes_the_controller_and_every_agent() -> None:
 def test_swarm_moves_the_limits_under_deploy() -> None:
     scenario, options = _demo(swarm=True)
     doc = render(scenario, options)
-    assert doc["networks"]["testbed"] == {"internal": True, "driver": "overlay"}
+    assert doc["networks"] == {"testbed": {"internal": True, "driver": "overlay"}}
+    assert not any("attach" in s for s in doc["services"].values())  # compose only
+    # a stack has no start-up step: its shares come with it
+    with pytest.raises(ValueError, match="swarm"):
+        render(*_portable(swarm=True))
     for d in scenario.devices:
         service = doc["services"][d.name]
         assert "cpus" not in service and "mem_limit" not in service
@@ -138,12 +234,51 @@ def test_project_names_are_compose_safe() -> None:
     assert project_name(parse_scenario(data, "x")) == "edgepart-my-lab-3-pis"
 
 
+def test_grafana_opens_on_loopback_with_its_dashboards_from_any_folder(tmp_path: Path) -> None:
+    # a project rendered outside the repository: every Grafana mount resolves inside it
+    scenario, options = _portable()
+    project = tmp_path / "elsewhere"
+    write_project(scenario, DEMO.read_text(), project, options)
+    assert REPO not in project.resolve().parents
+    doc = yaml.safe_load((project / "compose.yaml").read_text())
+    grafana = doc["services"]["grafana"]
+    mounts = dict(v.rsplit(":", 1)[0].split(":") for v in grafana["volumes"])
+    for source in mounts:
+        resolved = (project / source).resolve()
+        assert resolved.is_dir() and project.resolve() in resolved.parents, source
+    provisioning = project / "grafana" / "provisioning"
+    (datasource,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())[
+        "datasources"
+    ]
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "edgepart.yaml").read_text())[
+        "providers"
+    ]
+    # the provider reads the folder the dashboards are mounted at, and they are there
+    path = provider["options"]["path"]
+    dashboards = [source for source, target in mounts.items() if target == path]
+    assert dashboards and list((project / dashboards[0]).glob("*.json"))
+    # the datasource is the project's Prometheus, on a network Grafana shares
+    assert datasource["url"] == "http://prometheus:9090"
+    assert set(doc["services"]["prometheus"]["networks"]) & set(grafana["networks"])
+    # published on the host's loopback only, from a network that is not internal (Docker
+    # publishes nothing of a container that is only on internal networks)
+    assert grafana["ports"] == [f"127.0.0.1:{GRAFANA_PORT}:{GRAFANA_PORT}"]
+    published = [n for n in grafana["networks"] if not doc["networks"][n].get("internal")]
+    assert published == ["published"]
+    options_of = doc["networks"]["published"]["driver_opts"]
+    assert options_of["com.docker.network.bridge.host_binding_ipv4"] == "127.0.0.1"
+    # the image is the user's (never built, never needed by a run), named by a variable
+    assert grafana["image"] == "${GRAFANA_IMAGE:-grafana/grafana:11.1.0}"
+    assert doc["services"]["prometheus"]["image"].startswith("${PROMETHEUS_IMAGE:-")
+
+
 @pytest.mark.skipif(shutil.which("docker") is None, reason="the docker CLI is not installed")
-def test_docker_compose_accepts_the_rendered_project(tmp_path: Path) -> None:
-    scenario, options = _demo()
+@pytest.mark.parametrize("frozen", [False, True])
+def test_docker_compose_accepts_the_rendered_project(tmp_path: Path, frozen: bool) -> None:
+    scenario, options = _demo() if frozen else _portable()
     path = write_project(scenario, DEMO.read_text(), tmp_path, options)
     done = subprocess.run(
-        ["docker", "compose", "-f", str(path), "config", "--quiet"],
+        ["docker", "compose", "-f", str(path), "--profile", "observability", "config", "-q"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -151,6 +286,7 @@ def test_docker_compose_accepts_the_rendered_project(tmp_path: Path) -> None:
     if "is not a docker command" in done.stderr:
         pytest.skip("docker compose v2 is not installed")
     assert done.returncode == 0, done.stderr
+    assert "warn" not in done.stderr.lower(), done.stderr  # e.g. a $ compose took for a variable
 
 
 def _auth_path(command: list[str]) -> str:
@@ -171,20 +307,50 @@ def test_every_role_logs_in_with_its_own_mounted_credentials(tls: bool) -> None:
         assert _auth_path(command) == f"/run/secrets/mqtt-{identity}"
         # its own credentials and nobody else's (agents: and the testbed's data-plane key)
         key = ["dataplane-key"] if identity.startswith("agent-") else []
-        assert services[service]["secrets"] == [
+        assert list(role_secrets(identity, tls)) == [
             f"mqtt-{identity}",
             *(["broker-ca"] if tls else []),
             *key,
         ]
         if key:
             assert command[command.index("--dataplane-key") + 1] == "/run/secrets/dataplane-key"
+        _assert_mounts_only_its_own(doc, service, identity, tls)
     tls_files = ["broker-cert", "broker-key"] if tls else []
-    assert services["broker"]["secrets"] == ["broker-passwd", "broker-acl", *tls_files]
-    used = {s for service in services.values() for s in service.get("secrets", [])}
-    assert used == set(doc["secrets"])
-    assert all(v == {"file": f"./secrets/{k}"} for k, v in doc["secrets"].items())
+    assert list(role_secrets(BROKER, tls)) == ["broker-passwd", "broker-acl", *tls_files]
+    _assert_mounts_only_its_own(doc, "broker", BROKER, tls)
     conf = mosquitto_conf(tls=tls).splitlines()
     assert "allow_anonymous false" in conf and f"listener {port}" in conf
+
+
+def _assert_mounts_only_its_own(doc: dict, service: str, role: str, tls: bool) -> None:
+    """Without TLS a role mounts its own volume of secrets (made at start-up) at
+    /run/secrets; with TLS the render's files of its role_secrets, as compose secrets."""
+    mounts = [v for v in doc["services"][service]["volumes"] if ":/run/secrets" in v]
+    if not tls:
+        assert mounts == [f"secrets-{role}:/run/secrets:ro"], service
+        assert "secrets" not in doc["services"][service] and "secrets" not in doc
+        setup = doc["services"]["secrets"]["volumes"]
+        assert f"secrets-{role}:/secrets/{role}" in setup
+        return
+    assert not mounts, service
+    assert doc["services"][service]["secrets"] == list(role_secrets(role, tls))
+    used = {s for svc in doc["services"].values() for s in svc.get("secrets", [])}
+    assert used == set(doc["secrets"])
+    assert all(v == {"file": f"./secrets/{k}"} for k, v in doc["secrets"].items())
+
+
+def test_the_secrets_service_fills_one_volume_per_role() -> None:
+    scenario, options = _portable()
+    doc = render(scenario, options)
+    setup = doc["services"]["secrets"]
+    assert setup["command"][:2] == ["testbed", "secrets"]
+    assert setup["network_mode"] == "none"
+    roles = (BROKER, *identities(scenario.device_names))
+    assert {f"secrets-{r}" for r in roles} <= set(doc["volumes"])
+    for service in ("broker", "controller", "testbed", *scenario.device_names):
+        assert doc["services"][service]["depends_on"]["secrets"] == {
+            "condition": "service_completed_successfully"
+        }
 
 
 def test_swarm_gets_the_same_secrets() -> None:
@@ -197,7 +363,7 @@ def test_swarm_gets_the_same_secrets() -> None:
 
 
 def test_the_project_holds_the_secrets_but_no_password_is_in_its_files(tmp_path: Path) -> None:
-    scenario, options = _demo()
+    scenario, options = _demo(swarm=True)  # a stack's secrets are files of the render
     write_project(scenario, DEMO.read_text(), tmp_path, options)
     secrets_dir = tmp_path / "secrets"
     doc = yaml.safe_load((tmp_path / "compose.yaml").read_text())

@@ -34,9 +34,10 @@ from emulator.broker import free_port
 from emulator.scenario import Scenario, parse_scenario
 
 REPO = Path(__file__).resolve().parents[2]
-DASHBOARD = REPO / "grafana" / "dashboards" / "edgepart.json"
-DATASOURCES = REPO / "grafana" / "provisioning" / "datasources" / "prometheus.yaml"
-DASHBOARD_PROVIDERS = REPO / "grafana" / "provisioning" / "dashboards" / "edgepart.yaml"
+GRAFANA = REPO / "compose" / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "edgepart.json"
+DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yaml"
+DASHBOARD_PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "edgepart.yaml"
 COMPOSE_PROMETHEUS = REPO / "compose" / "prometheus.yml"
 
 PROMETHEUS = shutil.which("prometheus")
@@ -49,8 +50,14 @@ SCRAPE_S = 1.0
 #: what Grafana makes of $__rate_interval at a 1 s scrape interval and a 1 s step:
 #: max(4 x scrape interval, step + scrape interval)
 RATE_INTERVAL = "4s"
-#: the values Grafana substitutes for the dashboard's variables ("All" devices)
-VARIABLES = {"__rate_interval": RATE_INTERVAL, "__interval": "1s", "device": ".*"}
+#: the values Grafana substitutes for the dashboard's variables ("All" of each)
+VARIABLES = {
+    "__rate_interval": RATE_INTERVAL,
+    "__interval": "1s",
+    "device": ".*",
+    "run": ".*",
+    "algorithm": ".*",
+}
 WAIT_S = 90.0  # bound of every wait on Prometheus or the run
 
 # no proxy for loopback, whatever the environment says
@@ -242,7 +249,8 @@ def _exposed_names() -> set[str]:
     from device_agent.metrics import AgentMetrics
 
     agent = AgentMetrics(SimpleNamespace(name="d"))  # type: ignore[arg-type]
-    families = [*ControllerMetrics().registry.collect(), *agent.step_time.collect()]
+    controller = ControllerMetrics("run", "myopic")
+    families = [*controller.registry.collect(), *agent.step_time.collect()]
     families += [*agent.layer_time.collect(), *agent.collector.describe()]
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     return {f.name + s for f in families for s in suffixes[f.type]}
@@ -553,13 +561,18 @@ def test_every_panel_query_returns_data(live: Live, panel: dict) -> None:
     assert finite, f"{panel['title']!r}: every value is NaN or infinite"
 
 
-def test_the_device_variable_lists_every_device(live: Live) -> None:
-    (variable,) = _dashboard_json()["templating"]["list"]
-    metric = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", variable["query"]["query"])
-    assert metric is not None
-    answer = _get(
-        live.prometheus,
-        f"/api/v1/label/{metric.group(2)}/values",
-        **{"match[]": metric.group(1), "start": f"{live.start:.3f}", "end": f"{live.end:.3f}"},
-    )
-    assert sorted(answer["data"]) == sorted(live.devices)
+def test_the_variables_list_every_device_the_run_and_its_algorithm(live: Live) -> None:
+    expected = {"device": sorted(live.devices), "algorithm": ["myopic"]}
+    for variable in _dashboard_json()["templating"]["list"]:
+        metric = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", variable["query"]["query"])
+        assert metric is not None
+        answer = _get(
+            live.prometheus,
+            f"/api/v1/label/{metric.group(2)}/values",
+            **{"match[]": metric.group(1), "start": f"{live.start:.3f}", "end": f"{live.end:.3f}"},
+        )
+        values = sorted(answer["data"])
+        if variable["name"] == "run":  # the scenario's testbed and when the run started
+            assert len(values) == 1 and values[0].startswith("lan-3-"), values
+        else:
+            assert values == expected[variable["name"]]

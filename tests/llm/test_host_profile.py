@@ -205,6 +205,23 @@ def test_a_busy_cpu_is_measured_again_and_a_flat_fallback_is_not_cached(
     assert not busy.exists() or not any(busy.iterdir())
 
 
+def test_out_gets_the_profile_file_cached_or_measured_on_a_busy_cpu(
+    tmp_path: Path, fake: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a testbed's start-up on a busy host: the measurement serves this run's roles, uncached
+    monkeypatch.setattr(hp, "BUSY_SHARE", 2.0)  # no measurement counts as idle
+    out = tmp_path / "project" / "profile.json"
+    busy = hp.host_profile(MODEL, cache_dir=tmp_path / "cache", out=out)
+    assert not hp.cache_path(MODEL, 1, tmp_path / "cache").exists()
+    assert ComputeProfile.load(out, TABLE) == busy
+    # a cached profile is copied as it is
+    monkeypatch.setattr(hp, "BUSY_SHARE", 0.0)
+    hp.host_profile(MODEL, cache_dir=tmp_path / "cache", force=True)
+    cached = hp.cache_path(MODEL, 1, tmp_path / "cache")
+    hp.host_profile(MODEL, cache_dir=tmp_path / "cache", out=out)
+    assert json.loads(out.read_text()) == json.loads(cached.read_text())
+
+
 def test_an_unwritable_cache_still_returns_the_profile(
     tmp_path: Path, fake: SimpleNamespace
 ) -> None:
