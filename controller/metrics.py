@@ -50,6 +50,11 @@ class ControllerMetrics(MetricsServer):
     def __init__(self, run: str, algorithm: str) -> None:
         """The metrics of one run (its ``run_label``) of one placement algorithm."""
         self.registry = CollectorRegistry()
+        self._run_series(run, algorithm)
+        self._device_series()
+
+    def _run_series(self, run: str, algorithm: str) -> None:
+        """The series of the run: tokens, latencies, re-plans, migrations."""
         r = self.registry
         ours = (run, algorithm)
 
@@ -101,6 +106,10 @@ class ControllerMetrics(MetricsServer):
         )
         # both phases exist from the start, at 0: a run without a switch still shows them
         self.migration_phase = {name: phase.labels(*ours, name) for name in PHASES}
+
+    def _device_series(self) -> None:
+        """The devices' gauges (as last reported), links and the controller's drops."""
+        r = self.registry
 
         def device_gauge(name: str, doc: str) -> Gauge:
             return Gauge(name, doc, ("device",), registry=r)
