@@ -26,6 +26,10 @@ SCENARIOS = REPO / "scenarios"
 
 
 _DELIBERATE: list[int] = []
+#: under CI=true a skipped test fails (tests/ci_skips.py)
+pytest_plugins = ("ci_skips",)
+
+
 
 
 @pytest.fixture(scope="session", autouse=True)
