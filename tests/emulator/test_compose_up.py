@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_local_backend import SCENARIO, _reference
+from live_e2e import SCENARIO, reference_ids
 
 from emulator.backends.docker import project_resources
 from emulator.compose import project_name
@@ -84,7 +84,7 @@ def test_compose_up_runs_the_experiment_and_exits_with_the_drivers_code(
         assert all(f"token {i}:" in output for i in range(1, SCENARIO["generate_tokens"] + 1))
         assert "predicted err" in output and "myopic" in output
         result = json.loads((project / "out" / "result.json").read_text())
-        assert result["output_token_ids"] == _reference()
+        assert result["output_token_ids"] == reference_ids()
         assert result["text"] and result["text"] in output
         assert result["detection_s"]  # the controller saw c go: its container was killed
         # the calibrate service wrote each device's share of this host
