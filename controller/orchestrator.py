@@ -325,9 +325,11 @@ class Controller:
             new = await self.switching.plan(view, placement)
         except NoFeasiblePlacement as exc:
             raise ControllerError(f"the surviving devices cannot hold the model: {exc}") from None
+        # every device still there (not only those this loss spared: earlier losses too)
         survivors = [n for i, n in enumerate(cfg.devices) if view.alive[i] and n not in dead]
         # the token the loss cut short still runs on the survivors (waiting for outputs that
-        # never come) and a device commits only between tokens: stop it first
+        # never come) and a device commits only between tokens: stop it and empty the caches
+        # first; the caches that move below are then empty and the lost blocks load empty
         await self.deployment.reset(survivors)
         interim = switch.survivors_first(placement.assignment, new.assignment, lost)
         if not np.array_equal(interim, placement.assignment):
@@ -336,8 +338,6 @@ class Controller:
                 raise ControllerError("the survivors refused the blocks moved to recover")
         await self.deployment.name_members()
         await self.deployment.reload(lost, new)
-        # every device still there (not only those this loss spared: earlier losses too)
-        await self.deployment.reset(survivors)
         start = self.clock.now()
         token = await self._decode(0, history)
         self.result.reprefill_s += self.clock.now() - start
