@@ -84,9 +84,9 @@ COMMIT_BAND = (0.7, 1.3)
 
 def reference_ids(scenario) -> list[int]:
     """The monolithic model's greedy ids for the scenario's prompt and length."""
-    from emulator.job import model_ref, prompt_ids
-    from llm.loader import open_model
-    from llm.runtime import monolithic
+    from edgepart.emulator.job import model_ref, prompt_ids
+    from edgepart.llm.loader import open_model
+    from edgepart.llm.runtime import monolithic
 
     opened = open_model(model_ref(scenario))
     ids = prompt_ids(scenario, opened.tokenizer)
@@ -128,12 +128,12 @@ def run_live(scenario, algorithm: str, backend: str, work_dir: Path, reference,
     t0 = time.perf_counter()
     try:
         if backend == "docker":
-            from emulator.backends.docker import run_docker
+            from edgepart.emulator.backends.docker import run_docker
 
             assert text is not None
             record = run_docker(scenario, text, algorithm, status=line_printer("    "))
         else:
-            from emulator.backends.local import run_local
+            from edgepart.emulator.backends.local import run_local
 
             record = run_local(
                 scenario, algorithm, work_dir=work_dir, status=line_printer("    ")
@@ -148,8 +148,8 @@ def run_live(scenario, algorithm: str, backend: str, work_dir: Path, reference,
 
 def run_sim(scenario, algorithm: str) -> dict[str, Any]:
     """The same scenario and algorithm on the sim backend."""
-    from controller.placement import make_algorithm
-    from emulator.backends.sim import simulate
+    from edgepart.controller.placement import make_algorithm
+    from edgepart.emulator.backends.sim import simulate
 
     return summarise(simulate(scenario, make_algorithm(algorithm)).record(), None)
 
@@ -333,7 +333,7 @@ def make_parser() -> BenchParser:
 
 def scenarios_to_run(args) -> list[tuple[Any, str, int, str | None]]:
     """(scenario, backend, repetitions, its YAML for docker) in the order they run."""
-    from emulator.scenario import load_scenario
+    from edgepart.emulator.scenario import load_scenario
 
     def load(path: str, **update):
         scenario = load_scenario(repo_path(path))

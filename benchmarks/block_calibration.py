@@ -1,9 +1,9 @@
 """Block calibration: effective GFLOP/s of each block type on this CPU, in decode mode.
 
 SmolLM2-135M (the ``smollm2-135m`` preset GGUF, float32) is loaded whole on one host
-(``llm.runtime.monolithic``) and timed by ``llm.calibration.measure_gflops``, the
-measurement ``llm.host_profile`` caches. For each block type one token (T=1) is run
-through the blocks the way a decode step runs them, and the block's FLOPs (the llm.blocks
+(``edgepart.llm.runtime.monolithic``) and timed by ``edgepart.llm.calibration.measure_gflops``, the
+measurement ``edgepart.llm.host_profile`` caches. For each block type one token (T=1) is run
+through the blocks the way a decode step runs them, and the block's FLOPs (the edgepart.llm.blocks
 formulas, checked against the blocks' own ``flops`` counters) are divided by its time:
 
 - KV group at context n (32, 128, 512, 1024; --quick: 32, 128): every group's cache is
@@ -52,11 +52,11 @@ from benchmarks.common import (
     stats,
     write_json,
 )
-from llm.blocks import ffn_flops, group_flops, lm_head_flops, proj_flops
-from llm.calibration import gflops_only, measure_gflops
-from llm.host_profile import cpu_name
-from llm.loader import open_model
-from llm.runtime import monolithic
+from edgepart.llm.blocks import ffn_flops, group_flops, lm_head_flops, proj_flops
+from edgepart.llm.calibration import gflops_only, measure_gflops
+from edgepart.llm.host_profile import cpu_name
+from edgepart.llm.loader import open_model
+from edgepart.llm.runtime import monolithic
 
 NAME = "block_calibration"
 MODEL = "smollm2-135m"
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{MODEL} decode-mode blocks on {cpu}, {threads} threads (median of {reps})",
         summary["blocks"],
         gflops,
-        caption="block FLOPs from llm.blocks; counters "
+        caption="block FLOPs from edgepart.llm.blocks; counters "
         + ("agree" if summary["flops_counters_agree"] else "DISAGREE")
         + f"; {load_note(load_start)}",
     )

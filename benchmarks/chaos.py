@@ -1,9 +1,9 @@
 """Chaos: rounds of device kills, broker restarts and bandwidth collapses during generation.
 
 Every round runs one generation of SmolLM2-135M on the ``local`` backend
-(``emulator.backends.local.run_local``) over a real mosquitto (``emulator.broker.Mosquitto``,
-no persistence), four devices of which any three hold the model, and three faults drawn
-from the round's seed (``numpy.random.default_rng(seed)``):
+(``edgepart.emulator.backends.local.run_local``) over a real mosquitto
+(``edgepart.emulator.broker.Mosquitto``, no persistence), four devices of which any three hold the
+model, and three faults drawn from the round's seed (``numpy.random.default_rng(seed)``):
 
 - a device other than the source is killed (``kill -9`` of its agent and burners, the
   scenario's ``fail`` trace) before a drawn token;
@@ -44,7 +44,7 @@ from benchmarks.common import (
     traceback_text,
     write_json,
 )
-from emulator.host_limits import kernel_oom_kills
+from edgepart.emulator.host_limits import kernel_oom_kills
 
 NAME = "chaos"
 DEFAULTS = {"seeds": ByMode(5, 2), "tokens": ByMode(32, 12)}  # seeds: rounds
@@ -85,10 +85,10 @@ def round_plan(seed: int, tokens: int) -> dict[str, Any]:
 @cache
 def reference_ids(tokens: int) -> tuple[int, ...]:
     """The monolithic model's greedy ids for the scenario's prompt."""
-    from emulator.job import prompt_ids
-    from emulator.scenario import parse_scenario
-    from llm.loader import open_model
-    from llm.runtime import monolithic
+    from edgepart.emulator.job import prompt_ids
+    from edgepart.emulator.scenario import parse_scenario
+    from edgepart.llm.loader import open_model
+    from edgepart.llm.runtime import monolithic
 
     opened = open_model("smollm2-135m")
     scenario = parse_scenario({**SCENARIO, "generate_tokens": tokens}, "chaos")
@@ -98,9 +98,9 @@ def reference_ids(tokens: int) -> tuple[int, ...]:
 
 def run_round(seed: int, tokens: int, work_dir: Path) -> dict[str, Any]:
     """One round: the generation under its faults, summarised (or its error)."""
-    from emulator.backends.local import run_local
-    from emulator.broker import Mosquitto
-    from emulator.scenario import parse_scenario
+    from edgepart.emulator.backends.local import run_local
+    from edgepart.emulator.broker import Mosquitto
+    from edgepart.emulator.scenario import parse_scenario
 
     plan = round_plan(seed, tokens)
     traces = [

@@ -2,13 +2,13 @@
 
 Part (a), live runs. Every scenario (default ``scenarios/demo.yaml``, ``scenarios/lan-3.yaml``,
 ``scenarios/wifi-4.yaml``) runs once per algorithm (myopic, edgeshard, static-heads,
-memory-proportional, galaxy) on the ``local`` backend (``emulator.backends.local.run_local``:
-an embedded MQTT broker, one real agent process per device paced to its share of this
-host's CPU, links shaped in the agents' senders, the scenario's traces applied when
-generation reaches them). For each run it reports:
+memory-proportional, galaxy) on the ``local`` backend
+(``edgepart.emulator.backends.local.run_local``: an embedded MQTT broker, one real agent process per
+device paced to its share of this host's CPU, links shaped in the agents' senders, the scenario's
+traces applied when generation reaches them). For each run it reports:
 
 - fidelity: median and p90 over the run's tokens of |measured / predicted - 1|
-  (``emulator.report.fidelity``; the prediction is the cost model's for the same placement,
+  (``edgepart.emulator.report.fidelity``; the prediction is the cost model's for the same placement,
   resources and context the controller had when it ran the token). Target: median <= 20%;
 - tokens/s = tokens / sum(per-token decode times) (migration stalls and the prefill left out),
   total s (decode plus migration stalls, as the simulator counts it), migrated blocks;
@@ -28,7 +28,7 @@ The headline table puts the measured tokens/s and peak memory per device of myop
 to every other algorithm, per scenario. A run that raises is recorded with its error text
 (type and message) and left out of the numbers; the library is not worked around.
 
-Part (b), shaped goodput. Two ``device_agent.dataplane.DataPlane`` instances in one asyncio
+Part (b), shaped goodput. Two ``edgepart.device_agent.dataplane.DataPlane`` instances in one asyncio
 loop on loopback; the sender is shaped (``DataPlane.shape``) at 1, 10 and 100 Mbit/s, no
 added latency, and sends 64 KiB ACTIVATION frames (a float32 tensor payload of 16384 values,
 ``encode_frame`` length including headers) one after the other, enough for ``--seconds`` of
@@ -81,7 +81,7 @@ from benchmarks.common import (
     traceback_text,
     write_json,
 )
-from emulator.scenario import MIB
+from edgepart.emulator.scenario import MIB
 
 NAME = "emulation_fidelity"
 DEFAULTS = {
@@ -113,8 +113,8 @@ def run_one(
 ) -> dict[str, Any]:
     """One live run on the local backend, summarised (or its error); ``dilation`` forces
     the world's time dilation (None: the least this host needs)."""
-    from emulator.backends.local import run_local
-    from emulator.report import fidelity
+    from edgepart.emulator.backends.local import run_local
+    from edgepart.emulator.report import fidelity
 
     t0 = time.perf_counter()
     try:
@@ -169,7 +169,7 @@ def run_scenario(path: Path, algorithms: list[str], tokens: int | None, telemetr
                  work_dir: Path, dilations: list[float]) -> dict[str, Any]:
     """Every algorithm on one scenario, at the least time dilation this host needs and at
     every one of ``dilations``, plus whether their greedy ids agree."""
-    from emulator.scenario import load_scenario
+    from edgepart.emulator.scenario import load_scenario
 
     scenario = load_scenario(path)
     if tokens is not None:
@@ -337,8 +337,8 @@ def print_headline(results: list[dict[str, Any]]) -> None:
 
 async def _goodput(rate_mbit: float, seconds: float) -> dict[str, Any]:
     """Send shaped 64 KiB frames over loopback; the goodput the receiver saw."""
-    from device_agent.dataplane import DataPlane
-    from device_agent.wire import Frame, Kind, encode_frame, tensor_to_payload
+    from edgepart.device_agent.dataplane import DataPlane
+    from edgepart.device_agent.wire import Frame, Kind, encode_frame, tensor_to_payload
 
     payload = tensor_to_payload(torch.zeros(FRAME_VALUES, dtype=torch.float32))
     frame_bytes = len(encode_frame(Frame(Kind.ACTIVATION, 1, 0, "bench.out", payload)))

@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct (the ``smollm2-135m`` preset GGUF, Q4_1 dequantised to float32) runs
 greedy decoding of the same raw prompt (its first 32 tokens) two ways in one process:
 
-- edgepart: ``llm.runtime.monolithic`` (every block on one host), ``greedy``;
+- edgepart: ``edgepart.llm.runtime.monolithic`` (every block on one host), ``greedy``;
 - transformers: ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=name,
   dtype=float32)`` and its own ``generate(do_sample=False, use_cache=True)``.
 
@@ -58,8 +58,8 @@ from benchmarks.common import (
     timed,
     write_json,
 )
-from llm.loader import OpenModel, open_model
-from llm.runtime import PartitionedModel, monolithic
+from edgepart.llm.loader import OpenModel, open_model
+from edgepart.llm.runtime import PartitionedModel, monolithic
 
 NAME = "engine_overhead"
 MODEL = "smollm2-135m"

@@ -1,7 +1,7 @@
 """Memory footprint: peak RSS of a process holding a quarter of SmolLM2's blocks against all.
 
 Each case runs in a fresh Python subprocess that imports torch and llm, opens the
-``smollm2-135m`` preset GGUF (``llm.files.resolve_model`` + ``llm.gguf_source.
+``smollm2-135m`` preset GGUF (``edgepart.llm.files.resolve_model`` + ``edgepart.llm.gguf_source.
 open_gguf_model``: the memory-mapped tensor source and the architecture; a device holding
 blocks needs no tokenizer, so none is loaded) and loads, on one ``BlockHost`` in float32:
 
@@ -60,8 +60,8 @@ PROBE_TIMEOUT_S = 300
 
 def quarter_blocks(spec) -> list[str]:
     """Blocks device d0 holds in the 4-device head-spread placement (see the docstring)."""
-    from llm.blocks import block_table
-    from llm.torch_blocks import parse_block_name
+    from edgepart.llm.blocks import block_table
+    from edgepart.llm.torch_blocks import parse_block_name
 
     out = []
     for name in block_table(spec).names:
@@ -74,7 +74,7 @@ def quarter_blocks(spec) -> list[str]:
 
 def case_blocks(case: str, spec) -> list[str]:
     """Block names a case loads, embedding before head (so a tied head shares its matrix)."""
-    from llm.blocks import PINNED_BLOCKS, block_table
+    from edgepart.llm.blocks import PINNED_BLOCKS, block_table
 
     if case == "none":
         return []
@@ -118,10 +118,10 @@ def probe(case: str) -> dict[str, Any]:
     import gc
     import resource
 
-    from llm.blocks import block_table
-    from llm.files import resolve_model
-    from llm.gguf_source import open_gguf_model
-    from llm.runtime import BlockHost
+    from edgepart.llm.blocks import block_table
+    from edgepart.llm.files import resolve_model
+    from edgepart.llm.gguf_source import open_gguf_model
+    from edgepart.llm.runtime import BlockHost
 
     file = resolve_model(MODEL)
     source, arch = open_gguf_model(file.path)
@@ -189,9 +189,9 @@ def to_mib(v: float | None) -> float | None:
     """Bytes as MiB (None stays None).
 
     MIB is imported here rather than at the top: the probe processes import this module,
-    and emulator.scenario would add pydantic to the memory they measure.
+    and edgepart.emulator.scenario would add pydantic to the memory they measure.
     """
-    from emulator.scenario import MIB
+    from edgepart.emulator.scenario import MIB
 
     return None if v is None else v / MIB
 

@@ -43,18 +43,23 @@ from benchmarks.common import (
     timed,
     write_json,
 )
-from controller import cost
-from controller.placement import ALGORITHMS, LAYER_METHODS, NoFeasiblePlacement, make_algorithm
-from controller.placement.base import Placement
-from controller.placement.myopic import MyopicPlanner
-from controller.placement.optimal import OptimalPlanner, solve
-from controller.replan import ReplanPolicy
-from controller.view import PlanningWindow
-from emulator.backends.sim import SimResult, simulate
-from emulator.generators import Link, Topology, random_scenario
-from emulator.scenario import MIB, Scenario, parse_scenario
-from emulator.world import WorldState, apply_due_traces, initial_state
-from llm.blocks import block_table
+from edgepart.controller import cost
+from edgepart.controller.placement import (
+    ALGORITHMS,
+    LAYER_METHODS,
+    NoFeasiblePlacement,
+    make_algorithm,
+)
+from edgepart.controller.placement.base import Placement
+from edgepart.controller.placement.myopic import MyopicPlanner
+from edgepart.controller.placement.optimal import OptimalPlanner, solve
+from edgepart.controller.replan import ReplanPolicy
+from edgepart.controller.view import PlanningWindow
+from edgepart.emulator.backends.sim import SimResult, simulate
+from edgepart.emulator.generators import Link, Topology, random_scenario
+from edgepart.emulator.scenario import MIB, Scenario, parse_scenario
+from edgepart.emulator.world import WorldState, apply_due_traces, initial_state
+from edgepart.llm.blocks import block_table
 
 NAME = "placement_quality"
 

@@ -22,7 +22,7 @@ placement_quality's regimes, memory rescaled (drawn proportions kept) so the blo
 horizon's last token fill U(0.6, 0.9) of what is left after the source's pinned part;
 draws no placement fits are redrawn (myopic finding one shows it fits, else the MILP
 decides). The decision window is the live controller's at the prompt's end
-(controller.replan.planning_window); draws use seed words no test or benchmark uses.
+(edgepart.controller.replan.planning_window); draws use seed words no test or benchmark uses.
 
 Run: ``.venv/bin/python -m benchmarks.placement_speed [--quick] [--seeds N] [--out DIR]
 [--part all|scale|tight] [--tight-models ...]``
@@ -67,16 +67,16 @@ from benchmarks.placement_quality import (
     TIGHT_FILL,
     small_instance,
 )
-from controller import cost
-from controller.placement.base import NoFeasiblePlacement, Placement
-from controller.placement.myopic import MyopicPlanner
-from controller.placement.optimal import MilpResult, solve
-from controller.replan import planning_window
-from controller.view import PlanningWindow, ResourceView
-from emulator.generators import device_tiers, sample_devices
-from emulator.world import WorldState
-from llm.blocks import BlockTable, block_table
-from llm.model import ModelSpec, preset, with_kv_heads
+from edgepart.controller import cost
+from edgepart.controller.placement.base import NoFeasiblePlacement, Placement
+from edgepart.controller.placement.myopic import MyopicPlanner
+from edgepart.controller.placement.optimal import MilpResult, solve
+from edgepart.controller.replan import planning_window
+from edgepart.controller.view import PlanningWindow, ResourceView
+from edgepart.emulator.generators import device_tiers, sample_devices
+from edgepart.emulator.world import WorldState
+from edgepart.llm.blocks import BlockTable, block_table
+from edgepart.llm.model import ModelSpec, preset, with_kv_heads
 
 NAME = "placement_speed"
 DEFAULTS = {

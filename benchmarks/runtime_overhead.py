@@ -2,7 +2,7 @@
 
 SmolLM2-135M (the ``smollm2-135m`` preset, float32) on this host, three measurements:
 
-(a) Per-hop data-plane latency. Two ``device_agent.dataplane.DataPlane`` instances in one
+(a) Per-hop data-plane latency. Two ``edgepart.device_agent.dataplane.DataPlane`` instances in one
 asyncio loop on loopback, unshaped. A sends B one ACTIVATION frame holding a SmolLM2
 hidden state (1 x 576 float32, made with ``tensor_to_payload``); B's handler parses it
 (``payload_to_tensor``), serialises it again and sends it back; A's handler parses the
@@ -23,7 +23,7 @@ token's controller time with the agent's time and report the median of the diffe
 which is the control plane's cost per token (MQTT command and reply through the broker,
 the controller's prediction and re-planning checks). The fallback the brief asked for is
 reported as well: the median measured per-token time of this run against the monolithic
-in-process decode time per token (``llm.runtime.monolithic`` greedy on 1 torch thread,
+in-process decode time per token (``edgepart.llm.runtime.monolithic`` greedy on 1 torch thread,
 the same prompt and token count, per-step stamps as in engine_overhead.py, one warm-up
 generation, then --mono-rounds timed ones) scaled by the device's CPU share
 (expected = monolithic / share, share = 7 / ``host_profile(threads=1).reference_gflops``).
@@ -76,7 +76,7 @@ from benchmarks.common import (
     tokens_per_s,
     write_json,
 )
-from emulator.scenario import MIB
+from edgepart.emulator.scenario import MIB
 
 NAME = "runtime_overhead"
 MODEL = "smollm2-135m"
@@ -103,8 +103,14 @@ def _p90(values: list[float]) -> float | None:
 
 
 async def _ping_pong(rounds: int, warmup: int, d_model: int) -> dict[str, Any]:
-    from device_agent.dataplane import DataPlane
-    from device_agent.wire import Frame, Kind, encode_frame, payload_to_tensor, tensor_to_payload
+    from edgepart.device_agent.dataplane import DataPlane
+    from edgepart.device_agent.wire import (
+        Frame,
+        Kind,
+        encode_frame,
+        payload_to_tensor,
+        tensor_to_payload,
+    )
 
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(quiet_cancelled)
@@ -168,7 +174,7 @@ def hop_latency(rounds: int, warmup: int, d_model: int) -> dict[str, Any]:
 
 def scenario_of(devices: int, tokens: int):
     """Equal devices worth TOTAL_GFLOPS together, unshaped links, no traces."""
-    from emulator.scenario import parse_scenario
+    from edgepart.emulator.scenario import parse_scenario
 
     each = TOTAL_GFLOPS / devices
     data = {
@@ -240,7 +246,7 @@ class DecodeReplies:
     async def _main(self) -> None:
         import aiomqtt
 
-        from control_plane import protocol as proto
+        from edgepart.control_plane import protocol as proto
 
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
@@ -263,7 +269,7 @@ class DecodeReplies:
                 await asyncio.gather(reader, return_exceptions=True)
 
     async def _read(self, client) -> None:
-        from control_plane import protocol as proto
+        from edgepart.control_plane import protocol as proto
 
         async for message in client.messages:
             payload = message.payload if isinstance(message.payload, bytes) else b""
@@ -275,8 +281,8 @@ class DecodeReplies:
 
 def local_run(devices: int, tokens: int, work_dir: Path, listen: bool) -> dict[str, Any]:
     """One myopic run of the equal-device scenario; with listen, the source's decode times."""
-    from emulator.backends.local import run_local
-    from emulator.broker import EmbeddedBroker
+    from edgepart.emulator.backends.local import run_local
+    from edgepart.emulator.broker import EmbeddedBroker
 
     scenario = scenario_of(devices, tokens)
     broker = EmbeddedBroker()
@@ -343,9 +349,9 @@ def control_overhead(run: dict[str, Any]) -> dict[str, Any]:
 
 def monolithic_reference(tokens: int, rounds: int) -> dict[str, Any]:
     """Per-step decode time of the in-process monolithic model at 1 torch thread."""
-    from emulator.job import prompt_ids
-    from llm.loader import open_model
-    from llm.runtime import monolithic
+    from edgepart.emulator.job import prompt_ids
+    from edgepart.llm.loader import open_model
+    from edgepart.llm.runtime import monolithic
 
     om = open_model(MODEL)
     prompt = prompt_ids(scenario_of(1, tokens), om.tokenizer)
@@ -535,7 +541,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--devices must be positive")
     load_start = load1()
 
-    from llm.host_profile import host_profile
+    from edgepart.llm.host_profile import host_profile
 
     console.rule(f"monolithic {MODEL}, 1 thread, {tokens} tokens")
     reference_gflops = host_profile(MODEL, threads=1).reference_gflops

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import yaml
 
-from controller.view import PlanningWindow, ResourceView
-from device_agent.burners import Burners
-from emulator.host_limits import kernel_oom_kills
-from llm.model import ModelSpec
+from edgepart.controller.view import PlanningWindow, ResourceView
+from edgepart.device_agent.burners import Burners
+from edgepart.emulator.host_limits import kernel_oom_kills
+from edgepart.llm.model import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = REPO / "scenarios"
@@ -37,7 +37,7 @@ def own_cache_dir(tmp_path_factory: pytest.TempPathFactory):
     """The tests calibrate and cache weights in a directory of their own, never the user's
     ~/.cache/edgepart: a profile measured there under load would change every later run.
     Only the fetched checkpoints (``models/``, read-only to the tests) are shared."""
-    from llm.files import models_dir
+    from edgepart.llm.files import models_dir
 
     before = os.environ.get("EDGEPART_CACHE")
     fetched = models_dir()

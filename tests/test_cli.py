@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from controller.cli import app
-from controller.placement import ALGORITHMS
-from emulator.scenario import load_scenario
-from llm.blocks import PINNED_BLOCKS, block_table
+from edgepart.controller.cli import app
+from edgepart.controller.placement import ALGORITHMS
+from edgepart.emulator.scenario import load_scenario
+from edgepart.llm.blocks import PINNED_BLOCKS, block_table
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 TOY = SCENARIOS / "toy-5.yaml"
@@ -43,7 +43,7 @@ def cli(*args: str):
 
 def real_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "controller.cli", *map(str, args)],
+        [sys.executable, "-m", "edgepart.controller.cli", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -282,7 +282,7 @@ def test_a_time_dilation_below_one_or_on_the_sim_is_bad_input():
 
 
 def test_the_dilation_note_says_times_are_scenario_time():
-    from emulator.cli_common import dilation_note
+    from edgepart.emulator.cli_common import dilation_note
 
     assert dilation_note(1.0) == ""
     assert dilation_note(1.4) == (

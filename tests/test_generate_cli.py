@@ -10,8 +10,8 @@ import torch
 import transformers
 from typer.testing import CliRunner
 
-from controller.cli import app
-from llm.files import preset_file
+from edgepart.controller.cli import app
+from edgepart.llm.files import preset_file
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 PROMPT = "The capital of France is"

@@ -5,13 +5,13 @@ pinned to its image id when the run starts, so a rebuild by someone else mid-run
 nothing) on networks this benchmark creates with ``--internal``; every container and
 network is named ``tbf-<pid>-...`` (compose projects ``edgepart-tbf-...-<pid>``) and removed
 again, also on errors and Ctrl-C. The image's Python files of its packages
-(``emulator.images.PACKAGES``) are compared with this tree's (sha256) and the result is
+(``edgepart.emulator.images.PACKAGES``) are compared with this tree's (sha256) and the result is
 recorded under ``image``.
 
 Modules (each part's docstring says what it measures and its target):
 
 - ``__main__``: the command line, the parts in turn, the summary tables and the JSON;
-- ``links``: part 1, iperf3 through ``device_agent.tc.TcShaper``'s htb classes;
+- ``links``: part 1, iperf3 through ``edgepart.device_agent.tc.TcShaper``'s htb classes;
 - ``compute``: part 2, block times in CPU-limited containers against the host profile;
 - ``tokens``: part 3, measured against predicted per token on the testbed;
 - ``capacity``: part 4, how many device containers this machine holds;
@@ -29,10 +29,10 @@ whose ``testbed`` container a watchdog kills when its budget is spent or 30 s af
 controller's container exited with an error: the driver itself would wait for hours). A
 part that fails is recorded with its error and the next part runs.
 
-Parts 3 and 4 render the containers' commands with this tree's ``emulator.compose`` and run
+Parts 3 and 4 render the containers' commands with this tree's ``edgepart.emulator.compose`` and run
 them with the image's code: when the image is older than the tree (see ``image``), a run
 can fail on a command-line option the image does not know yet; ``--build`` rebuilds the
-image from this tree first (``emulator.images.build_image``, offline).
+image from this tree first (``edgepart.emulator.images.build_image``, offline).
 
 Run: ``.venv/bin/python -m benchmarks.testbed_fidelity [--quick] [--parts links compute
 tokens capacity] [--image TAG] [--build] [--seconds T] [--sustain S] [--capacity-sizes N ...]

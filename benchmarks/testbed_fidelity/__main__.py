@@ -95,14 +95,14 @@ def make_parser() -> BenchParser:
 
 def check_image(args: argparse.Namespace, prefix: str) -> tuple[dict[str, Any], str | None]:
     """The image's record (built first with --build) and, when no part can run, why."""
-    from emulator.images import docker_available
+    from edgepart.emulator.images import docker_available
 
     image: dict[str, Any] = {"tag": args.image}
     if not docker_available():
         return image, "the Docker engine does not answer (compose/docker-setup.sh starts it)"
     try:
         if args.build:
-            from emulator.images import build_image
+            from edgepart.emulator.images import build_image
 
             console.rule(f"building {args.image} from this tree")
             build_image(args.image, progress=line_printer("  "))

@@ -5,8 +5,8 @@ running SmolLM2-135M: compute_gflops such that the N CPU shares add up to 1.7 co
 shares; the local backend's check allows 1.75 of 2), memory_mib = 1.5 x the blocks' memory
 at the last token / N on every device plus the embedding and LM head on the source, links
 1 Gbit/s and 0.3 ms; each container's mem_limit is that plus
-``emulator.compose.AGENT_RUNTIME_MIB``. A short myopic generation (``--capacity-tokens``, 4)
-runs through ``run_docker``. Recorded: success (every token generated), start time
+``edgepart.emulator.compose.AGENT_RUNTIME_MIB``. A short myopic generation (``--capacity-tokens``,
+4) runs through ``run_docker``. Recorded: success (every token generated), start time
 (``run.start_s``), wall time, tokens/s, the host's memory in use (MemTotal - MemAvailable
 from /proc/meminfo, every 0.5 s: the baseline before and the peak during the run; other
 users of the machine count too) and the sum of the project's containers' memory (``docker
@@ -25,7 +25,7 @@ import yaml
 from benchmarks.common import ByMode, console, num, print_table
 from benchmarks.testbed_fidelity import MODEL
 from benchmarks.testbed_fidelity.runs import testbed_run
-from emulator.scenario import MIB
+from edgepart.emulator.scenario import MIB
 
 DEFAULTS = {"capacity_sizes": ByMode([8, 16, 24], [4])}
 CAPACITY_TOKENS = 4
@@ -37,8 +37,8 @@ CAPACITY_RUN_S = 1500.0
 
 def capacity_scenario(n: int, reference_gflops: float, tokens: int) -> dict[str, Any]:
     """N equal devices sharing CAPACITY_TOTAL_SHARE cores and 1.5x the model's memory."""
-    from llm.blocks import block_table
-    from llm.model import preset
+    from edgepart.llm.blocks import block_table
+    from edgepart.llm.model import preset
 
     spec = preset(MODEL)
     prompt = 32
@@ -68,9 +68,9 @@ def capacity_scenario(n: int, reference_gflops: float, tokens: int) -> dict[str,
 
 def part_capacity(image: str, out_dir: Path, tokens: int, sizes: Sequence[int]) -> dict[str, Any]:
     """Part 4: N device containers with a short generation, N growing until one fails."""
-    from emulator.compose import AGENT_RUNTIME_MIB, mem_limit_mib
-    from emulator.scenario import parse_scenario
-    from llm.host_profile import host_profile
+    from edgepart.emulator.compose import AGENT_RUNTIME_MIB, mem_limit_mib
+    from edgepart.emulator.scenario import parse_scenario
+    from edgepart.llm.host_profile import host_profile
 
     reference = host_profile(MODEL, threads=1).reference_gflops
     rows = []

@@ -7,7 +7,7 @@ Python process (``programs/compute.py``), one torch thread, no agent and so none
 agent's pacing, opens SmolLM2-135M (float32, every block in one process) and times
 its blocks in two ways:
 
-- per pass: ``llm.calibration.measure_gflops`` (contexts 32 and 128), the host profile's
+- per pass: ``edgepart.llm.calibration.measure_gflops`` (contexts 32 and 128), the host profile's
   own method: the median of short timed passes (all 30 FFN blocks: about 20 ms at full
   speed; all 90 KV-group blocks: about 12 ms);
 - sustained: passes run back to back for ``--sustain`` seconds (many CFS periods), time =
@@ -15,7 +15,7 @@ its blocks in two ways:
   cgroup ``cpu.stat`` (periods, throttled periods, throttled time) before and after.
 
 Both are compared with what the testbed assumes: the host profile's block time
-(``llm.host_profile.host_profile(model, threads=1)``, the file the compose project's
+(``edgepart.llm.host_profile.host_profile(model, threads=1)``, the file the compose project's
 ``calibrate`` service copies) divided by s. Target: |sustained / expected - 1| <= 15 %
 for the FFN and the KV group at every share. A short pass can run entirely inside one
 period's quota, so the per-pass medians of a throttled container may show the host's full
@@ -122,7 +122,7 @@ def _row(config: dict[str, Any], timing: dict[str, float], res: dict[str, Any],
 def part_compute(image: str, prefix: str, shares: Sequence[float], short_period_row: bool,
                  reps: int, sustain_s: float) -> dict[str, Any]:  # fmt: skip
     """Part 2: block times inside CPU-limited containers against host profile / share."""
-    from llm.host_profile import cache_path, host_profile
+    from edgepart.llm.host_profile import cache_path, host_profile
 
     profile = host_profile(MODEL, threads=1, progress=line_printer("  "))
     settings = {

@@ -1,6 +1,6 @@
 """Every docker CLI call of the testbed benchmark, and the programs it ships into containers.
 
-Each call goes through ``emulator.docker_cli`` (its runner, ``docker ps`` and ``docker
+Each call goes through ``edgepart.emulator.docker_cli`` (its runner, ``docker ps`` and ``docker
 exec`` command lines and compose labels), its failures raised as ``BenchError``.
 
 - ``call``: one docker command line, bounded, its stdout (``BenchError`` on a failure);
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import ROOT
-from emulator import docker_cli
-from emulator.images import PACKAGES
+from edgepart.emulator import docker_cli
+from edgepart.emulator.images import PACKAGES
 
 DOCKER_TIMEOUT_S = 60.0  # for any one docker call unless the caller says otherwise
 PROGRAMS = Path(__file__).resolve().parent / "programs"

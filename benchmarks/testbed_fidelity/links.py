@@ -2,7 +2,7 @@
 
 Two containers (``--cap-add NET_ADMIN``, one internal network). In the sender a long-lived
 Python process (``programs/shaper.py`` through ``docker exec -i``) runs
-``device_agent.tc.TcShaper`` on the interface ``interface_for(receiver's IP)`` names:
+``edgepart.device_agent.tc.TcShaper`` on the interface ``interface_for(receiver's IP)`` names:
 ``setup()`` once, then ``shape(receiver_ip, rate)`` for each rate in turn: 1, 10 and
 100 Mbit/s (the first call adds the htb class, the others ``change`` it in place, as the agent
 does when a trace changes a link), plus, in the full run, an unshaped reference before and
@@ -33,7 +33,7 @@ from benchmarks.testbed_fidelity.docker_calls import (
     call,
     container_ip,
 )
-from emulator.docker_cli import exec_command
+from edgepart.emulator.docker_cli import exec_command
 
 RATES_MBIT = [1.0, 10.0, 100.0]
 DEFAULTS = {

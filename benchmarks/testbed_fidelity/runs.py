@@ -1,6 +1,6 @@
 """One testbed run for parts 3 and 4: ``run_docker`` bounded by a watchdog, memory sampled.
 
-- ``testbed_run``: one ``emulator.backends.docker.run_docker``, summarised (or its error);
+- ``testbed_run``: one ``edgepart.emulator.backends.docker.run_docker``, summarised (or its error);
 - ``Watchdog``: kills the run's ``testbed`` container when its budget is spent or the
   controller died and the driver waits on;
 - ``MemorySampler``: the host's memory in use and the project's containers' memory while
@@ -34,7 +34,7 @@ from benchmarks.testbed_fidelity.docker_calls import (
     compose_containers,
     memory_usage,
 )
-from emulator.scenario import MIB
+from edgepart.emulator.scenario import MIB
 
 CONTROLLER_POLL_S, CONTROLLER_GRACE_S = 5.0, 30.0
 MEMORY_SAMPLE_S, DOCKER_STATS_S = 0.5, 3.0
@@ -42,7 +42,7 @@ MEMORY_SAMPLE_S, DOCKER_STATS_S = 0.5, 3.0
 
 def project_of(scenario) -> str:
     """The compose project run_docker makes for the scenario in this process."""
-    from emulator.compose import project_name
+    from edgepart.emulator.compose import project_name
 
     return f"{project_name(scenario)}-{os.getpid()}"  # as run_docker names it
 
@@ -206,7 +206,7 @@ class MemorySampler:
 
 def _summary(scenario, run) -> dict[str, Any]:
     """A finished run's numbers: tokens, fidelity, speed, moves and times."""
-    from emulator.report import fidelity
+    from edgepart.emulator.report import fidelity
 
     r = run.result
     median, p90 = fidelity(run)
@@ -233,7 +233,7 @@ def testbed_run(
     sample_memory: bool = False,
 ) -> dict[str, Any]:
     """One run_docker, summarised (or its error); bounded by a watchdog."""
-    from emulator.backends.docker import run_docker
+    from edgepart.emulator.backends.docker import run_docker
 
     project = project_of(scenario)
     t0 = time.perf_counter()

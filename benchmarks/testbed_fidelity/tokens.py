@@ -1,9 +1,9 @@
 """Part 3, ``tokens``: per-token fidelity on the testbed, measured against predicted.
 
-``emulator.backends.docker.run_docker`` runs ``scenarios/lan-3.yaml`` and
+``edgepart.emulator.backends.docker.run_docker`` runs ``scenarios/lan-3.yaml`` and
 ``scenarios/demo.yaml`` with ``myopic`` and ``edgeshard`` (``--quick``: lan-3 with myopic
 only and generate_tokens cut to 8 in a copy of the file). For each run: median and p90 over
-the tokens of |measured / predicted - 1| (``emulator.report.fidelity``), the median of
+the tokens of |measured / predicted - 1| (``edgepart.emulator.report.fidelity``), the median of
 measured / predicted (the bias), tokens/s = tokens / sum of per-token decode times, migrated
 blocks, the start time (``run.start_s``: ``docker compose up`` until every container runs)
 and the wall time. Target: median <= 20 % for every run.
@@ -47,7 +47,7 @@ def shorten(data: dict[str, Any], tokens: int) -> dict[str, Any]:
 def part_tokens(image: str, out_dir: Path, scenarios: Sequence[str], algorithms: Sequence[str],
                 tokens: int | None) -> dict[str, Any]:  # fmt: skip
     """Part 3: run_docker on each scenario and algorithm, measured against predicted."""
-    from emulator.scenario import parse_scenario
+    from edgepart.emulator.scenario import parse_scenario
 
     runs = []
     for file in scenarios:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import chaos
-from emulator.broker import mosquitto_available
+from edgepart.emulator.broker import mosquitto_available
 
 
 @pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed")

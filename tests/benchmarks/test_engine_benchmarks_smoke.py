@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("gguf")
 
-from llm.files import preset_file
+from edgepart.llm.files import preset_file
 
 try:
     preset_file("smollm2-135m")

@@ -16,7 +16,7 @@ pytest.importorskip("torch")
 pytest.importorskip("gguf")
 pytest.importorskip("amqtt")
 
-from llm.files import preset_file
+from edgepart.llm.files import preset_file
 
 try:
     preset_file("smollm2-135m")

@@ -1,7 +1,7 @@
 """Smoke test of the testbed benchmark: part 1 (kernel link shaping) of --quick into tmp_path.
 
 It starts two containers of the edgepart image on an internal network of its own, shapes
-the link with device_agent.tc.TcShaper and measures it with iperf3 (about 20 s), so it
+the link with edgepart.device_agent.tc.TcShaper and measures it with iperf3 (about 20 s), so it
 runs only where the Docker engine answers and the image exists (``edgepart testbed
 build``); it never builds or pulls. It checks the JSON's shape and that the numbers are
 finite and positive, never how close the goodput is to the configured rate: that is
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from emulator.images import DEFAULT_TAG, docker_available, image_exists
+from edgepart.emulator.images import DEFAULT_TAG, docker_available, image_exists
 
 pytestmark = [
     pytest.mark.skipif(not docker_available(), reason="the Docker engine is not running"),

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from control_plane.protocol import (
+from edgepart.control_plane.protocol import (
     MAX_PAYLOAD_BYTES,
     Commit,
     Discard,

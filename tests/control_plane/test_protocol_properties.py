@@ -17,8 +17,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from control_plane import protocol as proto
-from control_plane.protocol import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, Malformed, decode, encode
+from edgepart.control_plane import protocol as proto
+from edgepart.control_plane.protocol import (
+    MAX_JSON_DEPTH,
+    MAX_PAYLOAD_BYTES,
+    Malformed,
+    decode,
+    encode,
+)
 
 # -- valid messages, one strategy per schema ----------------------------------------------
 

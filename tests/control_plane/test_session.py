@@ -14,9 +14,9 @@ import aiomqtt
 import pytest
 from pydantic import BaseModel
 
-from control_plane import protocol as proto
-from control_plane.session import BrokerSession, Publish, SessionHooks, first_error
-from emulator.broker import EmbeddedBroker, free_port
+from edgepart.control_plane import protocol as proto
+from edgepart.control_plane.session import BrokerSession, Publish, SessionHooks, first_error
+from edgepart.emulator.broker import EmbeddedBroker, free_port
 
 TESTBED = "session-test"
 DEVICE = "d0"

@@ -7,11 +7,11 @@ import itertools
 import numpy as np
 import pytest
 
-from controller import cost
-from controller.placement.base import NoFeasiblePlacement, Placement
-from controller.placement.edgeshard import EdgeShardPlanner, edgeshard_split
-from controller.placement.galaxy import GalaxyPlanner
-from controller.placement.layers import (
+from edgepart.controller import cost
+from edgepart.controller.placement.base import NoFeasiblePlacement, Placement
+from edgepart.controller.placement.edgeshard import EdgeShardPlanner, edgeshard_split
+from edgepart.controller.placement.galaxy import GalaxyPlanner
+from edgepart.controller.placement.layers import (
     largest_remainder,
     layer_memory_bytes,
     layer_split_candidates,
@@ -19,10 +19,10 @@ from controller.placement.layers import (
     shards_to_placement,
     split_fits,
 )
-from controller.placement.memory_proportional import MemoryProportionalPlanner
-from controller.view import PlanningWindow, ResourceView
-from llm.blocks import BlockKind, BlockTable, block_table
-from llm.model import ModelSpec
+from edgepart.controller.placement.memory_proportional import MemoryProportionalPlanner
+from edgepart.controller.view import PlanningWindow, ResourceView
+from edgepart.llm.blocks import BlockKind, BlockTable, block_table
+from edgepart.llm.model import ModelSpec
 
 TINY = block_table(
     ModelSpec("tiny", layers=4, d_model=64, heads=4, kv_heads=2, d_ff=128, vocab=100)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from controller.cli import app
+from edgepart.controller.cli import app
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
 TOY = SCENARIOS / "toy-5.yaml"
@@ -169,7 +169,7 @@ def test_agent_bad_values_exit_2(args, words):
 
 def test_agent_options_reach_the_agent_as_given(tmp_path, monkeypatch):
     """The typer command hands the agent's own parser the same configuration."""
-    import device_agent.__main__ as agent_main
+    import edgepart.device_agent.__main__ as agent_main
 
     key = tmp_path / "key"
     key.write_bytes(b"k" * 32)
@@ -188,7 +188,7 @@ def test_agent_options_reach_the_agent_as_given(tmp_path, monkeypatch):
 
 
 def test_the_agents_exit_code_is_the_commands(monkeypatch):
-    import device_agent.__main__ as agent_main
+    import edgepart.device_agent.__main__ as agent_main
 
     monkeypatch.setattr(agent_main, "main", lambda argv: 3)
     assert cli("agent", "--name", "d", "--broker", "h:1").exit_code == 3

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from controller.clock import ScenarioClock
+from edgepart.controller.clock import ScenarioClock
 
 
 def test_scenario_time_is_wall_time_over_k() -> None:

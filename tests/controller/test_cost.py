@@ -10,14 +10,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller import cost
-from controller.view import PlanningWindow, ResourceView
-from llm.blocks import BlockKind, BlockTable, block_table
-from llm.model import ModelSpec
+from edgepart.controller import cost
+from edgepart.controller.view import PlanningWindow, ResourceView
+from edgepart.llm.blocks import BlockKind, BlockTable, block_table
+from edgepart.llm.model import ModelSpec
 
 # ----------------------------------------------------------------- the reference
 #
-# Written from the docstring of controller/cost.py only: loops over layers and devices,
+# Written from the docstring of edgepart/controller/cost.py only: loops over layers and devices,
 # plain floats, no numpy vectorisation.
 
 

@@ -13,12 +13,12 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from control_plane import protocol as proto
-from controller.config import ControllerConfig
-from controller.metrics import ControllerMetrics
-from controller.orchestrator import Controller, NoWorld
-from llm.blocks import block_table
-from llm.model import ModelSpec
+from edgepart.control_plane import protocol as proto
+from edgepart.controller.config import ControllerConfig
+from edgepart.controller.metrics import ControllerMetrics
+from edgepart.controller.orchestrator import Controller, NoWorld
+from edgepart.llm.blocks import block_table
+from edgepart.llm.model import ModelSpec
 
 TESTBED = "tb"
 DEVICES = ("d0", "d1")

@@ -8,14 +8,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from controller import cost
-from controller.placement import Placement
-from controller.placement.forced import FORCED_SLACK, is_forced, relocated_bytes
-from controller.placement.myopic import MyopicPlanner
-from controller.placement.optimal import OptimalPlanner
-from controller.view import PlanningWindow, ResourceView
-from llm.blocks import block_table
-from llm.model import ModelSpec
+from edgepart.controller import cost
+from edgepart.controller.placement import Placement
+from edgepart.controller.placement.forced import FORCED_SLACK, is_forced, relocated_bytes
+from edgepart.controller.placement.myopic import MyopicPlanner
+from edgepart.controller.placement.optimal import OptimalPlanner
+from edgepart.controller.view import PlanningWindow, ResourceView
+from edgepart.llm.blocks import block_table
+from edgepart.llm.model import ModelSpec
 
 TABLE = block_table(
     ModelSpec("t2", layers=2, d_model=2048, heads=4, kv_heads=2, d_ff=8192, vocab=1000)

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from control_plane.protocol import Telemetry
-from controller.metrics import TOKEN_BUCKETS_S, ControllerMetrics, run_label
+from edgepart.control_plane.protocol import Telemetry
+from edgepart.controller.metrics import TOKEN_BUCKETS_S, ControllerMetrics, run_label
 
 PROMTOOL = shutil.which("promtool") or shutil.which("/usr/bin/promtool")
 

@@ -8,18 +8,18 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from controller import cost
-from controller.placement import NoFeasiblePlacement, Placement
-from controller.placement.edgeshard import EdgeShardPlanner
-from controller.placement.local_search import respread_candidates
-from controller.placement.memory_proportional import MemoryProportionalPlanner
-from controller.placement.myopic import MyopicPlanner
-from controller.placement.scored_placement import ScoredPlacement
-from controller.placement.seeds import chain_optimum, group_gather_s, spread_to_groups
-from controller.placement.static_heads import StaticHeadsPlanner
-from controller.view import PlanningWindow, ResourceView
-from llm.blocks import block_table
-from llm.model import ModelSpec
+from edgepart.controller import cost
+from edgepart.controller.placement import NoFeasiblePlacement, Placement
+from edgepart.controller.placement.edgeshard import EdgeShardPlanner
+from edgepart.controller.placement.local_search import respread_candidates
+from edgepart.controller.placement.memory_proportional import MemoryProportionalPlanner
+from edgepart.controller.placement.myopic import MyopicPlanner
+from edgepart.controller.placement.scored_placement import ScoredPlacement
+from edgepart.controller.placement.seeds import chain_optimum, group_gather_s, spread_to_groups
+from edgepart.controller.placement.static_heads import StaticHeadsPlanner
+from edgepart.controller.view import PlanningWindow, ResourceView
+from edgepart.llm.blocks import block_table
+from edgepart.llm.model import ModelSpec
 
 TWO_LAYERS = block_table(
     ModelSpec("t2", layers=2, d_model=2048, heads=4, kv_heads=2, d_ff=8192, vocab=1000)

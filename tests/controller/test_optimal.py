@@ -9,12 +9,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from controller.cost import fits, interval_objective_s
-from controller.placement.base import NoFeasiblePlacement, Placement
-from controller.placement.optimal import MilpResult, OptimalPlanner, solve
-from controller.view import PlanningWindow, ResourceView
-from llm.blocks import BlockTable, block_table
-from llm.model import ModelSpec
+from edgepart.controller.cost import fits, interval_objective_s
+from edgepart.controller.placement.base import NoFeasiblePlacement, Placement
+from edgepart.controller.placement.optimal import MilpResult, OptimalPlanner, solve
+from edgepart.controller.view import PlanningWindow, ResourceView
+from edgepart.llm.blocks import BlockTable, block_table
+from edgepart.llm.model import ModelSpec
 
 REL = 1e-9
 

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from controller.payback import (
+from edgepart.controller.payback import (
     ALPHA_BOUNDS,
     ALPHA_PRIOR,
     MIN_RELATIVE_GAIN,

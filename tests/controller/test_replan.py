@@ -8,17 +8,17 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from controller.cost import migration_s, per_token_s
-from controller.replan import (
+from edgepart.controller.cost import migration_s, per_token_s
+from edgepart.controller.replan import (
     LIVE_MIN_GAIN,
     ReplanPolicy,
     planning_window,
     worth_switching,
 )
-from controller.switch import plan_switch
-from controller.view import PlanningWindow, ResourceView
-from llm.blocks import block_table
-from llm.model import ModelSpec
+from edgepart.controller.switch import plan_switch
+from edgepart.controller.view import PlanningWindow, ResourceView
+from edgepart.llm.blocks import block_table
+from edgepart.llm.model import ModelSpec
 
 SPEC = ModelSpec(
     name="tiny", layers=2, d_model=64, heads=4, kv_heads=2, d_ff=128, vocab=100, dtype="float32"

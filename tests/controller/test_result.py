@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from controller.result import RunRecord, RunResult, SwitchRecord, TokenRecord
+from edgepart.controller.result import RunRecord, RunResult, SwitchRecord, TokenRecord
 
 
 def test_a_summary_comes_back_as_the_same_result() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from controller import cost
-from controller.switch import plan_moves, survivors_first
-from llm.blocks import block_table
+from edgepart.controller import cost
+from edgepart.controller.switch import plan_moves, survivors_first
+from edgepart.llm.blocks import block_table
 
 CONTEXT = 8
 

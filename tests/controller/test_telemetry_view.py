@@ -7,13 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from control_plane import protocol as proto
-from controller.config import ControllerConfig
-from controller.cost import install_prior_s
-from controller.telemetry_view import TELEMETRY_STALE_S, TelemetryView
-from controller.view import PlanningWindow
-from llm.blocks import BlockKind, block_table
-from llm.model import ModelSpec
+from edgepart.control_plane import protocol as proto
+from edgepart.controller.config import ControllerConfig
+from edgepart.controller.cost import install_prior_s
+from edgepart.controller.telemetry_view import TELEMETRY_STALE_S, TelemetryView
+from edgepart.controller.view import PlanningWindow
+from edgepart.llm.blocks import BlockKind, block_table
+from edgepart.llm.model import ModelSpec
 
 DEVICES = ("s", "a", "b")
 WINDOW = PlanningWindow(8, 8, 64)

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from controller.view import PlanningWindow, ResourceView, with_hop_overheads
+from edgepart.controller.view import PlanningWindow, ResourceView, with_hop_overheads
 
 seconds = st.floats(0.0, 0.01)
 

@@ -21,12 +21,12 @@ import aiomqtt
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from control_plane import protocol as proto
-from device_agent.dataplane import DataPlane
-from device_agent.wire import Frame, Kind, encode_batch, encode_frame, tensor_to_payload
-from emulator.broker import EmbeddedBroker
-from llm.model import preset
-from llm.state import BlockState, dump_state
+from edgepart.control_plane import protocol as proto
+from edgepart.device_agent.dataplane import DataPlane
+from edgepart.device_agent.wire import Frame, Kind, encode_batch, encode_frame, tensor_to_payload
+from edgepart.emulator.broker import EmbeddedBroker
+from edgepart.llm.model import preset
+from edgepart.llm.state import BlockState, dump_state
 
 TESTBED = "bad-input"
 NAME = "dev"
@@ -179,7 +179,7 @@ def test_every_kind_of_bad_input_is_counted_by_kind_and_survived() -> None:
     with EmbeddedBroker() as broker:
         args = ["--name", NAME, "--broker", broker.endpoint, "--testbed", TESTBED]
         args += ["--memory-mib", "256", "--metrics-port", str(metrics_port)]
-        agent = subprocess.Popen([sys.executable, "-m", "device_agent", *args])
+        agent = subprocess.Popen([sys.executable, "-m", "edgepart.device_agent", *args])
         try:
             text = asyncio.run(_scenario(broker.endpoint, metrics_port))
         finally:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from device_agent.metrics import AgentMetrics
-from device_agent.program import Step, StepKind
+from edgepart.device_agent.metrics import AgentMetrics
+from edgepart.device_agent.program import Step, StepKind
 
 PROMTOOL = shutil.which("promtool") or shutil.which("/usr/bin/promtool")
 

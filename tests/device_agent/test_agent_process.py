@@ -10,8 +10,8 @@ import sys
 
 import aiomqtt
 
-from control_plane import protocol as proto
-from emulator.broker import EmbeddedBroker
+from edgepart.control_plane import protocol as proto
+from edgepart.emulator.broker import EmbeddedBroker
 
 TESTBED = "agent-test"
 MIB = 1024 * 1024
@@ -102,7 +102,7 @@ def test_bad_input_is_counted_and_budgets_are_enforced() -> None:
             [
                 sys.executable,
                 "-m",
-                "device_agent",
+                "edgepart.device_agent",
                 "--name",
                 NAME,
                 "--broker",

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from device_agent.ballast import Ballast, resident_bytes
+from edgepart.device_agent.ballast import Ballast, resident_bytes
 
 MIB = 1024 * 1024
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.burners import Burners
+from edgepart.device_agent.burners import Burners
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,7 +51,7 @@ def test_burners_die_with_their_parent(
     spawn: Callable[..., subprocess.Popen[bytes]], processes
 ) -> None:
     parent = spawn(
-        "import sys, time\nfrom device_agent.burners import Burners\n"
+        "import sys, time\nfrom edgepart.device_agent.burners import Burners\n"
         "b = Burners(0.2)\nb.set_load(1.0)\nprint(*b.pids, flush=True)\ntime.sleep(60)\n",
         stdout=subprocess.PIPE,
         cwd=REPO,

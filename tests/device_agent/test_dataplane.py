@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from device_agent.dataplane import DataPlane, RecentMean
-from device_agent.wire import Frame, Kind, encode_frame
+from edgepart.device_agent.dataplane import DataPlane, RecentMean
+from edgepart.device_agent.wire import Frame, Kind, encode_frame
 
 TIMEOUT_S = 10.0  # bound on any network wait
 

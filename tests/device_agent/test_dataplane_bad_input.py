@@ -14,9 +14,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from device_agent.dataplane import DataPlane
-from device_agent.metrics import AgentCollector
-from device_agent.wire import Frame, Kind, encode_frame
+from edgepart.device_agent.dataplane import DataPlane
+from edgepart.device_agent.metrics import AgentCollector
+from edgepart.device_agent.wire import Frame, Kind, encode_frame
 
 TIMEOUT_S = 10.0
 LIMIT = 1024  # the receiver's frame limit (bytes of payload)
@@ -108,14 +108,14 @@ def test_bad_frames_are_counted_per_kind_logged_once_and_exported(
             await rx.close()
         return rx
 
-    with caplog.at_level(logging.WARNING, logger="device_agent.dataplane"):
+    with caplog.at_level(logging.WARNING, logger="edgepart.device_agent.dataplane"):
         rx = asyncio.run(main())
     assert dict(rx.bad_frames) == {kind: 2 for kind in BAD_STREAMS}
     assert [(f.token, f.payload) for f in received] == [(7, b"ok")]
     logged = Counter(
         str(r.args[1]).split(":", 1)[0]
         for r in caplog.records
-        if r.name == "device_agent.dataplane" and "once per kind" in r.getMessage()
+        if r.name == "edgepart.device_agent.dataplane" and "once per kind" in r.getMessage()
     )
     assert logged == {kind: 1 for kind in BAD_STREAMS}
 

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from device_agent import epochs as epochs_module
-from device_agent.epochs import Epoch, Epochs
-from device_agent.program import Routes
+from edgepart.device_agent import epochs as epochs_module
+from edgepart.device_agent.epochs import Epoch, Epochs
+from edgepart.device_agent.program import Routes
 
 PLACEMENT = {"embed": "a", "head": "a", "L0.g0": "a", "L0.proj": "b", "L0.ffn": "b"}
 

@@ -1,4 +1,4 @@
-"""``python -m device_agent``'s options: the weight cache directory, the time dilation."""
+"""``python -m edgepart.device_agent``'s options: the weight cache directory, the time dilation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.__main__ import config_from_args
+from edgepart.device_agent.__main__ import config_from_args
 
 BASE = ["--name", "a", "--broker", "127.0.0.1:1883"]
 

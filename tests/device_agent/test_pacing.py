@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from device_agent.pacing import PACE_MIN_SLEEP_S, Pacer
+from edgepart.device_agent.pacing import PACE_MIN_SLEEP_S, Pacer
 
 _shares = st.floats(min_value=1e-3, max_value=64.0)
 _times = st.floats(min_value=0.0, max_value=1e4)

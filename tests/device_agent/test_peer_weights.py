@@ -13,13 +13,13 @@ from functools import cache
 import pytest
 import torch
 
-from control_plane import protocol as proto
-from device_agent.agent import Agent, AgentConfig
-from device_agent.blocks import CommandRefused
-from llm.blocks import block_table
-from llm.loader import OpenModel, open_model
-from llm.runtime import BlockHost
-from llm.torch_blocks import KVGroupBlock, ProjBlock
+from edgepart.control_plane import protocol as proto
+from edgepart.device_agent.agent import Agent, AgentConfig
+from edgepart.device_agent.blocks import CommandRefused
+from edgepart.llm.blocks import block_table
+from edgepart.llm.loader import OpenModel, open_model
+from edgepart.llm.runtime import BlockHost
+from edgepart.llm.torch_blocks import KVGroupBlock, ProjBlock
 
 MODEL = "smollm2-135m"
 TIMEOUT_S = 120.0  # bound on each test's whole exchange

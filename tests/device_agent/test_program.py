@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device_agent.program import Routes, groups_name, hidden_name
+from edgepart.device_agent.program import Routes, groups_name, hidden_name
 
 LAYERS, GROUPS = 3, 3
 

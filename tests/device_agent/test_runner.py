@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from device_agent.program import Routes
-from device_agent.runner import SpeedMeter, in_group_order
+from edgepart.device_agent.program import Routes
+from edgepart.device_agent.runner import SpeedMeter, in_group_order
 
 
 def test_an_idle_device_reports_its_nominal_speed_at_its_last_efficiency() -> None:

@@ -9,8 +9,8 @@ from typing import Any, cast
 
 import pytest
 
-from device_agent.shaping import ShapedWriter, TokenBucket, mbit_to_bytes_per_s
-from device_agent.wire import Frame, Kind, decode_frame, encode_frame
+from edgepart.device_agent.shaping import ShapedWriter, TokenBucket, mbit_to_bytes_per_s
+from edgepart.device_agent.wire import Frame, Kind, decode_frame, encode_frame
 
 TIMEOUT_S = 10.0  # bound on any real network wait
 

@@ -18,10 +18,10 @@ import pytest
 import torch
 from test_peer_weights import _disk, _epoch, _hidden, _run, _with_pair
 
-from control_plane import protocol as proto
-from device_agent.agent import Agent
-from device_agent.blocks import CommandRefused
-from llm.torch_blocks import KVGroupBlock
+from edgepart.control_plane import protocol as proto
+from edgepart.device_agent.agent import Agent
+from edgepart.device_agent.blocks import CommandRefused
+from edgepart.llm.torch_blocks import KVGroupBlock
 
 MIB = 1 << 20
 FFNS = ("L0.ffn", "L1.ffn", "L2.ffn", "L3.ffn")

@@ -1,5 +1,5 @@
-"""Kernel link shaping (device_agent.tc): the htb burst/quantum formula, and real htb classes
-on a veth pair between two network namespaces the tests create (root only).
+"""Kernel link shaping (edgepart.device_agent.tc): the htb burst/quantum formula, and real htb
+classes on a veth pair between two network namespaces the tests create (root only).
 
 Traffic only ever flows between those two namespaces (10.250.0.0/24): a Python TCP sender in
 one, a receiver in the other, each started with ``ip netns exec``.
@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from device_agent.tc import (
+from edgepart.device_agent.tc import (
     BURST_S,
     MAX_QUANTUM,
     TcShaper,
@@ -337,7 +337,7 @@ def _without_net_admin(argv: list[str]) -> list[str]:
 NO_CAP_SCRIPT = textwrap.dedent(
     f"""
     import sys
-    from device_agent.tc import TcShaper, TcUnavailable
+    from edgepart.device_agent.tc import TcShaper, TcUnavailable
     try:
         TcShaper({A_IF!r}).setup()
     except TcUnavailable as exc:
@@ -364,7 +364,8 @@ def test_without_net_admin_setup_raises_tc_unavailable(pair: Pair) -> None:
 
 @needs_netns
 def test_agent_without_net_admin_exits_2_naming_the_capability(pair: Pair) -> None:
-    agent = [sys.executable, "-m", "device_agent", "--name", "dev", "--broker", "127.0.0.1:1"]
+    agent = [sys.executable, "-m", "edgepart.device_agent", "--name", "dev"]
+    agent += ["--broker", "127.0.0.1:1"]
     agent += ["--listen", f"{A_IP}:0", "--shaping", "tc"]
     done = subprocess.run(
         ["ip", "netns", "exec", pair.a, *_without_net_admin(agent)],
@@ -381,11 +382,11 @@ AGENT_SCRIPT = textwrap.dedent(
     f"""
     import asyncio, json, subprocess, sys
     import aiomqtt
-    from control_plane import protocol as proto
-    from device_agent.tc import TcShaper
-    from emulator.broker import EmbeddedBroker
-    from llm.blocks import PINNED_BLOCKS, block_table
-    from llm.loader import open_model
+    from edgepart.control_plane import protocol as proto
+    from edgepart.device_agent.tc import TcShaper
+    from edgepart.emulator.broker import EmbeddedBroker
+    from edgepart.llm.blocks import PINNED_BLOCKS, block_table
+    from edgepart.llm.loader import open_model
 
     T, NAME = "tc-test", "dev"
 
@@ -436,7 +437,7 @@ AGENT_SCRIPT = textwrap.dedent(
         print(json.dumps(out), flush=True)
 
     with EmbeddedBroker() as broker:
-        agent = subprocess.Popen([sys.executable, "-m", "device_agent", "--name", NAME,
+        agent = subprocess.Popen([sys.executable, "-m", "edgepart.device_agent", "--name", NAME,
                                   "--broker", broker.endpoint, "--testbed", T,
                                   "--listen", "{A_IP}:0", "--shaping", "tc"])
         try:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import aiomqtt
 
-from control_plane import protocol as proto
-from emulator.broker import EmbeddedBroker
-from llm.blocks import block_table
-from llm.loader import open_model
-from llm.runtime import monolithic
+from edgepart.control_plane import protocol as proto
+from edgepart.emulator.broker import EmbeddedBroker
+from edgepart.llm.blocks import block_table
+from edgepart.llm.loader import open_model
+from edgepart.llm.runtime import monolithic
 
 TESTBED = "two-phase"
 MODEL = "smollm2-135m"
@@ -159,7 +159,7 @@ async def _scenario(endpoint: str) -> dict:
 def _agent(name: str, broker: str, cache_dir: Path) -> subprocess.Popen:
     args = ["--name", name, "--broker", broker, "--testbed", TESTBED, "--model", MODEL]
     args += ["--memory-mib", "2048", "--cpu-share", "1", "--weight-cache", str(cache_dir)]
-    return subprocess.Popen([sys.executable, "-m", "device_agent", *args])
+    return subprocess.Popen([sys.executable, "-m", "edgepart.device_agent", *args])
 
 
 def test_prepare_then_commit_moves_blocks_between_tokens(tmp_path: Path) -> None:

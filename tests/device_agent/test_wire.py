@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device_agent.wire import (
+from edgepart.device_agent.wire import (
     DTYPE_CODES,
     Frame,
     FrameError,

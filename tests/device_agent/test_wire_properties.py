@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_wire import tensors
 
-from device_agent.program import Routes, activation_problem, groups_name
-from device_agent.wire import (
+from edgepart.device_agent.program import Routes, activation_problem, groups_name
+from edgepart.device_agent.wire import (
     DTYPE_CODES,
     MAGIC,
     Frame,
@@ -34,7 +34,7 @@ from device_agent.wire import (
     read_frame,
     tensor_to_payload,
 )
-from llm.model import ModelSpec
+from edgepart.llm.model import ModelSpec
 
 #: every kind of parse failure the receiving side can meet (DataPlane counts by these)
 PARSE_KINDS = {

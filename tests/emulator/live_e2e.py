@@ -15,10 +15,10 @@ import os
 from functools import cache
 from pathlib import Path
 
-from emulator.job import prompt_ids
-from emulator.scenario import Scenario, parse_scenario
-from llm.loader import open_model
-from llm.runtime import monolithic
+from edgepart.emulator.job import prompt_ids
+from edgepart.emulator.scenario import Scenario, parse_scenario
+from edgepart.llm.loader import open_model
+from edgepart.llm.runtime import monolithic
 
 SCENARIO = {
     "version": 1,

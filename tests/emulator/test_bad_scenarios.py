@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from controller.cli import app
+from edgepart.controller.cli import app
 
 #: a small valid scenario, by top-level section (explicit tiny shapes: nothing to read)
 BASE: dict[str, str] = {

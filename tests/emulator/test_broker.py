@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import aiomqtt
 import pytest
 
-import emulator.broker as broker_mod
-from emulator.broker import (
+import edgepart.emulator.broker as broker_mod
+from edgepart.emulator.broker import (
     BrokerUnavailable,
     EmbeddedBroker,
     Mosquitto,
@@ -178,7 +178,10 @@ def test_stop_frees_port_and_leaves_nothing(kind: str) -> None:
     not mosquitto_available(), reason="mosquitto missing: apt-get install mosquitto"
 )
 def test_mosquitto_does_not_outlive_an_interpreter_that_forgot_it() -> None:
-    code = "from emulator.broker import Mosquitto\nm = Mosquitto()\nm.start()\nprint(m.pid)\n"
+    code = (
+        "from edgepart.emulator.broker import Mosquitto\n"
+        "m = Mosquitto()\nm.start()\nprint(m.pid)\n"
+    )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, timeout=2 * TIMEOUT_S, check=True
     )

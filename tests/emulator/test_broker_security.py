@@ -28,14 +28,14 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from control_plane import mqtt
-from control_plane import protocol as proto
-from control_plane.mqtt import BrokerAuth
-from emulator.broker import free_port, mosquitto_path
-from emulator.compose import mosquitto_conf
-from emulator.driver import Driver
-from emulator.scenario import parse_scenario
-from emulator.testbed_secrets import (
+from edgepart.control_plane import mqtt
+from edgepart.control_plane import protocol as proto
+from edgepart.control_plane.mqtt import BrokerAuth
+from edgepart.emulator.broker import free_port, mosquitto_path
+from edgepart.emulator.compose import mosquitto_conf
+from edgepart.emulator.driver import Driver
+from edgepart.emulator.scenario import parse_scenario
+from edgepart.emulator.testbed_secrets import (
     ACL,
     BROKER,
     CA_CERT,
@@ -482,7 +482,7 @@ def test_an_agent_process_joins_with_its_credentials_file(tmp_path: Path) -> Non
 
     with secured_broker(tmp_path) as (endpoint, auths):
         cmd = [
-            sys.executable, "-m", "device_agent", "--name", name, "--broker", endpoint,
+            sys.executable, "-m", "edgepart.device_agent", "--name", name, "--broker", endpoint,
             "--broker-auth", str(creds), "--testbed", TESTBED, "--memory-mib", "64",
         ]  # fmt: skip
         agent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -498,7 +498,7 @@ def test_an_agent_process_joins_with_its_credentials_file(tmp_path: Path) -> Non
 def test_an_agent_with_unusable_credentials_exits_2(tmp_path: Path) -> None:
     missing = tmp_path / "missing"
     cmd = [
-        sys.executable, "-m", "device_agent", "--name", "a", "--broker", "127.0.0.1:1",
+        sys.executable, "-m", "edgepart.device_agent", "--name", "a", "--broker", "127.0.0.1:1",
         "--broker-auth", str(missing),
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

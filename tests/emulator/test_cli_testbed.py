@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from controller.cli import app
+from edgepart.controller.cli import app
 
 DEMO = Path(__file__).resolve().parents[2] / "scenarios" / "demo.yaml"
 
@@ -73,7 +73,7 @@ def test_the_start_up_services_write_shares_and_secrets(tmp_path, monkeypatch):
         out.write_text("{}")
         return SimpleNamespace(reference_gflops=5.0)
 
-    monkeypatch.setattr("llm.host_profile.host_profile", profile)
+    monkeypatch.setattr("edgepart.llm.host_profile.host_profile", profile)
     calibrated = cli("calibrate", DEMO, "--out", tmp_path / "cache")
     assert calibrated.exit_code == 0, calibrated.output
     start = tmp_path / "cache" / "start"

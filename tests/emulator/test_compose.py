@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from emulator.compose import (
+from edgepart.emulator.compose import (
     AGENT_RUNTIME_MIB,
     GRAFANA_PARTS,
     GRAFANA_PORT,
@@ -27,8 +27,8 @@ from emulator.compose import (
     start_options,
     write_project,
 )
-from emulator.scenario import load_scenario, parse_scenario
-from emulator.testbed_secrets import BROKER, identities, role_secrets
+from edgepart.emulator.scenario import load_scenario, parse_scenario
+from edgepart.emulator.testbed_secrets import BROKER, identities, role_secrets
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "scenarios" / "demo.yaml"

@@ -20,10 +20,10 @@ import pytest
 import yaml
 from live_e2e import SCENARIO, reference_ids
 
-from emulator.backends.docker import project_resources
-from emulator.compose import project_name
-from emulator.images import DEFAULT_TAG, build_image, docker_available
-from emulator.scenario import parse_scenario
+from edgepart.emulator.backends.docker import project_resources
+from edgepart.emulator.compose import project_name
+from edgepart.emulator.images import DEFAULT_TAG, build_image, docker_available
+from edgepart.emulator.scenario import parse_scenario
 
 pytestmark = pytest.mark.skipif(not docker_available(), reason="the Docker engine is not running")
 
@@ -45,7 +45,7 @@ def _render(tmp_path: Path, image: str, name: str, traces: list[dict]) -> tuple[
     path.write_text(scenario.to_yaml(), encoding="utf-8")
     project = tmp_path / "project"
     done = subprocess.run(
-        [sys.executable, "-m", "controller.cli", "testbed", "render", str(path),
+        [sys.executable, "-m", "edgepart.controller.cli", "testbed", "render", str(path),
          "--out", str(project), "--image", image],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -1,10 +1,10 @@
 """The simulator and the live controller decide alike on the same telemetry.
 
-Both follow ``controller.replan.ReplanPolicy`` with their own boundary loop: the sim's
+Both follow ``edgepart.controller.replan.ReplanPolicy`` with their own boundary loop: the sim's
 ``_Simulation.boundary`` on the virtual clock, the controller's ``Switching.at_boundary``
 over its deployment. Here the controller's loop is driven, token by token, with the views
 the configured telemetry of a live run gives (the scenario's world state after the traces
-due, ``emulator.world``), over a deployment on the sim's virtual clock (a wave takes its
+due, ``edgepart.emulator.world``), over a deployment on the sim's virtual clock (a wave takes its
 predicted prepare and commit time) and with a background plan that finishes during the
 token; the sim runs the same scenario. Every re-plan, every switch (its token, blocks,
 whether forced) and every placement they switch to must agree.
@@ -25,17 +25,17 @@ import numpy as np
 import pytest
 from test_sim import FAST_LINKS, MID_MODEL, SLOW_DEVICES
 
-from controller import cost
-from controller.deployment import PreparedWave, WaveDone
-from controller.placement import Placement, make_algorithm
-from controller.result import RunResult
-from controller.switch import SwitchPlan, Wave
-from controller.switching import Switching
-from emulator.backends.sim import simulate
-from emulator.job import controller_config
-from emulator.scenario import Scenario, parse_scenario
-from emulator.world import apply_due_traces, initial_state
-from llm.blocks import block_table
+from edgepart.controller import cost
+from edgepart.controller.deployment import PreparedWave, WaveDone
+from edgepart.controller.placement import Placement, make_algorithm
+from edgepart.controller.result import RunResult
+from edgepart.controller.switch import SwitchPlan, Wave
+from edgepart.controller.switching import Switching
+from edgepart.emulator.backends.sim import simulate
+from edgepart.emulator.job import controller_config
+from edgepart.emulator.scenario import Scenario, parse_scenario
+from edgepart.emulator.world import apply_due_traces, initial_state
+from edgepart.llm.blocks import block_table
 
 TRACES = {
     "nothing changes": [],

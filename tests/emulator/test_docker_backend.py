@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from live_e2e import SCENARIO, reference_ids
 
-from emulator import docker_cli
-from emulator.backends.docker import project_resources, run_docker
-from emulator.compose import project_name
-from emulator.images import DEFAULT_TAG, build_image, docker_available
-from emulator.scenario import parse_scenario
+from edgepart.emulator import docker_cli
+from edgepart.emulator.backends.docker import project_resources, run_docker
+from edgepart.emulator.compose import project_name
+from edgepart.emulator.images import DEFAULT_TAG, build_image, docker_available
+from edgepart.emulator.scenario import parse_scenario
 
 pytestmark = pytest.mark.skipif(not docker_available(), reason="the Docker engine is not running")
 

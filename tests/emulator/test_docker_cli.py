@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from emulator import docker_cli
-from emulator.docker_cli import DockerError
+from edgepart.emulator import docker_cli
+from edgepart.emulator.docker_cli import DockerError
 
 
 class StepError(RuntimeError):

@@ -1,5 +1,5 @@
 """The split roles of the docker testbed, as processes on this machine: a controller
-(``edgepart controller --world-driver``) and an emulator driver (``emulator.driver``) that
+(``edgepart controller --world-driver``) and an emulator driver (``edgepart.emulator.driver``) that
 applies the traces on the controller's turns, over a real mosquitto.
 
 The docker backend runs exactly these roles in containers; here they run without Docker,
@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 from live_e2e import SCENARIO, reference_ids
 
-from control_plane import protocol as proto
-from emulator.backends.local import AgentProcess, spawn_agent, stop_agents
-from emulator.broker import Mosquitto, mosquitto_available
-from emulator.driver import Driver
-from emulator.scenario import parse_scenario
-from llm.host_profile import cache_path
+from edgepart.control_plane import protocol as proto
+from edgepart.emulator.backends.local import AgentProcess, spawn_agent, stop_agents
+from edgepart.emulator.broker import Mosquitto, mosquitto_available
+from edgepart.emulator.driver import Driver
+from edgepart.emulator.scenario import parse_scenario
+from edgepart.llm.host_profile import cache_path
 
 pytestmark = pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed")
 
@@ -55,7 +55,7 @@ def _run_split(tmp_path: Path, scenario, broker: Mosquitto, on_token):
                 cache_path("smollm2-135m", threads=1), tmp_path,
             )  # fmt: skip
         cmd = [
-            sys.executable, "-m", "controller.cli", "controller",
+            sys.executable, "-m", "edgepart.controller.cli", "controller",
             "--scenario", str(path), "--broker", broker.endpoint,
             "--testbed", testbed, "--algorithm", "myopic", "--world-driver", "--json",
         ]  # fmt: skip

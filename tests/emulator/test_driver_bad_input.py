@@ -10,9 +10,9 @@ from collections import Counter
 
 import pytest
 
-from control_plane import protocol as proto
-from emulator.driver import Driver
-from emulator.scenario import parse_scenario
+from edgepart.control_plane import protocol as proto
+from edgepart.emulator.driver import Driver
+from edgepart.emulator.scenario import parse_scenario
 
 TESTBED = "tb"
 SCENARIO = {

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from emulator.generators import (
+from edgepart.emulator.generators import (
     DISTRIBUTED_EDGE_BACKBONE,
     LatencyProfile,
     Link,
@@ -25,8 +25,15 @@ from emulator.generators import (
     sample_devices,
     tier_counts,
 )
-from emulator.scenario import MIB, LinkTrace, LoadTrace, MemoryTrace, load_scenario, parse_scenario
-from llm.blocks import block_table
+from edgepart.emulator.scenario import (
+    MIB,
+    LinkTrace,
+    LoadTrace,
+    MemoryTrace,
+    load_scenario,
+    parse_scenario,
+)
+from edgepart.llm.blocks import block_table
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from device_agent.burners import Burners
-from emulator.host_limits import (
+from edgepart.device_agent.burners import Burners
+from edgepart.emulator.host_limits import (
     AGENT_MAX_CORES,
     AGENT_RUNTIME_BYTES,
     RESERVED_CORES,
@@ -31,7 +31,7 @@ from emulator.host_limits import (
     memory_needed_bytes,
     minimum_dilation,
 )
-from emulator.scenario import parse_scenario
+from edgepart.emulator.scenario import parse_scenario
 
 REPO = Path(__file__).resolve().parents[2]
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -202,7 +202,7 @@ def test_host_cores_sees_the_group_quota(
     group = make_group(0.5)
     child = spawn(
         "import sys\nsys.stdin.readline()\n"
-        "from emulator.host_limits import host_cores\nprint(host_cores())\n",
+        "from edgepart.emulator.host_limits import host_cores\nprint(host_cores())\n",
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         cwd=REPO,

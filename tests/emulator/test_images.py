@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from emulator import images
-from emulator.images import (
+from edgepart.emulator import images
+from edgepart.emulator.images import (
     DOCKERFILE,
     ImageBuildError,
     build_wheelhouse,
@@ -278,9 +278,9 @@ def test_the_image_runs_the_cli_without_network(run_container):
 
 
 def test_the_image_plans_a_scenario_like_this_host(run_container):
-    from controller.placement import make_algorithm
-    from emulator.backends.sim import first_decision
-    from emulator.scenario import load_scenario
+    from edgepart.controller.placement import make_algorithm
+    from edgepart.emulator.backends.sim import first_decision
+    from edgepart.emulator.scenario import load_scenario
 
     done = run_container(
         "plan", "/scenarios/lan-3.yaml", "--algorithm", "edgeshard", "--json",
@@ -297,8 +297,8 @@ def test_the_image_plans_a_scenario_like_this_host(run_container):
 
 FORWARD = """
 import json, torch
-from llm.loader import open_model
-from llm.runtime import monolithic
+from edgepart.llm.loader import open_model
+from edgepart.llm.runtime import monolithic
 m = open_model("smollm2-135m")
 ids = m.tokenizer.encode("The capital of France is")
 tokens = monolithic(m.source, m.arch).greedy(ids, 3)
@@ -317,8 +317,8 @@ def test_the_model_loads_and_runs_in_the_image_as_on_this_host(run_container):
 
     import torch  # noqa: F401  (the reference run in this process)
 
-    from llm.loader import open_model
-    from llm.runtime import monolithic
+    from edgepart.llm.loader import open_model
+    from edgepart.llm.runtime import monolithic
 
     m = open_model("smollm2-135m")
     ids = m.tokenizer.encode("The capital of France is")
@@ -358,12 +358,12 @@ def test_the_image_holds_no_wheelhouse_secrets_or_test_tools(run_container, imag
 
 
 def test_the_source_digest_follows_the_code(tmp_path: Path) -> None:
-    from emulator.images import source_digest
+    from edgepart.emulator.images import source_digest
 
     assert source_digest(tmp_path) is None  # no source tree: nothing to compare
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
-    (tmp_path / "llm").mkdir()
-    module = tmp_path / "llm" / "a.py"
+    (tmp_path / "edgepart" / "llm").mkdir(parents=True)
+    module = tmp_path / "edgepart" / "llm" / "a.py"
     module.write_text("A = 1\n")
     first = source_digest(tmp_path)
     assert first == source_digest(tmp_path)

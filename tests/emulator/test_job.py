@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from emulator.job import DEFAULT_PROMPT, JobError, controller_config, model_ref, prompt_ids
-from emulator.scenario import parse_scenario
+from edgepart.emulator.job import DEFAULT_PROMPT, JobError, controller_config, model_ref, prompt_ids
+from edgepart.emulator.scenario import parse_scenario
 
 DEVICES = [
     {"name": "a", "compute_gflops": 2.0, "memory_mib": 400, "source": True},

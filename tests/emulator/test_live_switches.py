@@ -25,11 +25,11 @@ from pathlib import Path
 import pytest
 from live_e2e import agent_pid, assert_no_orphans, make_scenario, reference_ids
 
-from control_plane import protocol as proto
-from controller import orchestrator
-from controller.deployment import Command, Deployment
-from emulator.backends.local import run_local
-from emulator.scenario import MIB
+from edgepart.control_plane import protocol as proto
+from edgepart.controller import orchestrator
+from edgepart.controller.deployment import Command, Deployment
+from edgepart.emulator.backends.local import run_local
+from edgepart.emulator.scenario import MIB
 
 #: b is the fastest and holds all it can, c the next and has room to spare, the source
 #: a is the slowest and could hold the model with b's 100 MiB (without c)

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from control_plane import protocol as proto
-from emulator.live_world import World
-from emulator.scenario import parse_scenario
+from edgepart.control_plane import protocol as proto
+from edgepart.emulator.live_world import World
+from edgepart.emulator.scenario import parse_scenario
 
 
 def _world(scenario_data, time_dilation: float) -> tuple[World, list[tuple[str, object]]]:

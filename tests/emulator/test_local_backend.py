@@ -25,14 +25,14 @@ from live_e2e import (
 )
 from typer.testing import CliRunner
 
-from controller.cli import app
-from emulator.backends.local import LocalBackendError, run_local
-from emulator.broker import Mosquitto, mosquitto_available
-from emulator.host_limits import RESERVED_CORES
-from emulator.scenario import MIB
-from llm.blocks import block_table
-from llm.host_profile import host_profile
-from llm.loader import open_model
+from edgepart.controller.cli import app
+from edgepart.emulator.backends.local import LocalBackendError, run_local
+from edgepart.emulator.broker import Mosquitto, mosquitto_available
+from edgepart.emulator.host_limits import RESERVED_CORES
+from edgepart.emulator.scenario import MIB
+from edgepart.llm.blocks import block_table
+from edgepart.llm.host_profile import host_profile
+from edgepart.llm.loader import open_model
 
 
 @pytest.mark.parametrize(
@@ -164,7 +164,7 @@ def reference_gflops(monkeypatch: pytest.MonkeyPatch) -> float:
     """This CPU's speed per core (GFLOP/s) as the runs of the test see it: one profile, not
     one per call (a profile measured on a busy host is measured again, not cached)."""
     profile = host_profile("smollm2-135m", threads=1)
-    monkeypatch.setattr("llm.host_profile.host_profile", lambda *_a, **_k: profile)
+    monkeypatch.setattr("edgepart.llm.host_profile.host_profile", lambda *_a, **_k: profile)
     return profile.reference_gflops
 
 
@@ -194,7 +194,7 @@ def test_a_scenario_larger_than_this_host_runs_dilated(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference_gflops: float
 ) -> None:
     # a host with one core free for devices, and devices worth 1.5 cores of it
-    monkeypatch.setattr("emulator.host_limits.host_cores", lambda: 1.0 + RESERVED_CORES)
+    monkeypatch.setattr("edgepart.emulator.host_limits.host_cores", lambda: 1.0 + RESERVED_CORES)
     devices = [
         {**d, "compute_gflops": cores * reference_gflops}
         for d, cores in zip(SCENARIO["devices"], (0.6, 0.5, 0.4), strict=True)
@@ -210,7 +210,7 @@ def test_a_scenario_larger_than_this_host_runs_dilated(
 def test_a_scenario_whose_agents_cannot_fit_this_hosts_memory_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("emulator.host_limits.free_memory_bytes", lambda: 100 * MIB)
+    monkeypatch.setattr("edgepart.emulator.host_limits.free_memory_bytes", lambda: 100 * MIB)
     with pytest.raises(LocalBackendError, match=r"need about \d+ MiB .* but 100 MiB are free"):
         run_local(make_scenario(), "myopic", work_dir=tmp_path)
     assert not list(tmp_path.iterdir())  # refused before anything started
@@ -234,7 +234,7 @@ def _agents_of(testbed: str) -> list[int]:
 def test_ctrl_c_tears_everything_down(tmp_path: Path) -> None:
     scenario = tmp_path / "e2e.yaml"
     scenario.write_text(json.dumps({**SCENARIO, "generate_tokens": 400}))
-    cli = [sys.executable, "-c", "from controller.cli import app; app()"]
+    cli = [sys.executable, "-c", "from edgepart.controller.cli import app; app()"]
     proc = subprocess.Popen(
         [*cli, "emulate", str(scenario), "--algorithm", "myopic", "--json"],
         cwd=tmp_path,

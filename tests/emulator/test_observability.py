@@ -30,8 +30,8 @@ import pytest
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from emulator.broker import free_port
-from emulator.scenario import Scenario, parse_scenario
+from edgepart.emulator.broker import free_port
+from edgepart.emulator.scenario import Scenario, parse_scenario
 
 REPO = Path(__file__).resolve().parents[2]
 GRAFANA = REPO / "compose" / "grafana"
@@ -245,8 +245,8 @@ def test_the_provisioning_points_at_the_testbed_prometheus_and_the_dashboards() 
 
 def _exposed_names() -> set[str]:
     """Every sample name the controller's and an agent's /metrics can show."""
-    from controller.metrics import ControllerMetrics
-    from device_agent.metrics import AgentMetrics
+    from edgepart.controller.metrics import ControllerMetrics
+    from edgepart.device_agent.metrics import AgentMetrics
 
     agent = AgentMetrics(SimpleNamespace(name="d"))  # type: ignore[arg-type]
     controller = ControllerMetrics("run", "myopic")
@@ -402,7 +402,7 @@ def _every_target_scraped(web: int, state: Live, count: int, after: float) -> No
 
 def _run_local(scenario: Scenario, work: Path, web: int, state: Live) -> None:
     """The testbed as processes on this machine, each serving /metrics on loopback."""
-    from emulator.backends.local import run_local
+    from edgepart.emulator.backends.local import run_local
 
     controller, *agent_ports = _distinct_ports(1 + len(state.devices))
     agents = dict(zip(state.devices, agent_ports, strict=True))
@@ -428,9 +428,9 @@ def _run_local(scenario: Scenario, work: Path, web: int, state: Live) -> None:
 
 def _run_docker(scenario: Scenario, work: Path, web: int, state: Live) -> None:
     """The testbed in containers; Prometheus on this host scrapes them on their network."""
-    from emulator.backends.docker import run_docker
-    from emulator.compose import METRICS_PORT
-    from emulator.images import DEFAULT_TAG, build_image
+    from edgepart.emulator.backends.docker import run_docker
+    from edgepart.emulator.compose import METRICS_PORT
+    from edgepart.emulator.images import DEFAULT_TAG, build_image
 
     build_image(DEFAULT_TAG)
     started: list[float] = []
@@ -472,7 +472,7 @@ def live(
         pytest.skip("prometheus is not installed (apt-get install prometheus)")
     backend = request.param
     if backend == "docker":
-        from emulator.images import docker_available
+        from edgepart.emulator.images import docker_available
 
         if not docker_available():
             pytest.skip("the Docker engine is not running")

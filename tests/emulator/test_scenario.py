@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from emulator.scenario import (
+from edgepart.emulator.scenario import (
     GGUF_MISSING,
     MIB,
     HfModel,
@@ -22,8 +22,8 @@ from emulator.scenario import (
     load_scenario,
     parse_scenario,
 )
-from llm.blocks import block_table
-from llm.model import preset
+from edgepart.llm.blocks import block_table
+from edgepart.llm.model import preset
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
 

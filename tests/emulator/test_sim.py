@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from controller import cost
-from controller.placement import ALGORITHMS, make_algorithm
-from controller.view import PlanningWindow
-from emulator.backends.sim import SimResult, first_decision, simulate
-from emulator.scenario import MIB, load_scenario, parse_scenario
-from emulator.world import WorldState
-from llm.blocks import block_table
+from edgepart.controller import cost
+from edgepart.controller.placement import ALGORITHMS, make_algorithm
+from edgepart.controller.view import PlanningWindow
+from edgepart.emulator.backends.sim import SimResult, first_decision, simulate
+from edgepart.emulator.scenario import MIB, load_scenario, parse_scenario
+from edgepart.emulator.world import WorldState
+from edgepart.llm.blocks import block_table
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
 STATIC = ("static-heads", "edgeshard", "memory-proportional", "galaxy")

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from live_e2e import SCENARIO, reference_ids
 
-from emulator.compose import project_name
-from emulator.images import DEFAULT_TAG, build_image, docker_available
-from emulator.scenario import parse_scenario
+from edgepart.emulator.compose import project_name
+from edgepart.emulator.images import DEFAULT_TAG, build_image, docker_available
+from edgepart.emulator.scenario import parse_scenario
 
 pytestmark = pytest.mark.skipif(not docker_available(), reason="the Docker engine is not running")
 
@@ -55,7 +55,7 @@ def swarm():
 
 def _edgepart(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "controller.cli", *args],
+        [sys.executable, "-m", "edgepart.controller.cli", *args],
         capture_output=True,
         text=True,
         timeout=600,

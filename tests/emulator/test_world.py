@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from controller.view import PlanningWindow
-from emulator.scenario import MIB, parse_scenario
-from emulator.world import WorldState
+from edgepart.controller.view import PlanningWindow
+from edgepart.emulator.scenario import MIB, parse_scenario
+from edgepart.emulator.world import WorldState
 
 WINDOW = PlanningWindow(8, 8, 28)
 

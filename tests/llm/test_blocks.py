@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llm import blocks
-from llm.blocks import BlockKind, block_table
-from llm.model import ModelSpec, preset
+from edgepart.llm import blocks
+from edgepart.llm.blocks import BlockKind, block_table
+from edgepart.llm.model import ModelSpec, preset
 
 SMOL = preset("smollm2-135m")  # d 576, 9 heads, 3 KV heads, head_dim 64, d_ff 1536, tied, fp32
 LLAMA = preset("llama3-8b")  # d 4096, 32 heads, 8 KV heads, head_dim 128, d_ff 14336, bf16

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from controller import cost
-from controller.view import PlanningWindow, ResourceView
-from llm.blocks import block_table
-from llm.calibration import ComputeProfile, calibrated_table
-from llm.model import preset
+from edgepart.controller import cost
+from edgepart.controller.view import PlanningWindow, ResourceView
+from edgepart.llm.blocks import block_table
+from edgepart.llm.calibration import ComputeProfile, calibrated_table
+from edgepart.llm.model import preset
 
 TABLE = block_table(preset("smollm2-135m"))
 GID = int(TABLE.group_ids(0)[0])

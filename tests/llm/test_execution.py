@@ -13,8 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from llm.arch import Architecture  # noqa: E402
-from llm.blocks import (  # noqa: E402
+from edgepart.llm.arch import Architecture  # noqa: E402
+from edgepart.llm.blocks import (  # noqa: E402
     block_table,
     ffn_flops,
     ffn_weight_bytes,
@@ -27,12 +27,12 @@ from llm.blocks import (  # noqa: E402
     proj_weight_bytes,
     source_weight_bytes,
 )
-from llm.files import preset_file  # noqa: E402
-from llm.gguf_source import open_gguf_model  # noqa: E402
-from llm.model import ModelSpec  # noqa: E402
-from llm.runtime import BlockHost, PartitionedModel, monolithic  # noqa: E402
-from llm.safetensors_source import SafetensorsSource, open_hf_model  # noqa: E402
-from llm.state import (  # noqa: E402
+from edgepart.llm.files import preset_file  # noqa: E402
+from edgepart.llm.gguf_source import open_gguf_model  # noqa: E402
+from edgepart.llm.model import ModelSpec  # noqa: E402
+from edgepart.llm.runtime import BlockHost, PartitionedModel, monolithic  # noqa: E402
+from edgepart.llm.safetensors_source import SafetensorsSource, open_hf_model  # noqa: E402
+from edgepart.llm.state import (  # noqa: E402
     MAGIC,
     BlockState,
     block_state,
@@ -40,8 +40,8 @@ from llm.state import (  # noqa: E402
     load_state,
     save_state,
 )
-from llm.tensors import TensorSource  # noqa: E402
-from llm.torch_blocks import (  # noqa: E402
+from edgepart.llm.tensors import TensorSource  # noqa: E402
+from edgepart.llm.torch_blocks import (  # noqa: E402
     EmbedBlock,
     FFNBlock,
     HeadBlock,

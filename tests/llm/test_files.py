@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from llm import files
-from llm.files import ModelFile, preset_file, resolve_model
+from edgepart.llm import files
+from edgepart.llm.files import ModelFile, preset_file, resolve_model
 
 SMOLLM2 = files.PRESET_FILES["smollm2-135m"]
 

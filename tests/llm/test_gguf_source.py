@@ -20,8 +20,8 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from llm.files import preset_file  # noqa: E402
-from llm.gguf_source import GGUFSource, open_gguf_model  # noqa: E402
+from edgepart.llm.files import preset_file  # noqa: E402
+from edgepart.llm.gguf_source import GGUFSource, open_gguf_model  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 REPO = Path(__file__).resolve().parents[2]
@@ -146,7 +146,7 @@ def test_a_slice_never_materialises_the_whole_tensor(smollm2):
 
 RSS_PROBE = textwrap.dedent("""
     import sys
-    from llm.gguf_source import GGUFSource
+    from edgepart.llm.gguf_source import GGUFSource
 
     def status():
         out = {}

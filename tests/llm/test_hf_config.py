@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from llm.blocks import block_table
-from llm.hf_config import load_hf_config, spec_from_hf_config
-from llm.model import preset
+from edgepart.llm.blocks import block_table
+from edgepart.llm.hf_config import load_hf_config, spec_from_hf_config
+from edgepart.llm.model import preset
 
 SMOLLM2_135M = {  # HuggingFaceTB/SmolLM2-135M, trimmed to the keys that matter
     "architectures": ["LlamaForCausalLM"],

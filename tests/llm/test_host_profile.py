@@ -22,11 +22,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("gguf")
 
-from llm import host_profile as hp  # noqa: E402
-from llm.blocks import block_table  # noqa: E402
-from llm.calibration import ComputeProfile  # noqa: E402
-from llm.files import preset_file  # noqa: E402
-from llm.model import preset  # noqa: E402
+from edgepart.llm import host_profile as hp  # noqa: E402
+from edgepart.llm.blocks import block_table  # noqa: E402
+from edgepart.llm.calibration import ComputeProfile  # noqa: E402
+from edgepart.llm.files import preset_file  # noqa: E402
+from edgepart.llm.model import preset  # noqa: E402
 
 MODEL = "smollm2-135m"
 TABLE = block_table(preset(MODEL))
@@ -72,8 +72,9 @@ def fake(monkeypatch: pytest.MonkeyPatch, any_load: None) -> SimpleNamespace:
         return {**made_up_gflops(slope), "blocks": {}, "block_counts": {}}
 
     monkeypatch.setattr(hp, "measure_gflops", measure)
-    monkeypatch.setattr("llm.loader.open_model", lambda _ref: SimpleNamespace(source=0, arch=0))
-    monkeypatch.setattr("llm.runtime.monolithic", lambda *a: SimpleNamespace(table=TABLE))
+    opened = SimpleNamespace(source=0, arch=0)
+    monkeypatch.setattr("edgepart.llm.loader.open_model", lambda _ref: opened)
+    monkeypatch.setattr("edgepart.llm.runtime.monolithic", lambda *a: SimpleNamespace(table=TABLE))
     return SimpleNamespace(slopes=slopes, calls=calls)
 
 

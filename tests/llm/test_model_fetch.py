@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from controller.cli import app
-from llm import files, model_fetch
-from llm.model_fetch import FetchError, fetch_preset
+from edgepart.controller.cli import app
+from edgepart.llm import files, model_fetch
+from edgepart.llm.model_fetch import FetchError, fetch_preset
 
 CONTENT = b"GGUF" + bytes(range(256)) * 64
 

@@ -1,4 +1,4 @@
-"""The migration blob (llm.state, version 2) for every movable block kind of the real
+"""The migration blob (edgepart.llm.state, version 2) for every movable block kind of the real
 SmolLM2-135M: round trips are bit-exact and rebuild working blocks without the checkpoint,
 and any damaged or inconsistent blob is refused with a ValueError naming the cause."""
 
@@ -14,9 +14,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llm.loader import OpenModel, open_model
-from llm.runtime import BlockHost
-from llm.state import (
+from edgepart.llm.loader import OpenModel, open_model
+from edgepart.llm.runtime import BlockHost
+from edgepart.llm.state import (
     MAGIC,
     VERSION,
     BlockState,
@@ -25,7 +25,7 @@ from llm.state import (
     load_state,
     save_state,
 )
-from llm.torch_blocks import (
+from edgepart.llm.torch_blocks import (
     FFNBlock,
     KVGroupBlock,
     ProjBlock,

@@ -16,8 +16,8 @@ import pytest
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from llm.files import preset_file  # noqa: E402
-from llm.tokenizer import Tokenizer, bytes_to_unicode  # noqa: E402
+from edgepart.llm.files import preset_file  # noqa: E402
+from edgepart.llm.tokenizer import Tokenizer, bytes_to_unicode  # noqa: E402
 
 TEXTS = [
     "",
@@ -110,7 +110,7 @@ def test_chat_template_matches_autotokenizer(ours, reference, conversation, gene
 
 
 def test_reader_of_an_open_source_can_be_shared(smollm2_path, ours):
-    from llm.gguf_source import GGUFSource
+    from edgepart.llm.gguf_source import GGUFSource
 
     source = GGUFSource(smollm2_path)
     shared = Tokenizer.from_gguf(smollm2_path, reader=source.reader)

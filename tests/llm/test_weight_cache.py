@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm.runtime import BlockHost
-from llm.safetensors_source import open_hf_model
-from llm.weight_cache import WeightCache, checkpoint_checksum
+from edgepart.llm.runtime import BlockHost
+from edgepart.llm.safetensors_source import open_hf_model
+from edgepart.llm.weight_cache import WeightCache, checkpoint_checksum
 
 MOVABLE = ("L0.g0", "L0.g1", "L0.proj", "L0.ffn", "L1.g1", "L1.ffn")
 
@@ -92,7 +92,7 @@ def test_a_failed_write_leaves_no_entry(llama, tmp_path, monkeypatch):
     def broken(*_args, **_kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("llm.weight_cache.save_file", broken)
+    monkeypatch.setattr("edgepart.llm.weight_cache.save_file", broken)
     with pytest.raises(OSError):
         cache.put("L0.ffn", {"w": torch.zeros(2)})
     assert "L0.ffn" not in cache

@@ -3,7 +3,7 @@
 ``compute.run_compute`` ships it into the container as ``docker run ... --entrypoint python
 <image> -c <this file's text> <settings JSON>`` (the image has ``llm``, not the
 benchmarks). With one torch thread it opens the model (float32, every block in one
-process) and times its blocks two ways: ``llm.calibration.measure_gflops`` (the host
+process) and times its blocks two ways: ``edgepart.llm.calibration.measure_gflops`` (the host
 profile's short passes) and passes of the FFN and KV-group blocks run back to back for
 ``seconds`` (s), with the cgroup's ``cpu.stat`` before and after. It prints one line
 ``RESULT <JSON>``.
@@ -78,11 +78,11 @@ def main() -> None:
     """Time the blocks with the settings in argv[1]; print ``RESULT <JSON>``."""
     cfg = json.loads(sys.argv[1])
     torch.set_num_threads(1)
-    from llm.blocks import ffn_flops, group_flops
-    from llm.calibration import measure_gflops
-    from llm.loader import open_model
-    from llm.runtime import monolithic
-    from llm.torch_blocks import FFNBlock, KVGroupBlock
+    from edgepart.llm.blocks import ffn_flops, group_flops
+    from edgepart.llm.calibration import measure_gflops
+    from edgepart.llm.loader import open_model
+    from edgepart.llm.runtime import monolithic
+    from edgepart.llm.torch_blocks import FFNBlock, KVGroupBlock
 
     limits = cpu_limits()
     t0 = time.perf_counter()

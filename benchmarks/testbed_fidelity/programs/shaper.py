@@ -2,7 +2,7 @@
 
 ``links.part_links`` ships it into the container as ``docker exec -i <sender> python -u -c
 <this file's text> <receiver's IP>`` (the image has ``device_agent``, not the benchmarks).
-It sets up ``device_agent.tc.TcShaper`` on the interface towards the receiver, prints one
+It sets up ``edgepart.device_agent.tc.TcShaper`` on the interface towards the receiver, prints one
 JSON line ``{"ready": true, "ifname": ...}``, then for each line on stdin (a rate in
 Mbit/s, or ``none``) shapes the link and prints one JSON line: the tc verb (``add`` for a
 new class, ``change`` in place), the class id and the rate the kernel reports, or the error.
@@ -11,7 +11,7 @@ new class, ``change`` in place), the class id and the rate the kernel reports, o
 import json
 import sys
 
-from device_agent.tc import TcShaper, interface_for
+from edgepart.device_agent.tc import TcShaper, interface_for
 
 
 def main() -> None:
