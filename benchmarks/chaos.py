@@ -36,6 +36,7 @@ from benchmarks.common import (
     ByMode,
     console,
     environment,
+    monolithic_reference_ids,
     num,
     print_table,
     print_targets,
@@ -85,15 +86,10 @@ def round_plan(seed: int, tokens: int) -> dict[str, Any]:
 @cache
 def reference_ids(tokens: int) -> tuple[int, ...]:
     """The monolithic model's greedy ids for the scenario's prompt."""
-    from edgepart.emulator.job import prompt_ids
     from edgepart.emulator.scenario import parse_scenario
-    from edgepart.llm.loader import open_model
-    from edgepart.llm.runtime import monolithic
 
-    opened = open_model("smollm2-135m")
     scenario = parse_scenario({**SCENARIO, "generate_tokens": tokens}, "chaos")
-    ids = prompt_ids(scenario, opened.tokenizer)
-    return tuple(monolithic(opened.source, opened.arch).greedy(ids, tokens))
+    return tuple(monolithic_reference_ids(scenario))
 
 
 def run_round(seed: int, tokens: int, work_dir: Path) -> dict[str, Any]:

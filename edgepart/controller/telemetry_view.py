@@ -62,6 +62,35 @@ class DeviceReport:
         return self.status is not None and self.status.state == "online"
 
 
+def unmeasured_priors(
+    compute_gflops: np.ndarray,
+    overheads_s: np.ndarray,
+    nominal_gflops: np.ndarray,
+    measured: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """What to plan with for devices that have run nothing yet: their speed (GFLOP/s) at the
+    median efficiency (measured / nominal) of the devices that have, never above what they
+    report, and, where they report no hop overhead (no activation went through them), the
+    median (send, receive) overhead (s) of those that do.
+
+    An idle device reports its nominal speed and no hop overhead, so it looks faster and
+    cheaper to reach than any device that has run blocks: the planner moves heads onto it
+    and learns only afterwards, from the slower tokens, what it costs.
+    """
+    compute = np.asarray(compute_gflops, dtype=float).copy()
+    overheads = np.asarray(overheads_s, dtype=float).copy()
+    nominal = np.asarray(nominal_gflops, dtype=float)
+    if measured.any() and (~measured).any():
+        with np.errstate(divide="ignore", invalid="ignore"):
+            efficiency = np.median(compute[measured] / nominal[measured])
+        if np.isfinite(efficiency):
+            compute[~measured] *= min(1.0, float(efficiency))
+    seen = (overheads > 0).any(axis=1)
+    if seen.any():
+        overheads[~seen] = np.median(overheads[seen], axis=0)
+    return compute, overheads
+
+
 class TelemetryView:
     """The devices' reports and the resources planned with (see the module)."""
 
@@ -76,6 +105,9 @@ class TelemetryView:
         self.devices = {name: DeviceReport() for name in config.devices}
         self.index = {name: i for i, name in enumerate(config.devices)}
         self.measured_gflops: dict[str, float] = {}  # device -> speed planned with, GFLOP/s
+        #: devices that have measured their speed on blocks they ran (the others report
+        #: their nominal speed, which no device reaches: see ``unmeasured_priors``)
+        self.ever_measured: set[str] = set()
         #: measured latencies and hop overheads as planned with (s), by (device, peer) or
         #: (device, "send" | "receive")
         self.held_s: dict[tuple[str, str], float] = {}
@@ -227,6 +259,8 @@ class TelemetryView:
                 continue
             # the agents measure in wall time: k times slower than the scenario's world
             k = cfg.time_dilation
+            if t.compute_measured:
+                self.ever_measured.add(name)
             if t.available_gflops > 0:
                 compute[i] = self._measured_gflops(name, t.available_gflops * k)
             memory[i] = self._budget(name, t.memory_budget_bytes)
@@ -240,6 +274,8 @@ class TelemetryView:
             for peer, rate in t.peer_throughput_mbit.items():
                 if peer in self.index and rate > 0:
                     bandwidth[i, self.index[peer]] = rate * k
+        measured = np.array([n in self.ever_measured for n in cfg.devices]) & alive
+        compute, overheads = unmeasured_priors(compute, overheads, cfg.nominal_gflops, measured)
         return ResourceView(
             devices=cfg.devices,
             compute_gflops=np.where(alive, compute, 0.0),

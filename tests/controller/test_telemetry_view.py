@@ -10,7 +10,11 @@ import pytest
 from edgepart.control_plane import protocol as proto
 from edgepart.controller.config import ControllerConfig
 from edgepart.controller.cost import install_prior_s
-from edgepart.controller.telemetry_view import TELEMETRY_STALE_S, TelemetryView
+from edgepart.controller.telemetry_view import (
+    TELEMETRY_STALE_S,
+    TelemetryView,
+    unmeasured_priors,
+)
 from edgepart.controller.view import PlanningWindow
 from edgepart.llm.blocks import BlockKind, block_table
 from edgepart.llm.model import ModelSpec
@@ -164,3 +168,32 @@ def test_under_time_dilation_telemetry_is_read_in_scenario_units() -> None:
     # the measured wall time, at full (scenario) speed: 0.03 s, smoothed with the prior
     prior = install_prior_s(TABLE, np.full(3, 10.0))[1, BlockKind.HEADS]
     assert view.install_nominal_s[1, BlockKind.HEADS] == pytest.approx(0.5 * prior + 0.015)
+
+
+def test_a_device_that_ran_nothing_is_planned_at_the_others_efficiency() -> None:
+    view = _view()
+    _report(view, "s", gflops=6.0, compute_measured=True, send_overhead_s=0.001,
+            receive_overhead_s=0.003)  # fmt: skip
+    _report(view, "a", gflops=5.0, compute_measured=True, send_overhead_s=0.002,
+            receive_overhead_s=0.004)  # fmt: skip
+    _report(view, "b", gflops=10.0)  # idle: its nominal speed, no hop measured
+    seen = view.view(WINDOW)
+    # the measured devices reach 0.6 and 0.5 of nominal: the idle one is planned at 0.55
+    assert seen.compute_gflops.tolist() == pytest.approx([6.0, 5.0, 5.5])
+    # and a hop through it costs what a hop through the others costs (the median, s)
+    assert seen.latency_s[2, 0] == pytest.approx(0.001 + 0.0015 + 0.003)
+    _report(view, "b", gflops=7.0, compute_measured=True)  # it ran blocks: its own figure
+    assert view.view(WINDOW).compute_gflops[2] == pytest.approx(7.0)
+
+
+def test_priors_never_make_a_device_faster_or_touch_measured_ones() -> None:
+    compute = np.array([12.0, 4.0, 8.0])
+    overheads = np.array([[0.001, 0.002], [0.0, 0.0], [0.003, 0.004]])
+    measured = np.array([True, False, True])
+    # the measured devices beat nominal (1.2 and 1.6): the idle one keeps what it reports
+    planned, hops = unmeasured_priors(compute, overheads, np.full(3, 5.0), measured)
+    assert planned.tolist() == [12.0, 4.0, 8.0]
+    assert hops[1].tolist() == pytest.approx([0.002, 0.003])
+    assert hops[[0, 2]].tolist() == overheads[[0, 2]].tolist()
+    nothing, _ = unmeasured_priors(compute, overheads, np.full(3, 5.0), np.zeros(3, bool))
+    assert nothing.tolist() == compute.tolist()  # nothing measured yet: nothing to scale by
