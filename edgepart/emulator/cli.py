@@ -131,10 +131,11 @@ def testbed_render(
 
 @testbed_app.command("calibrate")
 def testbed_calibrate(scenario: ScenarioArg, out_dir: OutDirOpt = Path("cache")) -> None:
-    """This host's block speeds (DIR/profile.json) and each device's CPU share of it
-    (DIR/start/<device>): what a project's calibrate service runs at start-up."""
+    """This host's block speeds (DIR/profile.json), the time dilation the world runs at
+    and each role's start-up options (DIR/start/<service>: a device's CPU share of this
+    host and speed): what a project's calibrate service runs at start-up."""
     from edgepart.emulator.compose import START_DIR, cpus, start_options
-    from edgepart.emulator.host_limits import host_cores
+    from edgepart.emulator.host_limits import HostTooSmall, host_cores
     from edgepart.llm.host_profile import host_profile
 
     sc = open_scenario(scenario)
@@ -143,21 +144,18 @@ def testbed_calibrate(scenario: ScenarioArg, out_dir: OutDirOpt = Path("cache"))
     (out_dir / START_DIR).mkdir(parents=True, exist_ok=True)
     say = lambda m: err.print(m, highlight=False)  # noqa: E731
     profile = host_profile(ref, threads=1, progress=say, out=out_dir / "profile.json")
-    options = start_options(sc, profile.reference_gflops)
+    cores = host_cores()
+    try:
+        k, options = start_options(sc, profile.reference_gflops, cores)
+    except HostTooSmall as exc:
+        raise fail(f"{scenario}: {exc}", 1) from None
     for name, args in options.items():
         (out_dir / START_DIR / name).write_text(" ".join(args) + "\n", encoding="ascii")
-    shares = cpus(sc, profile.reference_gflops)
-    cores = host_cores()
+    shares = cpus(sc, profile.reference_gflops, k)
     out.print(
-        f"{profile.reference_gflops:.2f} GFLOP/s per core; CPU shares (of {cores:.2f} cores): "
-        + ", ".join(f"{name} {share:g}" for name, share in shares.items())
+        f"{profile.reference_gflops:.2f} GFLOP/s per core; time dilation {k:g}; CPU shares "
+        f"(of {cores:.2f} cores): " + ", ".join(f"{n} {v:g}" for n, v in shares.items())
     )
-    if sum(shares.values()) > cores:
-        err.print(
-            f"the devices need {sum(shares.values()):.2f} cores of this host's {cores:.2f}: "
-            "they will run slower than the scenario says when they compute at once",
-            highlight=False,
-        )
 
 
 @testbed_app.command("secrets")

@@ -4,9 +4,10 @@ The project holds nothing of the host it was rendered on, so the committed ``com
 runs on any host once the image is built (``edgepart testbed build``), offline:
 
 - ``calibrate`` (one-shot, no network) measures this CPU's block speeds into ``./cache``
-  (skipped when a profile of this CPU is there) and derives each device's CPU share of
-  this host from them (``start_options``): a file per device under ``./cache/start``
-  that the device's service adds to its agent's command line at start;
+  (skipped when a profile of this CPU is there) and derives from them and the host's
+  cores the time dilation k the world runs at and each device's CPU share of this host
+  (``start_options``): a file per service under ``./cache/start`` that the devices'
+  agents, the controller and the driver add to their command lines at start;
 - ``secrets`` (one-shot, no network) makes the broker's identities, one named volume per
   role (``edgepart.emulator.testbed_secrets.write_role_secrets``);
 - the ``broker`` runs Debian's mosquitto from the edgepart image (no registry), limited to
@@ -33,9 +34,10 @@ backend, which renders for this host and runs at once. With ``--tls`` the secret
 at render time instead (their certificates need openssl, which the image lacks), as files
 under ``secrets/`` mounted as compose secrets; a stack gets the same files.
 
-Under time dilation k (``RenderOptions.time_dilation``, a host too small for the scenario's
-devices) every device gets its share / k as ``cpus`` and its speed / k, the driver shapes
-links at their rate / k and latency x k, and the controller reports in scenario time.
+Under time dilation k (a host too small for the scenario's devices: chosen at start-up by
+the calibrate service, or ``RenderOptions.time_dilation`` with the shares frozen) every
+device gets its share / k and its speed / k, the driver shapes links at their rate / k and
+latency x k, and the controller reports in scenario time.
 
 ``render`` is pure (scenario in, documents out); ``write_project`` puts them on disk.
 """
@@ -106,7 +108,8 @@ class RenderOptions:
     scenario_file: str = "scenario.yaml"
     project: str | None = None  # compose project / stack name (default: from the scenario)
     tls: bool = False  # the broker speaks only TLS (its own CA, in secrets/)
-    #: the world runs this many times slower than the scenario (k >= 1): see the module
+    #: the world runs this many times slower than the scenario (k >= 1; with
+    #: ``reference_gflops`` only: otherwise the calibrate service chooses k at start-up)
     time_dilation: float = 1.0
 
     @property
@@ -156,13 +159,26 @@ def cpus(
     }
 
 
-def start_options(scenario: Scenario, reference_gflops: float) -> dict[str, list[str]]:
-    """What the calibrate service adds to each device agent's command line at start-up,
-    from this host's speed per core (GFLOP/s): its CPU share of this host."""
-    return {
-        name: ["--cpu-share", _number(share)]
-        for name, share in cpus(scenario, reference_gflops).items()
-    }
+def start_options(
+    scenario: Scenario, reference_gflops: float, cores: float
+) -> tuple[float, dict[str, list[str]]]:
+    """What the calibrate service adds at start-up to the command lines of the devices'
+    agents, the controller and the driver (``testbed``), from this host's speed per core
+    (GFLOP/s) and its cores: the time dilation k the world runs at (the least that fits,
+    ``host_limits.fit_scenario``) and the options. Each agent gets its CPU share of this
+    host and its speed / k; every role is told k when it is not 1. Raises HostTooSmall."""
+    from edgepart.emulator.host_limits import fit_scenario
+
+    k = fit_scenario(scenario, reference_gflops, cores).time_dilation
+    told = ["--time-dilation", _number(k)] if k != 1.0 else []
+    options = {
+        d.name: [
+            "--cpu-share", _number(cpus(scenario, reference_gflops, k)[d.name]),
+            "--gflops", _number(d.compute_gflops / k), *told,
+        ]
+        for d in scenario.devices
+    }  # fmt: skip
+    return k, {**options, "controller": told, "testbed": told}
 
 
 def _dilated(options: RenderOptions) -> list[str]:
@@ -182,6 +198,9 @@ def render(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
     project = options.project or project_name(scenario)
     if options.swarm and options.reference_gflops is None:
         raise ValueError("a swarm stack has no start-up step: render it with this CPU's speed")
+    if options.time_dilation != 1.0 and options.reference_gflops is None:
+        raise ValueError("a time dilation needs this CPU's speed: without it the calibrate "
+                         "service chooses one at start-up")  # fmt: skip
     shares = (
         None
         if options.reference_gflops is None
@@ -341,10 +360,9 @@ def _agent(
         "--listen", f"0.0.0.0:{DATA_PORT}", "--advertise", f"{name}:{DATA_PORT}",
         "--testbed", testbed_name(scenario), "--model", model,
         "--memory-mib", _number(device.memory_mib),
-        *(["--cpu-share", _number(share)] if share is not None else []),
-        "--gflops", _number(device.compute_gflops / options.time_dilation),
+        *(_share_and_speed(device, share, options) if share is not None else []),
         "--profile", PROFILE, "--metrics-port", str(METRICS_PORT), "--shaping", "tc",
-        "--weight-cache", WEIGHT_CACHE_DIR, *_dilated(options),
+        "--weight-cache", WEIGHT_CACHE_DIR,
     ]  # fmt: skip
     secret_mounts, secret_files = _role_secrets(identity, options)
     service: dict[str, Any] = {**_common(options), "hostname": name}
@@ -367,6 +385,21 @@ def _agent(
     }
 
 
+def _share_and_speed(device: Device, share: float, options: RenderOptions) -> list[str]:
+    """A device agent's CPU share (cores), speed (GFLOP/s) and the world's dilation, when
+    they are known at render time (the calibrate service writes them otherwise)."""
+    speed = _number(device.compute_gflops / options.time_dilation)
+    return ["--cpu-share", _number(share), "--gflops", speed, *_dilated(options)]
+
+
+def _told_at_start(name: str, command: list[str], options: RenderOptions) -> dict[str, Any]:
+    """A role's command with the world's dilation: on it when known at render time, else
+    read at start-up from what the calibrate service wrote for ``name``."""
+    if options.reference_gflops is not None:
+        return {"command": [*command, *_dilated(options)]}
+    return {"entrypoint": _with_start_options(name), "command": command}
+
+
 def _controller(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
     """The controller's service: it plans and runs the job, the world left to the driver."""
     command = [
@@ -374,12 +407,12 @@ def _controller(scenario: Scenario, options: RenderOptions) -> dict[str, Any]:
         *_broker_auth(sec.CONTROLLER),
         "--algorithm", options.algorithm, "--testbed", testbed_name(scenario),
         "--profile", PROFILE, "--metrics-port", str(METRICS_PORT), "--metrics-host", "0.0.0.0",
-        "--world-driver", "--json", *_dilated(options),
+        "--world-driver", "--json",
     ]  # fmt: skip
     secret_mounts, secret_files = _role_secrets(sec.CONTROLLER, options)
     return {
         **_common(options),
-        "command": command,
+        **_told_at_start("controller", command, options),
         "volumes": [_scenario_mount(options), f"./cache:{CACHE_DIR}:ro", *secret_mounts],
         "networks": [NETWORK],
         "depends_on": _ready(options),
@@ -395,16 +428,17 @@ def _driver(scenario: Scenario, options: RenderOptions, project: str) -> dict[st
         "testbed", "drive", _scenario_path(options), "--broker", _broker_address(options),
         *_broker_auth(sec.DRIVER),
         "--testbed", testbed_name(scenario),
-        "--project", project, "--out", f"{TESTBED_DIR}/out", *_dilated(options),
+        "--project", project, "--out", f"{TESTBED_DIR}/out",
     ]  # fmt: skip
     secret_mounts, secret_files = _role_secrets(sec.DRIVER, options)
     healthy = {"condition": "service_healthy"}
     return {
         **_common(options),
         "attach": True,
-        "command": command,
+        **_told_at_start("testbed", command, options),
         "volumes": [
             _scenario_mount(options),
+            f"./cache:{CACHE_DIR}:ro",
             f"./out:{TESTBED_DIR}/out",
             # the `fail` trace is `docker kill` of the device's container
             "/var/run/docker.sock:/var/run/docker.sock",

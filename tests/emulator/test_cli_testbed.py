@@ -74,11 +74,21 @@ def test_the_start_up_services_write_shares_and_secrets(tmp_path, monkeypatch):
         return SimpleNamespace(reference_gflops=5.0)
 
     monkeypatch.setattr("edgepart.llm.host_profile.host_profile", profile)
+    start = tmp_path / "cache" / "start"
+    monkeypatch.setattr("edgepart.emulator.host_limits.host_cores", lambda: 8.0)
     calibrated = cli("calibrate", DEMO, "--out", tmp_path / "cache")
     assert calibrated.exit_code == 0, calibrated.output
-    start = tmp_path / "cache" / "start"
-    assert (start / "laptop").read_text() == "--cpu-share 0.6\n"  # 3 GFLOP/s of 5
-    assert (start / "pi4").read_text() == "--cpu-share 0.16\n"
+    assert "time dilation 1;" in calibrated.stdout
+    assert (start / "laptop").read_text() == "--cpu-share 0.6 --gflops 3\n"  # 3 GFLOP/s of 5
+    assert (start / "pi4").read_text() == "--cpu-share 0.16 --gflops 0.8\n"
+    assert (start / "controller").read_text() == "\n"  # k = 1: nothing to tell
+    # two cores: 2.0 of the devices' cores on 1.75 free, the world runs 1.14x slower
+    monkeypatch.setattr("edgepart.emulator.host_limits.host_cores", lambda: 2.0)
+    calibrated = cli("calibrate", DEMO, "--out", tmp_path / "cache")
+    assert calibrated.exit_code == 0, calibrated.output
+    told = (start / "controller").read_text().split()
+    assert told[0] == "--time-dilation" and float(told[1]) > 1.0
+    assert (start / "pi4").read_text().split()[-2:] == told
     assert (tmp_path / "cache" / "profile.json").is_file()
     made = cli("secrets", DEMO, "--out", tmp_path / "secrets")
     assert made.exit_code == 0 and "made" in made.stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from edgepart.emulator.compose import (
     start_options,
     write_project,
 )
+from edgepart.emulator.host_limits import RESERVED_CORES
 from edgepart.emulator.scenario import load_scenario, parse_scenario
 from edgepart.emulator.testbed_secrets import BROKER, identities, role_secrets
 
@@ -116,18 +118,43 @@ def test_a_portable_project_takes_each_share_from_the_host_at_start_up() -> None
     # the calibrate service measures the host that runs the project and writes the shares
     assert services["calibrate"]["command"][:2] == ["testbed", "calibrate"]
     assert "./cache:/cache" in services["calibrate"]["volumes"]
-    for d in scenario.devices:
-        service = services[d.name]
+    for name in (*scenario.device_names, "controller", "testbed"):
+        service = services[name]
         assert "cpus" not in service
-        assert _option(service["command"], "--cpu-share") is None
-        assert _option(service["command"], "--gflops") == f"{d.compute_gflops:g}"
+        for option in ("--cpu-share", "--gflops", "--time-dilation"):
+            assert _option(service["command"], option) is None  # known at start-up only
         entrypoint = service["entrypoint"]
-        assert entrypoint[:2] == ["sh", "-c"] and entrypoint[-1] == f"/cache/start/{d.name}"
+        assert entrypoint[:2] == ["sh", "-c"] and entrypoint[-1] == f"/cache/start/{name}"
         # compose would read a single $ as one of its variables
         assert "$$(cat" in entrypoint[2] and 'exec edgepart "$$@"' in entrypoint[2]
-    # what the calibrate service writes for each device, on hosts of two speeds
-    assert start_options(scenario, 4.0)["pi4"] == ["--cpu-share", f"{cpus(scenario, 4.0)['pi4']:g}"]
-    assert start_options(scenario, 8.0)["laptop"] == ["--cpu-share", "0.375"]
+        assert any(v.startswith("./cache:/cache") for v in service["volumes"])
+    # what the calibrate service writes, on hosts of two speeds with room for the devices
+    k, fast = start_options(scenario, 8.0, cores=8.0)
+    assert k == 1.0 and fast["laptop"] == ["--cpu-share", "0.375", "--gflops", "3"]
+    assert fast["controller"] == [] and fast["testbed"] == []
+    _, slow = start_options(scenario, 4.0, cores=8.0)
+    assert slow["pi4"][:2] == ["--cpu-share", f"{cpus(scenario, 4.0)['pi4']:g}"]
+
+
+def test_on_a_host_too_small_the_calibrate_service_dilates_time() -> None:
+    scenario, _ = _portable()
+    needed = sum(d.compute_gflops for d in scenario.devices) / 4.0  # cores at 4 GFLOP/s each
+    cores = RESERVED_CORES + needed / 2  # room for half of it: the world runs 2x slower
+    k, options = start_options(scenario, 4.0, cores)
+    assert k == pytest.approx(2.0, rel=0.01)
+    for d in scenario.devices:
+        assert _option(options[d.name], "--gflops") == f"{d.compute_gflops / k:g}"
+        assert float(_option(options[d.name], "--cpu-share")) == pytest.approx(
+            d.compute_gflops / 4.0 / k, abs=0.001
+        )
+    for role in (*scenario.device_names, "controller", "testbed"):
+        assert float(_option(options[role], "--time-dilation")) == pytest.approx(k)
+
+
+def test_dilation_without_the_host_speed_is_refused() -> None:
+    scenario, options = _portable()
+    with pytest.raises(ValueError, match="calibrate service chooses"):
+        render(scenario, replace(options, time_dilation=2.0))
 
 
 def test_the_broker_and_the_agents_are_waited_on_until_healthy() -> None:
