@@ -284,7 +284,7 @@ def test_a_time_dilation_below_one_or_on_the_sim_is_bad_input():
 def test_the_dilation_note_says_times_are_scenario_time():
     from edgepart.emulator.cli_common import dilation_note
 
-    assert dilation_note(1.0) == ""
+    assert dilation_note(1.0).startswith("time dilation 1: ")
     assert dilation_note(1.4) == (
         "this host runs the scenario 1.40x slower than real time (time dilation 1.40): "
         "every time below is scenario time"

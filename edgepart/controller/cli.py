@@ -365,9 +365,7 @@ def emulate(
     else:
         from edgepart.emulator.report import comparison_table
 
-        note = dilation_note(max(r.result.time_dilation for r in runs))
-        if note:
-            err.print(note, highlight=False)
+        err.print(dilation_note(max(r.result.time_dilation for r in runs)), highlight=False)
         for run in runs:
             out.print(f"[bold]{run.result.algorithm}[/]: ", end="")
             out.print(run.text, markup=False, highlight=False)

@@ -33,6 +33,20 @@ INSTALL_FIXED_GFLOP = 0.002
 INSTALL_GFLOP_PER_BYTE = 3e-10
 #: one command and its reply over the broker (s), until the live controller measured it
 CONTROL_RTT_PRIOR_S = 0.003
+#: the work a device spends per block a commit hands it, in GFLOP of its decode speed:
+#: parsing the block's state and adopting it in its compute thread. Fitted on the live
+#: commits of benchmarks/adaptation (demo and its variants, SmolLM2): a commit's measured
+#: time beyond its bytes, latency and control round trip came to 0.5-0.7 MFLOP per block
+#: at the receiving device's available speed
+COMMIT_BLOCK_GFLOP = 6e-4
+
+
+def commit_block_s(available_gflops: np.ndarray) -> np.ndarray:
+    """Seconds each device takes per block a commit hands it (``COMMIT_BLOCK_GFLOP`` at its
+    available speed); 0 on a device with no compute, where no block is placed."""
+    gflops = np.asarray(available_gflops, dtype=float)
+    with np.errstate(divide="ignore"):
+        return np.where(gflops > 0, COMMIT_BLOCK_GFLOP / gflops, 0.0)
 
 
 def transfer_s(view: ResourceView, src: np.ndarray, dst: np.ndarray, nbytes) -> np.ndarray:
@@ -241,12 +255,17 @@ def commit_s(
     n: float,
 ) -> np.ndarray | float:
     """The stall (s) of committing a prepared switch at context n: the moved KV caches over
-    their links (``migration_s``) plus one control round trip, 0 when nothing moves."""
+    their links, each block adopted by its target (``migration_s``), the targets'
+    acknowledgements back over the slowest link used, and one control round trip; 0 when
+    nothing moves."""
     x = _as_batch(assignment)
     moving = _as_array(migration_s(table, view, current, x, n))
     if current is not None:
-        any_move = ((x != np.asarray(current)) & (np.asarray(current) >= 0)).any(axis=1)
-        moving = moving + np.where(any_move, view.control_rtt_s, 0.0)
+        cur = np.asarray(current)
+        moved = (x != cur) & (cur >= 0)
+        src = np.broadcast_to(np.where(cur >= 0, cur, 0), x.shape)
+        acks = np.where(moved, view.latency_s[x, src], 0.0).max(axis=1)
+        moving = moving + np.where(moved.any(axis=1), acks + view.control_rtt_s, 0.0)
     return _squeeze(moving, assignment)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from edgepart.control_plane import protocol as proto
 from edgepart.controller.config import ControllerConfig
-from edgepart.controller.cost import CONTROL_RTT_PRIOR_S, install_prior_s
+from edgepart.controller.cost import CONTROL_RTT_PRIOR_S, commit_block_s, install_prior_s
 from edgepart.controller.view import PlanningWindow, ResourceView, with_hop_overheads
 from edgepart.llm.blocks import BlockKind
 
@@ -224,6 +224,7 @@ class TelemetryView:
             view,
             memory_bytes=memory,
             install_s=self.install_s(view.compute_gflops),
+            move_s_per_block=commit_block_s(view.compute_gflops),
             control_rtt_s=self.control_rtt_s,
         )
 

@@ -140,6 +140,23 @@ class _Broker:
         self.stop()
 
 
+class SnapshotSubscriptions(dict):
+    """amqtt's table of subscriptions, iterated over a snapshot.
+
+    amqtt 0.12's broker walks its subscriptions with an ``await`` inside the loop (the
+    retained messages of every topic, for each client that connects); a subscribe from
+    another client in between raised "dictionary changed size during iteration" and
+    dropped the connecting client, whose agent then waited out its reconnect. Iterating a
+    copy lets both go on; the table itself is shared as before.
+    """
+
+    def __iter__(self):
+        return iter(list(super().keys()))
+
+    def items(self):  # type: ignore[override]
+        return list(super().items())
+
+
 class EmbeddedBroker(_Broker):
     """An amqtt broker serving plain MQTT 3.1.1 on TCP from its own thread and event loop."""
 
@@ -154,6 +171,7 @@ class EmbeddedBroker(_Broker):
         self._stop_requested: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self.subscriptions: SnapshotSubscriptions | None = None  # the running broker's
 
     @property
     def running(self) -> bool:
@@ -221,6 +239,8 @@ class EmbeddedBroker(_Broker):
         self._loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
         broker = Broker(self._config())
+        broker._subscriptions = SnapshotSubscriptions(broker._subscriptions)
+        self.subscriptions = broker._subscriptions
         await broker.start()
         self._ready.set()
         try:

@@ -68,10 +68,10 @@ RoleDilationOpt = Annotated[
 
 
 def dilation_note(time_dilation: float) -> str:
-    """The line that says every time shown is scenario time (empty at k = 1)."""
+    """The line that says which time dilation a live run used, and so what its times are."""
     k = time_dilation
     if k <= 1.0:
-        return ""
+        return "time dilation 1: this host fits the scenario's devices, times are real time"
     return (
         f"this host runs the scenario {k:.2f}x slower than real time (time dilation "
         f"{k:.2f}): every time below is scenario time"

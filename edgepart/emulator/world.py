@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgepart.controller.cost import CONTROL_RTT_PRIOR_S, install_prior_s
+from edgepart.controller.cost import CONTROL_RTT_PRIOR_S, commit_block_s, install_prior_s
 from edgepart.controller.view import PlanningWindow, ResourceView
 from edgepart.emulator.scenario import (
     MIB,
@@ -100,7 +100,8 @@ class WorldState:
 
     def view(self, scenario: Scenario, window: PlanningWindow) -> ResourceView:
         """What a planner sees of this state (a snapshot: later changes do not leak into it),
-        with the prior time to build a block of each kind at each device's speed."""
+        with the prior times to build a block of each kind and to adopt a committed block
+        at each device's speed."""
         return ResourceView(
             devices=self.names,
             compute_gflops=self.available_gflops.copy(),
@@ -112,6 +113,7 @@ class WorldState:
             weights_from=scenario.weights_from,
             alive=self.reachable.copy(),
             install_s=install_prior_s(_table(scenario.model_spec()), self.available_gflops),
+            move_s_per_block=commit_block_s(self.available_gflops),
             control_rtt_s=CONTROL_RTT_PRIOR_S,
         )
 

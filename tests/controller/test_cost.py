@@ -460,12 +460,28 @@ def test_prepare_matches_the_reference(case, weights):
 
 @FAST
 @given(case=switch_cases(), n=st.integers(1, 400))
-def test_commit_is_the_moved_state_plus_one_round_trip(case, n):
+def test_commit_is_the_moved_state_its_acks_and_one_round_trip(case, n):
     table, view, current, x = case
-    moved = any(c >= 0 and c != d for c, d in zip(current, x, strict=True))
-    expected = ref_migration_s(table, view, current, x, n) + (view.control_rtt_s if moved else 0)
+    links = {(c, d) for c, d in zip(current, x, strict=True) if c >= 0 and c != d}
+    expected = ref_migration_s(table, view, current, x, n)
+    if links:  # the acknowledgements come back over the slowest link used
+        expected += max(float(view.latency_s[d, c]) for c, d in links) + view.control_rtt_s
     got = cost.commit_s(table, view, np.array(current), np.array(x), n)
     assert got == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_a_committed_block_costs_its_target_work_at_the_targets_speed(make_view):
+    lat = np.array([[0.0, 0.003], [0.007, 0.0]])
+    slow, fast = cost.commit_block_s(np.array([1.0, 4.0]))
+    assert slow == pytest.approx(cost.COMMIT_BLOCK_GFLOP) and fast == pytest.approx(slow / 4)
+    assert cost.commit_block_s(np.array([0.0])).tolist() == [0.0]  # no compute: no block
+    view = _two_devices(make_view, latency=lat)
+    view = replace(view, move_s_per_block=cost.commit_block_s(np.array([1.0, 4.0])))
+    cur = np.zeros(TINY.size, dtype=int)
+    x = cur.copy()
+    x[TINY.proj_id(0)] = 1  # a projection carries no state: latency, adoption, ack
+    assert cost.commit_s(TINY, view, cur, x, 50) == pytest.approx(0.003 + fast + 0.007)
+    assert cost.commit_s(TINY, view, x, cur, 50) == pytest.approx(0.007 + slow + 0.003)
 
 
 @FAST

@@ -19,6 +19,7 @@ from edgepart.emulator.broker import (
     BrokerUnavailable,
     EmbeddedBroker,
     Mosquitto,
+    SnapshotSubscriptions,
     free_port,
     mosquitto_available,
     parse_endpoint,
@@ -251,3 +252,19 @@ def test_parse_endpoint(text: str, expected: tuple[str, int]) -> None:
 def test_parse_endpoint_rejects(text: str, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         parse_endpoint(text)
+
+
+def test_subscriptions_change_while_the_broker_walks_them() -> None:
+    # amqtt walks its table with an await per topic while another client may subscribe
+    table = SnapshotSubscriptions({"a": [], "b": []})
+    for topic in table:
+        table[topic + "/new"] = []  # a plain dict raises "changed size during iteration"
+    for topic, _ in table.items():
+        del table[topic]
+    assert table == {}
+    broker = EmbeddedBroker()
+    broker.start()
+    try:
+        assert isinstance(broker.subscriptions, SnapshotSubscriptions)  # the running table
+    finally:
+        broker.stop()
