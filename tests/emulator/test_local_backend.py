@@ -226,7 +226,7 @@ def _agents_of(testbed: str) -> list[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"device_agent" in cmdline and testbed.encode() in cmdline:
+        if b"edgepart.device_agent" in cmdline and testbed.encode() in cmdline:
             found.append(int(entry))
     return found
 
