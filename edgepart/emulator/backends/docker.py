@@ -147,14 +147,11 @@ def run_docker(
     if fit.time_dilation > 1.0:
         say(f"time dilation {fit.time_dilation:.2f}: the world runs that many times slower")
     project = f"{project_name(scenario)}-{os.getpid()}"
+    broker_image = BROKER_IMAGE if image_exists(BROKER_IMAGE) else image
     options = RenderOptions(
-        project=project,
-        algorithm=algorithm,
-        image=image,
-        broker_image=BROKER_IMAGE if image_exists(BROKER_IMAGE) else image,
-        reference_gflops=profile.reference_gflops,
-        time_dilation=fit.time_dilation,
-    )
+        algorithm=algorithm, image=image, broker_image=broker_image, project=project,
+        reference_gflops=profile.reference_gflops, time_dilation=fit.time_dilation,
+    )  # fmt: skip
     directory = work_dir / project
     write_project(scenario, scenario_text, directory, options, cache_path(ref, threads=1))
     # the same scenario run again in this process reuses the directory: a result left by
