@@ -138,29 +138,27 @@ def run_live(scenario, algorithm: str, backend: str, work_dir: Path, reference,
     return {**summarise(record, reference), "wall_s": time.perf_counter() - t0}
 
 
-def run_sim(scenario, algorithm: str) -> dict[str, Any]:
-    """The same scenario and algorithm on the sim backend."""
+def run_sims(scenario, algorithms: list[str]) -> dict[str, Any]:
+    """The same scenario on the sim backend under every algorithm (their SimResults)."""
     from edgepart.controller.placement import make_algorithm
     from edgepart.emulator.backends.sim import simulate
 
-    return summarise(simulate(scenario, make_algorithm(algorithm)).record(), None)
+    return {a: simulate(scenario, make_algorithm(a)) for a in algorithms}
 
 
-def bound_ratio(scenario) -> float | None:
+def bound_ratio(scenario, sims: dict[str, Any]) -> float | None:
     """The zero-lag floor under R on the cost model (``edgepart.emulator.bound``): every
     change met at once, at no cost, by the myopic planner's fresh placement or any placement
-    the sim's runs used; over the best static total. None when a sim run failed."""
+    the sim runs ``sims`` used; over the best static total. None when a sim run failed."""
     from edgepart.controller.placement import make_algorithm
-    from edgepart.emulator.backends.sim import simulate
     from edgepart.emulator.bound import zero_lag_per_token_s
 
-    runs = {a: simulate(scenario, make_algorithm(a)) for a in ("myopic", *STATIC)}
-    if any(r.failure for r in runs.values()):
+    if any(r.failure for r in sims.values()):
         return None
     floor = zero_lag_per_token_s(
-        scenario, make_algorithm("myopic"), [r.per_token_s for r in runs.values()]
+        scenario, make_algorithm("myopic"), [r.per_token_s for r in sims.values()]
     )
-    return sum(floor) / min(runs[a].total_s for a in STATIC)
+    return sum(floor) / min(sims[a].total_s for a in STATIC)
 
 
 def ratio(runs: dict[str, dict]) -> float | None:
@@ -188,7 +186,8 @@ def run_scenario(scenario, repetitions: int, backend: str, out: Path,
             _say(run)
             runs[algorithm] = run
         reps.append({"order": order, "runs": runs, "R": ratio(runs)})
-    sim = {a: run_sim(scenario, a) for a in algorithms}
+    sims = run_sims(scenario, algorithms)
+    sim = {a: summarise(r.record(), None) for a, r in sims.items()}
     return {
         "scenario": scenario.name,
         "backend": backend,
@@ -197,7 +196,7 @@ def run_scenario(scenario, repetitions: int, backend: str, out: Path,
         "repetitions": reps,
         "sim": sim,
         "sim_R": ratio(sim),
-        "R_floor": bound_ratio(scenario),
+        "R_floor": bound_ratio(scenario, sims),
         **scenario_numbers(reps, scenario.replan_every),
     }
 

@@ -170,21 +170,24 @@ def start_options(
     from edgepart.emulator.host_limits import fit_scenario
 
     k = fit_scenario(scenario, reference_gflops, cores).time_dilation
-    told = ["--time-dilation", _number(k)] if k != 1.0 else []
+    told = _dilation_option(k)
+    shares = cpus(scenario, reference_gflops, k)
     options = {
-        d.name: [
-            "--cpu-share", _number(cpus(scenario, reference_gflops, k)[d.name]),
-            "--gflops", _number(d.compute_gflops / k), *told,
-        ]
+        d.name: ["--cpu-share", _number(shares[d.name]), "--gflops", _number(d.compute_gflops / k),
+                 *told]
         for d in scenario.devices
     }  # fmt: skip
     return k, {**options, "controller": told, "testbed": told}
 
 
-def _dilated(options: RenderOptions) -> list[str]:
-    """The option that tells a role the world's time dilation (none at k = 1)."""
-    k = options.time_dilation
+def _dilation_option(k: float) -> list[str]:
+    """The option that tells a role the world's time dilation k (none at k = 1)."""
     return ["--time-dilation", _number(k)] if k != 1.0 else []
+
+
+def _dilated(options: RenderOptions) -> list[str]:
+    """The dilation option of a render whose k is known (``RenderOptions.time_dilation``)."""
+    return _dilation_option(options.time_dilation)
 
 
 def mem_limit_mib(memory_mib: float) -> int:
