@@ -74,14 +74,15 @@ def parser() -> argparse.ArgumentParser:
 def config_from_args(argv: list[str] | None = None) -> AgentConfig:
     """Parse the command line into an AgentConfig (exits 2 on bad input)."""
     args = parser().parse_args(argv)
-    profile = None
+    profile = opened = None
     if args.profile is not None:
         from edgepart.llm.blocks import block_table
         from edgepart.llm.calibration import ComputeProfile
         from edgepart.llm.loader import open_model
 
         try:
-            table = block_table(open_model(args.model).arch.spec)
+            opened = open_model(args.model)
+            table = block_table(opened.arch.spec)
             profile = ComputeProfile.load(args.profile, table)
         except (OSError, ValueError, KeyError) as exc:
             parser().error(f"--profile {args.profile}: {exc}")
@@ -125,6 +126,7 @@ def config_from_args(argv: list[str] | None = None) -> AgentConfig:
         join_file=args.join_file,
         weight_cache=weight_cache,
         time_dilation=args.time_dilation,
+        opened=opened,
     )
 
 

@@ -31,7 +31,7 @@ import sys
 import time
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import aiomqtt
@@ -56,7 +56,7 @@ from edgepart.device_agent.telemetry import CpuMeter, PeerProbes
 from edgepart.device_agent.wire import Frame, FrameError, Kind
 from edgepart.llm.blocks import block_table
 from edgepart.llm.calibration import ComputeProfile, calibrated_table
-from edgepart.llm.loader import open_model
+from edgepart.llm.loader import OpenModel, open_model
 from edgepart.llm.runtime import BlockHost
 from edgepart.llm.weight_cache import WeightCache
 
@@ -103,6 +103,9 @@ class AgentConfig:
     #: cpu_share, nominal_gflops and the link rates are already divided by it): waits on
     #: links and on peers' work are k times longer
     time_dilation: float = 1.0
+    #: the model as the command line already opened it (None: opened from ``model``);
+    #: opening SmolLM2's GGUF takes a second of start-up, so it is done once
+    opened: OpenModel | None = field(default=None, repr=False, compare=False)
 
 
 class Agent:
@@ -112,7 +115,7 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.name = config.name
-        opened = open_model(config.model)
+        opened = config.opened or open_model(config.model)
         self.spec = opened.arch.spec
         cache = _weight_cache(config.weight_cache, opened.file.path)
         host = BlockHost(self.name, opened.source, opened.arch, torch.float32, cache)

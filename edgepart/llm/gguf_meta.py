@@ -7,6 +7,7 @@ memory-mapped: nothing but the header is touched until a tensor is read.
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,14 +34,39 @@ def import_gguf() -> Any:
     return gguf
 
 
+@cache
+def _reader_class() -> type:
+    """gguf.GGUFReader, parsing over a plain ndarray view of its memory map.
+
+    The reader slices its np.memmap once per header item, and each memmap slice runs
+    Python-level bookkeeping: SmolLM2's 98,000 vocabulary strings took 1.8 s to parse
+    (each agent's start-up), 0.5 s over the plain view. The slices still share the map.
+    """
+    import numpy as np
+
+    gguf = import_gguf()
+
+    class PlainViewReader(gguf.GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
+            count = int(count)
+            end = offset + np.dtype(dtype).itemsize * count
+            arr = plain[offset:end].view(dtype=dtype)[:count]
+            order = self.byte_order if override_order is None else override_order
+            return arr.view(arr.dtype.newbyteorder(order))
+
+    return PlainViewReader
+
+
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
     """A memory-mapped reader of a GGUF file; raises FileNotFoundError, ImportError, ValueError."""
-    gguf = import_gguf()
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no such file: {p}")
     try:
-        return gguf.GGUFReader(str(p), "r")
+        return _reader_class()(str(p), "r")
     except ValueError as e:  # bad magic, unknown version, truncated header
         raise ValueError(f"{p} is not a readable GGUF file: {e}") from None
 

