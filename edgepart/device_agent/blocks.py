@@ -138,10 +138,14 @@ class DeviceBlocks:
     def block_bytes(self, block: str, length: int) -> int:
         """Bytes a block will take when held with ``length`` cached positions."""
         kind = parse_block_name(block).kind
+        # the planner pins source_weight_bytes (embeddings, final norm and LM head) on the
+        # source: "embed" and "head" split exactly that, so both sides count the same bytes
+        spec = self.spec
+        head = 0 if spec.tied_embeddings else spec.vocab * spec.d_model * spec.bytes_per_element
         if kind == "embed":
-            return int(self.table.source_weight_bytes)
+            return int(self.table.source_weight_bytes) - head
         if kind == "head":
-            return 0 if self.spec.tied_embeddings else int(self.table.source_weight_bytes // 2)
+            return head
         return int(self.table.memory_bytes(length)[self.table.index(block)])
 
     def admit(self, blocks: Sequence[str], length: int) -> None:
