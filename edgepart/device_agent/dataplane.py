@@ -381,6 +381,11 @@ class DataPlane:
                     )
                     continue
                 await self._on_frame(frame)
+        except asyncio.CancelledError:
+            # close() cancels the stream's reader; Python 3.11's start_server then calls
+            # task.exception() on it, which raises and logs a traceback for every stream
+            # at shutdown: end as a hung-up stream ends (nothing awaits this task)
+            return
         finally:
             if task is not None:
                 self._readers.discard(task)
