@@ -30,6 +30,54 @@ _DELIBERATE: list[int] = []
 pytest_plugins = ("ci_skips",)
 
 
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF (`make model` fetches it)."""
+    from edgepart.llm.files import preset_file
+
+    try:
+        return preset_file("smollm2-135m")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def transformers_smollm2(smollm2_path: Path) -> Any:
+    """transformers' float32 model of that GGUF, the reference of the engine, loader and
+    CLI tests: loaded once (it dequantises for 15 s), used read-only."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_live_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random Llama (4 layers, 4 heads in 2 KV groups, d_model 128) with a byte-level
+    tokenizer, as a Hugging Face folder: for live runs whose subject is the control flow,
+    not the model; it loads and computes in milliseconds where SmolLM2 takes seconds."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("tiny-live")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    vocab = {char: i for i, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer, tokenizer.decoder = byte_level, decoders.ByteLevel()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = transformers.LlamaConfig(
+        hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
+        intermediate_size=256, vocab_size=len(vocab), tie_word_embeddings=False,
+        rope_theta=10000.0, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        initializer_range=0.2,  # wide weights: the greedy continuation varies
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
 
 
 @pytest.fixture(scope="session", autouse=True)

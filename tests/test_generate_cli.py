@@ -11,7 +11,6 @@ import transformers
 from typer.testing import CliRunner
 
 from edgepart.controller.cli import app
-from edgepart.llm.files import preset_file
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 PROMPT = "The capital of France is"
@@ -25,14 +24,11 @@ def generate(*args: str):
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(smollm2_path, transformers_smollm2):
     """transformers' tokenizer and model on the same GGUF file."""
-    path = preset_file("smollm2-135m")
+    path = smollm2_path
     tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    )
-    return tok, model
+    return tok, transformers_smollm2
 
 
 def greedy(model, ids: torch.Tensor, new_tokens: int) -> list[int]:

@@ -46,9 +46,12 @@ def make_scenario(**changes) -> Scenario:
 
 
 @cache
-def reference_ids(tokens: int = SCENARIO["generate_tokens"]) -> list[int]:
-    """The monolithic model's first ``tokens`` greedy ids after the base scenario's prompt."""
-    opened = open_model("smollm2-135m")
+def reference_ids(
+    tokens: int = SCENARIO["generate_tokens"], model: str = "smollm2-135m"
+) -> list[int]:
+    """The monolithic ``model``'s first ``tokens`` greedy ids after the base scenario's
+    prompt."""
+    opened = open_model(model)
     ids = prompt_ids(make_scenario(), opened.tokenizer)
     model = monolithic(opened.source, opened.arch)
     return model.greedy(ids, tokens)

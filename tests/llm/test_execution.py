@@ -27,7 +27,6 @@ from edgepart.llm.blocks import (  # noqa: E402
     proj_weight_bytes,
     source_weight_bytes,
 )
-from edgepart.llm.files import preset_file  # noqa: E402
 from edgepart.llm.gguf_source import open_gguf_model  # noqa: E402
 from edgepart.llm.model import ModelSpec  # noqa: E402
 from edgepart.llm.runtime import BlockHost, PartitionedModel, monolithic  # noqa: E402
@@ -79,12 +78,10 @@ class Reference:
 def ref(request: pytest.FixtureRequest, tiny_checkpoint: Callable[[str], Path]) -> Reference:
     name = request.param
     if name == "smollm2-gguf":
-        path = preset_file("smollm2-135m")
+        path = request.getfixturevalue("smollm2_path")
         directory = path.parent
         source, arch = open_gguf_model(path)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            directory, gguf_file=path.name, dtype=torch.float32
-        )
+        model = request.getfixturevalue("transformers_smollm2")
     else:
         directory = tiny_checkpoint(name)
         source, arch = open_hf_model(directory)

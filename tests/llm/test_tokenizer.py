@@ -16,7 +16,6 @@ import pytest
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from edgepart.llm.files import preset_file  # noqa: E402
 from edgepart.llm.tokenizer import Tokenizer, bytes_to_unicode  # noqa: E402
 
 TEXTS = [
@@ -43,14 +42,6 @@ CONVERSATIONS = [
         {"role": "user", "content": "And grass?"},
     ],
 ]
-
-
-@pytest.fixture(scope="session")
-def smollm2_path() -> Path:
-    try:
-        return preset_file("smollm2-135m")
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="session")
