@@ -4,6 +4,8 @@
   docker backend), the roles of a testbed: ``agent`` (its options in
   ``edgepart.controller.cli_agent``), ``controller``, ``calibrate``; ``fetch-model``; ``--version``.
 - ``edgepart testbed ...``: the Docker testbed's sub-app, in ``edgepart.emulator.cli``.
+- ``edgepart scenario new|check``: seeded random scenarios and checking a file, in
+  ``edgepart.emulator.cli_scenario``.
 - The consoles, common options and exits: ``edgepart.emulator.cli_common``. Every command that
   takes ``-a/--algorithm`` takes a comma list; every output folder is ``--out``.
 
@@ -27,7 +29,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edgepart.controller.placement import NoFeasiblePlacement, make_algorithm
+from edgepart.controller.placement import NoFeasiblePlacement, PluginError, make_algorithm
 from edgepart.emulator.cli import testbed_app
 from edgepart.emulator.cli_common import (
     AlgorithmOpt,
@@ -47,6 +49,7 @@ from edgepart.emulator.cli_common import (
     open_scenario,
     out,
 )
+from edgepart.emulator.cli_scenario import scenario_app
 from edgepart.emulator.scenario import Scenario
 
 if TYPE_CHECKING:  # the backends are imported by the commands that run them
@@ -98,6 +101,8 @@ def plan(scenario: ScenarioArg, algorithm: AlgorithmOpt = "myopic", json_: JsonO
         started = time.perf_counter()
         try:
             decision = first_decision(sc, check_algorithm(name))
+        except PluginError as exc:
+            raise fail(str(exc), 1) from None
         except NoFeasiblePlacement as exc:
             decision = None
             failures.append(str(exc) if len(names) == 1 else f"{name}: {exc}")
@@ -217,9 +222,16 @@ def _greedy(runner, ids: list[int], max_new_tokens: int, eos_id, quiet: bool) ->
 
 
 def _run(sc: Scenario, name: str, show_progress: bool) -> SimResult:
+    algo = check_algorithm(name)
+    try:
+        return _simulate(sc, name, algo, show_progress)
+    except PluginError as exc:
+        raise fail(str(exc), 1) from None
+
+
+def _simulate(sc: Scenario, name: str, algo, show_progress: bool) -> SimResult:
     from edgepart.emulator.backends.sim import simulate
 
-    algo = check_algorithm(name)
     if not show_progress:
         return simulate(sc, algo)
     with Progress(
@@ -668,6 +680,7 @@ def fetch_model(
 
 
 app.add_typer(testbed_app, name="testbed")
+app.add_typer(scenario_app, name="scenario")
 
 
 def main() -> None:  # pragma: no cover - console entry

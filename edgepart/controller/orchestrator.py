@@ -33,7 +33,12 @@ from edgepart.controller import cost, switch
 from edgepart.controller.agent_link import AgentLink
 from edgepart.controller.config import ControllerConfig
 from edgepart.controller.deployment import Deployment
-from edgepart.controller.placement import NoFeasiblePlacement, Placement, make_algorithm
+from edgepart.controller.placement import (
+    NoFeasiblePlacement,
+    Placement,
+    PluginError,
+    make_algorithm,
+)
 from edgepart.controller.result import ControllerError, RunResult, TokenRecord
 from edgepart.controller.switching import Switching
 from edgepart.controller.telemetry_view import ConfiguredView, TelemetryView
@@ -160,7 +165,10 @@ class Controller:
     async def _generation(self, start: float) -> RunResult:
         await self.link.session.connected()
         try:
-            await self._generate()
+            try:
+                await self._generate()
+            except PluginError as exc:  # a plugin planner's fault, named: the run fails
+                raise ControllerError(str(exc)) from exc
         except (ControllerError, NoFeasiblePlacement) as exc:
             self._finish(start)
             if self.config.announce:

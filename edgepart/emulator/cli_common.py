@@ -23,7 +23,12 @@ from typing import Annotated, Literal
 import typer
 from rich.console import Console
 
-from edgepart.controller.placement import ALGORITHMS, PlacementAlgorithm, make_algorithm
+from edgepart.controller.placement import (
+    PlacementAlgorithm,
+    PluginError,
+    algorithm_names,
+    make_algorithm,
+)
 from edgepart.emulator.scenario import Scenario, ScenarioError, load_scenario
 
 # wide enough for the comparison table when piped (make demo, CI logs)
@@ -34,7 +39,9 @@ ScenarioArg = Annotated[Path, typer.Argument(help="Scenario file (YAML, version 
 AlgorithmOpt = Annotated[
     str,
     typer.Option(
-        "--algorithm", "-a", help=f"One or several, comma-separated, of: {', '.join(ALGORITHMS)}."
+        "--algorithm",
+        "-a",
+        help=f"One or several, comma-separated, of: {', '.join(algorithm_names())}.",
     ),
 ]
 Telemetry = Literal["measured", "configured"]
@@ -100,13 +107,16 @@ def check_algorithm(name: str) -> PlacementAlgorithm:
         return make_algorithm(name)
     except KeyError as exc:
         raise fail(str(exc.args[0]), 2) from None
+    except PluginError as exc:
+        raise fail(str(exc), 2) from None
 
 
 def check_algorithms(text: str) -> list[str]:
     """The names of a comma-separated --algorithm (exit 2 for none or an unknown one)."""
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
-        raise fail(f"--algorithm {text!r} names no algorithm; known: {', '.join(ALGORITHMS)}", 2)
+        known = ", ".join(algorithm_names())
+        raise fail(f"--algorithm {text!r} names no algorithm; known: {known}", 2)
     for name in names:
         check_algorithm(name)
     return names

@@ -327,6 +327,7 @@ def random_scenario(
     latency_ms: tuple[float, float] = (0.2, 2.0),
     memory_scale: float = 1.0,
     traces: Literal["none", "load-and-bandwidth"] = "none",
+    trace_events: int | None = None,
     weights_from: Literal["disk", "peer"] = "disk",
     profile: TierProfile = TierProfile(),
     memory_drop: bool = False,
@@ -340,8 +341,9 @@ def random_scenario(
     Devices are d0, d1, ...; d0 (the first cloud device) is the source.
     `model` is a preset name or a scenario `model:` mapping. memory_scale multiplies every
     device's memory (on top of profile.memory_scale). traces="load-and-bandwidth" adds
-    max(2, generate_tokens // 16) events at random tokens, each a background load U(0, 0.6)
-    on a random device or a bandwidth drop x U(0.1, 0.5) on a random pair; memory_drop
+    ``trace_events`` (default max(2, generate_tokens // 16)) events at random tokens, each a
+    background load U(0, 0.6) on a random device or a bandwidth drop x U(0.1, 0.5) on a
+    random pair; memory_drop
     adds one memory drop on a non-source device, kept small enough that the model still
     fits (skipped when there is no slack).
     """
@@ -379,7 +381,10 @@ def random_scenario(
     mem, need = _fit_memory(data, fit)
 
     if traces == "load-and-bandwidth":
-        data["traces"] = _load_and_bandwidth_traces(g, n, generate_tokens, links)
+        events = max(2, generate_tokens // 16) if trace_events is None else trace_events
+        if events < 0:
+            raise ValueError(f"trace_events must be >= 0, got {events}")
+        data["traces"] = _load_and_bandwidth_traces(g, n, generate_tokens, links, events)
     elif traces != "none":
         raise ValueError(f"traces must be 'none' or 'load-and-bandwidth', got {traces!r}")
     if memory_drop and n > 1:
@@ -447,8 +452,8 @@ def _load_and_bandwidth_traces(
     n: int,
     generate_tokens: int,
     links: dict[tuple[int, int], tuple[float, float]],
+    events: int,
 ) -> list[dict[str, Any]]:
-    events = max(2, generate_tokens // 16)
     tokens = np.sort(g.integers(0, generate_tokens, events))
     pairs = sorted(links)
     bandwidth = {p: links[p][0] for p in pairs}

@@ -20,8 +20,11 @@ forced: forced re-plans relocate the fewest bytes within a slack of the best (sh
 optimal).
 layers: contiguous layer splits, shared by the layer baselines and myopic's seeds.
 
-``ALGORITHMS`` names every planner for the command line and the backends; ``make_algorithm``
-makes a fresh one.
+plugins: planners of other installed packages (the ``edgepart.planners`` entry points),
+their placements checked.
+
+``ALGORITHMS`` names the built-in planners, ``algorithm_names`` these and the plugins' for the
+command line and the backends; ``make_algorithm`` makes a fresh one of either.
 
 Imports: ``edgepart.llm.blocks``, ``edgepart.controller.view`` and ``edgepart.controller.cost`` only
 (pure: no I/O, no MQTT); the live controller and the simulator build on the planners, never the
@@ -38,6 +41,7 @@ from edgepart.controller.placement.galaxy import GalaxyPlanner
 from edgepart.controller.placement.memory_proportional import MemoryProportionalPlanner
 from edgepart.controller.placement.myopic import MyopicPlanner
 from edgepart.controller.placement.optimal import OptimalPlanner
+from edgepart.controller.placement.plugins import PluginError, load_plugin, plugin_names
 from edgepart.controller.placement.static_heads import StaticHeadsPlanner
 
 ALGORITHMS: dict[str, Callable[[], PlacementAlgorithm]] = {
@@ -52,12 +56,21 @@ ALGORITHMS: dict[str, Callable[[], PlacementAlgorithm]] = {
 LAYER_METHODS = ("edgeshard", "memory-proportional")
 
 
+def algorithm_names() -> list[str]:
+    """Every planner a run can name: the built-ins, then the installed plugins'."""
+    return [*ALGORITHMS, *plugin_names(frozenset(ALGORITHMS))]
+
+
 def make_algorithm(name: str) -> PlacementAlgorithm:
-    """A fresh instance of the named algorithm; raises KeyError naming the known ones."""
-    try:
+    """A fresh instance of the named algorithm, built-in or plugin; raises KeyError naming
+    the known ones (PluginError when a plugin does not load)."""
+    if name in ALGORITHMS:
         return ALGORITHMS[name]()
+    try:
+        return load_plugin(name)
     except KeyError:
-        raise KeyError(f"unknown algorithm {name!r}; known: {', '.join(ALGORITHMS)}") from None
+        known = ", ".join(algorithm_names())
+        raise KeyError(f"unknown algorithm {name!r}; known: {known}") from None
 
 
 __all__ = [
@@ -66,5 +79,7 @@ __all__ = [
     "NoFeasiblePlacement",
     "Placement",
     "PlacementAlgorithm",
+    "PluginError",
+    "algorithm_names",
     "make_algorithm",
 ]
