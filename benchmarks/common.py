@@ -202,13 +202,9 @@ def tokens_per_s(per_token_s: Sequence[float]) -> float | None:
 def monolithic_reference_ids(scenario: Any) -> list[int]:
     """The greedy ids of the whole model on one host for the scenario's prompt and length:
     what every partitioned run must reproduce (a partition must not change the tokens)."""
-    from edgepart.emulator.job import model_ref, prompt_ids
-    from edgepart.llm.loader import open_model
-    from edgepart.llm.runtime import monolithic
+    from edgepart.emulator.job import reference_ids
 
-    opened = open_model(model_ref(scenario))
-    ids = prompt_ids(scenario, opened.tokenizer)
-    return list(monolithic(opened.source, opened.arch).greedy(ids, scenario.generate_tokens))
+    return reference_ids(scenario)
 
 
 def run_numbers(result: Any) -> dict[str, Any]:

@@ -5,7 +5,8 @@
   ``edgepart.controller.cli_agent``), ``controller``, ``calibrate``; ``fetch-model``; ``--version``.
 - ``edgepart testbed ...``: the Docker testbed's sub-app, in ``edgepart.emulator.cli``.
 - ``edgepart scenario new|check``: seeded random scenarios and checking a file, in
-  ``edgepart.emulator.cli_scenario``.
+  ``edgepart.emulator.cli_scenario``; ``edgepart sweep``: a grid of runs into CSV, in
+  ``edgepart.emulator.cli_sweep``.
 - The consoles, common options and exits: ``edgepart.emulator.cli_common``. Every command that
   takes ``-a/--algorithm`` takes a comma list; every output folder is ``--out``.
 
@@ -50,6 +51,7 @@ from edgepart.emulator.cli_common import (
     out,
 )
 from edgepart.emulator.cli_scenario import scenario_app
+from edgepart.emulator.cli_sweep import sweep_command
 from edgepart.emulator.scenario import Scenario
 
 if TYPE_CHECKING:  # the backends are imported by the commands that run them
@@ -681,6 +683,7 @@ def fetch_model(
 
 app.add_typer(testbed_app, name="testbed")
 app.add_typer(scenario_app, name="scenario")
+app.command("sweep")(sweep_command)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -43,6 +43,17 @@ def model_ref(scenario: Scenario) -> str:
     )
 
 
+def reference_ids(scenario: Scenario) -> list[int]:
+    """The greedy ids of the whole model on one host for the scenario's prompt and length:
+    what every partitioned run must reproduce (a partition must not change the tokens)."""
+    from edgepart.llm.loader import open_model
+    from edgepart.llm.runtime import monolithic
+
+    opened = open_model(model_ref(scenario))
+    ids = prompt_ids(scenario, opened.tokenizer)
+    return list(monolithic(opened.source, opened.arch).greedy(ids, scenario.generate_tokens))
+
+
 def prompt_ids(scenario: Scenario, tokenizer) -> list[int]:
     """The prompt's token ids: the scenario's text, or the default text cut to prompt_tokens."""
     if scenario.prompt is not None:
