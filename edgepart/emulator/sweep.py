@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import os
 import platform
+import re
 import statistics
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -159,7 +160,9 @@ def _scenarios(path: Path, i: int, entry: Any, seeds: list[int]) -> list[GridSce
         and isinstance(entry["generate"], dict)
     ):
         options = entry["generate"]
-        stem = "gen-" + "-".join(f"{k}{v}" for k, v in sorted(options.items()))
+        spec = "-".join(f"{k}{v}" for k, v in sorted(options.items()))
+        stem = "gen-" + re.sub(r"[^A-Za-z0-9._-]+", "_", spec)  # a file name: plots use it
+        options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
         return [GridScenario(f"{stem}-s{seed}", generate=tuple(sorted(options.items())),
                              seed=seed) for seed in seeds]  # fmt: skip
     raise GridError(f"{path}: scenarios[{i}]: a file name or {{generate: {{options}}}}")
