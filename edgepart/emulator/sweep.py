@@ -15,7 +15,8 @@ grid's order on even repetitions and reversed on odd ones (so no algorithm alway
 first on a warm or cold host). ``Sweep`` runs what ``runs.csv`` in its folder does not hold
 yet (an interrupted sweep resumes where it stopped; each run is written once): sim runs
 in parallel processes, live ones one at a time. Each finished run appends its tokens to
-``tokens.csv`` and then its row to ``runs.csv`` (``RUN_COLUMNS``, ``TOKEN_COLUMNS``).
+``tokens.csv`` and then its row to ``runs.csv`` (``RUN_COLUMNS``, ``TOKEN_COLUMNS``;
+``wall_s`` is the whole run's wall time, a live run's start-up and teardown included).
 ``relative_totals`` is the summary: each algorithm's total against the best static split's.
 """
 
@@ -26,6 +27,7 @@ import os
 import platform
 import re
 import statistics
+import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -40,7 +42,7 @@ from edgepart.emulator.scenario import Scenario, load_scenario
 RUN_COLUMNS = (
     "scenario", "algorithm", "backend", "repetition", "seed", "host", "time_dilation",
     "total_s", "decode_s", "stall_s", "tokens_per_s", "migrations", "moved_bytes",
-    "peak_memory_bytes", "median_prediction_error", "ids_match_reference",
+    "peak_memory_bytes", "median_prediction_error", "ids_match_reference", "wall_s",
 )  # fmt: skip
 TOKEN_COLUMNS = (
     "scenario", "algorithm", "backend", "repetition", "seed",
@@ -220,8 +222,10 @@ def _simulate(scenario: GridScenario, key: RunKey) -> tuple[dict, list[dict]]:
     from edgepart.controller.placement import make_algorithm
     from edgepart.emulator.backends.sim import simulate
 
+    started = time.monotonic()
     record = simulate(scenario.load(), make_algorithm(key.algorithm)).record()
-    return run_rows(key, record, None)
+    run, tokens = run_rows(key, record, None)
+    return {**run, "wall_s": time.monotonic() - started}, tokens
 
 
 class Sweep:
@@ -262,6 +266,7 @@ class Sweep:
         sc = scenario.load()
         if scenario.name not in self._references:
             self._references[scenario.name] = reference_ids(sc)
+        started = time.monotonic()  # start-up and teardown included
         work_dir = self.out_dir / "work" / f"{key.scenario}-{key.algorithm}-{key.repetition}"
         if key.backend == "local":
             from edgepart.emulator.backends.local import run_local
@@ -274,7 +279,8 @@ class Sweep:
                 raise GridError(f"{key.scenario}: the docker backend runs scenario files only")
             text = scenario.path.read_text(encoding="utf-8")
             record = run_docker(sc, text, key.algorithm, work_dir=work_dir)
-        return run_rows(key, record, self._references[scenario.name])
+        run, tokens = run_rows(key, record, self._references[scenario.name])
+        return {**run, "wall_s": time.monotonic() - started}, tokens
 
     def _write(self, key: RunKey, run: dict, tokens: list[dict], on_done) -> None:
         # tokens first: a run in runs.csv always has its tokens (a resume drops the tokens
