@@ -62,11 +62,12 @@ def _reader_class() -> type:
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
     """A memory-mapped reader of a GGUF file; raises FileNotFoundError, ImportError, ValueError."""
+    reader = _reader_class()  # ImportError first: without gguf no file can be read
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no such file: {p}")
     try:
-        return _reader_class()(str(p), "r")
+        return reader(str(p), "r")
     except ValueError as e:  # bad magic, unknown version, truncated header
         raise ValueError(f"{p} is not a readable GGUF file: {e}") from None
 
