@@ -156,6 +156,8 @@ class BrokerSession:
         self.ever_connected = False
         self._client: aiomqtt.Client | None = None  # while connected
         self._ready = asyncio.Event()  # set while publishing may go on
+        #: set when the current connection is lost: what waits on it stops waiting
+        self._connection_lost = asyncio.Event()
         self._resume: asyncio.Task | None = None
         self._pending: dict[str, asyncio.Future] = {}  # request id -> its reply, to come
         #: what goes out again after a reconnect until it is answered: key -> (topic, payload)
@@ -211,6 +213,7 @@ class BrokerSession:
         for topic in self.subscriptions:
             await client.subscribe(topic, qos=1)
         reconnect = self.ever_connected
+        self._connection_lost = asyncio.Event()
         self._client = client
         self.ever_connected = True
         if self.hooks.on_connected is not None:
@@ -231,6 +234,7 @@ class BrokerSession:
         self._ready.set()
 
     def _lose(self, exc: Exception) -> None:
+        self._connection_lost.set()
         self._client = None
         self._ready.clear()
         self.losses += 1
@@ -277,7 +281,7 @@ class BrokerSession:
         for attempt in itertools.count():
             client = await self.connected()
             try:
-                await client.publish(topic, payload, qos=qos, retain=retain)
+                await self._until_lost(client.publish(topic, payload, qos=qos, retain=retain))
                 return
             except aiomqtt.MqttError as exc:
                 # a lost link is the reconnect loop's to notice; a slow one is tried again
@@ -287,6 +291,23 @@ class BrokerSession:
                 if attempt >= PUBLISH_ATTEMPTS:
                     raise self.error(f"cannot publish on {topic}") from None
                 await asyncio.sleep(PUBLISH_PAUSE_S * (attempt + 1))
+
+    async def _until_lost(self, operation: Awaitable[None]) -> None:
+        """An operation on the current connection, given up (aiomqtt.MqttError) once that
+        connection is lost: aiomqtt waits for a publish's acknowledgement until its timeout
+        (30 s) even after the broker went, and the reconnect sends it again anyway."""
+        lost = self._connection_lost
+        waiting = asyncio.ensure_future(operation)
+        watch = asyncio.ensure_future(lost.wait())
+        try:
+            await asyncio.wait({waiting, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not waiting.done():
+                waiting.cancel()
+        if not waiting.done() or waiting.cancelled():
+            raise aiomqtt.MqttError("the connection to the broker was lost")
+        waiting.result()
 
     @staticmethod
     def _publisher(client: aiomqtt.Client) -> Publish:

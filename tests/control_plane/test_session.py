@@ -204,3 +204,24 @@ def test_first_error_finds_the_roles_error_in_nested_groups() -> None:
     group = BaseExceptionGroup("outer", [inner])
     assert str(first_error(group, RoleError)) == "this one"
     assert first_error(group, TimeoutError) is None
+
+
+def test_an_operation_on_a_lost_connection_is_given_up_at_the_loss() -> None:
+    # aiomqtt waits for a publish's acknowledgement until its 30 s timeout even after the
+    # broker went; the session gives such a wait up when it sees the loss (the reconnect
+    # sends the request again), and lets one that finished through
+    async def main() -> None:
+        session = _session("127.0.0.1:1")
+        done = await session._until_lost(asyncio.sleep(0))
+        assert done is None
+        never = asyncio.get_running_loop().create_future()
+        waiting = asyncio.ensure_future(session._until_lost(never))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        session._lose(aiomqtt.MqttError("gone"))
+        with pytest.raises(aiomqtt.MqttError, match="lost"):
+            await asyncio.wait_for(waiting, TIMEOUT_S)
+        assert never.cancelled()  # nothing keeps waiting on the old connection
+        assert session.losses == 1
+
+    asyncio.run(main())

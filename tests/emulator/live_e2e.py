@@ -1,7 +1,8 @@
 """Shared pieces of the live end-to-end tests (real agents, a broker, the real model).
 
 ``SCENARIO`` is the base scenario (smollm2-135m, 10 prompt tokens, 6 generated, three
-devices, two traces); ``make_scenario`` overrides its keys; ``reference_ids`` are the
+devices, two traces); ``make_scenario`` overrides its keys, ``make_tiny_scenario`` also
+puts it on the tiny live model; ``reference_ids`` are the
 monolithic model's greedy ids after its prompt (every scenario made from it has that
 prompt); ``agent_pid`` finds an agent this process started and ``assert_no_orphans``
 checks that nothing a run started outlives it.
@@ -43,6 +44,14 @@ SCENARIO = {
 def make_scenario(**changes) -> Scenario:
     """The base scenario with top-level keys replaced."""
     return parse_scenario({**SCENARIO, **changes}, "e2e")
+
+
+def make_tiny_scenario(model: Path, **changes) -> Scenario:
+    """The base scenario on the tiny live model (the ``tiny_live_model`` fixture's folder),
+    1.5 MiB per device so that no device holds the model alone: for runs whose subject is
+    the control flow, not the model."""
+    devices = [{**d, "memory_mib": 1.5} for d in SCENARIO["devices"]]
+    return make_scenario(model={"hf": str(model)}, devices=devices, **changes)
 
 
 @cache
