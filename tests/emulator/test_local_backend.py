@@ -168,10 +168,11 @@ def test_a_device_cut_off_the_source_is_lost_then_used_again(tmp_path: Path) -> 
 
 
 @pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed")
-def test_runs_over_a_real_mosquitto(tmp_path: Path) -> None:
+def test_runs_over_a_real_mosquitto(tmp_path: Path, tiny_live_model: Path) -> None:
+    scenario = make_tiny_scenario(tiny_live_model)
     with Mosquitto() as broker:
-        run = run_local(make_scenario(), "myopic", broker=broker.endpoint, work_dir=tmp_path)
-    assert run.result.output_token_ids == reference_ids()
+        run = run_local(scenario, "myopic", broker=broker.endpoint, work_dir=tmp_path)
+    assert run.result.output_token_ids == reference_ids(model=str(tiny_live_model))
     assert run.broker == broker.endpoint
     assert_no_orphans(run.pids)
 
