@@ -62,7 +62,8 @@ def _reader_class() -> type:
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
     """A memory-mapped reader of a GGUF file; raises FileNotFoundError, ImportError, ValueError."""
-    reader = _reader_class()  # ImportError first: without gguf no file can be read
+    import_gguf()  # ImportError first: without gguf no file can be read
+    reader = _reader_class()
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no such file: {p}")
